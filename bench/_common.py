@@ -1,0 +1,56 @@
+"""Shared plumbing for benchmarks: timing helpers and writing a named section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Every section below is written by the script it names (`python bench/<script>.py`); "
+    "re-running the script replaces its section. Absolute times on a shared 2-core machine are noisy: "
+    "the ratios, measured alternating in one run, are what to read.\n"
+)
+
+
+def machine() -> str:
+    """One line naming the machine the numbers come from."""
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md atomically."""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    fd, tmp = tempfile.mkstemp(dir=BENCHMARKS.parent, prefix=".BENCHMARKS.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, BENCHMARKS)
