@@ -14,10 +14,6 @@ import sys
 COMMANDS: tuple[str, ...] = ()
 
 
-class PeftkitError(Exception):
-    """An error meant for the user: printed as one line by the CLI."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

@@ -1,0 +1,210 @@
+"""Adapter files in the Hugging Face ``peft`` layout.
+
+A folder with ``adapter_config.json`` and ``adapter_model.safetensors``; tensor keys are
+``base_model.model.<parameter name>`` (e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``).
+Methods that peft knows (LoRA, prompt and prefix tuning) write peft's config fields and load in peft; the
+others use the same layout with ``peft_type`` set to peftkit's method name.
+
+Loading validates the file before touching the model, and restores the model if the adapter does not fit it.
+Saving writes to a temporary folder and renames it into place, so an interrupted save never leaves a
+half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftkit.core.config import Config
+from peftkit.core.inject import InjectReport
+from peftkit.core.registry import MethodSpec, get_method, method_for_peft_type
+from peftkit.errors import PeftkitError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+__all__ = ["apply_method", "load_adapter", "read_adapter", "save_adapter", "trainable_state_dict", "write_atomic_dir"]
+
+
+def apply_method(model: nn.Module, method: str, config: Config | dict[str, Any] | None = None) -> InjectReport:
+    """Adapt `model` in place with a registered method and return the report."""
+    spec = get_method(method)
+    if config is None:
+        config = spec.config_cls()
+    elif isinstance(config, dict):
+        config = spec.config_cls.from_dict(config)
+    report = spec.apply(model, config)
+    model.peftkit_method = (spec.name, config)  # what save_adapter() writes
+    return report
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters (what an adapter file holds), under their model names."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _peft_config(spec: MethodSpec, config: Config, model: nn.Module) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "peft_type": spec.peft_type or spec.name,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        # peft's own record of the architecture; checked on load
+        "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
+    }
+    if spec.peft_type is None:
+        data["peftkit_method"] = spec.name
+    data.update(config.to_dict())
+    if spec.name == "lora":
+        from transformers.pytorch_utils import Conv1D
+
+        # peft's LoRA needs these; GPT-2 Conv1D layers store weights transposed (fan_in_fan_out).
+        data["fan_in_fan_out"] = any(isinstance(m, Conv1D) for m in model.modules())
+        data.update(bias="none", modules_to_save=None, init_lora_weights=True, use_dora=False)
+        if data["target_modules"] == "all-linear":
+            data["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in _lora_names(model)})
+    return data
+
+
+def _lora_names(model: nn.Module) -> list[str]:
+    from peftkit.methods.lora import lora_layers
+
+    return [n for n, _ in lora_layers(model)]
+
+
+def write_atomic_dir(folder: str | os.PathLike, files: dict[str, Any]) -> Path:
+    """Write a folder atomically: files go to a temporary sibling which then replaces `folder`.
+
+    `files` maps file names to bytes, str, or a callable ``f(path)`` writing the file.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        for name, content in files.items():
+            path = tmp / name
+            if callable(content):
+                content(path)
+            elif isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
+        old = None
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Save the adapter of `model` (adapted with `apply_method`) in the peft layout."""
+    if not hasattr(model, "peftkit_method"):
+        raise PeftkitError("this model has no peftkit adapter (adapt it with apply_method first)")
+    name, config = model.peftkit_method
+    spec = get_method(name)
+    tensors = {PREFIX + k: v.contiguous() for k, v in trainable_state_dict(model).items()}
+    config_json = json.dumps(_peft_config(spec, config, model), indent=2, sort_keys=True)
+    return write_atomic_dir(
+        folder,
+        {
+            CONFIG_NAME: config_json,
+            WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        },
+    )
+
+
+def read_adapter(
+    folder: str | os.PathLike, model: nn.Module | None = None
+) -> tuple[MethodSpec, Config, dict[str, torch.Tensor]]:
+    """Read and validate an adapter folder (peftkit's or peft's) without touching any model.
+
+    With `model`, also check that the adapter was saved for the same architecture.
+    """
+    folder = Path(folder)
+    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (cfg_path, w_path):
+        if not path.is_file():
+            raise PeftkitError(f"adapter file missing: {path}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or "peft_type" not in raw:
+        raise PeftkitError(f"{cfg_path} has no peft_type")
+    saved_for = (raw.get("auto_mapping") or {}).get("base_model_class")
+    if model is not None and saved_for and saved_for != type(model).__name__:
+        raise PeftkitError(f"adapter in {folder} was saved for a {saved_for}, not a {type(model).__name__}")
+    spec = get_method(raw["peftkit_method"]) if "peftkit_method" in raw else method_for_peft_type(raw["peft_type"])
+    config = _config_from_json(spec, raw, cfg_path)
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PeftkitError(f"{w_path} is corrupt or truncated: {e}") from None
+    bad = [k for k in tensors if not k.startswith(PREFIX)]
+    if bad:
+        raise PeftkitError(f"{w_path}: unexpected tensor names (not under {PREFIX!r}): {', '.join(bad[:3])}")
+    return spec, config, {k[len(PREFIX):]: v for k, v in tensors.items()}
+
+
+def _config_from_json(spec: MethodSpec, raw: dict[str, Any], where: Path) -> Config:
+    """Keep the fields peftkit's config has; refuse peft features it does not implement."""
+    if spec.name == "lora":
+        unsupported = {
+            "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+            "layers_to_transform": None, "bias": "none", "lora_bias": False,
+        }
+        for key, neutral in unsupported.items():
+            if raw.get(key, neutral) not in (neutral, None, {}, False, "none"):
+                raise PeftkitError(f"{where}: peft option {key}={raw[key]!r} is not supported by peftkit")
+    fields = {k: raw[k] for k in spec.config_cls.keys() if k in raw}
+    return spec.config_cls.from_dict(fields, where=f"{where}: ")
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> InjectReport:
+    """Adapt `model` with the adapter saved in `folder` and load its weights.
+
+    The model is left unchanged if the file is corrupt or does not fit the model (other architecture,
+    other shapes).
+    """
+    spec, config, tensors = read_adapter(folder, model)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    report = None
+    try:
+        report = spec.apply(model, config)
+        own = dict(model.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        missing, unexpected = expected - set(tensors), set(tensors) - set(own)
+        if unexpected or missing:
+            detail = f"unexpected {sorted(unexpected)[:3]}" if unexpected else f"missing {sorted(missing)[:3]}"
+            raise PeftkitError(f"adapter in {folder} does not fit this {type(model).__name__}: {detail}")
+        for name, value in tensors.items():
+            if own[name].shape != value.shape:
+                raise PeftkitError(f"adapter in {folder} does not fit this model: {name} has shape "
+                                   f"{tuple(value.shape)}, the model expects {tuple(own[name].shape)}")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                own[name].copy_(value.to(own[name].dtype))
+    except BaseException:
+        if report is not None:
+            report.restore(model)
+        for n, p in model.named_parameters():  # apply() froze the base: put the flags back as they were
+            p.requires_grad_(requires_grad.get(n, p.requires_grad))
+        raise
+    model.peftkit_method = (spec.name, config)
+    return report

