@@ -291,7 +291,9 @@ def arch_from_config(cfg: Mapping[str, Any], name: str | None = None) -> Arch:
                 LinearSpec("mlp.dense_4h_to_h", inter, h, bias, "mlp_act"),
             )
             layers = int(_get(cfg, "num_hidden_layers", "n_layer"))
-            return Arch(name, "falcon", int(cfg["vocab_size"]), h, inter, layers, heads, kv, hd, bool(cfg.get("tie_word_embeddings", True)), "layernorm", norms, linears, False)
+            tied = bool(cfg.get("tie_word_embeddings", True))
+            return Arch(name, "falcon", int(cfg["vocab_size"]), h, inter, layers, heads, kv, hd, tied, "layernorm",
+                        norms, linears, False)
         if mt == "gpt2":
             h = int(_get(cfg, "n_embd", "hidden_size"))
             heads = int(_get(cfg, "n_head", "num_attention_heads"))
@@ -303,8 +305,10 @@ def arch_from_config(cfg: Mapping[str, Any], name: str | None = None) -> Arch:
                 LinearSpec("mlp.c_proj", inter, h, True, "mlp_act"),
             )
             layers = int(_get(cfg, "n_layer", "num_hidden_layers"))
-            return Arch(name, "gpt2", int(cfg["vocab_size"]), h, inter, layers, heads, heads, h // heads, bool(cfg.get("tie_word_embeddings", True)), "layernorm", 2, linears,
-                        False, positions=int(_get(cfg, "n_positions", "max_position_embeddings", default=1024)))
+            tied = bool(cfg.get("tie_word_embeddings", True))
+            positions = int(_get(cfg, "n_positions", "max_position_embeddings", default=1024))
+            return Arch(name, "gpt2", int(cfg["vocab_size"]), h, inter, layers, heads, heads, h // heads, tied,
+                        "layernorm", 2, linears, False, positions=positions)
     except KeyError as e:
         raise ValueError(f"config for model_type {mt!r} lacks the field {e.args[0]!r}") from None
     raise ValueError(f"unsupported model_type {mt!r}; supported: llama, mistral, qwen2, falcon, gpt2")
