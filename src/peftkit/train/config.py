@@ -1,0 +1,122 @@
+"""The training configuration: one flat dataclass that YAML recipes map onto 1:1."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from peftkit.core.config import Config, parse_override
+from peftkit.errors import PeftkitError
+
+__all__ = ["TrainConfig", "load_recipe"]
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    """Everything a training run needs. Recipes under ``recipes/`` set these keys.
+
+    Attributes (groups):
+        model: model folder, hub id, ``.gguf`` file or ``smollm2-135m-instruct``.
+        data / eval_data: instruction data files (JSON, JSONL, CSV, Parquet); ``eval_fraction`` splits
+            the eval set off the training data when ``eval_data`` is not given.
+        method / method_config: a registered method and its settings (validated by its config class).
+        quantize: freeze the base in a 4/8-bit format first (QLoRA = ``lora`` + ``nf4``).
+        precision: ``bf16`` (frozen weights stored in bf16, trainable weights fp32, bf16 autocast),
+            ``bf16-autocast`` (all weights fp32, bf16 autocast) or ``fp32``.
+        batch_size: rows per micro-batch per process; ``grad_accum`` micro-batches per optimizer step.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    data: str = ""
+    eval_data: str | None = None
+    eval_fraction: float = 0.0
+    field_map: dict[str, str] = dataclasses.field(default_factory=dict)
+    template: str | None = None
+    skip_bad_rows: bool = False
+    limit_examples: int | None = None
+    max_length: int = 512
+    overlong: Literal["truncate", "drop"] = "truncate"
+    packing: bool = True
+
+    method: str = "lora"
+    method_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantize: Literal["none", "nf4", "fp4", "int8", "int4"] = "none"
+    double_quant: bool = True
+    quant_block_size: int = 64
+
+    precision: Literal["fp32", "bf16", "bf16-autocast"] = "bf16"
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    page_budget_bytes: int | None = None
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+
+    output_dir: str = "runs/peftkit"
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    log_every: int = 1
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        positive = {"max_length": self.max_length, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "keep_checkpoints": self.keep_checkpoints, "log_every": self.log_every}
+        for key, value in positive.items():
+            if value <= 0:
+                raise PeftkitError(f"{key} must be > 0, got {value}")
+        if self.lr <= 0:
+            raise PeftkitError(f"lr must be > 0, got {self.lr}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise PeftkitError("epochs must be > 0 (or set max_steps)")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise PeftkitError(f"max_steps must be > 0, got {self.max_steps}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise PeftkitError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise PeftkitError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.page_budget_bytes is not None and self.page_budget_bytes <= 0:
+            raise PeftkitError(f"page_budget_bytes must be > 0, got {self.page_budget_bytes}")
+
+    def method_settings(self) -> Config:
+        """The validated config object of `method`."""
+        from peftkit.core.registry import get_method
+
+        return get_method(self.method).config_cls.from_dict(self.method_config, where="method_config: ")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML recipe and apply ``key=value`` overrides (``method_config.r=16`` sets a method key)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise PeftkitError(f"recipe not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PeftkitError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise PeftkitError(f"{path}: a recipe is a mapping of keys to values")
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.startswith("method_config."):
+            data.setdefault("method_config", {})[key.split(".", 1)[1]] = value
+        else:
+            data[key] = value
+    config = TrainConfig.from_dict(data, where=f"{path}: " if path else "")
+    config.method_settings()  # validate the method's keys now, not after loading the model
+    return config

@@ -1,0 +1,349 @@
+"""The one training loop, for every method, on CPU, one GPU or many (HF Accelerate / torchrun, DDP).
+
+Reads top to bottom: build model and data, then for each optimizer step gather `grad_accum` micro-batches,
+normalise the loss by the number of target tokens in all of them (across processes too), backward,
+clip, step, log, checkpoint. Logits are computed only at the positions that predict a target token, which
+for instruction data (short answers after long prompts) saves most of the memory and time of the output head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from peftkit.core.adapter_io import apply_method, save_adapter, trainable_state_dict
+from peftkit.core.registry import get_method
+from peftkit.data.formats import ReadStats, read_conversations
+from peftkit.data.sequences import IGNORE, Example, TokenizeStats, collate, make_rows, tokenize_conversations
+from peftkit.errors import PeftkitError
+from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.train.config import TrainConfig
+
+__all__ = ["TrainResult", "Trainer", "count_parameters", "sequence_loss"]
+
+
+def count_parameters(model: nn.Module) -> dict[str, float]:
+    """Trainable / total parameter counts (shared tensors counted once) and the trainable percentage."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over target tokens, and their count.
+
+    Only the positions that predict a target are sent through the output head (``logits_to_keep``).
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets.ne(IGNORE).any(0).nonzero().squeeze(1)  # logit positions (shared by all rows)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    offset = getattr(getattr(model, "module", model), "peftkit_virtual_tokens", 0)  # prompt tuning prepends tokens
+    out = model(**inputs, logits_to_keep=keep + offset, use_cache=False)
+    logits = out.logits
+    tgt = targets[:, keep]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int(tgt.ne(IGNORE).sum())
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    train_seconds: float
+    target_tokens: int
+    tokens: int
+    params: dict[str, float]
+
+    @property
+    def target_tokens_per_s(self) -> float:
+        return self.target_tokens / max(self.train_seconds, 1e-9)
+
+
+def _load_examples(cfg: TrainConfig, tokenizer, path: str) -> tuple[list[Example], ReadStats, TokenizeStats]:
+    read_stats, tok_stats = ReadStats(), TokenizeStats()
+    convs = read_conversations(path, cfg.field_map or None, cfg.skip_bad_rows, read_stats)
+    if cfg.limit_examples:
+        convs = convs[: cfg.limit_examples]
+    examples = tokenize_conversations(tokenizer, convs, cfg.max_length, cfg.template, cfg.overlong, tok_stats)
+    return examples, read_stats, tok_stats
+
+
+def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None):
+    """Load (or take) the model, quantize it if asked, adapt it with the method, set dtypes."""
+    if model is None:
+        from peftkit.models import load_model
+
+        model, tokenizer = load_model(cfg.model)
+    if cfg.quantize != "none":
+        from peftkit.quant import quantize_model
+
+        quantize_model(model, cfg.quantize, block_size=cfg.quant_block_size, double_quant=cfg.double_quant,
+                       compute_dtype=torch.bfloat16)
+    report = apply_method(model, cfg.method, cfg.method_settings())
+    if cfg.precision == "bf16":
+        # Frozen weights in bf16 halve memory and run bf16 matmuls; trainable weights stay fp32 masters.
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer, report
+
+
+class Trainer:
+    """Fine-tune a model with one method, as `cfg` says.
+
+    Args:
+        cfg: the run's configuration.
+        model, tokenizer: use these instead of loading `cfg.model` (tests, notebooks).
+        resume: continue from the newest checkpoint in `cfg.output_dir`.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None, resume: bool = False):
+        self.cfg = cfg
+        self.resume = resume
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision="no" if cfg.precision == "fp32" else "bf16",
+        )
+        self.is_main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.output_dir = Path(cfg.output_dir)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model, self.tokenizer, self.report = prepare_model(cfg, model, tokenizer)
+        self.params = count_parameters(self.model)
+        self._prepare_data()
+
+    # ---------------------------------------------------------------- data
+    def _prepare_data(self) -> None:
+        cfg = self.cfg
+        if not cfg.data:
+            raise PeftkitError("no training data: set data to a JSON, JSONL, CSV or Parquet file")
+        examples, self.read_stats, self.tok_stats = _load_examples(cfg, self.tokenizer, cfg.data)
+        random.Random(cfg.seed).shuffle(examples)
+        if cfg.eval_data:
+            self.eval_examples = _load_examples(cfg, self.tokenizer, cfg.eval_data)[0]
+        else:
+            n_eval = int(len(examples) * cfg.eval_fraction)
+            self.eval_examples, examples = examples[:n_eval], examples[n_eval:]
+        self.rows = make_rows(examples, cfg.max_length, cfg.packing)
+        rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
+        self.micro_per_epoch = len(self.rows) // (cfg.batch_size * self.world)
+        if self.micro_per_epoch < cfg.grad_accum:
+            raise PeftkitError(
+                f"{len(self.rows)} training rows cannot fill one step of {rows_per_step} rows "
+                f"(batch_size x grad_accum x processes); lower batch_size or grad_accum"
+            )
+        self.steps_per_epoch = self.micro_per_epoch // cfg.grad_accum
+        self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
+
+    def _micro_batches(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This process's micro-batches of `epoch`, after skipping `skip` (resume)."""
+        order = list(range(len(self.rows)))
+        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+        per_micro = self.cfg.batch_size * self.world
+        for m in range(skip, self.micro_per_epoch):
+            chunk = order[m * per_micro:(m + 1) * per_micro]
+            mine = chunk[self.rank * self.cfg.batch_size:(self.rank + 1) * self.cfg.batch_size]
+            yield collate([self.rows[i] for i in mine], pad_id=self.tokenizer.pad_token_id)
+
+    def _batches(self, epoch: int, micro: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """(epoch, micro-batch index, batch) forever, starting at a data position."""
+        while True:
+            for batch in self._micro_batches(epoch, micro):
+                yield epoch, micro, batch
+                micro += 1
+            epoch, micro = epoch + 1, 0
+
+    # ---------------------------------------------------------------- optimisation
+    def _optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        try:
+            from peftkit.optim import build_optimizer
+        except ImportError:
+            build_optimizer = None
+        if build_optimizer is not None:
+            return build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   betas=(cfg.adam_beta1, cfg.adam_beta2), page_budget_bytes=cfg.page_budget_bytes)
+        if cfg.optimizer != "adamw":
+            raise PeftkitError(f"unknown optimizer {cfg.optimizer!r}; known: adamw")
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        warmup = int(self.cfg.warmup_ratio * self.total_steps)
+        total, cosine = self.total_steps, self.cfg.scheduler == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if not cosine:
+                return 1.0
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def _global_sum(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.accelerator.device)
+        return int(self.accelerator.reduce(t, reduction="sum").item())
+
+    @torch.no_grad()
+    def evaluate(self, max_rows: int | None = None) -> float | None:
+        """Mean target-token loss on the eval examples (None without eval data)."""
+        if not self.eval_examples:
+            return None
+        model = self.model
+        was_training = model.training
+        model.eval()
+        rows = make_rows(self.eval_examples, self.cfg.max_length, self.cfg.packing)[:max_rows]
+        total, count = 0.0, 0
+        for i in range(0, len(rows), self.cfg.batch_size):
+            with self.accelerator.autocast():
+                loss, n = sequence_loss(model, collate(rows[i:i + self.cfg.batch_size], self.tokenizer.pad_token_id))
+            total, count = total + loss.item(), count + n
+        model.train(was_training)
+        return total / max(count, 1)
+
+    def run(self, until_step: int | None = None) -> TrainResult:
+        """Train to the end (or until `until_step`, as if interrupted there), then save the adapter."""
+        cfg, acc = self.cfg, self.accelerator
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise PeftkitError(f"method {cfg.method!r} left no trainable parameters")
+        optimizer = self._optimizer(list(trainable.values()))
+        scheduler = self._scheduler(optimizer)
+        spec = get_method(cfg.method)
+        calibrate = getattr(spec, "calibrate", None)
+        step, epoch, micro = 0, 0, 0
+        history: list[dict[str, Any]] = []
+        if self.resume and (ckpt := latest_checkpoint(self.output_dir)) is not None:
+            state = load_checkpoint(ckpt, trainable, optimizer, scheduler)
+            step, epoch, micro = state["step"], state["epoch"], state["micro"]
+            history = state.get("history", [])
+            if self.is_main:
+                print(f"peftkit: resumed from {ckpt} at step {step}", file=sys.stderr)
+        elif calibrate is not None:
+            calibrate(self.model, cfg.method_settings(), list(itertools.islice(self._micro_batches(0, 0), 4)))
+        model, optimizer = acc.prepare(self.model, optimizer)
+        model.train()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.output_dir / "metrics.jsonl"
+        if self.is_main and step == 0:
+            log_path.write_text("")
+        stop = min(until_step or self.total_steps, self.total_steps)
+        batches = self._batches(epoch, micro)
+        progress = _progress(self.total_steps, step, cfg.progress and self.is_main)
+        t_start, tokens, target_tokens, loss_value = time.perf_counter(), 0, 0, float("nan")
+        eval_loss = None
+        while step < stop:
+            t0 = time.perf_counter()
+            group = [next(batches) for _ in range(cfg.grad_accum)]
+            epoch, micro = group[-1][0], group[-1][1] + 1
+            n_targets = self._global_sum(sum(int(b["labels"][:, 1:].ne(IGNORE).sum()) for _, _, b in group))
+            step_loss = 0.0
+            for i, (_, _, batch) in enumerate(group):
+                sync = contextlib.nullcontext() if i == len(group) - 1 else acc.no_sync(model)
+                with sync, acc.autocast():
+                    loss_sum, _ = sequence_loss(model, batch)
+                    # sum over this micro-batch / targets in the whole step, x world: DDP averages over ranks
+                    acc.backward(loss_sum * (self.world / max(n_targets, 1)))
+                step_loss += loss_sum.item()
+                tokens += int(batch["input_ids"].ne(self.tokenizer.pad_token_id).sum())
+            step_loss = self._global_sum_float(step_loss) / max(n_targets, 1)
+            if not math.isfinite(step_loss):
+                last = latest_checkpoint(self.output_dir)
+                raise PeftkitError(
+                    f"loss became {step_loss} at step {step + 1}; stopped. "
+                    f"Last good checkpoint: {last or 'none (set save_every)'}; try a lower lr or fp32."
+                )
+            grad_norm = acc.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            target_tokens += n_targets
+            loss_value = step_loss
+            dt = time.perf_counter() - t0
+            record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+                      "target_tokens_per_s": round(n_targets / dt, 1), "epoch": epoch}
+            history.append({"step": step, "loss": step_loss})
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                eval_loss = self.evaluate()
+                record["eval_loss"] = eval_loss
+            if self.is_main and step % cfg.log_every == 0:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{n_targets / dt:.0f}")
+            if cfg.save_every and step % cfg.save_every == 0 and self.is_main:
+                save_checkpoint(self.output_dir, step, trainable_state_dict(acc.unwrap_model(model)), optimizer,
+                                scheduler, {"epoch": epoch, "micro": micro, "history": history}, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+        progress.close()
+        train_seconds = time.perf_counter() - t_start
+        self.history = history
+        adapter_dir = None
+        if step >= self.total_steps:
+            eval_loss = self.evaluate()
+            if self.is_main:
+                adapter_dir = save_adapter(acc.unwrap_model(model), self.output_dir / "adapter")
+                _plot_loss(history, self.output_dir / "loss.png")
+            acc.wait_for_everyone()
+        return TrainResult(self.output_dir, adapter_dir, step, loss_value, eval_loss, train_seconds,
+                           target_tokens, tokens, self.params)
+
+    def _global_sum_float(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, reduction="sum").item())
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (target tokens)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
