@@ -6,10 +6,10 @@ so does this module:
 * **BLEU and NIST** come from NIST's Perl ``mteval-v13a`` script. Both are ported here (:func:`bleu`,
   :func:`nist`) because no Python package reproduces mteval's NIST: it pools n-gram information over the
   whole reference set and measures brevity against the *average* reference length, where NLTK scores each
-  reference separately. The port follows the script line by line: its 13a tokenisation with ASCII-only
-  lowercasing (:func:`tokenize_13a`), BLEU with the closest reference length and its "exp" smoothing, NIST
-  up to 5-grams. ``sacrebleu`` (``tokenize='13a', lowercase=True``) gives the same BLEU on E2E data and is
-  used in the tests as a cross-check.
+  reference separately. The port follows the E2E tool's copy of the script (see the Note): its 13a
+  tokenisation with ASCII-only lowercasing (:func:`tokenize_13a`), BLEU with the closest reference length
+  and its "exp" smoothing, NIST up to 5-grams. ``sacrebleu`` (``tokenize='13a', lowercase=True``) gives
+  the same BLEU on E2E data and is used in the tests as a cross-check.
 * **METEOR, ROUGE-L and CIDEr** come from the coco-caption code: every text is first tokenised and
   lowercased by Stanford's PTB tokenizer (a Java program) with punctuation tokens dropped; METEOR is
   METEOR 1.5 (a Java program, ``-l en -norm``), ROUGE-L is coco's LCS F-measure with beta 1.2 averaged over
@@ -330,6 +330,8 @@ def ptb_tokenize(texts: Sequence[str]) -> list[str]:
     Runs ``java -cp stanford-corenlp-3.4.1.jar edu.stanford.nlp.process.PTBTokenizer -preserveLines
     -lowerCase`` (the jar ``pycocoevalcap`` ships) on one text per line, then removes the tokens in
     ``pycocoevalcap``'s punctuation list. E.g. ``"Café £20-25, it's near."`` -> ``"café # 20-25 it 's near"``.
+    Brackets survive as ``-lrb-``/``-rrb-``: the list spells them in upper case, the tokenizer writes them
+    lowercased (a quirk of the official pipeline, kept).
 
     Args:
         texts: The texts; any line break inside one is replaced by a space (coco does so for ``\\n``).
