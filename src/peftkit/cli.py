@@ -11,7 +11,10 @@ import importlib
 import sys
 
 # One line per sub-command; the module is imported only when the CLI starts.
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = (
+    "demo",
+    "memory",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

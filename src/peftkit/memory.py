@@ -47,8 +47,9 @@ Activations, two models (``TrainSetup.activation_model``):
   - each RMSNorm: its input upcast to fp32 (``4h``) + the fp32 rsqrt (4) + the normalized ``e*h`` only if the norm
     weight is trainable (LayerNorm models: input ``e*h`` + fp32 mean/rstd 8);
   - attention (SDPA / flash): ``q`` after RoPE and the output (``e*q_dim`` each; the output is also the o_proj input),
-    ``k``, ``v`` (``e*kv_dim`` each) and the fp32 log-sum-exp per head (``4*heads``); eager attention adds the
-    probabilities ``heads*s*(4 + e)``;
+    ``k``, ``v`` (``e*kv_dim`` each) and the fp32 log-sum-exp per head (``4*heads``); eager attention keeps
+    ``q`` and ``k``, ``v`` repeated to all heads (``3*e*q_dim``), the fp32 softmax and its 16-bit cast
+    (``heads*s*(4 + e)``, no cast in fp32), and its output is a separate o_proj input;
   - gated MLP: gate output, activation output and up output (``3*e*I``); GELU MLP: the activation input (``e*I``);
   - a linear layer's input (``e*d_in``) only if its weight is trainable or adapted (q/k/v share one input, as do
     gate/up); LoRA adds the ``A x`` output (``e*r``) per adapted matrix, and with dropout > 0 a dropped copy of the
@@ -742,7 +743,8 @@ def _activations(arch: Arch, setup: TrainSetup, s: Mapping[str, Any], trainable:
     for lin in arch.linears:
         if block_trainable or lin.name in adapted:  # a trainable bias alone needs no input
             saved_groups.add(lin.group)
-    saved_groups.discard("attn_out")  # the attention output is kept anyway (it is also the o_proj input)
+    if setup.attention == "sdpa":
+        saved_groups.discard("attn_out")  # SDPA keeps its output anyway, and it is the o_proj input
 
     # Per token of one block.
     if arch.norm == "rmsnorm":
@@ -750,9 +752,10 @@ def _activations(arch: Arch, setup: TrainSetup, s: Mapping[str, Any], trainable:
     else:
         norm_cost = e * h + 8
     per_tok = arch.norms_per_block * norm_cost
-    per_tok += e * (2 * arch.q_dim) + 4 * arch.heads + e * 2 * arch.kv_dim * s_kv // seq
-    if setup.attention == "eager":
-        per_tok += arch.heads * s_kv * (4 + e)
+    if setup.attention == "sdpa":  # q (after RoPE), out, k, v, fp32 log-sum-exp
+        per_tok += e * 2 * arch.q_dim + e * 2 * arch.kv_dim * s_kv // seq + 4 * arch.heads
+    else:  # q, k and v repeated to all heads, fp32 softmax probabilities (+ their cast to the compute dtype)
+        per_tok += e * arch.q_dim + e * 2 * arch.q_dim * s_kv // seq + arch.heads * s_kv * (4 + (e if e < 4 else 0))
     per_tok += e * arch.intermediate * (3 if arch.gated_mlp else 1)
     group_size = {lin.group: lin.d_in for lin in arch.linears}
     per_tok += sum(e * group_size[g] for g in saved_groups)
