@@ -210,6 +210,7 @@ def test_qlora_65b_fits_48gb():
     bd = estimate("llama-65b", setup)
     assert bd.fits("48GB") and bd.total_bytes > 35e9
     assert bd.optimizer_host > bd.optimizer_device
+    assert bd.optimizer_host == 8 * bd.params_trainable  # paged_adamw_32bit: fp32 m and v even in bf16
 
 
 # ------------------------------------------------------------------------------------------------ activations

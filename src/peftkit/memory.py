@@ -18,7 +18,8 @@ Trainable parameters by method (`count_trainable`):
   ``h*m + m + m*h + h``; Houlsby puts two per block, Pfeiffer one.
 * ``prompt_tuning``: ``n_virtual * h``.
 * ``prefix_tuning``: folded ``n * L * 2 * kv_dim`` (``kv_dim = kv_heads * head_dim``); trained through the MLP
-  reparameterisation: ``n*h + h*p + p + p*L*2*kv_dim + L*2*kv_dim`` (``p`` the MLP's hidden size).
+  reparameterisation: ``n*h + h*p + p + p*L*2*kv_dim + L*2*kv_dim`` (``p`` the MLP's hidden size, default 512
+  as in Li & Liang 2021; ``prefix_hidden=None`` uses ``h``).
 * ``bitfit``: all bias terms (Llama/Mistral have none: 0, and the breakdown says so; ``norms`` is the fallback).
 * ``norms``: every parameter of every RMSNorm/LayerNorm (weights, and biases for LayerNorm).
 * ``top_k_layers``: the last ``k`` blocks, + final norm, + the head optionally.
@@ -404,7 +405,7 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "houlsby": {"reduction_factor": 16},
     "pfeiffer": {"reduction_factor": 16},
     "prompt_tuning": {"num_virtual_tokens": 20},
-    "prefix_tuning": {"num_virtual_tokens": 20, "prefix_projection": True, "prefix_hidden": None, "folded": False},
+    "prefix_tuning": {"num_virtual_tokens": 20, "prefix_projection": True, "prefix_hidden": 512, "folded": False},
     "bitfit": {},
     "norms": {},
     "top_k_layers": {"k": 2, "include_norm": True, "include_head": False},
@@ -539,7 +540,8 @@ class TrainSetup:
         method: one of `METHODS`; ``"qlora"`` is LoRA over an NF4 + double-quantized base unless ``quant`` says
             otherwise.
         method_args: the method's settings (see `count_trainable`).
-        precision: ``fp32``; ``bf16``/``fp16`` (pure 16-bit: weights, grads and states in 16 bits); ``mixed``
+        precision: ``fp32``; ``bf16``/``fp16`` (pure 16-bit: weights, grads and ``adamw`` states in 16 bits;
+            ``paged_adamw_32bit`` keeps fp32 states); ``mixed``
             (16-bit weights and grads, fp32 master copy and states of the trainable parameters: the ZeRO
             accounting); ``autocast`` (fp32 weights, grads and states, 16-bit compute via ``torch.autocast``).
         quant: base weight format of the frozen block linears: None, ``nf4``, ``fp4``, ``int4``, ``int8``.
@@ -808,7 +810,7 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
     e = 4 if prec == "fp32" else 2  # compute dtype (activations)
     w16 = 4 if prec in ("fp32", "autocast") else 2  # storage of frozen weights
     if n_trainable == 0:
-        bd.notes.append(f"{method}: {arch.name} has nothing to train with this method"
+        bd.notes.append(f"{arch.name} has nothing to train with {method}"
                         + (" (no bias terms; use 'norms' instead)" if method == "bitfit" else ""))
 
     # Frozen base weights: which base tensors are trained in place?
@@ -840,10 +842,11 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
     if method == "intrinsic_said":
         bd.gradients += arch.num_params * (4 if prec in ("fp32", "autocast") else 2)
         bd.temp_weights += arch.num_params * e
-        bd.notes.append("intrinsic_said: a full weight copy and full-size gradients pass through the projection")
+        bd.notes.append("SAID: a full weight copy and full-size gradients pass through the projection")
 
     # Optimizer states.
-    state_dtype = 2 if prec in ("bf16", "fp16") else 4
+    # torch's AdamW keeps states in the parameter dtype; the *_32bit optimizers always keep fp32 states
+    state_dtype = 2 if prec in ("bf16", "fp16") and not setup.optimizer.endswith("_32bit") else 4
     paged = setup.optimizer.startswith("paged")
     working = 0
     for _, k in trainable:
