@@ -1,0 +1,553 @@
+"""AdamW with 8-bit and/or paged optimizer state: ``AdamW8bit``, ``PagedAdamW``, ``PagedAdamW8bit``.
+
+AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019), per element at step ``t``::
+
+    p <- p * (1 - lr * wd)                                        (decoupled weight decay)
+    m <- lerp(m, g, 1 - b1)            = b1 m + (1 - b1) g
+    v <- b2 v + (1 - b2) g^2
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+The ops and their order are those of ``torch.optim.AdamW(foreach=False)`` (``lerp_``, ``mul_().addcmul_()``,
+``sqrt() / bias_correction2_sqrt + eps``, ``addcdiv_`` with ``-lr / bias_correction1``; the bias corrections in
+Python floats), so a 32-bit optimizer here is bit-identical to it. The ops run as ``torch._foreach_*`` calls over
+batches of pages, which on every device computes the same per-element results as the single-tensor path.
+
+8-bit state (Dettmers et al., 2022): ``m`` and ``v`` are stored as uint8 indices into the signed / unsigned dynamic
+map with one fp32 absmax per block of 256 (``dynamic8.py``): 2 + 8/256 bytes per parameter instead of 8. Each step
+dequantizes them, runs the update above in fp32 (the parameter update uses the fresh fp32 moments), and
+re-quantizes. Tensors under ``min_8bit_size`` (4096) elements keep 32-bit state, where 8 bits save little and cost
+accuracy.
+
+Paged state: the state lives in host memory, in pages of a contiguous range of the flattened parameter; a
+:class:`~peftkit.optim.pager.Pager` brings the pages a batch needs into device memory bounded by
+``page_budget_bytes`` and evicts the least recently used ones (see ``pager.py``). Paging moves bytes, never changes
+them, so a paged optimizer is bit-identical to the same optimizer unpaged.
+
+Note:
+    Besides the (budgeted) state, a step uses scratch buffers on the device of at most ~16 bytes per element of
+    one batch (``_BATCH_ELEMS`` elements, 64 MiB): the ``sqrt(v)`` denominator, and for 8-bit pages the
+    dequantized moments and the quantizer's work buffers. They are allocated once and reused, because allocating
+    big temporaries every step costs page faults that are slower than the update itself on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._device import Transfer
+from .dynamic8 import BLOCK_SIZE, DynamicCodebook, dequantize_blockwise_dynamic_, quantize_blockwise_dynamic_
+from .pager import Page, Pager, contiguous_ranges, page_numel
+
+_BATCH_ELEMS = 1 << 22  # elements per update batch: bounds the scratch memory
+_SCRATCH_MIN = 1 << 15  # pages this large take the sqrt(v) denominator from scratch instead of allocating it
+_BYTES_8BIT_BLOCK = 2 * BLOCK_SIZE + 2 * 4  # two uint8 codes per element + two fp32 absmax per block
+_PAGE_SLACK = 64  # alignment padding of the pieces inside a page buffer
+_KEYS_32 = ("exp_avg", "exp_avg_sq")
+_KEYS_8 = ("state1", "state2", "absmax1", "absmax2")
+
+
+def adamw_foreach_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    denoms: Sequence[Tensor | None] | None = None,
+) -> None:
+    """One AdamW update of many tensors in place, in ``torch.optim.AdamW``'s single-tensor op order.
+
+    Args:
+        params: Parameters (or views of them), updated in place.
+        grads: Gradients, shaped like ``params``.
+        exp_avgs: First moments, updated in place.
+        exp_avg_sqs: Second moments, updated in place.
+        steps: The step count ``t`` (already incremented) of each tensor.
+        lr: Learning rate.
+        beta1: First-moment decay.
+        beta2: Second-moment decay.
+        eps: Denominator epsilon.
+        weight_decay: Decoupled weight decay.
+        denoms: Optional preallocated buffers for ``sqrt(v)`` (``None`` entries allocate).
+    """
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    # Same Python-float arithmetic as torch: bias_correction2 ** 0.5 and -(lr / bias_correction1).
+    bias_correction2_sqrt = [(1 - beta2**s) ** 0.5 for s in steps]
+    neg_step_size = [-(lr / (1 - beta1**s)) for s in steps]
+    if denoms is None:
+        denom = list(torch._foreach_sqrt(exp_avg_sqs))
+    else:
+        small = [i for i, d in enumerate(denoms) if d is None]
+        denom = list(denoms)  # type: ignore[arg-type]
+        for i, d in enumerate(denoms):
+            if d is not None:
+                torch.sqrt(exp_avg_sqs[i], out=d)
+        if small:
+            for i, d in zip(small, torch._foreach_sqrt([exp_avg_sqs[i] for i in small]), strict=True):
+                denom[i] = d
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, neg_step_size)
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    # Full-precision state follows the parameter when that is fp32/fp64 (as torch does); 16-bit parameters get
+    # fp32 state ("32-bit" optimizer) and an fp32 update of an upcast copy.
+    return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class _AdamWBase(Optimizer):
+    """The engine shared by the 8-bit and paged AdamW variants (see the module docstring)."""
+
+    _eight_bit = False
+    _paged = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        min_8bit_size: int = 4096,
+        page_budget_bytes: int | None = None,
+        page_bytes: int = 1 << 22,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"invalid eps: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas: {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        if page_budget_bytes is not None and page_budget_bytes <= 0:
+            raise ValueError(f"page_budget_bytes must be a positive number of bytes, got {page_budget_bytes}")
+        if page_bytes <= 0:
+            raise ValueError(f"page_bytes must be positive, got {page_bytes}")
+        super().__init__(params, dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.min_8bit_size = int(min_8bit_size)
+        self._pages: dict[Tensor, list[Page]] = {}
+        self._books: dict[torch.device, tuple[DynamicCodebook, DynamicCodebook]] = {}
+        self._scratch: dict[tuple[torch.device, str], Tensor] = {}
+        self.pager: Pager | None = None
+        self._transfer: Transfer | None = None
+        self._page_bytes = page_bytes
+        if self._paged:
+            params_all = [p for g in self.param_groups for p in g["params"]]
+            dev = torch.device(device) if device is not None else (params_all[0].device if params_all else "cpu")
+            for p in params_all:
+                if p.device != dev:
+                    raise ValueError(f"paged optimizer computes on {dev} but a parameter is on {p.device}")
+            min_page = 2 * 4 * BLOCK_SIZE  # one 256-element page of fp32 m and v
+            if page_budget_bytes is not None:
+                # Pages of at most a quarter of the budget, so a batch (half the budget) can be prefetched
+                # while another computes; a budget below four pages gets pages as large as it allows.
+                quarter = page_budget_bytes // 4
+                self._page_bytes = min(page_bytes, quarter if quarter >= min_page else page_budget_bytes)
+            if self._page_bytes < min_page:
+                raise ValueError(f"page_budget_bytes={page_budget_bytes} is below the smallest page ({min_page} B)")
+            self._transfer = Transfer(dev)
+            self.pager = Pager(page_budget_bytes, self._transfer)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _alloc(self, p: Tensor, shape: Sequence[int] | torch.Size, dtype: torch.dtype) -> Tensor:
+        if self._transfer is not None:
+            return self._transfer.host_zeros(shape, dtype)
+        return torch.zeros(tuple(shape), dtype=dtype, device=p.device)
+
+    def _place(self, p: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
+        if self._transfer is not None:
+            return self._transfer.to_host(t, dtype)
+        return t.detach().to(device=p.device, dtype=dtype, copy=True).contiguous()
+
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        if not p.is_contiguous():
+            raise ValueError("peftkit AdamW variants need contiguous parameters")
+        if self._paged and p.device != self._transfer.device:  # type: ignore[union-attr]
+            raise ValueError(f"paged optimizer computes on {self._transfer.device} but a parameter is on {p.device}")  # type: ignore[union-attr]
+        scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
+        if self._eight_bit and p.numel() >= self.min_8bit_size:
+            n_blocks = -(-p.numel() // BLOCK_SIZE)
+            state["state1"] = self._alloc(p, p.shape, torch.uint8)
+            state["state2"] = self._alloc(p, p.shape, torch.uint8)
+            state["absmax1"] = self._alloc(p, (n_blocks,), torch.float32)
+            state["absmax2"] = self._alloc(p, (n_blocks,), torch.float32)
+        else:
+            state["exp_avg"] = self._alloc(p, p.shape, _state_dtype(p))
+            state["exp_avg_sq"] = self._alloc(p, p.shape, _state_dtype(p))
+        self._build_pages(p)
+
+    def _build_pages(self, p: Tensor) -> None:
+        """Cut the state of ``p`` into pages (for an unpaged optimizer: chunks that bound the scratch memory)."""
+        st = self.state[p]
+        n = p.numel()
+        pages: list[Page] = []
+        if "state1" in st:
+            per = page_numel(self._page_bytes - _PAGE_SLACK, _BYTES_8BIT_BLOCK)
+            if per == 0:
+                raise ValueError(f"page size {self._page_bytes} B is too small for one 8-bit page")
+            a1, a2 = st["absmax1"].view(-1), st["absmax2"].view(-1)
+            q1, q2 = st["state1"].view(-1), st["state2"].view(-1)
+            for a, b in contiguous_ranges(n, per):
+                ba, bb = a // BLOCK_SIZE, -(-b // BLOCK_SIZE)
+                host = [a1[ba:bb], a2[ba:bb], q1[a:b], q2[a:b]]
+                pages.append(Page(p, a, b, True, host, [(bb - ba,), (bb - ba,), (b - a,), (b - a,)]))
+        else:
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            if self._paged:
+                per = page_numel(self._page_bytes, 2 * m.element_size() * BLOCK_SIZE)
+                if per == 0:
+                    raise ValueError(f"page size {self._page_bytes} B is too small for one page of {m.dtype} state")
+            else:
+                per = max(n, 1)  # no scratch needed: update the state tensors whole
+            for a, b in contiguous_ranges(n, per):
+                whole = a == 0 and b == n
+                shape = tuple(p.shape) if whole else (b - a,)
+                host = [m.view(-1)[a:b], v.view(-1)[a:b]]
+                pages.append(Page(p, a, b, False, host, [shape, shape]))
+        if not self._paged:
+            for page in pages:
+                page.dev = [t.view(s) for t, s in zip(page.host, page.shapes, strict=True)]
+        self._pages[p] = [pg for pg in pages if pg.numel > 0]
+
+    def _codebooks(self, device: torch.device) -> tuple[DynamicCodebook, DynamicCodebook]:
+        books = self._books.get(device)
+        if books is None:
+            books = (DynamicCodebook.build(True, device), DynamicCodebook.build(False, device))
+            self._books[device] = books
+        return books
+
+    def _buffer(self, device: torch.device, name: str, numel: int, dtype: torch.dtype) -> Tensor:
+        buf = self._scratch.get((device, name))
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            self._scratch[(device, name)] = buf
+        return buf[:numel]
+
+    # ------------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D401 - torch's signature
+        """Perform one optimisation step.
+
+        Args:
+            closure: Optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, if a closure was given.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            with_grad = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, state)
+                with_grad.append(p)
+            if not with_grad:
+                continue
+            step_ts = [self.state[p]["step"] for p in with_grad]
+            torch._foreach_add_(step_ts, 1.0)
+            steps = dict(zip(with_grad, torch.stack(step_ts).tolist(), strict=True))
+            pages = [page for p in with_grad for page in self._pages[p]]
+            self._update(group, pages, steps)
+        return loss
+
+    def _batches(self, pages: list[Page]) -> list[list[Page]]:
+        limit = self.pager.batch_bytes if self.pager is not None else None
+        batches: list[list[Page]] = []
+        batch: list[Page] = []
+        elems = nbytes = 0
+        for page in pages:
+            too_big = limit is not None and nbytes + page.buffer_bytes > limit
+            if batch and (too_big or elems + page.numel > _BATCH_ELEMS):
+                batches.append(batch)
+                batch, elems, nbytes = [], 0, 0
+            batch.append(page)
+            elems += page.numel
+            nbytes += page.buffer_bytes
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def _update(self, group: dict[str, Any], pages: list[Page], steps: dict[Tensor, float]) -> None:
+        batches = self._batches(pages)
+        for i, batch in enumerate(batches):
+            if self.pager is not None:
+                self.pager.acquire(batch)
+            self._update_batch(group, batch, steps)
+            if self.pager is not None:
+                self.pager.release(batch)
+                if i + 1 < len(batches):
+                    # Start moving the next batch while this one computes (asynchronous on CUDA).
+                    self.pager.prefetch(batches[i + 1], protect=batch)
+
+    def _update_batch(self, group: dict[str, Any], batch: list[Page], steps: dict[Tensor, float]) -> None:
+        beta1, beta2 = group["betas"]
+        device = batch[0].param.device
+        total = sum(pg.numel for pg in batch)
+        biggest = max(pg.numel for pg in batch)
+        any8 = any(pg.eight_bit for pg in batch)
+        denom_buf = self._buffer(device, "denom", total, torch.float32) if biggest >= _SCRATCH_MIN or any8 else None
+        if any8:
+            signed, unsigned = self._codebooks(device)
+            m_buf = self._buffer(device, "m", total, torch.float32)
+            v_buf = self._buffer(device, "v", total, torch.float32)
+            work = self._buffer(device, "work", biggest, torch.int32)
+
+        ps: list[Tensor] = []
+        gs: list[Tensor] = []
+        ms: list[Tensor] = []
+        vs: list[Tensor] = []
+        st: list[float] = []
+        denoms: list[Tensor | None] = []
+        requant: list[tuple[Page, Tensor, Tensor]] = []
+        writeback: list[tuple[Tensor, Tensor]] = []
+        flat_grads: dict[Tensor, Tensor] = {}
+        offset = 0
+        for page in batch:
+            p, n, dev = page.param, page.numel, page.dev
+            assert dev is not None
+            if page.whole and not page.eight_bit:
+                pv, gv = p, p.grad  # same shape as the state views: no per-step view needed
+            else:
+                g = flat_grads.get(p)
+                if g is None:
+                    g = flat_grads[p] = p.grad.reshape(-1)  # type: ignore[union-attr]
+                pv, gv = p.view(-1)[page.start : page.stop], g[page.start : page.stop]
+            state_dtype = torch.float32 if page.eight_bit else dev[0].dtype
+            if pv.dtype != state_dtype:
+                p32 = pv.to(state_dtype)
+                writeback.append((pv, p32))
+                pv = p32
+            if gv.dtype != state_dtype:  # type: ignore[union-attr]
+                gv = gv.to(state_dtype)  # type: ignore[union-attr]
+            if page.eight_bit:
+                a1, a2, q1, q2 = dev
+                m = m_buf[offset : offset + n]
+                v = v_buf[offset : offset + n]
+                dequantize_blockwise_dynamic_(q1, a1, signed, m, work)
+                dequantize_blockwise_dynamic_(q2, a2, unsigned, v, work)
+                requant.append((page, m, v))
+            else:
+                m, v = dev
+            use_scratch = denom_buf is not None and (n >= _SCRATCH_MIN or page.eight_bit)
+            denoms.append(denom_buf[offset : offset + n].view(m.shape) if use_scratch else None)  # type: ignore[index]
+            offset += n
+            ps.append(pv)
+            gs.append(gv)  # type: ignore[arg-type]
+            ms.append(m)
+            vs.append(v)
+            st.append(steps[p])
+
+        adamw_foreach_(
+            ps, gs, ms, vs, st, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], denoms=denoms,
+        )
+        for page, m, v in requant:
+            a1, a2, q1, q2 = page.dev  # type: ignore[misc]
+            scratch = denom_buf[: page.numel]  # type: ignore[index]  # the denominators are spent
+            quantize_blockwise_dynamic_(m, signed, q1, a1, scratch, work)
+            quantize_blockwise_dynamic_(v, unsigned, q2, a2, scratch, work)
+        for dst, src in writeback:
+            dst.copy_(src)
+
+    # ------------------------------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's optimizer ``state_dict`` (paged: after writing resident pages back to the host)."""
+        if self.pager is not None:
+            self.pager.flush()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict`` (copied, so continuing never mutates it); 32-bit AdamW state (e.g. from
+        ``torch.optim.AdamW``) loads into any variant and is quantized by the 8-bit ones on their next step."""
+        if self.pager is not None:
+            self.pager.drop()
+        self._pages.clear()
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for pid, p in zip(ids, params, strict=True):
+            src = state_dict["state"].get(pid)
+            if not src:
+                continue
+            step = src["step"]
+            new: dict[str, Any] = {
+                "step": step.detach().to("cpu", copy=True) if torch.is_tensor(step) else torch.tensor(float(step))
+            }
+            keys = _KEYS_8 if "state1" in src else _KEYS_32
+            for key in keys:
+                if key not in src:
+                    raise ValueError(f"optimizer state of parameter {pid} lacks {key!r}")
+                t = src[key]
+                want = p.numel() if key.startswith(("state", "exp")) else -(-p.numel() // BLOCK_SIZE)
+                if t.numel() != want:
+                    raise ValueError(f"state {key!r} of parameter {pid} has {t.numel()} elements, expected {want}")
+                dtype = torch.uint8 if key.startswith("state") else (
+                    torch.float32 if key.startswith("absmax") else _state_dtype(p)
+                )
+                new[key] = self._place(p, t.reshape(p.shape) if key.startswith(("state", "exp")) else t, dtype)
+            if keys is _KEYS_32 and self._eight_bit and p.numel() >= self.min_8bit_size:
+                new.update(self._quantized(p, new.pop("exp_avg"), new.pop("exp_avg_sq")))
+            self.state[p] = new
+            self._build_pages(p)
+
+    def _quantized(self, p: Tensor, m: Tensor, v: Tensor) -> dict[str, Tensor]:
+        from .dynamic8 import quantize_blockwise_dynamic
+
+        signed, unsigned = self._codebooks(m.device)
+        q1, a1 = quantize_blockwise_dynamic(m, signed)
+        q2, a2 = quantize_blockwise_dynamic(v, unsigned)
+        return {
+            "state1": self._place(p, q1, torch.uint8), "state2": self._place(p, q2, torch.uint8),
+            "absmax1": self._place(p, a1, torch.float32), "absmax2": self._place(p, a2, torch.float32),
+        }
+
+    # ---------------------------------------------------------------------------------------------- figures
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state: ``{"device": ..., "host": ...}``.
+
+        Unpaged: everything is on the parameters' device. Paged: ``host`` is the full state in host memory,
+        ``device`` the resident pages' device buffers now (bounded by ``page_budget_bytes``; the peak is in
+        ``self.pager.peak_resident_bytes``).
+        """
+        total = sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values() if torch.is_tensor(t))
+        if self.pager is None:
+            return {"device": total, "host": 0}
+        return {"device": self.pager.resident_bytes, "host": total}
+
+
+class AdamW8bit(_AdamWBase):
+    """AdamW with blockwise 8-bit ``m`` and ``v`` (signed / unsigned dynamic map, block 256, fp32 absmax).
+
+    Args:
+        params: Parameters or parameter groups.
+        lr: Learning rate.
+        betas: ``(beta1, beta2)``.
+        eps: Denominator epsilon.
+        weight_decay: Decoupled weight decay (torch's default 1e-2).
+        min_8bit_size: Tensors with fewer elements keep 32-bit state.
+        page_bytes: State bytes updated per chunk (bounds the fp32 scratch of the dequantized moments).
+    """
+
+    _eight_bit = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        min_8bit_size: int = 4096,
+        page_bytes: int = 1 << 22,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size=min_8bit_size, page_bytes=page_bytes)
+
+
+class PagedAdamW(_AdamWBase):
+    """AdamW with 32-bit state paged between host memory and the device under a byte budget.
+
+    Bit-identical to ``torch.optim.AdamW(foreach=False)`` for fp32 parameters, whatever the budget.
+
+    Args:
+        params: Parameters or parameter groups (all on one device).
+        lr: Learning rate.
+        betas: ``(beta1, beta2)``.
+        eps: Denominator epsilon.
+        weight_decay: Decoupled weight decay (torch's default 1e-2).
+        page_budget_bytes: Device bytes for resident state pages; ``None`` for no limit. Must be positive; a budget
+            below ``page_bytes`` shrinks the pages to fit (down to 256 elements).
+        page_bytes: Largest page, in bytes of state.
+        device: The compute device (default: the parameters' device; they must all be on it).
+
+    Raises:
+        ValueError: On a non-positive or too small budget, or parameters on another device.
+    """
+
+    _paged = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        page_budget_bytes: int | None = None,
+        page_bytes: int = 1 << 22,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay,
+            page_budget_bytes=page_budget_bytes, page_bytes=page_bytes, device=device,
+        )
+
+
+class PagedAdamW8bit(_AdamWBase):
+    """AdamW with 8-bit state (as :class:`AdamW8bit`) paged under a byte budget (as :class:`PagedAdamW`).
+
+    Bit-identical to :class:`AdamW8bit` whatever the budget.
+
+    Args:
+        params: Parameters or parameter groups (all on one device).
+        lr: Learning rate.
+        betas: ``(beta1, beta2)``.
+        eps: Denominator epsilon.
+        weight_decay: Decoupled weight decay (torch's default 1e-2).
+        min_8bit_size: Tensors with fewer elements keep 32-bit state.
+        page_budget_bytes: Device bytes for resident state pages; ``None`` for no limit.
+        page_bytes: Largest page, in bytes of state.
+        device: The compute device (default: the parameters' device).
+    """
+
+    _eight_bit = True
+    _paged = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        min_8bit_size: int = 4096,
+        page_budget_bytes: int | None = None,
+        page_bytes: int = 1 << 22,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, min_8bit_size=min_8bit_size,
+            page_budget_bytes=page_budget_bytes, page_bytes=page_bytes, device=device,
+        )
+
+
+PagedAdamW32bit = PagedAdamW
