@@ -5,6 +5,12 @@ A folder with ``adapter_config.json`` and ``adapter_model.safetensors``; tensor 
 Methods that peft knows (LoRA, prompt and prefix tuning) write peft's config fields and load in peft; the
 others use the same layout with ``peft_type`` set to peftkit's method name.
 
+Adapter modules whose file form differs from their trainable parameters implement `AdapterFileState`
+(prompt and prefix tuning write peft's single ``prompt_embeddings`` tensor, with the prefix MLP folded away;
+sparse updates write values and indices). Configs may define ``peft_fields(model)`` (extra peft config fields)
+and ``for_loading()`` (the config to rebuild the adapter with before its weights are loaded, e.g. without an
+initialisation that needs a tokenizer).
+
 Loading validates the file before touching the model, and restores the model if the adapter does not fit it.
 Saving writes to a temporary folder and renames it into place, so an interrupted save never leaves a
 half-written adapter.
@@ -17,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError
@@ -32,8 +38,44 @@ from peftkit.errors import PeftkitError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# peft's prompt-learning methods store one tensor under this key, outside the ``base_model.model.`` namespace.
+TOP_LEVEL_KEYS = ("prompt_embeddings",)
 
-__all__ = ["apply_method", "load_adapter", "read_adapter", "save_adapter", "trainable_state_dict", "write_atomic_dir"]
+__all__ = [
+    "AdapterFileState",
+    "apply_method",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+    "trainable_state_dict",
+    "write_atomic_dir",
+]
+
+
+@runtime_checkable
+class AdapterFileState(Protocol):
+    """An adapter module that writes and reads its own tensors in the adapter file.
+
+    Keys are file keys without the ``base_model.model.`` prefix (model names such as ``x.sparse_values``, or a
+    top-level peft key such as ``prompt_embeddings``). The module's parameters are then left out of the default
+    "trainable parameters under their names" layout.
+    """
+
+    def adapter_file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors to save for this module, which sits at `name` in the model."""
+        ...
+
+    def load_adapter_file_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Load this module's tensors, popping its keys from `tensors`; raise `PeftkitError` if they do not fit."""
+        ...
+
+
+def _file_state_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterFileState)]
+
+
+def _file_key(key: str) -> str:
+    return key if key in TOP_LEVEL_KEYS else PREFIX + key
 
 
 def apply_method(model: nn.Module, method: str, config: Config | dict[str, Any] | None = None) -> InjectReport:
@@ -51,6 +93,16 @@ def apply_method(model: nn.Module, method: str, config: Config | dict[str, Any] 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters (what an adapter file holds), under their model names."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the adapter file holds, under file keys without the ``base_model.model.`` prefix."""
+    custom = _file_state_modules(model)
+    owned = {id(p) for _, m in custom for p in m.parameters()}
+    tensors = {n: p for n, p in trainable_state_dict(model).items() if id(model.get_parameter(n)) not in owned}
+    for name, module in custom:
+        tensors.update({k: v.detach() for k, v in module.adapter_file_tensors(name).items()})
+    return tensors
 
 
 def _peft_config(spec: MethodSpec, config: Config, model: nn.Module) -> dict[str, Any]:
@@ -73,6 +125,8 @@ def _peft_config(spec: MethodSpec, config: Config, model: nn.Module) -> dict[str
         data.update(bias="none", modules_to_save=None, init_lora_weights=True, use_dora=False)
         if data["target_modules"] == "all-linear":
             data["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in _lora_names(model)})
+    if hasattr(config, "peft_fields"):
+        data.update(config.peft_fields(model))
     return data
 
 
@@ -118,7 +172,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
         raise PeftkitError("this model has no peftkit adapter (adapt it with apply_method first)")
     name, config = model.peftkit_method
     spec = get_method(name)
-    tensors = {PREFIX + k: v.contiguous() for k, v in trainable_state_dict(model).items()}
+    tensors = {_file_key(k): v.contiguous() for k, v in _adapter_tensors(model).items()}
     config_json = json.dumps(_peft_config(spec, config, model), indent=2, sort_keys=True)
     return write_atomic_dir(
         folder,
@@ -156,10 +210,10 @@ def read_adapter(
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise PeftkitError(f"{w_path} is corrupt or truncated: {e}") from None
-    bad = [k for k in tensors if not k.startswith(PREFIX)]
+    bad = [k for k in tensors if not k.startswith(PREFIX) and k not in TOP_LEVEL_KEYS]
     if bad:
         raise PeftkitError(f"{w_path}: unexpected tensor names (not under {PREFIX!r}): {', '.join(bad[:3])}")
-    return spec, config, {k[len(PREFIX):]: v for k, v in tensors.items()}
+    return spec, config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
 def _config_from_json(spec: MethodSpec, raw: dict[str, Any], where: Path) -> Config:
@@ -186,8 +240,13 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> InjectReport:
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     report = None
     try:
-        report = spec.apply(model, config)
-        own = dict(model.named_parameters())
+        report = spec.apply(model, config.for_loading() if hasattr(config, "for_loading") else config)
+        tensors = dict(tensors)
+        custom = _file_state_modules(model)
+        for name, module in custom:  # these pop their own keys
+            module.load_adapter_file_tensors(name, tensors)
+        owned = {id(p) for _, m in custom for p in m.parameters()}
+        own = {n: p for n, p in model.named_parameters() if id(p) not in owned}
         expected = {n for n, p in own.items() if p.requires_grad}
         missing, unexpected = expected - set(tensors), set(tensors) - set(own)
         if unexpected or missing:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from peftkit.errors import PeftkitError
@@ -17,9 +17,10 @@ if TYPE_CHECKING:
     from peftkit.core.inject import InjectReport
 
 ApplyFn = Callable[["nn.Module", Any], "InjectReport"]
+CalibrateFn = Callable[["nn.Module", Any, Iterable[dict[str, Any]]], None]
 
 # Modules imported on first lookup so that every method file has registered itself.
-_METHOD_MODULES = ("lora",)
+_METHOD_MODULES = ("lora", "adapters", "prompt_tuning", "selective", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,9 @@ class MethodSpec:
         apply: ``apply(model, config) -> InjectReport``; adapts the model in place and freezes the rest.
         peft_type: the Hugging Face ``peft`` type name when the adapter files are peft-compatible, else None.
         can_merge: whether the update can be folded into the base weights.
+        calibrate: optional ``calibrate(model, config, batches)``, called by the trainer after `apply` with a few
+            batches (dicts with input_ids, attention_mask, labels) when the method chooses what to train from data
+            (e.g. sparse updates scored by gradients).
     """
 
     name: str
@@ -39,20 +43,26 @@ class MethodSpec:
     apply: ApplyFn
     peft_type: str | None = None
     can_merge: bool = False
+    calibrate: CalibrateFn | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(
-    name: str, config_cls: type[Config], *, peft_type: str | None = None, can_merge: bool = False
+    name: str,
+    config_cls: type[Config],
+    *,
+    peft_type: str | None = None,
+    can_merge: bool = False,
+    calibrate: CalibrateFn | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator registering `apply` as method `name`."""
 
     def deco(apply: ApplyFn) -> ApplyFn:
         if name in _REGISTRY:
             raise RuntimeError(f"method {name!r} registered twice")
-        _REGISTRY[name] = MethodSpec(name, config_cls, apply, peft_type, can_merge)
+        _REGISTRY[name] = MethodSpec(name, config_cls, apply, peft_type, can_merge, calibrate)
         return apply
 
     return deco

@@ -1,0 +1,438 @@
+"""Selective fine-tuning: train a chosen subset of the existing parameters.
+
+* **Top-k layers** (the classic "freeze the bottom" baseline; Lee et al. 2019, https://arxiv.org/abs/1911.03090):
+  theta = (theta_frozen, theta_top), only the last k transformer blocks (+ final norm / head by option) train.
+* **BitFit** (Ben Zaken et al., 2021, https://arxiv.org/abs/2106.10199): only the bias terms train,
+  ``y = W0 x + b``, b trainable. Models without biases (Llama) have nothing to train: peftkit says so and offers
+  the documented fallback, the norm weights (method ``norms`` or ``include_norms=true``).
+* **Norms**: only the normalisation weights (and biases) train, ``y = g * norm(x) (+ beta)``, g trainable.
+* **Sparse updates** (FISH mask, Sung et al. 2021, https://arxiv.org/abs/2111.09839; diff pruning, Guo et al.
+  2020): ``W' = W0 + S``, S zero outside a fixed set of entries I with ``|I| = density * numel(W)`` per tensor.
+  I is chosen by a score over a few batches (`calibrate`): the empirical Fisher ``sum_n (dL_n/dW)^2`` (per
+  example) or the gradient magnitude ``sum_b |dL_b/dW|`` (per batch); the top entries per tensor are kept.
+  The update is stored as a sparse delta (values + int32 flat indices), so the adapter file is about
+  ``8 * density`` bytes per adapted weight entry instead of 4.
+
+The weight-delta layer used by sparse updates (`DeltaWeightLayer`: base layer + a computed effective weight)
+is shared with intrinsic SAID.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit.core.config import Config
+from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, get_submodule_parent, inject
+from peftkit.core.registry import register_method
+from peftkit.errors import PeftkitError
+
+__all__ = [
+    "BitFitConfig",
+    "DeltaWeightLayer",
+    "NormsConfig",
+    "SparseConfig",
+    "SparseDeltaLayer",
+    "TopKLayersConfig",
+    "calibrate_sparse",
+    "decoder_blocks",
+    "linear_targets",
+    "merge_and_unload",
+    "norm_modules",
+]
+
+_OUTPUT_HEADS = ("lm_head", "embed_out", "output")
+
+
+# --- model structure ------------------------------------------------------------------------------------------
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The `ModuleList` holding the transformer blocks (``model.layers``, ``transformer.h`` ...)."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if n_layers is not None:
+        lists = [(n, m) for n, m in lists if len(m) == n_layers]
+    if not lists:
+        raise PeftkitError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return min(lists, key=lambda item: item[0].count("."))  # the outermost list
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm and the RMSNorm classes of transformers (``LlamaRMSNorm`` ...)."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("Norm", "RMSNorm"))
+
+
+def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n and is_norm(m) and any(True for _ in m.parameters(False))]
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    return type(module) in (nn.Linear, Conv1D)
+
+
+def linear_targets(model: nn.Module, targets: list[str] | str) -> list[str] | str:
+    """``"all-linear"`` -> the names of every linear layer except the output head; other targets unchanged."""
+    if targets != "all-linear":
+        return targets
+    heads = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in _OUTPUT_HEADS}
+    names = [n for n, m in model.named_modules() if is_plain_linear(m) and n not in heads]
+    if not names:
+        raise PeftkitError(f"{type(model).__name__} has no linear layers besides the output head")
+    return names
+
+
+def _train(model: nn.Module, names: Iterable[str]) -> None:
+    for name in names:
+        model.get_parameter(name).requires_grad_(True)
+
+
+# --- top-k layers ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TopKLayersConfig(Config):
+    """Train the last `k` transformer blocks.
+
+    Attributes:
+        k: how many blocks, counted from the top.
+        train_final_norm: also train the norm after the last block.
+        train_head: also train the output head (tied to the input embedding in GPT-2: then that trains too).
+    """
+
+    k: int = 2
+    train_final_norm: bool = True
+    train_head: bool = False
+
+    def validate(self) -> None:
+        if self.k <= 0:
+            raise PeftkitError(f"k must be a positive integer, got {self.k}")
+
+
+@register_method("top_k_layers", TopKLayersConfig)
+def apply_top_k(model: nn.Module, config: TopKLayersConfig) -> InjectReport:
+    """Freeze everything except the last `k` blocks (and the final norm / head by option)."""
+    blocks_name, blocks = decoder_blocks(model)
+    if config.k > len(blocks):
+        raise PeftkitError(f"k={config.k} but {type(model).__name__} has only {len(blocks)} blocks")
+    freeze_all(model)
+    report = InjectReport("top_k_layers")
+    chosen = [f"{blocks_name}.{i}" for i in range(len(blocks) - config.k, len(blocks))]
+    if config.train_final_norm:
+        inside = tuple(f"{blocks_name}.{i}." for i in range(len(blocks)))
+        finals = [n for n, _ in norm_modules(model) if not n.startswith(inside)]
+        if not finals:
+            raise PeftkitError(f"{type(model).__name__} has no final norm; set train_final_norm=false")
+        chosen.append(finals[-1])
+    if config.train_head:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            raise PeftkitError(f"{type(model).__name__} has no output head; set train_head=false")
+        chosen += [n for n, m in model.named_modules() if m is head]
+    for name in chosen:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    report.adapted = chosen
+    return report
+
+
+# --- BitFit and norms -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BitFitConfig(Config):
+    """Train only the bias terms.
+
+    Attributes:
+        include_norms: also train the norm weights (the documented fallback for models without biases).
+    """
+
+    include_norms: bool = False
+
+
+@dataclasses.dataclass
+class NormsConfig(Config):
+    """Train only the normalisation layers' weights (and their biases, where they have them)."""
+
+
+def _bias_names(model: nn.Module) -> list[str]:
+    names = []
+    for mod_name, module in model.named_modules():
+        bias = module._parameters.get("bias")
+        if isinstance(bias, nn.Parameter):
+            names.append(f"{mod_name}.bias" if mod_name else "bias")
+    return names
+
+
+def _norm_param_names(model: nn.Module) -> list[str]:
+    return [f"{n}.{p}" for n, m in norm_modules(model) for p, _ in m.named_parameters(recurse=False)]
+
+
+@register_method("bitfit", BitFitConfig)
+def apply_bitfit(model: nn.Module, config: BitFitConfig) -> InjectReport:
+    """Freeze everything except the bias terms (and the norm weights with ``include_norms``)."""
+    biases = _bias_names(model)
+    if not biases and not config.include_norms:
+        raise PeftkitError(
+            f"{type(model).__name__} has no bias terms, so BitFit has nothing to train. The documented "
+            "alternative is to train the norm weights: use method 'norms', or bitfit with include_norms=true"
+        )
+    names = biases + ([n for n in _norm_param_names(model) if n not in biases] if config.include_norms else [])
+    freeze_all(model)
+    _train(model, names)
+    return InjectReport("bitfit", adapted=names, notes=[f"{len(biases)} bias tensors"])
+
+
+@register_method("norms", NormsConfig)
+def apply_norms(model: nn.Module, config: NormsConfig) -> InjectReport:
+    """Freeze everything except the normalisation layers."""
+    names = _norm_param_names(model)
+    if not names:
+        raise PeftkitError(f"{type(model).__name__} has no normalisation layers with parameters")
+    freeze_all(model)
+    _train(model, names)
+    return InjectReport("norms", adapted=names)
+
+
+# --- layers whose weight is W0 plus a computed update ----------------------------------------------------------
+
+
+class DeltaWeightLayer(AdapterModule):
+    """Mixin for a linear-like layer that runs with an effective weight ``W0 + delta`` computed each forward.
+
+    Instances are the base layer's own class with the mixin in front, sharing the base tensors under their original
+    keys (as `LoRALayer` does), so base checkpoints load unchanged.
+    """
+
+    _base_cls: type[nn.Module]
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    merged: bool
+
+    @staticmethod
+    @functools.cache
+    def _class_for(mixin: type, base_cls: type[nn.Module]) -> type[nn.Module]:
+        return type(f"{mixin.__name__.removesuffix('Layer')}{base_cls.__name__}", (mixin, base_cls),
+                    {"_base_cls": base_cls})
+
+    @classmethod
+    def wrap(cls, base: nn.Module) -> Any:
+        """A copy of `base` (same tensors, own module dicts) with this mixin; `base` is left as it was."""
+        if not is_plain_linear(base):
+            raise PeftkitError(f"{cls.__name__} adapts nn.Linear and GPT-2 Conv1D layers, not {type(base).__name__}")
+        layer = object.__new__(cls._class_for(cls, type(base)))
+        layer.__dict__.update(base.__dict__)
+        for attr in ("_parameters", "_buffers", "_modules"):
+            layer.__dict__[attr] = dict(base.__dict__[attr])
+        layer.merged = False
+        return layer
+
+    def delta(self) -> torch.Tensor:  # pragma: no cover - interface
+        """The update, shaped like ``self.weight``."""
+        raise NotImplementedError
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight + self.delta().to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self._base_cls.forward(self, x)
+        w = self.effective_weight()
+        if isinstance(self, Conv1D):  # GPT-2 stores the weight d_in x d_out; addmm as Conv1D.forward does
+            return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+        return F.linear(x, w, self.bias)
+
+    def merge(self) -> None:
+        """Fold the update into the base weight (idempotent)."""
+        if not self.merged:
+            with torch.no_grad():
+                self.weight.copy_(self.effective_weight())
+            self.merged = True
+
+    def to_base(self) -> nn.Module:
+        """A plain base-class layer with the update folded in."""
+        self.merge()
+        plain = object.__new__(self._base_cls)
+        plain.__dict__.update(self.__dict__)
+        plain.__dict__["_parameters"] = {k: v for k, v in self._parameters.items() if k in ("weight", "bias")}
+        plain.__dict__["_buffers"] = {}
+        plain.__dict__.pop("merged", None)
+        return plain
+
+
+def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaWeightLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, DeltaWeightLayer):
+            yield name, module
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every weight delta (sparse or intrinsic SAID) into its base weight; return the model with plain layers."""
+    for name, layer in list(delta_layers(model)):
+        parent, child = get_submodule_parent(model, name)
+        setattr(parent, child, layer.to_base())
+    return model
+
+
+# --- sparse updates -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SparseConfig(Config):
+    """Sparse updates on a fixed subset of weight entries.
+
+    Attributes:
+        density: fraction of the entries of each target weight that train (per tensor).
+        score: ``fisher`` (sum of squared per-example gradients) or ``grad`` (sum of per-batch |gradient|).
+        target_modules: module-name suffixes, one regex, or ``"all-linear"`` (every linear layer but the head).
+        num_calibration_batches: how many batches `calibrate` reads at most.
+        seed: seed of the random subset used until `calibrate` replaces it (and when it is never called).
+    """
+
+    density: float = 0.01
+    score: Literal["fisher", "grad"] = "fisher"
+    target_modules: list[str] | str = "all-linear"
+    num_calibration_batches: int = 4
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise PeftkitError(f"density must be in (0, 1], got {self.density}")
+        if self.num_calibration_batches <= 0:
+            raise PeftkitError(f"num_calibration_batches must be positive, got {self.num_calibration_batches}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise PeftkitError("target_modules is empty")
+
+
+class SparseDeltaLayer(DeltaWeightLayer):
+    """``W' = W0 + scatter(sparse_values at sparse_index)``; the index is a flat index into the weight."""
+
+    sparse_values: nn.Parameter
+    sparse_index: torch.Tensor
+
+    @classmethod
+    def from_module(cls, base: nn.Module, config: SparseConfig, generator: torch.Generator) -> SparseDeltaLayer:
+        layer = cls.wrap(base)
+        n = base.weight.numel()
+        k = max(1, round(config.density * n))
+        # until calibrate() chooses by score, a seeded random subset (so an uncalibrated adapter still reloads)
+        index = torch.randperm(n, generator=generator)[:k].sort().values.to(base.weight.device)
+        layer.register_buffer("sparse_index", index)
+        layer.sparse_values = nn.Parameter(torch.zeros(k, dtype=base.weight.dtype, device=base.weight.device))
+        return layer
+
+    def adapter_params(self) -> list[str]:
+        return ["sparse_values"]
+
+    def delta(self) -> torch.Tensor:
+        flat = torch.zeros(self.weight.numel(), dtype=self.sparse_values.dtype, device=self.weight.device)
+        return flat.index_add(0, self.sparse_index, self.sparse_values).view_as(self.weight)
+
+    def effective_weight(self) -> torch.Tensor:
+        # index_add on a flat copy of W0 costs one weight-sized tensor, no separate dense delta
+        flat = self.weight.reshape(-1).index_add(0, self.sparse_index, self.sparse_values.to(self.weight.dtype))
+        return flat.view_as(self.weight)
+
+    def select(self, scores: torch.Tensor) -> None:
+        """Train the entries with the highest scores from now on (values reset to zero)."""
+        k = self.sparse_values.numel()
+        index = torch.topk(scores.reshape(-1), k).indices.sort().values
+        with torch.no_grad():
+            self.sparse_index.copy_(index)
+            self.sparse_values.zero_()
+
+    # adapter file: values and int32 indices (file size tracks the density)
+    def adapter_file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        index = self.sparse_index.to(torch.int32 if self.weight.numel() < 2**31 else torch.int64)
+        return {f"{name}.sparse_values": self.sparse_values, f"{name}.sparse_index": index}
+
+    def load_adapter_file_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        keys = (f"{name}.sparse_values", f"{name}.sparse_index")
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise PeftkitError(f"adapter file lacks {missing[0]}")
+        values, index = (tensors.pop(k) for k in keys)
+        k = self.sparse_values.numel()
+        if values.shape != (k,) or index.shape != (k,):
+            raise PeftkitError(f"{name}: the adapter holds {values.numel()} sparse entries, this layer expects {k}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.weight.numel()):
+            raise PeftkitError(f"{name}: sparse indices out of range for a weight of shape {tuple(self.weight.shape)}")
+        with torch.no_grad():
+            self.sparse_index.copy_(index.long())
+            self.sparse_values.copy_(values.to(self.sparse_values.dtype))
+
+
+def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseDeltaLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, SparseDeltaLayer):
+            yield name, module
+
+
+def _calibration_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if batch.get(k) is not None}
+    inputs.setdefault("labels", batch["input_ids"])
+    return inputs
+
+
+def calibrate_sparse(model: nn.Module, config: SparseConfig, batches: Iterable[dict[str, Any]]) -> None:
+    """Score every entry of the target weights on a few batches and keep the top `density` fraction per tensor.
+
+    Note:
+        The Fisher score needs per-example gradients, so each batch is run one example at a time; the
+        gradient-magnitude score uses one backward per batch. Gradients are taken with `torch.autograd.grad`, so
+        no ``.grad`` of the model is touched and the base weights stay frozen afterwards.
+    """
+    layers = [layer for _, layer in sparse_layers(model)]
+    if not layers:
+        raise PeftkitError("calibrate: the model has no sparse layers (apply the 'sparse' method first)")
+    weights = [layer.weight for layer in layers]
+    scores = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    was_training = model.training
+    model.eval()  # no dropout noise in the scores
+    for w in weights:
+        w.requires_grad_(True)
+    seen = 0
+    try:
+        for batch in batches:
+            if seen >= config.num_calibration_batches:
+                break
+            inputs = _calibration_inputs(batch)
+            rows = range(len(inputs["input_ids"])) if config.score == "fisher" else [None]
+            for i in rows:
+                part = inputs if i is None else {k: v[i : i + 1] for k, v in inputs.items()}
+                loss = model(**part).loss
+                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                for s, g in zip(scores, grads, strict=True):
+                    if g is not None:
+                        s += g.float().square() if config.score == "fisher" else g.float().abs()
+            seen += 1
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+        model.train(was_training)
+    if seen == 0:
+        raise PeftkitError("calibrate: no batches to score the sparse entries with")
+    for layer, s in zip(layers, scores, strict=True):
+        layer.select(s)
+
+
+@register_method("sparse", SparseConfig, calibrate=calibrate_sparse)
+def apply_sparse(model: nn.Module, config: SparseConfig) -> InjectReport:
+    """Wrap the target linear layers with sparse deltas (random subset until `calibrate` picks by score)."""
+    targets = linear_targets(model, config.target_modules)
+    freeze_all(model)
+    generator = torch.Generator().manual_seed(config.seed)
+    report = inject(model, "sparse", targets, lambda _, m: is_plain_linear(m),
+                    lambda _, m: SparseDeltaLayer.from_module(m, config, generator))
+    for _, layer in sparse_layers(model):
+        layer.sparse_values.requires_grad_(True)
+    n = sum(layer.sparse_values.numel() for _, layer in sparse_layers(model))
+    report.notes.append(f"{n:,} sparse entries; call spec.calibrate(model, config, batches) to choose them by score")
+    return report
