@@ -326,6 +326,17 @@ def test_compare_rows():
     assert rows["qlora"].quant_constants > 0 and rows["lora"].quant_constants == 0
 
 
+def test_every_preset_method_and_setting_runs():
+    for name in M.PRESETS:
+        for setup in (TrainSetup(precision="fp32", optimizer="adamw_8bit"),
+                      TrainSetup(precision="autocast", optimizer="paged_adamw_8bit", gradient_checkpointing=True),
+                      TrainSetup(precision="bf16", attention="eager", activation_model="korthikanti")):
+            for method, bd in M.compare(name, setup).items():
+                assert bd.total_bytes >= 0 and json.dumps(bd.as_dict()), (name, method)
+    qv = count_trainable("smollm2", "lora", r=8, target_modules="q_proj, v_proj")
+    assert qv == 30 * 8 * ((576 + 576) + (576 + 192))
+
+
 # ------------------------------------------------------------------------------------------------ the lecture table
 
 def test_lecture_table_reproduced_exactly():

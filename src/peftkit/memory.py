@@ -356,7 +356,8 @@ def _norm_name(name: str) -> str:
 _ALIASES = {"llama2-7b": "llama-2-7b", "llama2-13b": "llama-2-13b", "llama2-70b": "llama-2-70b",
             "llama-2-7b-hf": "llama-2-7b", "llama-2-13b-hf": "llama-2-13b", "llama-2-70b-hf": "llama-2-70b",
             "meta-llama-3.1-8b": "llama-3.1-8b", "llama3.1-8b": "llama-3.1-8b", "mistral-7b-v0.1": "mistral-7b",
-            "smollm2-135m": "smollm2-135m-instruct", "qwen2.5-7b-instruct": "qwen2.5-7b",
+            "smollm2-135m": "smollm2-135m-instruct", "smollm2": "smollm2-135m-instruct",
+            "qwen2.5-7b-instruct": "qwen2.5-7b",
             "llama-3.1-8b-instruct": "llama-3.1-8b", "mistral-7b-instruct-v0.1": "mistral-7b"}
 
 

@@ -145,7 +145,7 @@ def _lora_table_text() -> str:
         out.append(str(r).ljust(8) + "".join(c.rjust(8) for c in cells))
     out += ["", "Real per-architecture counts (LoRA r*(d_in+d_out) per adapted matrix; '-' = rank above hidden size;",
             "Falcon's q,v = its fused query_key_value)"]
-    header = "Rank".ljust(8) + "".join(f"{m} {k}".rjust(26) for m in t["models"] for k in ("q,v", "all"))
+    header = "Rank".ljust(8) + "".join(f"{m} {k}".rjust(17) for m in t["models"] for k in ("q,v", "all"))
     out.append(header)
     for r in M.LECTURE_RANKS:
         cells = []
@@ -153,8 +153,8 @@ def _lora_table_text() -> str:
             for k in ("q,v", "all-linear"):
                 v = t["real"][m][k][r]
                 cells.append("-" if v is None else f"{v:,}")
-        out.append(str(r).ljust(8) + "".join(c.rjust(26) for c in cells))
-    out.append("Full".ljust(8) + "".join(f"{t['real'][m]['params'][0]:,}".rjust(52) for m in t["models"]))
+        out.append(str(r).ljust(8) + "".join(c.rjust(17) for c in cells))
+    out.append("Full".ljust(8) + "".join(f"{t['real'][m]['params'][0]:,}".rjust(34) for m in t["models"]))
     return "\n".join(out)
 
 
