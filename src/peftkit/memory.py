@@ -56,9 +56,11 @@ Activations, two models (``TrainSetup.activation_model``):
     gate/up); LoRA adds the ``A x`` output (``e*r``) per adapted matrix, and with dropout > 0 a dropped copy of the
     input plus its mask (``(e + 1)*d_in``); an adapter keeps its input and two bottleneck tensors (``e*(h + 2m)``).
 
-  Only blocks that gradients flow through keep anything (``top_k_layers`` keeps ``k``). With gradient checkpointing
-  (non-reentrant) each block keeps its input (``e*h``) and one block is recomputed at a time. Dropout masks
-  (GPT-2, Falcon-7B) are not counted; for non-Llama families the same structure is an approximation.
+  Only blocks that gradients flow through keep anything (``top_k_layers`` keeps ``k``); the first block is counted
+  in full even when nothing below it trains (a slight overestimate). With gradient checkpointing (non-reentrant)
+  each block keeps its input (``e*h``) and one block is recomputed at a time (not measured, modelled). Not counted:
+  dropout masks (GPT-2, Falcon-7B), the ``b*s*s`` boolean padding mask shared by all blocks; for non-Llama
+  families the same structure is an approximation.
 
 Logits / loss buffers: ``b*s*V * (e + 4 + 8)`` bytes: the model's logits (compute dtype, returned to the caller),
 the fp32 log-softmax kept for the loss backward (transformers upcasts logits to fp32 for the loss), and two fp32
