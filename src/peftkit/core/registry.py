@@ -20,7 +20,7 @@ ApplyFn = Callable[["nn.Module", Any], "InjectReport"]
 CalibrateFn = Callable[["nn.Module", Any, Iterable[dict[str, Any]]], None]
 
 # Modules imported on first lookup so that every method file has registered itself.
-_METHOD_MODULES = ("lora", "adapters", "prompt_tuning", "selective", "full")
+_METHOD_MODULES = ("lora", "adapters", "prompt_tuning", "prefix_tuning", "selective", "intrinsic_said", "full")
 
 
 @dataclasses.dataclass(frozen=True)

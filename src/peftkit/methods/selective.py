@@ -103,13 +103,13 @@ class TopKLayersConfig(Config):
 
     Attributes:
         k: how many blocks, counted from the top.
-        train_final_norm: also train the norm after the last block.
-        train_head: also train the output head (tied to the input embedding in GPT-2: then that trains too).
+        include_norm: also train the norm after the last block.
+        include_head: also train the output head (tied to the input embedding in GPT-2: then that trains too).
     """
 
     k: int = 2
-    train_final_norm: bool = True
-    train_head: bool = False
+    include_norm: bool = True
+    include_head: bool = False
 
     def validate(self) -> None:
         if self.k <= 0:
@@ -125,16 +125,16 @@ def apply_top_k(model: nn.Module, config: TopKLayersConfig) -> InjectReport:
     freeze_all(model)
     report = InjectReport("top_k_layers")
     chosen = [f"{blocks_name}.{i}" for i in range(len(blocks) - config.k, len(blocks))]
-    if config.train_final_norm:
+    if config.include_norm:
         inside = tuple(f"{blocks_name}.{i}." for i in range(len(blocks)))
         finals = [n for n, _ in norm_modules(model) if not n.startswith(inside)]
         if not finals:
-            raise PeftkitError(f"{type(model).__name__} has no final norm; set train_final_norm=false")
+            raise PeftkitError(f"{type(model).__name__} has no final norm; set include_norm=false")
         chosen.append(finals[-1])
-    if config.train_head:
+    if config.include_head:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is None:
-            raise PeftkitError(f"{type(model).__name__} has no output head; set train_head=false")
+            raise PeftkitError(f"{type(model).__name__} has no output head; set include_head=false")
         chosen += [n for n, m in model.named_modules() if m is head]
     for name in chosen:
         for p in model.get_submodule(name).parameters():
@@ -231,6 +231,7 @@ class DeltaWeightLayer(AdapterModule):
         layer.__dict__.update(base.__dict__)
         for attr in ("_parameters", "_buffers", "_modules"):
             layer.__dict__[attr] = dict(base.__dict__[attr])
+        layer.__dict__["_non_persistent_buffers_set"] = set(base.__dict__["_non_persistent_buffers_set"])
         layer.merged = False
         return layer
 
@@ -263,6 +264,7 @@ class DeltaWeightLayer(AdapterModule):
         plain.__dict__.update(self.__dict__)
         plain.__dict__["_parameters"] = {k: v for k, v in self._parameters.items() if k in ("weight", "bias")}
         plain.__dict__["_buffers"] = {}
+        plain.__dict__["_non_persistent_buffers_set"] = set()
         plain.__dict__.pop("merged", None)
         return plain
 

@@ -1,0 +1,182 @@
+"""Intrinsic dimension / SAID (Aghajanyan et al., 2020, https://arxiv.org/abs/2012.13255; Li et al., 2018).
+
+    theta_i = theta0_i + lambda_i * P_i(theta_d),     theta_d in R^d shared by all tensors, init 0
+    P(x) = (H G Pi H B pad(x))[:D] / (sqrt(L * sum(G^2)) * sqrt(D / L))
+
+per projected tensor of D entries: L the next power of two >= max(D, d), H the unnormalised Walsh-Hadamard
+transform (O(L log L), never materialised), B a random +-1 diagonal, G an N(0, 1) diagonal, Pi a random
+permutation. The scaling gives the columns of P unit norm in expectation (exactly when D = L). SAID adds the
+per-tensor scale lambda_i (init 1, trainable); plain intrinsic dimension (``said=false``) fixes lambda_i = 1.
+
+Each projected layer rebuilds its weight ``W0 + lambda_i * P_i(theta_d)`` in its forward (memory O(L) for the
+projection: B, G and Pi are stored as int8 / fp32 / int32 buffers, regenerated from the seed rather than saved).
+The trainable parameters, ``theta_d`` and ``said_lambda``, live in one module attached to the model
+(``peftkit_said``); adapter files hold just those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.core.config import Config
+from peftkit.core.inject import AdapterModule, freeze_all, inject, match_modules
+from peftkit.core.registry import register_method
+from peftkit.errors import PeftkitError
+from peftkit.methods.prompt_tuning import HookReport
+from peftkit.methods.selective import DeltaWeightLayer, is_plain_linear, linear_targets
+
+__all__ = ["Fastfood", "IntrinsicSAID", "IntrinsicSAIDConfig", "SAIDLayer", "fwht"]
+
+ATTRIBUTE = "peftkit_said"
+
+
+class _FWHT(torch.autograd.Function):
+    """Unnormalised Walsh-Hadamard transform over the last dimension; H is symmetric, so backward is H too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return _fwht(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return _fwht(grad)
+
+
+def _fwht(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"the Walsh-Hadamard transform needs a power-of-two length, got {n}")
+    lead = x.shape[:-1]
+    y = x
+    h = 1
+    while h < n:  # butterflies over blocks of 2h: (a, b) -> (a + b, a - b)
+        y = y.reshape(*lead, n // (2 * h), 2, h)
+        y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    return y.reshape(x.shape)
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """``H x`` for the unnormalised (Sylvester-ordered) Hadamard matrix H, in O(L log L), differentiable."""
+    return _FWHT.apply(x)
+
+
+class Fastfood(nn.Module):
+    """The Fastfood projection R^d -> R^D of SPECS section 2; B, G and Pi are (non-persistent) buffers."""
+
+    def __init__(self, d: int, D: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.d, self.D = d, D
+        self.L = L = 1 << (max(D, d) - 1).bit_length()  # next power of two >= max(D, d)
+        self.register_buffer("B", (torch.randint(0, 2, (L,), generator=generator) * 2 - 1).to(torch.int8),
+                             persistent=False)
+        G = torch.randn(L, generator=generator)
+        self.register_buffer("G", G, persistent=False)
+        self.register_buffer("Pi", torch.randperm(L, generator=generator).to(torch.int32), persistent=False)
+        self.scale = 1.0 / (math.sqrt(L * float(G.square().sum())) * math.sqrt(D / L))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = torch.nn.functional.pad(x, (0, self.L - self.d)) * self.B.to(x.dtype)
+        v = fwht(v)
+        v = v.index_select(-1, self.Pi) * self.G.to(x.dtype)
+        v = fwht(v)
+        return v[..., : self.D] * self.scale
+
+
+@dataclasses.dataclass
+class IntrinsicSAIDConfig(Config):
+    """Intrinsic-dimension fine-tuning settings.
+
+    Attributes:
+        d: the intrinsic dimension (length of the shared theta_d).
+        said: one trainable scale lambda per projected tensor (SAID); False: plain intrinsic dimension (DID).
+        target_modules: which weights are projected: module-name suffixes, one regex, or ``"all-linear"`` (the
+            weights of every linear layer except the output head, i.e. the linear weights in the blocks).
+        seed: seed of the random projections (saved in the config, so the adapter file holds only theta_d).
+    """
+
+    d: int = 1000
+    said: bool = True
+    target_modules: list[str] | str = "all-linear"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.d <= 0:
+            raise PeftkitError(f"d must be a positive integer, got {self.d}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise PeftkitError("target_modules is empty")
+
+
+class IntrinsicSAID(nn.Module, AdapterModule):
+    """The trainable part: ``theta_d`` (d) and, for SAID, ``said_lambda`` (one per projected tensor)."""
+
+    def __init__(self, d: int, n_tensors: int, said: bool, device: torch.device) -> None:
+        super().__init__()
+        self.theta_d = nn.Parameter(torch.zeros(d, device=device))
+        self.said_lambda = nn.Parameter(torch.ones(n_tensors, device=device)) if said else None
+
+    def adapter_params(self) -> list[str]:
+        return ["theta_d"] + (["said_lambda"] if self.said_lambda is not None else [])
+
+
+class SAIDLayer(DeltaWeightLayer):
+    """A linear layer running with ``W0 + lambda_i * P_i(theta_d)``."""
+
+    said_index: int
+    fastfood: Fastfood
+
+    @classmethod
+    def from_module(cls, base: nn.Module, shared: IntrinsicSAID, index: int, generator: torch.Generator
+                    ) -> SAIDLayer:
+        layer = cls.wrap(base)
+        layer.fastfood = Fastfood(shared.theta_d.numel(), base.weight.numel(), generator).to(base.weight.device)
+        layer.said_index = index
+        object.__setattr__(layer, "_said", shared)  # a reference, not a submodule: theta_d is owned once
+        return layer
+
+    def adapter_params(self) -> list[str]:
+        return []  # the trainable parameters live in the shared IntrinsicSAID module
+
+    def delta(self) -> torch.Tensor:
+        shared: IntrinsicSAID = self.__dict__["_said"]
+        update = self.fastfood(shared.theta_d).view_as(self.weight)
+        if shared.said_lambda is not None:
+            update = update * shared.said_lambda[self.said_index]
+        return update
+
+    def to_base(self) -> nn.Module:
+        plain = super().to_base()
+        plain.__dict__["_modules"] = {k: v for k, v in plain._modules.items() if k != "fastfood"}
+        for attr in ("_said", "said_index"):
+            plain.__dict__.pop(attr, None)
+        return plain
+
+
+@register_method("intrinsic_said", IntrinsicSAIDConfig)
+def apply(model: nn.Module, config: IntrinsicSAIDConfig) -> HookReport:
+    """Project the target weights from one shared d-dimensional theta_d; freeze everything else."""
+    if ATTRIBUTE in model._modules:
+        raise PeftkitError("this model already has an intrinsic SAID adapter")
+    targets = linear_targets(model, config.target_modules)
+    # resolve the names first: the shared module needs the tensor count before the layers are built
+    names = match_modules(model, targets, lambda _, m: is_plain_linear(m))
+    device = model.get_input_embeddings().weight.device
+    shared = IntrinsicSAID(config.d, len(names), config.said, device)
+    generator = torch.Generator().manual_seed(config.seed)
+    index = {name: i for i, name in enumerate(names)}
+    freeze_all(model)
+    report = inject(model, "intrinsic_said", names, lambda _, m: is_plain_linear(m),
+                    lambda name, m: SAIDLayer.from_module(m, shared, index[name], generator))
+    setattr(model, ATTRIBUTE, shared)
+    for p in shared.parameters():
+        p.requires_grad_(True)
+    projected = sum(model.get_submodule(n).weight.numel() for n in names)
+    hook_report = HookReport("intrinsic_said", adapted=report.adapted, originals=report.originals,
+                             attribute=ATTRIBUTE)
+    hook_report.notes.append(f"{projected:,} weights projected from d={config.d}")
+    return hook_report
