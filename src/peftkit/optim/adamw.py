@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._device import Transfer
-from .dynamic8 import BLOCK_SIZE, DynamicCodebook, dequantize_blockwise_dynamic_, quantize_blockwise_dynamic_
+from .dynamic8 import BLOCK_SIZE, DynamicCodebook
 from .pager import Page, Pager, contiguous_ranges, page_numel
 
 _BATCH_ELEMS = 1 << 22  # elements per update batch: bounds the scratch memory
@@ -108,6 +108,43 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     # Full-precision state follows the parameter when that is fp32/fp64 (as torch does); 16-bit parameters get
     # fp32 state ("32-bit" optimizer) and an fp32 update of an upcast copy.
     return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _dequantize_pages_(
+    pages: list[Page], offsets: list[int], qi: int, ai: int, book: DynamicCodebook,
+    out: Tensor, idx: Tensor, absmax: Tensor,
+) -> None:
+    """Dequantize piece ``qi`` (codes) / ``ai`` (absmax) of 8-bit pages into ``out`` at block-aligned offsets.
+
+    Padding between pages decodes to exactly 0 (the zero code), so it never raises a block's absmax when the
+    batch is re-quantized.
+    """
+    if any(pg.numel % BLOCK_SIZE for pg in pages):
+        idx.fill_(book.zero_index)
+    torch._foreach_copy_([idx[o : o + pg.numel] for pg, o in zip(pages, offsets, strict=True)],
+                         [pg.dev[qi] for pg in pages])  # type: ignore[index]
+    torch.index_select(book.code, 0, idx, out=out)
+    torch.cat([pg.dev[ai] for pg in pages], out=absmax)  # type: ignore[index]
+    out.view(-1, BLOCK_SIZE).mul_(absmax[:, None])
+
+
+def _quantize_pages_(
+    pages: list[Page], offsets: list[int], qi: int, ai: int, book: DynamicCodebook,
+    x: Tensor, codes: Tensor, absmax: Tensor, scratch_f32: Tensor, scratch_i32: Tensor,
+) -> None:
+    """Quantize the batch scratch ``x`` (destroyed) back into piece ``qi`` / ``ai`` of each 8-bit page."""
+    blocks = x.view(-1, BLOCK_SIZE)
+    torch.amax(torch.abs(x, out=scratch_f32).view(-1, BLOCK_SIZE), dim=1, out=absmax)
+    # An all-zero block has absmax 0: divide by the smallest normal instead, which maps it to the zero code.
+    blocks.div_(absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
+    book.nearest(x, codes, scratch_i32, scratch_f32)
+    torch._foreach_copy_([pg.dev[qi] for pg in pages],  # type: ignore[index]
+                         [codes[o : o + pg.numel] for pg, o in zip(pages, offsets, strict=True)])
+    torch._foreach_copy_(
+        [pg.dev[ai] for pg in pages],  # type: ignore[index]
+        [absmax[o // BLOCK_SIZE : o // BLOCK_SIZE + pg.dev[ai].numel()]  # type: ignore[index]
+         for pg, o in zip(pages, offsets, strict=True)],
+    )
 
 
 class _AdamWBase(Optimizer):
@@ -307,17 +344,31 @@ class _AdamWBase(Optimizer):
                     self.pager.prefetch(batches[i + 1], protect=batch)
 
     def _update_batch(self, group: dict[str, Any], batch: list[Page], steps: dict[Tensor, float]) -> None:
+        """Update the pages of one batch: one ``adamw_foreach_`` over all of them.
+
+        8-bit pages are dequantized into (and re-quantized from) one flat fp32 scratch for the whole batch, each
+        page at an offset that is a multiple of the block size, so the blockwise ops run once per batch rather
+        than once per page (LoRA has hundreds of small tensors).
+        """
         beta1, beta2 = group["betas"]
         device = batch[0].param.device
-        total = sum(pg.numel for pg in batch)
-        biggest = max(pg.numel for pg in batch)
-        any8 = any(pg.eight_bit for pg in batch)
-        denom_buf = self._buffer(device, "denom", total, torch.float32) if biggest >= _SCRATCH_MIN or any8 else None
-        if any8:
+        eight = [pg for pg in batch if pg.eight_bit]
+        offsets8: list[int] = []
+        total8 = 0
+        for pg in eight:
+            offsets8.append(total8)
+            total8 += -(-pg.numel // BLOCK_SIZE) * BLOCK_SIZE
+        if eight:
             signed, unsigned = self._codebooks(device)
-            m_buf = self._buffer(device, "m", total, torch.float32)
-            v_buf = self._buffer(device, "v", total, torch.float32)
-            work = self._buffer(device, "work", biggest, torch.int32)
+            m_buf = self._buffer(device, "m8", total8, torch.float32)
+            v_buf = self._buffer(device, "v8", total8, torch.float32)
+            d_buf = self._buffer(device, "denom8", total8, torch.float32)
+            idx = self._buffer(device, "idx8", total8, torch.int32)
+            absmax = self._buffer(device, "absmax8", total8 // BLOCK_SIZE, torch.float32)
+            _dequantize_pages_(eight, offsets8, 2, 0, signed, m_buf, idx, absmax)
+            _dequantize_pages_(eight, offsets8, 3, 1, unsigned, v_buf, idx, absmax)
+        big32 = sum(pg.numel for pg in batch if not pg.eight_bit and pg.numel >= _SCRATCH_MIN)
+        d32_buf = self._buffer(device, "denom32", big32, torch.float32) if big32 else None
 
         ps: list[Tensor] = []
         gs: list[Tensor] = []
@@ -325,10 +376,9 @@ class _AdamWBase(Optimizer):
         vs: list[Tensor] = []
         st: list[float] = []
         denoms: list[Tensor | None] = []
-        requant: list[tuple[Page, Tensor, Tensor]] = []
         writeback: list[tuple[Tensor, Tensor]] = []
         flat_grads: dict[Tensor, Tensor] = {}
-        offset = 0
+        i8 = off32 = 0
         for page in batch:
             p, n, dev = page.param, page.numel, page.dev
             assert dev is not None
@@ -339,40 +389,38 @@ class _AdamWBase(Optimizer):
                 if g is None:
                     g = flat_grads[p] = p.grad.reshape(-1)  # type: ignore[union-attr]
                 pv, gv = p.view(-1)[page.start : page.stop], g[page.start : page.stop]
-            state_dtype = torch.float32 if page.eight_bit else dev[0].dtype
-            if pv.dtype != state_dtype:
-                p32 = pv.to(state_dtype)
-                writeback.append((pv, p32))
-                pv = p32
-            if gv.dtype != state_dtype:  # type: ignore[union-attr]
-                gv = gv.to(state_dtype)  # type: ignore[union-attr]
             if page.eight_bit:
-                a1, a2, q1, q2 = dev
-                m = m_buf[offset : offset + n]
-                v = v_buf[offset : offset + n]
-                dequantize_blockwise_dynamic_(q1, a1, signed, m, work)
-                dequantize_blockwise_dynamic_(q2, a2, unsigned, v, work)
-                requant.append((page, m, v))
+                o = offsets8[i8]
+                i8 += 1
+                m, v, d = m_buf[o : o + n], v_buf[o : o + n], d_buf[o : o + n]
             else:
                 m, v = dev
-            use_scratch = denom_buf is not None and (n >= _SCRATCH_MIN or page.eight_bit)
-            denoms.append(denom_buf[offset : offset + n].view(m.shape) if use_scratch else None)  # type: ignore[index]
-            offset += n
+                d = None
+                if n >= _SCRATCH_MIN:
+                    d = d32_buf[off32 : off32 + n].view(m.shape)  # type: ignore[index]
+                    off32 += n
+            if pv.dtype != m.dtype:
+                p32 = pv.to(m.dtype)
+                writeback.append((pv, p32))
+                pv = p32
+            if gv.dtype != m.dtype:  # type: ignore[union-attr]
+                gv = gv.to(m.dtype)  # type: ignore[union-attr]
             ps.append(pv)
             gs.append(gv)  # type: ignore[arg-type]
             ms.append(m)
             vs.append(v)
+            denoms.append(d)
             st.append(steps[p])
 
         adamw_foreach_(
             ps, gs, ms, vs, st, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], denoms=denoms,
         )
-        for page, m, v in requant:
-            a1, a2, q1, q2 = page.dev  # type: ignore[misc]
-            scratch = denom_buf[: page.numel]  # type: ignore[index]  # the denominators are spent
-            quantize_blockwise_dynamic_(m, signed, q1, a1, scratch, work)
-            quantize_blockwise_dynamic_(v, unsigned, q2, a2, scratch, work)
+        if eight:
+            codes = self._buffer(device, "codes8", total8, torch.uint8)
+            # The denominators are spent: their buffer is the quantizer's float scratch.
+            _quantize_pages_(eight, offsets8, 2, 0, signed, m_buf, codes, absmax, d_buf, idx)
+            _quantize_pages_(eight, offsets8, 3, 1, unsigned, v_buf, codes, absmax, d_buf, idx)
         for dst, src in writeback:
             dst.copy_(src)
 

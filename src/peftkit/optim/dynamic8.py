@@ -108,6 +108,11 @@ class DynamicCodebook:
             # +inf sentinel: a candidate at the top code has no boundary above it.
             self._bounds = torch.cat([self.midpoints, self.midpoints.new_tensor([float("inf")])])
 
+    @property
+    def zero_index(self) -> int:
+        """Index of the exact zero code."""
+        return int((self.code == 0).nonzero()[0])
+
     @classmethod
     def build(cls, signed: bool, device: torch.device | str = "cpu") -> DynamicCodebook:
         """The bitsandbytes-compatible signed or unsigned dynamic map on ``device``."""
