@@ -11,7 +11,8 @@ per-tensor scale lambda_i (init 1, trainable); plain intrinsic dimension (``said
 Each projected layer rebuilds its weight ``W0 + lambda_i * P_i(theta_d)`` in its forward (memory O(L) for the
 projection: B, G and Pi are stored as int8 / fp32 / int32 buffers, regenerated from the seed rather than saved).
 The trainable parameters, ``theta_d`` and ``said_lambda``, live in one module attached to the model
-(``peftkit_said``); adapter files hold just those.
+(``peftkit_said``); adapter files hold just those. `merge` / `unmerge` / `merge_and_unload` fold the update into
+the base weights (shared with sparse updates).
 """
 
 from __future__ import annotations
@@ -28,9 +29,17 @@ from peftkit.core.inject import AdapterModule, freeze_all, inject, match_modules
 from peftkit.core.registry import register_method
 from peftkit.errors import PeftkitError
 from peftkit.methods.prompt_tuning import HookReport
-from peftkit.methods.selective import DeltaWeightLayer, is_plain_linear, linear_targets
+from peftkit.methods.selective import (
+    DeltaWeightLayer,
+    is_plain_linear,
+    linear_targets,
+    merge,
+    merge_and_unload,
+    unmerge,
+)
 
-__all__ = ["Fastfood", "IntrinsicSAID", "IntrinsicSAIDConfig", "SAIDLayer", "fwht"]
+__all__ = ["Fastfood", "IntrinsicSAID", "IntrinsicSAIDConfig", "SAIDLayer", "fwht", "merge", "merge_and_unload",
+           "unmerge"]
 
 ATTRIBUTE = "peftkit_said"
 
@@ -157,7 +166,7 @@ class SAIDLayer(DeltaWeightLayer):
         return plain
 
 
-@register_method("intrinsic_said", IntrinsicSAIDConfig)
+@register_method("intrinsic_said", IntrinsicSAIDConfig, can_merge=True)
 def apply(model: nn.Module, config: IntrinsicSAIDConfig) -> HookReport:
     """Project the target weights from one shared d-dimensional theta_d; freeze everything else."""
     if ATTRIBUTE in model._modules:

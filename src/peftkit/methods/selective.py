@@ -44,8 +44,10 @@ __all__ = [
     "calibrate_sparse",
     "decoder_blocks",
     "linear_targets",
+    "merge",
     "merge_and_unload",
     "norm_modules",
+    "unmerge",
 ]
 
 _OUTPUT_HEADS = ("lm_head", "embed_out", "output")
@@ -257,6 +259,13 @@ class DeltaWeightLayer(AdapterModule):
                 self.weight.copy_(self.effective_weight())
             self.merged = True
 
+    def unmerge(self) -> None:
+        """Take the update back out of the base weight (idempotent)."""
+        if self.merged:
+            with torch.no_grad():
+                self.weight.sub_(self.delta().to(self.weight.dtype))
+            self.merged = False
+
     def to_base(self) -> nn.Module:
         """A plain base-class layer with the update folded in."""
         self.merge()
@@ -273,6 +282,18 @@ def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaWeightLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, DeltaWeightLayer):
             yield name, module
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every weight delta (sparse or intrinsic SAID) of `model` into its base weight (idempotent)."""
+    for _, layer in delta_layers(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Unmerge every weight delta of `model` (idempotent)."""
+    for _, layer in delta_layers(model):
+        layer.unmerge()
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -425,7 +446,7 @@ def calibrate_sparse(model: nn.Module, config: SparseConfig, batches: Iterable[d
         layer.select(s)
 
 
-@register_method("sparse", SparseConfig, calibrate=calibrate_sparse)
+@register_method("sparse", SparseConfig, can_merge=True, calibrate=calibrate_sparse)
 def apply_sparse(model: nn.Module, config: SparseConfig) -> InjectReport:
     """Wrap the target linear layers with sparse deltas (random subset until `calibrate` picks by score)."""
     targets = linear_targets(model, config.target_modules)
