@@ -20,6 +20,15 @@ SHAPES = [(96, 200), (64,), (37, 11), (513,), (8, 576)]
 STEPS = 25
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    # Small tensors: a second thread only adds synchronisation, and on a shared machine a lot of it.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
