@@ -10,6 +10,7 @@ the libraries called alternately, medians over repetitions; then the quantizatio
 from __future__ import annotations
 
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -123,7 +124,7 @@ def bundled_weights() -> dict[str, torch.Tensor] | None:
 
 
 def main() -> None:
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()[0]  # other jobs on the CPU distort absolute times
     table, notes = timing_table()
     print(table, flush=True)
     weights = bundled_weights()
@@ -139,7 +140,8 @@ def main() -> None:
         )
     print(report)
     body = "\n\n".join([
-        f"## quant — `python bench/quant.py` ({machine()}, {time.perf_counter() - t0:.0f} s)",
+        f"## quant — `python bench/quant.py` ({machine()}, {time.perf_counter() - t0:.0f} s, "
+        f"load average {load:.1f} at the start)",
         "NF4 with double quantization of a 4096x4096 weight; the libraries called alternately, median of 7 "
         "repetitions (quantize; torchao 2) and 11 (dequantize, to the input dtype). bitsandbytes 0.50.2 CPU "
         "backend. peftkit's codes and first-level scales are bit-identical to bitsandbytes' (see "

@@ -264,3 +264,15 @@ def test_corrupt_state_is_named():
         dequantize(data[:-1], state)
     with pytest.raises(ValueError, match="quantized data has dtype"):
         dequantize(data.to(torch.int16), state)
+
+
+def test_quantization_report_orders_formats():
+    from peftkit.quant.report import format_report, quantization_report
+
+    weights = {"a": randn(256, 512, seed=10), "b": randn(128, 256, seed=11) * 0.1}
+    rows = {r["label"]: r for r in quantization_report(weights)}
+    assert rows["INT8"]["rel_error"] < rows["NF4"]["rel_error"] < rows["FP4"]["rel_error"]
+    assert rows["NF4"]["rel_error"] < rows["INT4"]["rel_error"]
+    assert rows["NF4 + DQ"]["bits_per_param"] < 4.13 and rows["NF4"]["bits_per_param"] == pytest.approx(4.5)
+    assert 0 < rows["INT4 + clip p99.9"]["clipped"] < 0.002
+    assert format_report(list(rows.values())).count("\n") == len(rows) + 1
