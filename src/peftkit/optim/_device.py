@@ -41,8 +41,17 @@ class Transfer:
         return out
 
     def device_buffer(self, nbytes: int) -> Tensor:
-        """Uninitialised device memory for one resident page."""
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        """Uninitialised device memory for one resident page.
+
+        On CUDA it is allocated on the side stream, which writes it first, and marked as used by the compute
+        stream, so the caching allocator reuses it only after both are done with it.
+        """
+        if self._side is None:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with torch.cuda.stream(self._side):
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        buf.record_stream(torch.cuda.current_stream(self.device))
+        return buf
 
     def copy(self, dst: Sequence[Tensor], src: Sequence[Tensor], after: object | None = None) -> None:
         """``dst[i].copy_(src[i])`` (flattened) for all i; on CUDA on the side stream, after event ``after``."""
@@ -55,9 +64,6 @@ class Transfer:
         with torch.cuda.stream(self._side):
             for d, s in zip(dst, src, strict=True):
                 d.view(-1).copy_(s.view(-1), non_blocking=True)
-                # The page's device buffer is freed on the compute stream after eviction: keep the caching
-                # allocator from reusing it before this copy has run.
-                (d if d.is_cuda else s).record_stream(self._side)
 
     def record_compute(self) -> object | None:
         """An event marking the work queued so far on the compute stream (``None`` on CPU)."""

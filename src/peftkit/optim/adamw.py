@@ -321,7 +321,8 @@ class _AdamWBase(Optimizer):
         elems = nbytes = 0
         for page in pages:
             too_big = limit is not None and nbytes + page.buffer_bytes > limit
-            if batch and (too_big or elems + page.numel > _BATCH_ELEMS):
+            other_device = batch and page.param.device != batch[0].param.device  # scratch is per device
+            if batch and (too_big or other_device or elems + page.numel > _BATCH_ELEMS):
                 batches.append(batch)
                 batch, elems, nbytes = [], 0, 0
             batch.append(page)

@@ -91,8 +91,14 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     if callable(own):
         return own()
     out = {"device": 0, "host": 0}
+    seen: set[tuple[torch.device, int]] = set()
     for p, st in optimizer.state.items():
         for t in st.values():
-            if torch.is_tensor(t):
-                out["device" if t.device == p.device else "host"] += t.numel() * t.element_size()
+            if not torch.is_tensor(t):
+                continue
+            key = (t.device, t.data_ptr())
+            if key in seen:  # a tensor shared by all parameters' states (bitsandbytes' qmaps) counts once
+                continue
+            seen.add(key)
+            out["device" if t.device == p.device else "host"] += t.numel() * t.element_size()
     return out
