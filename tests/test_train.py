@@ -113,3 +113,47 @@ def test_recipe_errors_name_the_key(tmp_path):
         load_recipe(recipe, ["method_config.rank=4"])
     cfg = load_recipe(recipe, ["method_config.r=4", "lr=1e-3", "packing=false"])
     assert cfg.method_config == {"r": 4} and cfg.lr == 1e-3 and cfg.packing is False
+
+
+@pytest.mark.parametrize("method", ["full", "houlsby", "pfeiffer", "prompt_tuning", "prefix_tuning", "top_k_layers",
+                                    "norms", "sparse", "intrinsic_said", "lora"])
+def test_every_method_trains_with_the_one_loop(tmp_path, method):
+    from peftkit.core.registry import list_methods
+
+    assert method in list_methods()
+    settings = {"prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4},
+                "sparse": {"density": 0.1}, "intrinsic_said": {"d": 64}}.get(method, {})
+    cfg = make_cfg(tmp_path, method=method, method_config=settings, max_steps=6, lr=1e-2, packing=True,
+                   batch_size=2, save_every=3)
+    trainer, result = run(cfg)
+    losses = [h["loss"] for h in trainer.history]
+    assert all(torch.isfinite(torch.tensor(losses))) and min(losses[3:]) < losses[0]
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    resumed, _ = run(cfg.replace(max_steps=6), resume=True)  # finished: resuming does nothing more
+    assert resumed.history[-1]["step"] == 6
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "prefix_tuning", "houlsby"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_sequence_loss_equals_per_example_loss(method, packing):
+    """The trainer's loss (logits only where a target is predicted, packed rows) equals the plain per-example sum."""
+    import torch.nn.functional as F
+
+    from peftkit.core.adapter_io import apply_method
+    from peftkit.data import make_rows, read_conversations, tokenize_conversations
+
+    model = tiny_llama()
+    apply_method(model, method, {"num_virtual_tokens": 3} if "tuning" in method else {})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    rows = [{"instruction": "abc", "output": "xyz"}, {"instruction": "hello there", "output": "q"}]
+    examples = tokenize_conversations(tiny_tokenizer(), read_conversations(rows), 64)
+    loss, count = sequence_loss(model, collate(make_rows(examples, 64, packing), 0))
+    expected = 0.0
+    for e in examples:
+        logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1]
+        expected += F.cross_entropy(logits, torch.tensor(e.labels[1:]), ignore_index=-100, reduction="sum")
+    assert count == sum(e.num_targets for e in examples)
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)

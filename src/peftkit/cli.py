@@ -13,6 +13,10 @@ import sys
 # One line per sub-command; the module is imported only when the CLI starts.
 COMMANDS: tuple[str, ...] = (
     "demo",
+    "train",
+    "info",
+    "generate",
+    "merge",
     "memory",
 )
 

@@ -18,10 +18,12 @@ half-written adapter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -136,23 +138,17 @@ def _lora_names(model: nn.Module) -> list[str]:
     return [n for n, _ in lora_layers(model)]
 
 
-def write_atomic_dir(folder: str | os.PathLike, files: dict[str, Any]) -> Path:
-    """Write a folder atomically: files go to a temporary sibling which then replaces `folder`.
+@contextlib.contextmanager
+def atomic_dir(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces `folder`, on error it is removed.
 
-    `files` maps file names to bytes, str, or a callable ``f(path)`` writing the file.
+    A crash mid-write leaves the previous `folder` intact (at worst a hidden ``.name.tmp-*`` folder remains).
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
-        for name, content in files.items():
-            path = tmp / name
-            if callable(content):
-                content(path)
-            elif isinstance(content, bytes):
-                path.write_bytes(content)
-            else:
-                path.write_text(content)
+        yield tmp
         old = None
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -163,7 +159,20 @@ def write_atomic_dir(folder: str | os.PathLike, files: dict[str, Any]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
+
+
+def write_atomic_dir(folder: str | os.PathLike, files: dict[str, Any]) -> Path:
+    """Write a folder atomically; `files` maps file names to bytes, str, or a callable ``f(path)``."""
+    with atomic_dir(folder) as tmp:
+        for name, content in files.items():
+            path = tmp / name
+            if callable(content):
+                content(path)
+            elif isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
+    return Path(folder)
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:

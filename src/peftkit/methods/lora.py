@@ -136,8 +136,9 @@ class LoRALayer(AdapterModule):
         out = self._base_cls.forward(self, x)
         if self.merged or not self.lora_enabled:
             return out
-        a = self.lora_A.weight
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)  # under autocast the matmuls pick their own dtype: no copy
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)))
         return out + (update * self.scale).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

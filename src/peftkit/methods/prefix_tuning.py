@@ -38,6 +38,7 @@ from peftkit.core.inject import AdapterModule, freeze_all
 from peftkit.core.registry import register_method
 from peftkit.errors import PeftkitError
 from peftkit.methods.prompt_tuning import HookReport, model_geometry, split_call
+from peftkit.methods.virtual_tokens import prepend_to_mask
 
 __all__ = ["FrozenPrefixCache", "PrefixEncoder", "PrefixTuningConfig", "fold"]
 
@@ -222,10 +223,8 @@ class PrefixEncoder(nn.Module, AdapterModule):
                     cache.update(k, v, i)
                 setattr(cache, CACHE_MARK, m)
             kw["cache"] = cache
-        if kw.get("attention_mask") is not None and kw["attention_mask"].dim() == 2:
-            mask = kw["attention_mask"]
-            kw["attention_mask"] = torch.cat([torch.ones(mask.shape[0], m, dtype=mask.dtype, device=mask.device),
-                                              mask], dim=1)
+        if kw.get("attention_mask") is not None:
+            kw["attention_mask"] = prepend_to_mask(kw["attention_mask"], m, as_queries=False)
         if kw.get("position_ids") is not None:
             kw["position_ids"] = kw["position_ids"] + m
         return (), kw

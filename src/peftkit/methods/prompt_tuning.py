@@ -34,6 +34,7 @@ from peftkit.core.config import Config
 from peftkit.core.inject import AdapterModule, InjectReport, freeze_all
 from peftkit.core.registry import register_method
 from peftkit.errors import PeftkitError
+from peftkit.methods.virtual_tokens import prepend_to_mask
 
 __all__ = ["HookReport", "PromptEncoder", "PromptTuningConfig", "model_geometry", "split_call"]
 
@@ -119,10 +120,6 @@ def split_call(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _ones(mask: torch.Tensor, m: int) -> torch.Tensor:
-    return torch.ones(mask.shape[0], m, dtype=mask.dtype, device=mask.device)
-
-
 class PromptEncoder(nn.Module, AdapterModule):
     """The m virtual-token embeddings (``embedding.weight``, as peft names them) and the hooks that use them."""
 
@@ -159,7 +156,7 @@ class PromptEncoder(nn.Module, AdapterModule):
         if cache is not None and cache.get_seq_length() > 0:
             if getattr(cache, CACHE_MARK, None) == m:  # decoding after our first call: shift into the cache frame
                 if kw.get("attention_mask") is not None and kw["attention_mask"].dim() == 2:
-                    kw["attention_mask"] = torch.cat([_ones(kw["attention_mask"], m), kw["attention_mask"]], dim=1)
+                    kw["attention_mask"] = prepend_to_mask(kw["attention_mask"], m, as_queries=True)
                 if kw.get("position_ids") is not None:
                     kw["position_ids"] = kw["position_ids"] + m
             return (), kw
@@ -173,7 +170,9 @@ class PromptEncoder(nn.Module, AdapterModule):
         prompts = self.embedding.weight.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
         kw["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
         if kw.get("attention_mask") is not None:
-            kw["attention_mask"] = torch.cat([_ones(kw["attention_mask"], m), kw["attention_mask"]], dim=1)
+            kw["attention_mask"] = prepend_to_mask(kw["attention_mask"], m, as_queries=True)
+        if isinstance(kw.get("logits_to_keep"), torch.Tensor):  # positions of the caller's sequence: shift them
+            kw["logits_to_keep"] = kw["logits_to_keep"] + m
         if kw.get("labels") is not None:  # no loss on the virtual tokens
             labels = kw["labels"]
             kw["labels"] = torch.cat([torch.full((b, m), -100, dtype=labels.dtype, device=labels.device), labels], 1)

@@ -241,14 +241,14 @@ class Trainer:
         calibrate = getattr(spec, "calibrate", None)
         step, epoch, micro = 0, 0, 0
         history: list[dict[str, Any]] = []
+        if calibrate is not None:  # before resuming too: same batches + untouched base = same selection
+            calibrate(self.model, cfg.method_settings(), list(itertools.islice(self._micro_batches(0, 0), 4)))
         if self.resume and (ckpt := latest_checkpoint(self.output_dir)) is not None:
             state = load_checkpoint(ckpt, trainable, optimizer, scheduler)
             step, epoch, micro = state["step"], state["epoch"], state["micro"]
             history = state.get("history", [])
             if self.is_main:
                 print(f"peftkit: resumed from {ckpt} at step {step}", file=sys.stderr)
-        elif calibrate is not None:
-            calibrate(self.model, cfg.method_settings(), list(itertools.islice(self._micro_batches(0, 0), 4)))
         model, optimizer = acc.prepare(self.model, optimizer)
         model.train()
         self.output_dir.mkdir(parents=True, exist_ok=True)

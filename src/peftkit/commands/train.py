@@ -1,0 +1,41 @@
+"""`peftkit train RECIPE.yaml [key=value ...]`: fine-tune as a recipe says (``method_config.r=16`` sets a method key).
+
+Runs under torchrun / `accelerate launch` unchanged: every process reads the same recipe, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune a model from a YAML recipe", description=__doc__)
+    p.add_argument("recipe", nargs="?", help="YAML recipe (keys of TrainConfig); omit to use only overrides")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftkit.train import Trainer, load_recipe
+
+    recipe = args.recipe
+    overrides = list(args.overrides)
+    if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        recipe, overrides = None, [recipe, *overrides]
+    cfg = load_recipe(recipe, overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    p = trainer.params
+    stats = trainer.tok_stats
+    print(f"{cfg.method}: {p['trainable']:,} trainable of {p['total']:,} parameters ({p['percent']:.3f}%)")
+    print(f"data: {stats.examples} examples, {stats.target_tokens:,} target / {stats.prompt_tokens:,} prompt tokens; "
+          f"truncated {stats.truncated}, dropped {stats.dropped}, bad rows skipped {trainer.read_stats.skipped}; "
+          f"{len(trainer.rows)} rows, {trainer.total_steps} steps")
+    result = trainer.run()
+    if trainer.is_main:
+        print(f"done: {result.steps} steps in {result.train_seconds:.0f} s ({result.target_tokens_per_s:.0f} target "
+              f"tokens/s); train loss {result.train_loss:.4f}"
+              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+        print(f"adapter: {result.adapter_dir}\nlog: {result.output_dir / 'metrics.jsonl'}  plot: "
+              f"{result.output_dir / 'loss.png'}")
+    return 0
