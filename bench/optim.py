@@ -154,7 +154,7 @@ def main() -> None:
         "Notes: peftkit's paged 32-bit optimizer is bit-identical to `torch.optim.AdamW(foreach=False)` (tests); "
         "torch's fused CPU kernel is faster but not bit-identical. On CPU, \"device\" and \"host\" are both main "
         "memory: paging costs copies without saving anything, it is there to exercise the CUDA code path. "
-        "Page buffers count toward the budget; step scratch (<= 64 MiB) does not.",
+        "Page buffers count toward the budget; step scratch (<= ~70 MiB) does not.",
     ]
     write_section("optim", "## Optimizers (`bench/optim.py`)\n\n" + "\n".join(lines))
 

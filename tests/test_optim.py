@@ -209,3 +209,28 @@ def test_state_bytes_of_torch_and_peftkit() -> None:
     figures = state_bytes(paged)
     assert figures["host"] == 8 * n + 4 * len(ps)
     assert 8 * n <= figures["device"] <= 8 * n + 64 * len(ps)  # resident pages, 16-byte aligned pieces
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: PagedAdamW(ps, lr=0.1, page_budget_bytes=20_000),
+        lambda ps: AdamW8bit(ps, lr=0.1),
+        lambda ps: PagedAdamW8bit(ps, lr=0.1, page_budget_bytes=5_000),
+    ],
+    ids=["paged32", "8bit", "paged8"],
+)
+def test_bf16_parameters_get_fp32_state_and_an_fp32_update(make) -> None:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, 128, generator=g)
+    grads = [torch.randn(64, 128, generator=g) for _ in range(5)]
+    ref_p, p = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.to(torch.bfloat16))
+    ref, opt = torch.optim.AdamW([ref_p], lr=0.1), make([p])
+    for grad in grads:
+        ref_p.grad, p.grad = grad.clone(), grad.to(torch.bfloat16)
+        ref.step()
+        opt.step()
+    assert p.dtype == torch.bfloat16
+    assert all(t.dtype in (torch.float32, torch.uint8) for t in opt.state[p].values())
+    moved = (ref_p - w0).abs().max()
+    assert (p.float() - ref_p).abs().max() < 0.1 * moved  # bf16 rounding of the weights, nothing worse

@@ -10,7 +10,8 @@ AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019), per 
 The ops and their order are those of ``torch.optim.AdamW(foreach=False)`` (``lerp_``, ``mul_().addcmul_()``,
 ``sqrt() / bias_correction2_sqrt + eps``, ``addcdiv_`` with ``-lr / bias_correction1``; the bias corrections in
 Python floats), so a 32-bit optimizer here is bit-identical to it. The ops run as ``torch._foreach_*`` calls over
-batches of pages, which on every device computes the same per-element results as the single-tensor path.
+batches of pages; on CPU these compute exactly the single-tensor path's per-element results, whatever the slicing
+(tested). On CUDA the foreach kernels are torch's own and equal to its foreach AdamW, not checked here bit for bit.
 
 8-bit state (Dettmers et al., 2022): ``m`` and ``v`` are stored as uint8 indices into the signed / unsigned dynamic
 map with one fp32 absmax per block of 256 (``dynamic8.py``): 2 + 8/256 bytes per parameter instead of 8. Each step
@@ -24,8 +25,8 @@ Paged state: the state lives in host memory, in pages of a contiguous range of t
 them, so a paged optimizer is bit-identical to the same optimizer unpaged.
 
 Note:
-    Besides the (budgeted) state, a step uses scratch buffers on the device of at most ~16 bytes per element of
-    one batch (``_BATCH_ELEMS`` elements, 64 MiB): the ``sqrt(v)`` denominator, and for 8-bit pages the
+    Besides the (budgeted) state, a step uses scratch buffers on the device of at most ~17 bytes per element of
+    one batch (``_BATCH_ELEMS`` = 4M elements, ~70 MiB): the ``sqrt(v)`` denominator, and for 8-bit pages the
     dequantized moments and the quantizer's work buffers. They are allocated once and reused, because allocating
     big temporaries every step costs page faults that are slower than the update itself on CPU.
 """
