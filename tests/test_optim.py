@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from peftkit.optim import (
     OPTIMIZERS,
@@ -234,3 +235,26 @@ def test_bf16_parameters_get_fp32_state_and_an_fp32_update(make) -> None:  # typ
     assert all(t.dtype in (torch.float32, torch.uint8) for t in opt.state[p].values())
     moved = (ref_p - w0).abs().max()
     assert (p.float() - ref_p).abs().max() < 0.1 * moved  # bf16 rounding of the weights, nothing worse
+
+
+def test_tiny_lm_paged_training_is_bit_identical_to_torch() -> None:
+    def losses(make) -> tuple[list[float], list[torch.Tensor]]:  # type: ignore[no-untyped-def]
+        model = tiny_llama(0).train()
+        opt = make(model.parameters())
+        ids = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(0))
+        out = []
+        for _ in range(6):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out, [p.detach() for p in model.parameters()]
+
+    ref_losses, ref_params = losses(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False))
+    # 16 kB: below the embedding's 32-bit state (128 x 32 x 8 B = 32 kB).
+    got_losses, got_params = losses(
+        lambda ps: build_optimizer("paged_adamw_32bit", ps, lr=1e-2, weight_decay=0.1, page_budget_bytes=16_384)
+    )
+    assert got_losses == ref_losses
+    assert all(torch.equal(a, b) for a, b in zip(ref_params, got_params, strict=True))
