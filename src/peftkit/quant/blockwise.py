@@ -13,14 +13,14 @@ The state is serialisable: `state.tensors()` (safetensors-friendly) plus `state.
 `QuantState.from_parts(tensors, meta)` validates and rebuilds it.
 
 Note:
-    Speed. Quantization runs over chunks of 2**22 elements with reused buffers (allocating fresh 64 MB
+    Speed. Quantization runs over chunks of 2**21 elements with reused buffers (allocating fresh 64 MB
     temporaries costs more than the arithmetic on CPU: first-touch page faults), and finds the nearest code
     with `CellTable` (two table gathers) instead of a binary search per element. Smaller chunks fit the cache
     better but multiply the number of parallel regions: on an oversubscribed CPU each one waits for a
-    descheduled thread, and 2**18-element chunks measured 10x slower than 2**22 under load. Dequantization
-    gathers one int64 per byte from a 256-entry table holding both decoded values. The numbers are
-    bitsandbytes', bit for bit: full blocks are scaled by `x * (1 / absmax)`, the trailing partial block by
-    `x / absmax`, both as bitsandbytes does on CPU.
+    descheduled thread: 2**18-element chunks measured up to 10x slower than 2**22 under load, though faster
+    when the CPU is idle. Dequantization gathers one int64 per byte from a 256-entry table holding both
+    decoded values. The numbers are bitsandbytes', bit for bit: full blocks are scaled by `x * (1 / absmax)`,
+    the trailing partial block by `x / absmax`, both as bitsandbytes does on CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .scaling import check_block_size, check_float, clip_threshold, num_blocks
 
 FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
 DQ_BLOCK = 256  # block size of the second level of double quantization (fixed, as in bitsandbytes)
-CHUNK = 1 << 22  # elements per pass, buffers reused (see the Note above on the size)
+CHUNK = 1 << 21  # elements per pass, buffers reused (see the Note above on the size)
 STATE_VERSION = 1
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
