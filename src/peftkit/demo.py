@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from peftkit.data.formats import read_conversations
 from peftkit.eval.generate import generate
 from peftkit.models import BUNDLED_NAME, load_model
@@ -87,7 +89,8 @@ def run_demo(n_test: int = 60, overrides: dict[str, Any] | None = None, show: in
     """Score, fine-tune, score again; print the before/after table. Returns the numbers."""
     t_start = time.perf_counter()
     config = TrainConfig.from_dict({**DEMO_CONFIG, "data": str(task_file("train")), **(overrides or {})})
-    model, tokenizer = load_model(config.model)
+    # bf16 weights: generation runs bf16 matmuls; the trainer keeps the trainable weights in fp32
+    model, tokenizer = load_model(config.model, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float32)
     test = read_conversations(task_file("test"))[:n_test]
     prompts = [conv[:-1] for conv in test]
     references = [conv[-1]["content"] for conv in test]
@@ -116,7 +119,7 @@ def run_demo(n_test: int = 60, overrides: dict[str, Any] | None = None, show: in
     print("\nSample generations:")
     for i in range(min(show, len(test))):
         print(f"- message:    {test[i][0]['content'].split(chr(10))[-1]}")
-        print(f"  base:       {before.answers[i][:150]!s}")
+        print(f"  base:       {' '.join(before.answers[i].split())[:150]}")
         print(f"  fine-tuned: {after.answers[i]}")
     out = Path(config.output_dir)
     print(f"\nAdapter (Hugging Face peft format): {result.adapter_dir}")

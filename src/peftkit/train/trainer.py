@@ -102,8 +102,8 @@ def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=No
     if cfg.precision == "bf16":
         # Frozen weights in bf16 halve memory and run bf16 matmuls; trainable weights stay fp32 masters.
         for p in model.parameters():
-            if not p.requires_grad and p.is_floating_point():
-                p.data = p.data.to(torch.bfloat16)
+            if p.is_floating_point():
+                p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -157,6 +157,7 @@ class Trainer:
                 f"(batch_size x grad_accum x processes); lower batch_size or grad_accum"
             )
         self.steps_per_epoch = self.micro_per_epoch // cfg.grad_accum
+        self.seen_rows: list[int] = []  # row indices this process trained on, in order
         self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
 
     def _micro_batches(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -167,6 +168,7 @@ class Trainer:
         for m in range(skip, self.micro_per_epoch):
             chunk = order[m * per_micro:(m + 1) * per_micro]
             mine = chunk[self.rank * self.cfg.batch_size:(self.rank + 1) * self.cfg.batch_size]
+            self.seen_rows.extend(mine)
             yield collate([self.rows[i] for i in mine], pad_id=self.tokenizer.pad_token_id)
 
     def _batches(self, epoch: int, micro: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
@@ -303,7 +305,7 @@ class Trainer:
             progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{n_targets / dt:.0f}")
             if cfg.save_every and step % cfg.save_every == 0 and self.is_main:
                 save_checkpoint(self.output_dir, step, trainable_state_dict(acc.unwrap_model(model)), optimizer,
-                                scheduler, {"epoch": epoch, "micro": micro, "history": history}, cfg.keep_checkpoints)
+                                scheduler, {"epoch": epoch, "micro": micro, "rank": self.rank, "history": history}, cfg.keep_checkpoints)
             acc.wait_for_everyone()
         progress.close()
         train_seconds = time.perf_counter() - t_start
