@@ -96,8 +96,10 @@ def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=No
     if cfg.quantize != "none":
         from peftkit.quant import quantize_model
 
+        # QLoRA computes in bf16; an fp32 run keeps fp32 activations (the dequantized weight is fp32 then)
+        compute = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
         quantize_model(model, cfg.quantize, block_size=cfg.quant_block_size, double_quant=cfg.double_quant,
-                       compute_dtype=torch.bfloat16)
+                       compute_dtype=compute)
     report = apply_method(model, cfg.method, cfg.method_settings())
     if cfg.precision == "bf16":
         # Frozen weights in bf16 halve memory and run bf16 matmuls; trainable weights stay fp32 masters.

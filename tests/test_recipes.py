@@ -1,0 +1,36 @@
+"""Every recipe in the repo validates against the config dataclasses; the demo recipe is the demo's config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftkit.demo import DEMO_CONFIG
+from peftkit.train import load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert len(RECIPES) >= 4
+    assert any("qlora" in r.name for r in RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates(recipe):
+    cfg = load_recipe(recipe)
+    assert cfg.to_dict().keys() >= yaml.safe_load(recipe.read_text()).keys()
+
+
+def test_demo_recipe_matches_demo_config():
+    recipe = yaml.safe_load((RECIPES[0].parent / "demo_lora.yaml").read_text())
+    assert {k: v for k, v in recipe.items() if k != "data"} == DEMO_CONFIG
+
+
+def test_qlora_recipe_has_the_papers_choices():
+    cfg = load_recipe(RECIPES[0].parent / "smollm2_qlora_alpaca.yaml")
+    assert (cfg.quantize, cfg.double_quant, cfg.precision, cfg.gradient_checkpointing, cfg.optimizer) == (
+        "nf4", True, "bf16", True, "paged_adamw_32bit")
+    assert cfg.method == "lora" and cfg.method_config["target_modules"] == "all-linear"
