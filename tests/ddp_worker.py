@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
 
-from peftkit.train import Trainer, TrainConfig  # noqa: E402
+from peftkit.train import TrainConfig, Trainer  # noqa: E402
 
 
 def main(data: str, out: str, batch_size: int) -> None:

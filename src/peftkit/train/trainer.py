@@ -306,8 +306,9 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{n_targets / dt:.0f}")
             if cfg.save_every and step % cfg.save_every == 0 and self.is_main:
+                position = {"epoch": epoch, "micro": micro, "rank": self.rank, "history": history}
                 save_checkpoint(self.output_dir, step, trainable_state_dict(acc.unwrap_model(model)), optimizer,
-                                scheduler, {"epoch": epoch, "micro": micro, "rank": self.rank, "history": history}, cfg.keep_checkpoints)
+                                scheduler, position, cfg.keep_checkpoints)
             acc.wait_for_everyone()
         progress.close()
         train_seconds = time.perf_counter() - t_start
