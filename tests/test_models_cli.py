@@ -102,3 +102,34 @@ def test_cli_info_on_the_bundled_model(capsys):
     assert main(["info", "--method", "lora", "r=8"]) == 0
     out = capsys.readouterr().out
     assert "| lora | 2,442,240 |" in out and "134,515,008" in out
+
+
+def test_cli_merge_plain_and_requantized(tmp_path, capsys):
+    from conftest import tiny_tokenizer
+    from test_train import write_data
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.core.adapter_io import apply_method, save_adapter
+    from peftkit.methods.lora import lora_layers
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    model, _ = models.load_model(tmp_path / "base")
+    apply_method(model, "lora", {"r": 4})
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.1)
+    ids = torch.randint(3, 100, (1, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_adapter(model, tmp_path / "adapter")
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--model", str(tmp_path / "base")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    data = write_data(tmp_path / "d.jsonl", n=8)
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "q"), "--model", str(tmp_path / "base"),
+                 "--requantize", "nf4", "--eval-data", data]) == 0
+    out = capsys.readouterr().out
+    assert "relative weight error max" in out and "held-out loss" in out
+    assert (tmp_path / "q" / "quantization.json").is_file()

@@ -79,3 +79,24 @@ def test_qlora_trains_with_the_trainer(tmp_path):
     losses = [h["loss"] for h in trainer.history]
     assert min(losses[4:]) < losses[0]
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+
+
+def test_requantize_reports_measured_error():
+    from peftkit.quant.requantize import requantize_with_report
+
+    model = tiny_llama()
+    apply_method(model, "lora", {"r": 4})
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.1)
+    merged = merge_and_unload(model)
+
+    def loss_fn(m):
+        with torch.no_grad():
+            return float(m(input_ids=IDS, labels=IDS).loss)
+
+    report = requantize_with_report(merged, "nf4", compute_dtype=torch.float32, loss_fn=loss_fn)
+    assert report.layers == 14 and 0.0 < report.mean_rel_error <= report.max_rel_error < 0.2
+    assert report.loss_before != report.loss_after
+    assert sum(isinstance(m, QuantLinear) for m in merged.modules()) == 14
+    assert "relative weight error" in str(report)

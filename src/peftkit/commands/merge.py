@@ -1,4 +1,8 @@
-"""`peftkit merge`: fold an adapter into its base model and save a plain Hugging Face model folder."""
+"""`peftkit merge`: fold an adapter into its base model and save a plain Hugging Face model folder.
+
+A 4-bit (QLoRA) base is dequantized before the merge. `--requantize nf4` quantizes the merged model again and
+prints what that costs (relative weight error, and the held-out loss change on `--eval-data`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", help="adapter folder")
     p.add_argument("output", help="folder for the merged model (written atomically)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="the base model the adapter was trained on")
+    p.add_argument("--quantized-base", choices=["nf4", "fp4", "int4", "int8"],
+                   help="the adapter was trained on a base quantized to this format (QLoRA)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--requantize", choices=["nf4", "fp4", "int4", "int8"],
+                   help="quantize the merged model again and report the error")
+    p.add_argument("--eval-data", help="instruction data to measure the held-out loss change of --requantize")
     p.set_defaults(func=run)
 
 
@@ -23,18 +32,52 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.errors import PeftkitError
     from peftkit.methods.lora import merge_and_unload
     from peftkit.models import load_model
+    from peftkit.quant import quantize_model, save_quantized
 
+    dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(args.model)
+    if args.quantized_base:
+        quantize_model(model, args.quantized_base, compute_dtype=torch.float32)
     load_adapter(model, args.adapter)
     name = model.peftkit_method[0]
     if not get_method(name).can_merge:
         raise PeftkitError(f"method {name!r} cannot be merged into the base weights")
-    dtype = getattr(torch, args.dtype)
-    merged = merge_and_unload(model).to(dtype)
+    merged = merge_and_unload(model, dtype=torch.float32)
     del merged.peftkit_method
+    if args.requantize:
+        from peftkit.quant.requantize import requantize_with_report
 
-    with atomic_dir(args.output) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        loss_fn = _held_out_loss(tokenizer, args.eval_data) if args.eval_data else None
+        report = requantize_with_report(merged, args.requantize, compute_dtype=dtype, loss_fn=loss_fn)
+        print(report)
+        with atomic_dir(args.output) as tmp:
+            save_quantized(merged, tmp)
+            tokenizer.save_pretrained(tmp)
+    else:
+        merged.to(dtype)
+        with atomic_dir(args.output) as tmp:
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     print(f"merged {name} adapter into {args.model}; saved to {args.output}")
     return 0
+
+
+def _held_out_loss(tokenizer, path: str, n: int = 32):
+    """Mean target-token loss on the first `n` examples of `path`."""
+    import torch
+
+    from peftkit.data import collate, make_rows, read_conversations, tokenize_conversations
+    from peftkit.train.trainer import sequence_loss
+
+    examples = tokenize_conversations(tokenizer, read_conversations(path)[:n], max_length=512)
+    rows = make_rows(examples, 512, packing=False)
+
+    @torch.no_grad()
+    def loss(model) -> float:
+        total, count = 0.0, 0
+        for i in range(0, len(rows), 8):
+            value, k = sequence_loss(model.eval(), collate(rows[i:i + 8], tokenizer.pad_token_id))
+            total, count = total + float(value), count + k
+        return total / max(count, 1)
+
+    return loss
