@@ -31,45 +31,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from peftkit.quant.codebooks import dynamic_map as create_dynamic_map  # one dynamic map, shared with quant
+
 BLOCK_SIZE = 256
 _LUT_SHIFT = 15  # keep 32 - 15 = 17 high bits of the float: sign + 8 exponent + 8 mantissa bits
-
-
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
-    """The dynamic tree codebook, sorted ascending (float32, ``2 ** total_bits`` entries).
-
-    Args:
-        signed: Signed map (for the first moment) or unsigned map, all entries >= 0 (for the second moment).
-        max_exponent_bits: Number of decades covered.
-        total_bits: Bits per code.
-
-    Returns:
-        A sorted float32 tensor of ``2 ** total_bits`` values that contains ``0`` and ``1.0``.
-    """
-    values: list[float] = []
-    magnitude_bits = total_bits - 1
-    for i in range(max_exponent_bits):
-        # The signed map spends one bit on the sign, so each decade gets half as many magnitudes.
-        n_items = 2 ** (i + magnitude_bits - max_exponent_bits + (0 if signed else 1))
-        grid = torch.linspace(0.1, 1, n_items + 1, dtype=torch.float32)
-        mids = (grid[:-1] + grid[1:]) / 2.0
-        scaled = (10 ** (i - max_exponent_bits + 1)) * mids
-        values += scaled.tolist()
-        if signed:
-            values += (-scaled).tolist()
-    # Codes left over when max_exponent_bits < magnitude_bits go to the last decade at a finer grid.
-    extra = 2 ** (magnitude_bits - max_exponent_bits) - 1
-    if extra > 0:
-        grid = torch.linspace(0.1, 1, extra + 1, dtype=torch.float32)
-        scaled = (10**0) * ((grid[:-1] + grid[1:]) / 2.0)
-        values += scaled.tolist()
-        if signed:
-            values += (-scaled).tolist()
-    values += [0.0, 1.0]
-    if len(values) > 2**total_bits:
-        raise ValueError(f"dynamic map overflows {total_bits} bits: {len(values)} values")
-    values += [0.0] * (2**total_bits - len(values))
-    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 def _order_key(bits: Tensor) -> Tensor:
