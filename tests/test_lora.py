@@ -112,11 +112,13 @@ peft = pytest.importorskip("peft")
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 
 
+@pytest.mark.parametrize("rslora", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_peftkit_adapter_loads_in_peft(arch, tmp_path):
+def test_peftkit_adapter_loads_in_peft(arch, rslora, tmp_path):
     make = tiny_llama if arch == "llama" else tiny_gpt2
     model = make()
-    apply_method(model, "lora", {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[arch]})
+    apply_method(model, "lora", {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[arch], "use_rslora": rslora})
+    assert next(lora_layers(model))[1].scale == (8 / 2 if rslora else 8 / 4)
     randomize_lora(model)
     ours = logits(model)
     save_adapter(model, tmp_path / "a")

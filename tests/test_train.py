@@ -157,3 +157,28 @@ def test_sequence_loss_equals_per_example_loss(method, packing):
         expected += F.cross_entropy(logits, torch.tensor(e.labels[1:]), ignore_index=-100, reduction="sum")
     assert count == sum(e.num_targets for e in examples)
     torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    from peftkit.train import checkpoint
+
+    cfg = make_cfg(tmp_path, max_steps=4, save_every=2)
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second checkpoint's first file after the optimizer: die mid-save
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    out = tmp_path / "run"
+    assert (out / "latest").read_text() == "checkpoint-2"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # the half-written folder was removed
+    monkeypatch.undo()
+    resumed, result = run(cfg, resume=True)  # and the run continues from it
+    assert result.steps == 4 and resumed.history[1]["step"] == 2
