@@ -27,6 +27,13 @@ class TrainConfig(Config):
         precision: ``bf16`` (frozen weights stored in bf16, trainable weights fp32, bf16 autocast),
             ``bf16-autocast`` (all weights fp32, bf16 autocast) or ``fp32``.
         batch_size: rows per micro-batch per process; ``grad_accum`` micro-batches per optimizer step.
+        replay_data / replay_fraction: against forgetting, a file of general instruction data whose rows are
+            mixed into every micro-batch so that they make up ``replay_fraction`` of its rows (the task rows per
+            batch stay ``batch_size``; see ``Trainer.replay_rows_per_batch``). ``replay_data`` alone (fraction 0)
+            only serves as the data the EWC Fisher is estimated on.
+        ewc_lambda / ewc_batches: elastic weight consolidation, a Fisher-weighted L2 pull of the trainable
+            parameters towards their values at the start, added to the per-token loss (0 = off); the diagonal
+            Fisher comes from ``ewc_batches`` micro-batches of the replay data (or of the task data without it).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -64,6 +71,11 @@ class TrainConfig(Config):
     epochs: float = 1.0
     max_steps: int | None = None
 
+    replay_data: str | None = None
+    replay_fraction: float = 0.0
+    ewc_lambda: float = 0.0
+    ewc_batches: int = 4
+
     output_dir: str = "runs/peftkit"
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -88,6 +100,14 @@ class TrainConfig(Config):
             raise PeftkitError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise PeftkitError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise PeftkitError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if self.replay_fraction > 0 and not self.replay_data:
+            raise PeftkitError("replay_fraction > 0 needs replay_data (a file of general instruction data)")
+        if self.ewc_lambda < 0:
+            raise PeftkitError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
+        if self.ewc_batches <= 0:
+            raise PeftkitError(f"ewc_batches must be > 0, got {self.ewc_batches}")
         if self.page_budget_bytes is not None and self.page_budget_bytes <= 0:
             raise PeftkitError(f"page_budget_bytes must be > 0, got {self.page_budget_bytes}")
 

@@ -1,15 +1,17 @@
 """The one training loop, for every method, on CPU, one GPU or many (HF Accelerate / torchrun, DDP).
 
 Reads top to bottom: build model and data, then for each optimizer step gather `grad_accum` micro-batches,
-normalise the loss by the number of target tokens in all of them (across processes too), backward,
-clip, step, log, checkpoint. Logits are computed only at the positions that predict a target token, which
-for instruction data (short answers after long prompts) saves most of the memory and time of the output head.
+normalise the loss by the number of target tokens in all of them (across processes too), add the EWC penalty
+when asked, backward, clip, step, log, checkpoint. Logits are computed only at the positions that predict a
+target token, which for instruction data (short answers after long prompts) saves most of the memory and time of
+the output head.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -33,7 +35,8 @@ from peftkit.errors import PeftkitError
 from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.config import TrainConfig
 
-__all__ = ["TrainResult", "Trainer", "count_parameters", "sequence_loss"]
+__all__ = ["EWCAnchor", "TrainResult", "Trainer", "count_parameters", "diagonal_fisher", "replay_rows_per_batch",
+           "sequence_loss"]
 
 
 def count_parameters(model: nn.Module) -> dict[str, float]:
@@ -59,6 +62,76 @@ def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     tgt = targets[:, keep]
     loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, int(tgt.ne(IGNORE).sum())
+
+
+def replay_rows_per_batch(batch_size: int, fraction: float) -> int:
+    """Replay rows to add to `batch_size` task rows so that they are `fraction` of the micro-batch.
+
+    ``n / (batch_size + n) = fraction``, rounded to the nearest row, at least one when ``fraction > 0``
+    (e.g. batch 8: fraction 0.2 -> 2 rows, 0.25 -> 3 rows (27%), 0.5 -> 8 rows).
+    """
+    if fraction <= 0:
+        return 0
+    return max(1, round(batch_size * fraction / (1.0 - fraction)))
+
+
+def diagonal_fisher(model: nn.Module, params: dict[str, nn.Parameter], rows: Sequence[Sequence[Example]],
+                    pad_id: int, autocast: Any = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """The empirical diagonal Fisher of `params`: the mean over rows of the squared gradient of the row's mean
+    target-token loss, ``F_i = 1/N sum_n (d loss_n / d theta_i)^2``.
+
+    Note:
+        One backward per row (a packed row holds several examples and counts as one sample): squaring per-row
+        gradients keeps the curvature that squaring a batch-mean gradient would average away. This is the
+        *empirical* Fisher (the data's labels, not labels sampled from the model), as EWC implementations use.
+    """
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    was_training = model.training
+    model.eval()  # no dropout: the curvature of the model as it is
+    for row in rows:
+        batch = collate([row], pad_id)
+        batch = {k: v.to(next(iter(params.values())).device) for k, v in batch.items()}
+        with autocast():
+            loss_sum, n = sequence_loss(model, batch)
+        grads = torch.autograd.grad(loss_sum / max(n, 1), list(params.values()), allow_unused=True)
+        for (name, _), g in zip(params.items(), grads, strict=True):
+            if g is not None:
+                fisher[name] += g.float().pow(2)
+    model.train(was_training)
+    return {n: f / max(len(rows), 1) for n, f in fisher.items()}
+
+
+@dataclasses.dataclass
+class EWCAnchor:
+    """Elastic weight consolidation (Kirkpatrick et al. 2017, https://arxiv.org/abs/1612.00796).
+
+    ``penalty = lambda / 2 * sum_i Fn_i * (theta_i - theta*_i)^2`` with ``Fn = F / mean(F)``, theta* the trainable
+    parameters at the start and F their diagonal Fisher (:func:`diagonal_fisher`).
+
+    Note:
+        Normalisation: F is divided by its mean over all trainable entries, so that lambda does not depend on
+        the scale of the gradients (which changes with the data and the loss normalisation); an entry of average
+        sensitivity moved by delta costs ``lambda / 2 * delta^2``. The penalty is a sum over entries (not a mean),
+        and it is added once per optimizer step to the task loss, which is the mean CE per target token.
+        With Adam, a large lambda at a high learning rate makes the pull stiff: Adam's per-entry normalisation turns
+        the penalty's gradient into steps of about lr that overshoot the anchor and oscillate around it, which can
+        do more harm than no penalty. Lower lambda or lr if the logged ``ewc_penalty`` does not stay small.
+    """
+
+    lam: float
+    fisher: dict[str, torch.Tensor]
+    start: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_fisher(cls, lam: float, fisher: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> EWCAnchor:
+        mean = sum(float(f.sum()) for f in fisher.values()) / max(sum(f.numel() for f in fisher.values()), 1)
+        scale = 1.0 / mean if mean > 0 else 0.0
+        return cls(lam, {n: f * scale for n, f in fisher.items()},
+                   {n: p.detach().float().clone() for n, p in params.items()})
+
+    def penalty(self, params: dict[str, nn.Parameter]) -> torch.Tensor:
+        total = sum(((p.float() - self.start[n]).pow(2) * self.fisher[n]).sum() for n, p in params.items())
+        return 0.5 * self.lam * total
 
 
 @dataclasses.dataclass
@@ -126,8 +199,12 @@ class Trainer:
         self.resume = resume
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
-            mixed_precision="no" if cfg.precision == "fp32" else "bf16",
+            # Autocast is ours (below), not Accelerate's: its mixed-precision setting is process-global and cannot
+            # change between two trainers in one process (a comparison, a notebook, the test suite).
+            mixed_precision="no",
         )
+        self.autocast = functools.partial(torch.autocast, self.accelerator.device.type, dtype=torch.bfloat16,
+                                          enabled=cfg.precision != "fp32")
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -151,6 +228,13 @@ class Trainer:
             n_eval = int(len(examples) * cfg.eval_fraction)
             self.eval_examples, examples = examples[:n_eval], examples[n_eval:]
         self.rows = make_rows(examples, cfg.max_length, cfg.packing)
+        # Replay (against forgetting): general rows mixed into every micro-batch, on top of the task rows.
+        self.replay_rows: list[list[Example]] = []
+        if cfg.replay_data:
+            replay_examples = _load_examples(cfg, self.tokenizer, cfg.replay_data)[0]
+            random.Random(cfg.seed + 1).shuffle(replay_examples)
+            self.replay_rows = make_rows(replay_examples, cfg.max_length, cfg.packing)
+        self.replay_per_batch = replay_rows_per_batch(cfg.batch_size, cfg.replay_fraction)
         rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.micro_per_epoch = len(self.rows) // (cfg.batch_size * self.world)
         if self.micro_per_epoch < cfg.grad_accum:
@@ -171,7 +255,22 @@ class Trainer:
             chunk = order[m * per_micro:(m + 1) * per_micro]
             mine = chunk[self.rank * self.cfg.batch_size:(self.rank + 1) * self.cfg.batch_size]
             self.seen_rows.extend(mine)
-            yield collate([self.rows[i] for i in mine], pad_id=self.tokenizer.pad_token_id)
+            rows = [self.rows[i] for i in mine] + self._replay_for(epoch * self.micro_per_epoch + m)
+            yield collate(rows, pad_id=self.tokenizer.pad_token_id)
+
+    def _replay_for(self, micro: int) -> list[list[Example]]:
+        """The replay rows of this process's micro-batch number `micro` (counted from the start of training).
+
+        Replay rows cycle through one seeded permutation, each process and micro-batch taking the next ones, so a
+        resumed run sees the same replay rows as an uninterrupted one.
+        """
+        n = self.replay_per_batch
+        if not n:
+            return []
+        order = list(range(len(self.replay_rows)))
+        random.Random(self.cfg.seed * 1_000_003 + 7).shuffle(order)
+        first = (micro * self.world + self.rank) * n
+        return [self.replay_rows[order[(first + j) % len(order)]] for j in range(n)]
 
     def _batches(self, epoch: int, micro: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         """(epoch, micro-batch index, batch) forever, starting at a data position."""
@@ -227,7 +326,7 @@ class Trainer:
         rows = make_rows(self.eval_examples, self.cfg.max_length, self.cfg.packing)[:max_rows]
         total, count = 0.0, 0
         for i in range(0, len(rows), self.cfg.batch_size):
-            with self.accelerator.autocast():
+            with self.autocast():
                 loss, n = sequence_loss(model, collate(rows[i:i + self.cfg.batch_size], self.tokenizer.pad_token_id))
             total, count = total + loss.item(), count + n
         model.train(was_training)
@@ -247,6 +346,12 @@ class Trainer:
         history: list[dict[str, Any]] = []
         if calibrate is not None:  # before resuming too: same batches + untouched base = same selection
             calibrate(self.model, cfg.method_settings(), list(itertools.islice(self._micro_batches(0, 0), 4)))
+        ewc = None
+        if cfg.ewc_lambda > 0:  # anchored at the start values, so computed before a checkpoint is loaded
+            source = self.replay_rows or self.rows
+            fisher_rows = source[:cfg.ewc_batches * cfg.batch_size]
+            fisher = diagonal_fisher(self.model, trainable, fisher_rows, self.tokenizer.pad_token_id, self.autocast)
+            ewc = EWCAnchor.from_fisher(cfg.ewc_lambda, fisher, trainable)
         if self.resume and (ckpt := latest_checkpoint(self.output_dir)) is not None:
             state = load_checkpoint(ckpt, trainable, optimizer, scheduler)
             step, epoch, micro = state["step"], state["epoch"], state["micro"]
@@ -269,16 +374,22 @@ class Trainer:
             group = [next(batches) for _ in range(cfg.grad_accum)]
             epoch, micro = group[-1][0], group[-1][1] + 1
             n_targets = self._global_sum(sum(int(b["labels"][:, 1:].ne(IGNORE).sum()) for _, _, b in group))
-            step_loss = 0.0
+            step_loss, penalty_value = 0.0, None
             for i, (_, _, batch) in enumerate(group):
-                sync = contextlib.nullcontext() if i == len(group) - 1 else acc.no_sync(model)
-                with sync, acc.autocast():
+                last = i == len(group) - 1
+                sync = contextlib.nullcontext() if last else acc.no_sync(model)
+                with sync, self.autocast():
                     loss_sum, _ = sequence_loss(model, batch)
                     # sum over this micro-batch / targets in the whole step, x world: DDP averages over ranks
-                    acc.backward(loss_sum * (self.world / max(n_targets, 1)))
+                    loss = loss_sum * (self.world / max(n_targets, 1))
+                    if ewc is not None and last:  # once per step, on every rank (the DDP average keeps it whole)
+                        penalty = ewc.penalty(trainable)
+                        loss = loss + penalty
+                        penalty_value = penalty.item()
+                    acc.backward(loss)
                 step_loss += loss_sum.item()
                 tokens += int(batch["input_ids"].ne(self.tokenizer.pad_token_id).sum())
-            step_loss = self._global_sum_float(step_loss) / max(n_targets, 1)
+            step_loss = self._global_sum_float(step_loss) / max(n_targets, 1)  # the task loss, without the penalty
             if not math.isfinite(step_loss):
                 last = latest_checkpoint(self.output_dir)
                 raise PeftkitError(
@@ -296,6 +407,8 @@ class Trainer:
             record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
                       "target_tokens_per_s": round(n_targets / dt, 1), "epoch": epoch}
+            if penalty_value is not None:
+                record["ewc_penalty"] = round(penalty_value, 6)
             history.append({"step": step, "loss": step_loss})
             if cfg.eval_every and step % cfg.eval_every == 0:
                 eval_loss = self.evaluate()
