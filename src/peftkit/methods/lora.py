@@ -27,6 +27,7 @@ from peftkit.core.config import Config
 from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, get_submodule_parent, inject
 from peftkit.core.registry import register_method
 from peftkit.errors import PeftkitError
+from peftkit.quant import QuantLinear
 
 __all__ = ["LoRAConfig", "LoRALayer", "lora_layers", "merge", "merge_and_unload", "unmerge"]
 
@@ -76,10 +77,6 @@ def _features(module: nn.Module) -> tuple[int, int]:
 
 def is_linear(module: nn.Module) -> bool:
     """Linear-like layers LoRA can adapt: ``nn.Linear``, GPT-2 ``Conv1D`` and 4-bit ``QuantLinear``."""
-    try:
-        from peftkit.quant import QuantLinear
-    except ImportError:  # quantization support not built yet
-        return isinstance(module, (nn.Linear, Conv1D))
     return isinstance(module, (nn.Linear, Conv1D, QuantLinear))
 
 

@@ -32,6 +32,7 @@ from peftkit.core.registry import get_method
 from peftkit.data.formats import ReadStats, read_conversations
 from peftkit.data.sequences import IGNORE, Example, TokenizeStats, collate, make_rows, tokenize_conversations
 from peftkit.errors import PeftkitError
+from peftkit.optim import build_optimizer
 from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.config import TrainConfig
 
@@ -283,17 +284,8 @@ class Trainer:
     # ---------------------------------------------------------------- optimisation
     def _optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
         cfg = self.cfg
-        try:
-            from peftkit.optim import build_optimizer
-        except ImportError:
-            build_optimizer = None
-        if build_optimizer is not None:
-            return build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                   betas=(cfg.adam_beta1, cfg.adam_beta2), page_budget_bytes=cfg.page_budget_bytes)
-        if cfg.optimizer != "adamw":
-            raise PeftkitError(f"unknown optimizer {cfg.optimizer!r}; known: adamw")
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 betas=(cfg.adam_beta1, cfg.adam_beta2))
+        return build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               betas=(cfg.adam_beta1, cfg.adam_beta2), page_budget_bytes=cfg.page_budget_bytes)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         warmup = int(self.cfg.warmup_ratio * self.total_steps)
