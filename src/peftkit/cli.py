@@ -18,6 +18,7 @@ COMMANDS: tuple[str, ...] = (
     "generate",
     "merge",
     "memory",
+    "quantize_report",
 )
 
 
