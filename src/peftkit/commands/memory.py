@@ -102,6 +102,7 @@ def _table(rows: dict[str, M.Breakdown], device: int | None) -> str:
     for key, label in _LABELS.items():
         line(label, [human(getattr(b, key)) for b in rows.values()])
     line("total (device)", [human(b.total_bytes) for b in rows.values()])
+    line("peak (modelled)", [human(b.peak_bytes) for b in rows.values()])
     if any(b.optimizer_host for b in rows.values()):
         line("optimizer (host)", [human(b.optimizer_host) for b in rows.values()])
     line("activ. no ckpt", [human(b.activations_no_ckpt) for b in rows.values()])
