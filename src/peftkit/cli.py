@@ -19,6 +19,7 @@ COMMANDS: tuple[str, ...] = (
     "merge",
     "memory",
     "quantize_report",
+    "compare",
 )
 
 

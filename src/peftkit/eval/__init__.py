@@ -1,6 +1,17 @@
-"""Evaluation: the E2E NLG metrics and the E2E data set (more evaluation code will join here)."""
+"""Evaluation: the E2E NLG metrics and data set, the in-context learning baseline, forgetting, method comparison."""
 
+from peftkit.eval.compare import CompareTask, e2e_task, file_task, run_compare
 from peftkit.eval.e2e import E2E_INSTRUCTION, E2EItem, e2e_instruction_rows, load_e2e
+from peftkit.eval.forgetting import (
+    ForgettingReport,
+    Probe,
+    answer_agreement,
+    build_probe,
+    load_probe_prompts,
+    measure_forgetting,
+    probe_loss,
+)
+from peftkit.eval.icl import ICLExample, ICLResult, icl_conversation, run_icl, spread
 from peftkit.eval.metrics import (
     JAVA_METRICS,
     METRIC_NAMES,
@@ -19,6 +30,22 @@ from peftkit.eval.metrics import (
 
 __all__ = [
     "E2E_INSTRUCTION",
+    "CompareTask",
+    "ForgettingReport",
+    "ICLExample",
+    "ICLResult",
+    "Probe",
+    "answer_agreement",
+    "build_probe",
+    "e2e_task",
+    "file_task",
+    "icl_conversation",
+    "load_probe_prompts",
+    "measure_forgetting",
+    "probe_loss",
+    "run_compare",
+    "run_icl",
+    "spread",
     "JAVA_METRICS",
     "METRIC_NAMES",
     "E2EItem",

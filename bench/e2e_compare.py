@@ -1,0 +1,127 @@
+"""E2E NLG: every method on the bundled SmolLM2-135M-Instruct, same data and budget (`peftkit compare`).
+
+Runs ``peftkit compare --task e2e`` (or, with ``--from``, reads a finished run's folder), copies the plot to
+``docs/e2e_compare.png`` and writes the ``e2e_compare`` section of BENCHMARKS.md: the exact command, the table, the
+ICL spread, the reference numbers of SPECS.md section 6, and the headline ratios computed from the table.
+
+    python bench/e2e_compare.py                      # the run (about an hour on 2 CPU cores)
+    python bench/e2e_compare.py --from runs/e2e_compare --notes "..."   # (re)write the section from a run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import ROOT, machine, write_section
+
+N_TRAIN, N_EVAL = 300, 100
+ARGS = ["--task", "e2e", "--n-train", str(N_TRAIN), "--n-eval", str(N_EVAL), "--probe-new-tokens", "32",
+        "--timeout", "1500", "batch_size=2"]
+SPECS6 = """Reference (SPECS.md section 6: HF transformers + peft + bitsandbytes, 1000 rows, batch 8 padded, 125 steps,
+LoRA lr 2e-4, full lr 5e-5, same prompt and test MRs): 3-shot prompting BLEU 0.227; LoRA bf16 0.626 (NIST 6.43,
+METEOR 0.417, ROUGE-L 0.677, CIDEr 2.51); QLoRA 0.592; full fine-tuning fp32 0.622; probe loss 0.710 before,
+0.968 after LoRA, 1.044 after full fine-tuning (its probe scores the end-of-turn token and has other questions,
+so only the direction of the change compares)."""
+
+
+def _ratios(results: list[dict]) -> list[str]:
+    by = {r["method"]: r for r in results if not r.get("error")}
+    lines = []
+
+    def bleu(name):
+        return by[name]["BLEU"] if name in by else None
+
+    if bleu("lora") is not None and bleu("full") is not None:
+        lines.append(f"LoRA reaches {bleu('lora') / bleu('full'):.0%} of full fine-tuning's BLEU "
+                     f"({bleu('lora'):.3f} vs {bleu('full'):.3f}) training {by['lora']['trainable_pct']:.2f}% "
+                     f"of the parameters.")
+    if bleu("qlora") is not None and bleu("lora") is not None:
+        lines.append(f"QLoRA (NF4 base) reaches {bleu('qlora') / bleu('lora'):.0%} of LoRA's BLEU "
+                     f"({bleu('qlora'):.3f}); peak RSS {by['qlora']['peak_rss_gb']:.2f} vs "
+                     f"{by['lora']['peak_rss_gb']:.2f} GB.")
+    if "icl" in by and bleu("lora") is not None:
+        s = by["icl"]["spread"]["BLEU"]
+        lines.append(f"3-shot ICL: BLEU {s['mean']:.3f} ± {s['std']:.3f} (min {s['min']:.3f}, max {s['max']:.3f} over "
+                     f"{len(by['icl']['icl_runs'])} draws/orders), {bleu('lora') - s['mean']:.3f} below LoRA, at "
+                     f"{by['icl']['prompt_tokens']:.0f} prompt tokens per prediction vs "
+                     f"{by['icl']['zero_shot_prompt_tokens']:.0f} for a fine-tuned model "
+                     f"({by['icl']['prompt_tokens'] / by['icl']['zero_shot_prompt_tokens']:.1f}x).")
+    trained = [r for r in by.values() if r.get("trainable_params")]
+    if trained:
+        worst = max(trained, key=lambda r: r.get("probe_loss_increase", 0))
+        least = min(trained, key=lambda r: r.get("probe_loss_increase", 0))
+        lines.append(f"Forgetting (probe loss increase): most {worst['method']} ({worst['probe_loss_increase']:+.3f}), "
+                     f"least {least['method']} ({least['probe_loss_increase']:+.3f}).")
+    return lines
+
+
+def _icl_table(results: list[dict]) -> str:
+    icl = next((r for r in results if r.get("icl_runs")), None)
+    if icl is None:
+        return ""
+    metrics = ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
+    lines = ["| ICL draw | order | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for r in icl["icl_runs"]:
+        lines.append(f"| {r['draw']} | {r['order']} | " + " | ".join(f"{r[m]:.4f}" for m in metrics) + " |")
+    for stat in ("mean", "std", "min", "max"):
+        lines.append(f"| {stat} | | " + " | ".join(f"{icl['spread'][m][stat]:.4f}" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="source", help="a finished `peftkit compare` folder (skip the run)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "e2e_compare"))
+    parser.add_argument("--notes", default="", help="a paragraph of observations to add to the section")
+    parser.add_argument("--seconds", type=float, default=None, help="wall time of the run, when --from")
+    args = parser.parse_args()
+    out = Path(args.source or args.out)
+    seconds = args.seconds
+    if not args.source:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "peftkit.cli", "compare", *ARGS, "--out", str(out)], check=False)
+        seconds = time.perf_counter() - t0
+    results = json.loads((out / "results.json").read_text())
+    task = json.loads((out / "task.json").read_text())
+    md = (out / "results.md").read_text().split("\n", 2)[2]
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    if (out / "bleu_vs_params.png").is_file():
+        shutil.copyfile(out / "bleu_vs_params.png", docs / "e2e_compare.png")
+    took = f", {seconds / 60:.0f} min" if seconds else ""
+    body = [
+        f"## e2e_compare — `python bench/e2e_compare.py` ({machine()}{took})",
+        "",
+        f"Command: `peftkit compare {' '.join(ARGS)} --out runs/e2e_compare` (bundled SmolLM2-135M-Instruct, "
+        "bf16 weights + packing (peftkit's defaults), 1 epoch, cosine schedule, each method in its own process).",
+        f"Data: {task['description']}. Prompt: chat template + the E2E instruction + MR; greedy decoding, at most 64 "
+        "new tokens; official E2E metrics. Forgetting: mean CE of the base model's own greedy answers (at most 32 "
+        "tokens) to the 50 shipped general questions, answer text only; probe ROUGE-L = agreement of the tuned "
+        "model's answers with the base answers (1 = unchanged). Peak RSS: the method's process (load + train + "
+        "eval). ICL's BLEU cell is mean ± std (min-max) over draws and orders; its other metrics are means.",
+        "",
+        md.strip(),
+        "",
+        _icl_table(results),
+        "",
+        "![BLEU vs trainable parameters](docs/e2e_compare.png)",
+        "",
+        *[f"- {line}" for line in _ratios(results)],
+        "",
+        SPECS6,
+    ]
+    if args.notes:
+        body += ["", args.notes]
+    write_section("e2e_compare", "\n".join(body))
+    print(f"wrote the e2e_compare section of {ROOT / 'BENCHMARKS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

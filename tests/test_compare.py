@@ -1,0 +1,93 @@
+"""`peftkit compare` end to end on a tiny model: two methods and ICL run, a crashing method is reported in its row."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import tiny_llama, tiny_tokenizer
+
+from peftkit.cli import main
+from peftkit.errors import PeftkitError
+from peftkit.eval.compare import CompareTask, file_task, markdown_table, run_compare
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_task(folder):
+    train = [{"instruction": f"Repeat {i % 5}", "output": f"{i % 5} {i % 5}"} for i in range(40)]
+    test = [{"instruction": f"Repeat {i}", "output": f"{i} {i}", "references": [f"{i} {i}", f"{i}{i}"]}
+            for i in range(5, 9)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in train))
+    (folder / "test.jsonl").write_text("\n".join(json.dumps(r) for r in test))
+    return str(folder / "train.jsonl"), str(folder / "test.jsonl")
+
+
+def test_file_task_reads_references(tmp_path):
+    train, test = write_task(tmp_path)
+    task = file_task(train, test)
+    assert task.prompts[0] == "Repeat 5" and task.references[0] == ["5 5", "55"]
+    task.save(tmp_path / "t.json")
+    assert CompareTask.load(tmp_path / "t.json") == task
+
+
+def test_compare_runs_methods_and_reports_a_crash(tmp_path, tiny_dir):
+    train, test = write_task(tmp_path)
+    entries = {"broken": {"method": "lora", "method_config": {"target_modules": ["no_such_layer"]}},
+               "icl2": {"method": "icl", "k": 2, "draws": 2, "orders": 2}}
+    lines: list[str] = []
+    results = run_compare(file_task(train, test), ["lora", "broken", "icl2", "norms"], model=str(tiny_dir),
+                          out_dir=tmp_path / "out", entries=entries, metrics="bleu-nist", max_new_tokens=6,
+                          probe_new_tokens=4, overrides={"precision": "fp32", "batch_size": 2, "max_length": 64},
+                          log=lines.append)
+    by = {r["method"]: r for r in results}
+    assert [r["method"] for r in results] == ["lora", "broken", "icl2", "norms"]
+    assert "no_such_layer" in by["broken"]["error"] and "error" not in by["lora"]
+    lora = by["lora"]
+    assert lora["trainable_params"] > 0 and 0 < lora["trainable_pct"] < 100
+    assert lora["peak_rss_gb"] > 0.1 and lora["train_s"] > 0 and lora["target_tok_s"] > 0
+    assert {"BLEU", "NIST", "probe_loss", "probe_loss_increase", "probe_rouge_l"} <= set(lora)
+    assert len(lora["predictions"]) == 4
+    icl = by["icl2"]
+    assert icl["trainable_params"] == 0 and len(icl["icl_runs"]) == 4 and icl["probe_loss_increase"] == 0.0
+    assert icl["prompt_tokens"] > icl["zero_shot_prompt_tokens"] == lora["prompt_tokens"]
+    assert icl["BLEU"] == pytest.approx(sum(r["BLEU"] for r in icl["icl_runs"]) / 4)
+    assert by["norms"]["trainable_params"] < lora["trainable_params"] or "error" not in by["norms"]
+
+    out = tmp_path / "out"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["method"] for r in rows] == ["lora", "broken", "icl2", "norms"]
+    assert "no_such_layer" in rows[1]["error"] and rows[0]["error"] == "" and float(rows[0]["BLEU"]) >= 0
+    md = (out / "results.md").read_text()
+    assert "| broken | failed: " in md and "± " in md  # the crash in its row, the ICL spread in the BLEU cell
+    assert (out / "bleu_vs_params.png").stat().st_size > 5000
+    assert any("FAILED" in line and "broken" in line for line in lines)
+    assert any(line.startswith("[4/4] norms") for line in lines)
+
+
+def test_markdown_row_for_a_failure_keeps_the_columns():
+    table = markdown_table([{"method": "x", "error": "RuntimeError: a | b"}])
+    row = table.splitlines()[-1]
+    assert row.count("|") == table.splitlines()[0].count("|") and "a / b" in row
+
+
+def test_unknown_entry_is_an_error(tmp_path):
+    with pytest.raises(PeftkitError, match="unknown compare entries"):
+        run_compare(CompareTask("x", [], []), ["nope"], out_dir=tmp_path)
+
+
+def test_cli_compare(tmp_path, tiny_dir, capsys):
+    train, test = write_task(tmp_path)
+    code = main(["compare", "--data", train, "--eval-data", test, "--methods", "lora", "--model", str(tiny_dir),
+                 "--out", str(tmp_path / "cli"), "--no-probe", "--metrics", "bleu-nist", "--max-new-tokens", "4",
+                 "precision=fp32", "batch_size=2", "max_length=64"])
+    assert code == 0
+    assert "results.md" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "results.csv").is_file()
