@@ -76,6 +76,10 @@ def test_qlora_trains_with_the_trainer(tmp_path):
                    gradient_checkpointing=True)
     trainer, result = run(cfg)
     assert sum(isinstance(m, QuantLinear) for m in trainer.model.modules()) == 14
+    from peftkit.train import count_parameters
+
+    assert count_parameters(trainer.model)["total"] == count_parameters(tiny_llama())["total"] + trainer.params[
+        "trainable"]  # a 4-bit weight counts as the weight it stands for
     losses = [h["loss"] for h in trainer.history]
     assert min(losses[4:]) < losses[0]
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)

@@ -33,6 +33,7 @@ from peftkit.data.formats import ReadStats, read_conversations
 from peftkit.data.sequences import IGNORE, Example, TokenizeStats, collate, make_rows, tokenize_conversations
 from peftkit.errors import PeftkitError
 from peftkit.optim import build_optimizer
+from peftkit.quant import QuantLinear
 from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.config import TrainConfig
 
@@ -41,9 +42,13 @@ __all__ = ["EWCAnchor", "TrainResult", "Trainer", "count_parameters", "diagonal_
 
 
 def count_parameters(model: nn.Module) -> dict[str, float]:
-    """Trainable / total parameter counts (shared tensors counted once) and the trainable percentage."""
+    """Trainable / total parameter counts (shared tensors counted once) and the trainable percentage.
+
+    A 4-bit weight is a buffer, not a parameter; it counts as the weight it stands for (d_out x d_in).
+    """
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in seen.values())
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    total = sum(p.numel() for p in seen.values()) + quantized
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 
