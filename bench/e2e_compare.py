@@ -5,14 +5,16 @@ Runs ``peftkit compare --task e2e`` (or, with ``--from``, reads a finished run's
 ICL spread, the reference numbers of SPECS.md section 6, and the headline ratios computed from the table.
 
     python bench/e2e_compare.py                      # the run (about an hour on 2 CPU cores)
-    python bench/e2e_compare.py --from runs/e2e_compare --notes "..."   # (re)write the section from a run
+    python bench/e2e_compare.py --from runs/e2e_compare [runs/other ...] --notes "..."   # from finished runs
+
+Several ``--from`` folders (parts of one comparison run side by side, same task and probe) are merged in the
+order of ``DEFAULT_METHODS``, from each method's ``<folder>/<method>/result.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -76,24 +78,31 @@ def _icl_table(results: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--from", dest="source", help="a finished `peftkit compare` folder (skip the run)")
+    parser.add_argument("--from", dest="source", nargs="+", help="finished `peftkit compare` folders (skip the run)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "e2e_compare"))
     parser.add_argument("--notes", default="", help="a paragraph of observations to add to the section")
     parser.add_argument("--seconds", type=float, default=None, help="wall time of the run, when --from")
     args = parser.parse_args()
-    out = Path(args.source or args.out)
+    from peftkit.eval.compare import DEFAULT_METHODS, markdown_table, plot_bleu_vs_params
+
+    folders = [Path(f) for f in args.source] if args.source else [Path(args.out)]
     seconds = args.seconds
     if not args.source:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "peftkit.cli", "compare", *ARGS, "--out", str(out)], check=False)
+        subprocess.run([sys.executable, "-m", "peftkit.cli", "compare", *ARGS, "--out", str(folders[0])], check=False)
         seconds = time.perf_counter() - t0
-    results = json.loads((out / "results.json").read_text())
-    task = json.loads((out / "task.json").read_text())
-    md = (out / "results.md").read_text().split("\n", 2)[2]
+    # Each method's own result file: a part whose parent was stopped still counts for the methods it finished.
+    results = [json.loads(p.read_text()) for f in folders for p in sorted(f.glob("*/result.json"))
+               if p.parent.name != "_probe"]
+    rank = {m: i for i, m in enumerate(DEFAULT_METHODS)}
+    results.sort(key=lambda r: rank.get(r["method"], len(rank)))
+    task = json.loads((folders[0] / "task.json").read_text())
+    probe = folders[0] / "probe.json"
+    base_loss = json.loads(probe.read_text())["base_loss"] if probe.is_file() else None
+    md = markdown_table(results)
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
-    if (out / "bleu_vs_params.png").is_file():
-        shutil.copyfile(out / "bleu_vs_params.png", docs / "e2e_compare.png")
+    plot_bleu_vs_params(results, docs / "e2e_compare.png", f"E2E, SmolLM2-135M-Instruct, {N_TRAIN} training rows")
     took = f", {seconds / 60:.0f} min" if seconds else ""
     body = [
         f"## e2e_compare — `python bench/e2e_compare.py` ({machine()}{took})",
@@ -104,7 +113,8 @@ def main() -> int:
         "new tokens; official E2E metrics. Forgetting: mean CE of the base model's own greedy answers (at most 32 "
         "tokens) to the 50 shipped general questions, answer text only; probe ROUGE-L = agreement of the tuned "
         "model's answers with the base answers (1 = unchanged). Peak RSS: the method's process (load + train + "
-        "eval). ICL's BLEU cell is mean ± std (min-max) over draws and orders; its other metrics are means.",
+        "eval). ICL's BLEU cell is mean ± std (min-max) over draws and orders; its other metrics are means."
+        + (f" Probe loss of the base model: {base_loss:.3f}." if base_loss is not None else ""),
         "",
         md.strip(),
         "",

@@ -359,6 +359,7 @@ def plot_bleu_vs_params(results: Sequence[dict[str, Any]], path: Path, title: st
         ax.annotate(f"{r['method']} (no training)", (1, r["BLEU"]), xycoords=("axes fraction", "data"),
                     ha="right", va="bottom", fontsize=8, color="gray")
     ax.set_xscale("log")
+    ax.set_ylim(bottom=0)  # differences on an honest scale
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("BLEU")
     ax.grid(alpha=0.3, which="both")
