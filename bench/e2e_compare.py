@@ -94,6 +94,12 @@ def main() -> int:
     # Each method's own result file: a part whose parent was stopped still counts for the methods it finished.
     results = [json.loads(p.read_text()) for f in folders for p in sorted(f.glob("*/result.json"))
                if p.parent.name != "_probe"]
+    # % of the base model's parameters (results written before base_params was recorded counted the parameters
+    # after the method was applied, which for QLoRA leaves out the quantized weights): full fine-tuning trains them all.
+    base = next((r["trainable_params"] for r in results if r["method"] == "full" and not r.get("error")), None)
+    for r in results:
+        if r.get("trainable_params") and "base_params" not in r and base:
+            r["base_params"], r["trainable_pct"] = base, 100.0 * r["trainable_params"] / base
     rank = {m: i for i, m in enumerate(DEFAULT_METHODS)}
     results.sort(key=lambda r: rank.get(r["method"], len(rank)))
     task = json.loads((folders[0] / "task.json").read_text())

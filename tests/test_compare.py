@@ -52,6 +52,7 @@ def test_compare_runs_methods_and_reports_a_crash(tmp_path, tiny_dir):
     assert "no_such_layer" in by["broken"]["error"] and "error" not in by["lora"]
     lora = by["lora"]
     assert lora["trainable_params"] > 0 and 0 < lora["trainable_pct"] < 100
+    assert lora["trainable_pct"] == pytest.approx(100 * lora["trainable_params"] / lora["base_params"])
     assert lora["peak_rss_gb"] > 0.1 and lora["train_s"] > 0 and lora["target_tok_s"] > 0
     assert {"BLEU", "NIST", "probe_loss", "probe_loss_increase", "probe_rouge_l"} <= set(lora)
     assert len(lora["predictions"]) == 4
@@ -59,6 +60,8 @@ def test_compare_runs_methods_and_reports_a_crash(tmp_path, tiny_dir):
     assert icl["trainable_params"] == 0 and len(icl["icl_runs"]) == 4 and icl["probe_loss_increase"] == 0.0
     assert icl["prompt_tokens"] > icl["zero_shot_prompt_tokens"] == lora["prompt_tokens"]
     assert icl["BLEU"] == pytest.approx(sum(r["BLEU"] for r in icl["icl_runs"]) / 4)
+    saved = [json.loads(line) for line in (tmp_path / "out" / "icl2" / "icl_runs.jsonl").read_text().splitlines()]
+    assert saved == icl["icl_runs"]  # saved as they finish: a stopped ICL evaluation keeps its runs
     assert by["norms"]["trainable_params"] < lora["trainable_params"] or "error" not in by["norms"]
 
     out = tmp_path / "out"

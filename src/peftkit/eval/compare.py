@@ -78,6 +78,7 @@ DEFAULT_METHODS: tuple[str, ...] = ("lora", "qlora", "full", "icl", "houlsby", "
                                     "said")
 
 _ICL_KEYS = ("k", "draws", "orders")
+_ICL_RUNS = "icl_runs.jsonl"  # in the entry's folder: one line per finished (draw, order) run
 CSV_COLUMNS = ("method", "trainable_params", "trainable_pct", "peak_rss_gb", "train_s", "target_tok_s",
                "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "probe_loss", "probe_loss_increase", "probe_rouge_l",
                "prompt_tokens", "eval_s", "total_s", "settings", "error")
@@ -179,9 +180,16 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
         from peftkit.eval.icl import ICLExample, run_icl
 
         pool = [ICLExample(c[0]["content"], c[-1]["content"]) for c in read_conversations(task.train_file)]
+        runs_file = Path(spec["output_dir"]).parent / _ICL_RUNS
+        runs_file.unlink(missing_ok=True)
+
+        def save_run(run: Any) -> None:  # a stopped evaluation keeps its finished runs
+            with runs_file.open("a") as f:
+                f.write(json.dumps({"draw": run.draw, "order": run.order, **run.scores}) + "\n")
+
         icl = run_icl(model, tokenizer, pool, task.prompts, task.references, k=settings.get("k", 3),
                       draws=settings.get("draws", 1), orders=settings.get("orders", 1), score=score,
-                      progress=lambda line: print(line, flush=True), **gen)
+                      progress=lambda line: print(line, flush=True), on_run=save_run, **gen)
         result.update({m: s["mean"] for m, s in icl.summary.items()})
         result["spread"] = icl.summary
         result["icl_runs"] = [{"draw": r.draw, "order": r.order, **r.scores} for r in icl.runs]
@@ -193,13 +201,16 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from peftkit.eval.icl import icl_conversation, prompt_tokens
         from peftkit.train import TrainConfig, Trainer
+        from peftkit.train.trainer import count_parameters
 
+        base_params = count_parameters(model)["total"]  # before quantization turns weights into buffers
         train_keys = {k: v for k, v in settings.items() if k not in _ICL_KEYS}
         cfg = TrainConfig.from_dict({**train_keys, "model": spec["model"], "data": task.train_file,
                                      "output_dir": spec["output_dir"]})
         trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
         params = trainer.params
-        print(f"{spec['label']}: {params['trainable']:,} trainable parameters ({params['percent']:.3f}%), "
+        print(f"{spec['label']}: {params['trainable']:,} trainable parameters "
+              f"({100 * params['trainable'] / base_params:.3f}% of the base model's {base_params:,}), "
               f"{len(trainer.rows)} rows, {trainer.total_steps} steps", flush=True)
         train = trainer.run()
         print(f"{spec['label']}: trained in {train.train_seconds:.0f} s, final loss {train.train_loss:.4f}", flush=True)
@@ -207,7 +218,8 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
         t_eval = time.perf_counter()
         predictions = generate(model, tokenizer, task.prompts, **gen)
         result.update(score(predictions, task.references))
-        result.update(trainable_params=params["trainable"], trainable_pct=params["percent"],
+        result.update(trainable_params=params["trainable"], base_params=base_params,
+                      trainable_pct=100.0 * params["trainable"] / base_params,
                       train_s=train.train_seconds, target_tok_s=train.target_tokens_per_s, train_loss=train.train_loss,
                       steps=train.steps, predictions=predictions, eval_s=time.perf_counter() - t_eval,
                       prompt_tokens=prompt_tokens(tokenizer, [icl_conversation([], p) for p in task.prompts]))
@@ -287,6 +299,9 @@ def _spawn(spec: dict[str, Any], folder: Path, timeout: float | None) -> dict[st
         if code is not None and code < 0:
             why = f"process killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
         result = {"error": why + (f": {tail[0][:300]}" if tail else "")}
+        if (folder / _ICL_RUNS).is_file():  # ICL runs that finished before the stop
+            result["icl_runs"] = [json.loads(line) for line in (folder / _ICL_RUNS).read_text().splitlines()]
+            result["error"] += f" ({len(result['icl_runs'])} ICL runs finished: {folder / _ICL_RUNS})"
     result.setdefault("method", spec.get("label"))
     return result
 

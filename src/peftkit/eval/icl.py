@@ -182,6 +182,7 @@ def run_icl(
     batch_size: int = 16,
     template: str | None = None,
     progress: Callable[[str], None] | None = None,
+    on_run: Callable[[ICLRun], None] | None = None,
 ) -> ICLResult:
     """Score k-shot prompting over `draws` example sets, each in `orders` orders.
 
@@ -194,6 +195,7 @@ def run_icl(
         queries: user messages to answer; `references`: their references (one list per query).
         score: ``score(predictions, references) -> {metric: value}``; default :func:`e2e_metrics`.
         progress: called with one line per finished run.
+        on_run: called with each finished run (e.g. to save it: a long evaluation that is stopped keeps its runs).
     """
     from peftkit.eval.generate import generate
 
@@ -221,6 +223,8 @@ def run_icl(
                                    template=template)
             run = ICLRun(d, o, score(predictions, references), predictions, prompt_tokens(tokenizer, convs, template))
             runs.append(run)
+            if on_run is not None:
+                on_run(run)
             if progress is not None:
                 progress(f"icl k={k} draw {d} order {o}: " + ", ".join(f"{m} {v:.4f}" for m, v in run.scores.items()))
             if k <= 1:
