@@ -39,6 +39,20 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of each function, called in turn each round so that load changes hit all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md atomically."""
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"

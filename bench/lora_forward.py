@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_section  # noqa: E402
+from _common import alternate, machine, write_section  # noqa: E402
 
 from peftkit.core.adapter_io import apply_method  # noqa: E402
 from peftkit.methods import lora  # noqa: E402
@@ -38,20 +38,6 @@ warnings.filterwarnings("ignore")
 MODEL = "smollm2-135m-instruct"
 BATCH, SEQ = 4, 128
 PROMPT, NEW_TOKENS = 32, 32
-
-
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall times of each function, called in turn each round so that load changes hit all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def build_variants(dtype: torch.dtype) -> dict[str, torch.nn.Module]:

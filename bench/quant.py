@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_section  # noqa: E402
+from _common import alternate, machine, write_section  # noqa: E402
 
 from peftkit.quant import dequantize, quantize  # noqa: E402
 from peftkit.quant.report import format_report, quantization_report  # noqa: E402
@@ -30,19 +30,9 @@ warnings.filterwarnings("ignore")
 SHAPE = (4096, 4096)
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per function, calling them in turn each round so that load changes hit all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
+def alternate_median(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per function, the functions called in turn (see `_common.alternate`)."""
+    return {name: statistics.median(ts) for name, ts in alternate(fns, repeats, warmup).items()}
 
 def libraries(x: torch.Tensor) -> tuple[dict[str, Callable], dict[str, Callable]]:
     """Quantize and dequantize callables per library for the tensor `x`."""
@@ -85,10 +75,10 @@ def timing_table() -> tuple[str, list[str]]:
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(0)).to(dtype)
         quant, dequant = libraries(x)
-        q = alternate({k: v for k, v in quant.items() if k != "torchao"}, repeats=7)
+        q = alternate_median({k: v for k, v in quant.items() if k != "torchao"}, repeats=7)
         if "torchao" in quant:  # ~2 s a call: fewer repetitions, timed apart
-            q["torchao"] = alternate({"torchao": quant["torchao"]}, repeats=2, warmup=0)["torchao"]
-        d = alternate(dequant, repeats=11)
+            q["torchao"] = alternate_median({"torchao": quant["torchao"]}, repeats=2, warmup=0)["torchao"]
+        d = alternate_median(dequant, repeats=11)
         name = str(dtype).removeprefix("torch.")
         for lib in quant:
             ratio_q = q["bitsandbytes"] / q[lib]
