@@ -10,7 +10,7 @@ from conftest import tiny_gpt2, tiny_llama
 
 from peftkit.core.adapter_io import apply_method, load_adapter, read_adapter, save_adapter
 from peftkit.errors import PeftkitError
-from peftkit.methods.lora import LoRAConfig, lora_layers, merge, merge_and_unload, unmerge
+from peftkit.methods.lora import Dropout, LoRAConfig, lora_layers, merge, merge_and_unload, unmerge
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -40,6 +40,28 @@ def test_identity_at_init_and_formula(tiny_model):
     if layer.bias is not None:
         expected = expected + layer.bias
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_rate_scale_and_gradient(p, dtype):
+    torch.manual_seed(0)
+    drop = Dropout(p)
+    x = torch.ones(1001, 257, dtype=dtype, requires_grad=True)  # odd sizes: lanes do not divide evenly
+    y = drop(x)
+    dropped = y.eq(0).float().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5 + 1 / 65536
+    kept = y[y.ne(0)]
+    assert torch.allclose(kept.float(), torch.full_like(kept.float(), 1 / (1 - p)), rtol=1e-2)
+    y.sum().backward()
+    assert torch.equal(x.grad.eq(0), y.eq(0))  # the gradient flows through the kept elements only
+    assert not torch.equal(drop(x), drop(x))  # a fresh mask per call
+    drop.eval()
+    assert drop(x) is x
+    torch.manual_seed(1)
+    a = Dropout(p)(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, Dropout(p)(x))  # the global generator drives it (resume restores it)
 
 
 def test_only_lora_params_train_and_count(llama):

@@ -164,10 +164,11 @@ def make_rows(examples: Sequence[Example], max_length: int, packing: bool) -> li
 
 
 def collate(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Build a batch: input_ids, labels, position_ids and the attention mask.
+    """Build a batch: input_ids, labels, position_ids, segment_ids and the attention mask.
 
     One example per row gives a 2D padding mask; packed rows give a 4D block-diagonal causal mask
-    (batch, 1, seq, seq) so that examples in a row never see each other.
+    (batch, 1, seq, seq) so that examples in a row never see each other. ``segment_ids`` numbers the examples of
+    each row (-1 = padding); `sequence_loss` turns it into example boundaries for packed attention.
     """
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     width = -(-width // pad_to_multiple) * pad_to_multiple
@@ -185,7 +186,8 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple: int
             position_ids[r, start:end] = torch.arange(end - start)
             segment[r, start:end] = s
             start = end
-    batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                             "segment_ids": segment}
     if any(len(row) > 1 for row in rows):
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)

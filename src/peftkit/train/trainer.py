@@ -36,6 +36,8 @@ from peftkit.optim import build_optimizer
 from peftkit.quant import QuantLinear
 from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.config import TrainConfig
+from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
+from peftkit.train.packed_attention import segment_bounds, use_packed_attention
 
 __all__ = ["EWCAnchor", "TrainResult", "Trainer", "count_parameters", "diagonal_fisher", "replay_rows_per_batch",
            "sequence_loss"]
@@ -56,18 +58,35 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
 def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over target tokens, and their count.
 
-    Only the positions that predict a target are sent through the output head (``logits_to_keep``).
+    Only the hidden states that predict a target go through the output head: a pre-hook on the head gathers
+    them, row by row, before the vocabulary projection (for instruction data, answers are a fraction of each
+    row). With `packed_attention` switched on, the example boundaries go along so that attention runs per example.
     """
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    keep = targets.ne(IGNORE).any(0).nonzero().squeeze(1)  # logit positions (shared by all rows)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    offset = getattr(getattr(model, "module", model), "peftkit_virtual_tokens", 0)  # prompt tuning prepends tokens
-    out = model(**inputs, logits_to_keep=keep + offset, use_cache=False)
-    logits = out.logits
-    tgt = targets[:, keep]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int(tgt.ne(IGNORE).sum())
+    core = getattr(model, "module", model)  # under DDP, hooks and config live on the wrapped model
+    device = next(core.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "segment_ids")}
+    targets = batch["labels"][:, 1:].to(device)
+    rows, cols = targets.ne(IGNORE).nonzero(as_tuple=True)
+    tgt = targets[rows, cols]
+    if "segment_ids" in batch and getattr(core.config, "_attn_implementation", None) == PACKED_ATTENTION:
+        inputs["peftkit_segments"] = segment_bounds(batch["segment_ids"])
+    width = targets.shape[1] + 1
+
+    def gather(module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        offset = hidden.shape[1] - width  # prompt tuning puts its virtual tokens first
+        return (hidden[rows, cols + offset].unsqueeze(0), *args[1:])
+
+    head = core.get_output_embeddings()
+    if head is None:
+        raise PeftkitError(f"{type(core).__name__} has no output head (get_output_embeddings): not a causal LM")
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(**inputs, use_cache=False).logits[0]
+    finally:
+        handle.remove()
+    loss = F.cross_entropy(logits.float(), tgt, reduction="sum")
+    return loss, tgt.numel()
 
 
 def replay_rows_per_batch(batch_size: int, fraction: float) -> int:
@@ -96,7 +115,6 @@ def diagonal_fisher(model: nn.Module, params: dict[str, nn.Parameter], rows: Seq
     model.eval()  # no dropout: the curvature of the model as it is
     for row in rows:
         batch = collate([row], pad_id)
-        batch = {k: v.to(next(iter(params.values())).device) for k, v in batch.items()}
         with autocast():
             loss_sum, n = sequence_loss(model, batch)
         grads = torch.autograd.grad(loss_sum / max(n, 1), list(params.values()), allow_unused=True)
@@ -185,6 +203,7 @@ def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=No
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
+    use_packed_attention(model)  # per-example attention in packed training batches (other calls: sdpa, unchanged)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -1,0 +1,130 @@
+"""Attention for packed training rows: each example attends causally to itself, one example at a time.
+
+A packed row holds several examples; the block-diagonal mask keeps them apart, but a masked attention kernel still
+computes every (query, key) pair of the row. Here the row is cut at the example boundaries and each example runs
+its own causal attention, so the cost is sum(n_i^2) instead of L^2, and padding costs nothing. On CPU the
+per-example attention is plain matmuls + softmax (`CausalAttention`), which runs faster than PyTorch's CPU flash
+kernel at these lengths and, like it, keeps no n x n weights for backward; elsewhere (CUDA) it is
+``scaled_dot_product_attention(is_causal=True)`` per example.
+
+It is a transformers attention implementation (`NAME`), switched on by `use_packed_attention` for models that
+use ``sdpa`` or ``eager``. It takes the fast path only when the forward call carries the example boundaries
+(``peftkit_segments``, passed by `peftkit.train.sequence_loss`); every other call (generation, evaluation, prefix
+or prompt tuning, sliding-window or soft-capped models) goes to transformers' own ``sdpa`` function with the mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+__all__ = ["NAME", "CausalAttention", "packed_attention", "segment_bounds", "use_packed_attention"]
+
+NAME = "peftkit_packed"
+
+# (row width, per row: (start, end) of each example); padding belongs to no example
+Segments = tuple[int, tuple[tuple[tuple[int, int], ...], ...]]
+
+
+def segment_bounds(segment_ids: torch.Tensor) -> Segments:
+    """Example boundaries of a batch from its segment ids (batch, width): -1 = padding, else the example index."""
+    rows = []
+    for ids in segment_ids.tolist():
+        bounds, start = [], 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[start]:
+                if ids[start] >= 0:
+                    bounds.append((start, i))
+                start = i
+        rows.append(tuple(bounds))
+    return segment_ids.shape[1], tuple(rows)
+
+
+class CausalAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + causal mask) v for one example, recomputing the weights in backward.
+
+    q is (heads, n, d); k and v are (kv_heads, n, d) with heads a multiple of kv_heads (grouped-query attention:
+    query head h reads key/value head h // (heads / kv_heads)). Saves q, k, v and the output, not the n x n
+    weights. The softmax runs in fp32 (or fp64 for fp64 inputs).
+    """
+
+    @staticmethod
+    def _weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        kv_heads, n, d = k.shape
+        qg = q.view(kv_heads, -1, n, d)  # (kv_heads, group, n, d): no copy
+        scores = torch.matmul(qg, k.unsqueeze(1).transpose(-1, -2))
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).mul_(scale)
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+        return torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)  # (kv_heads, group, n, n)
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        p = CausalAttention._weights(q, k, scale).to(v.dtype)
+        out = torch.matmul(p, v.unsqueeze(1)).view(q.shape[0], q.shape[1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out = ctx.saved_tensors
+        kv_heads, n, d = k.shape
+        p = CausalAttention._weights(q, k, ctx.scale)
+        g = grad.to(v.dtype).reshape(kv_heads, -1, n, v.shape[-1])
+        dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), g).sum(1)
+        dp = torch.matmul(g, v.unsqueeze(1).transpose(-1, -2)).to(p.dtype)
+        rowdot = (g.to(p.dtype) * out.view_as(g).to(p.dtype)).sum(-1, keepdim=True)  # sum_j p_ij dp_ij
+        ds = p.mul_(dp.sub_(rowdot)).mul_(ctx.scale).to(q.dtype)
+        dq = torch.matmul(ds, k.unsqueeze(1)).view(q.shape)
+        dk = torch.matmul(ds.transpose(-1, -2), q.view(kv_heads, -1, n, d)).sum(1)
+        return dq, dk, dv, None
+
+
+def _one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
+    if q.device.type == "cpu" and dropout == 0.0:
+        return CausalAttention.apply(q, k, v, scale)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, scale=scale, is_causal=True,
+                                          enable_gqa=q.shape[0] != k.shape[0])[0]
+
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     peftkit_segments: Segments | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """A transformers attention function: query (batch, heads, L, d) -> output (batch, L, heads, d)."""
+    batch, heads, length, d = query.shape
+    fast = (
+        peftkit_segments is not None
+        and peftkit_segments[0] == length == key.shape[2]  # no virtual tokens, no cache, no prefix
+        and getattr(module, "is_causal", True)
+        and all(kwargs.get(k) is None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))
+    )
+    if not fast:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else d**-0.5
+    rows = []
+    for r, bounds in enumerate(peftkit_segments[1]):
+        parts, end = [], 0
+        for start, end in bounds:
+            qs, ks, vs = (t[r, :, start:end] for t in (query, key, value))
+            parts.append(_one_example(qs, ks, vs, scale, dropout))
+        if end < length:  # padding: zeros (no example reads them)
+            parts.append(query.new_zeros(heads, length - end, value.shape[-1]))
+        rows.append(torch.cat(parts, dim=1))
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model: nn.Module) -> bool:
+    """Switch `model` to `packed_attention` if it runs ``sdpa`` or ``eager`` attention; True if switched."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", NAME):
+        return False
+    AttentionInterface.register(NAME, packed_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)
+    return True
+

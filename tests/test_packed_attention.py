@@ -1,0 +1,108 @@
+"""Per-example attention for packed rows: the kernel, and the training loss with it switched on or off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
+
+from peftkit.core.adapter_io import apply_method
+from peftkit.data.formats import read_conversations
+from peftkit.data.sequences import collate, make_rows, tokenize_conversations
+from peftkit.train.packed_attention import NAME, CausalAttention, segment_bounds, use_packed_attention
+from peftkit.train.trainer import sequence_loss
+
+CONVS = [{"instruction": "q" * (3 + 2 * i), "output": "answer " * (i + 1)} for i in range(7)]
+
+
+def reference(q, k, v, scale):
+    groups = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    n = q.shape[1]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.mark.parametrize("heads,kv_heads,n", [(4, 4, 9), (6, 2, 13), (3, 1, 1)])
+def test_causal_attention_matches_reference_forward_and_backward(heads, kv_heads, n):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(h, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    torch.autograd.gradcheck(lambda a, b, c: CausalAttention.apply(a, b, c, 0.3), (q, k, v))
+    out = CausalAttention.apply(q, k, v, 0.3)
+    torch.testing.assert_close(out, reference(q, k, v, 0.3))
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    mine = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.autograd.grad(reference(q, k, v, 0.3), (q, k, v), grad)
+    for a, b in zip(mine, ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_segment_bounds():
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 2, 3, -1, -1, -1, -1]])
+    assert segment_bounds(ids) == (8, (((0, 3), (3, 5), (5, 6)), ((0, 8),), ((0, 1), (1, 2), (2, 3), (3, 4))))
+
+
+def batches(packing: bool):
+    examples = tokenize_conversations(tiny_tokenizer(), read_conversations(CONVS), max_length=128)
+    rows = make_rows(examples, max_length=128, packing=packing)
+    assert packing == any(len(r) > 1 for r in rows)
+    return collate(rows, pad_id=0)
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss, n = sequence_loss(model, batch)
+    (loss / n).backward()
+    return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("method", ["full", "lora", "prompt_tuning", "prefix_tuning", "houlsby"])
+def test_training_loss_and_gradients_equal_with_and_without_packed_attention(make, packing, method):
+    """The fast path (LoRA, full) and the fallback (virtual tokens: the sdpa mask path) both give the same loss."""
+    batch = batches(packing)
+    virtual = {"num_virtual_tokens": 3}
+    settings = {"lora": {"r": 4}, "prompt_tuning": virtual, "prefix_tuning": virtual}
+    results = []
+    for switch in (False, True):
+        model = make()
+        if method != "full":
+            apply_method(model, method, settings.get(method, {}))
+        if switch:
+            assert use_packed_attention(model) and model.config._attn_implementation == NAME
+        results.append(loss_and_grads(model, batch))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b > 0
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fast_path_is_taken_and_other_calls_are_unchanged(monkeypatch):
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    use_packed_attention(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)  # no boundaries given: sdpa
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), generated)
+    calls = []
+    monkeypatch.setattr(CausalAttention, "apply", lambda *a: calls.append(a[0].shape) or CausalAttention.forward(
+        type("ctx", (), {"save_for_backward": lambda *t: None})(), *a))
+    with torch.no_grad():
+        sequence_loss(model, batches(True))
+    assert calls  # one call per example per layer, never the whole row
+    assert max(shape[1] for shape in calls) < batches(True)["input_ids"].shape[1]
+
+
+def test_gpt2_attention_dropout_in_training_runs():
+    model = tiny_gpt2()
+    model.config.attn_pdrop = 0.5
+    use_packed_attention(model)
+    model.train()
+    loss, n = sequence_loss(model, batches(True))
+    assert torch.isfinite(loss) and n > 0
