@@ -46,7 +46,7 @@ COMMON_SETTINGS: dict[str, Any] = {
     "precision": "bf16",
     "packing": True,
     "max_length": 512,
-    "batch_size": 8,
+    "batch_size": 2,
     "epochs": 1.0,
     "warmup_ratio": 0.03,
     "scheduler": "cosine",

@@ -26,7 +26,10 @@ class TrainConfig(Config):
         quantize: freeze the base in a 4/8-bit format first (QLoRA = ``lora`` + ``nf4``).
         precision: ``bf16`` (frozen weights stored in bf16, trainable weights fp32, bf16 autocast),
             ``bf16-autocast`` (all weights fp32, bf16 autocast) or ``fp32``.
-        batch_size: rows per micro-batch per process; ``grad_accum`` micro-batches per optimizer step.
+        batch_size: rows per micro-batch per process; ``grad_accum`` micro-batches per optimizer step. With
+            packing (the default) a row holds up to ``max_length`` tokens of several examples, so the default of
+            2 rows x 512 tokens is about 7 Alpaca examples, about as many tokens as 8 padded examples; without
+            packing a row is one example: raise ``batch_size``.
         replay_data / replay_fraction: against forgetting, a file of general instruction data whose rows are
             mixed into every micro-batch so that they make up ``replay_fraction`` of its rows (the task rows per
             batch stay ``batch_size``; see ``Trainer.replay_rows_per_batch``). ``replay_data`` alone (fraction 0)
@@ -66,7 +69,7 @@ class TrainConfig(Config):
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
 
-    batch_size: int = 8
+    batch_size: int = 2
     grad_accum: int = 1
     epochs: float = 1.0
     max_steps: int | None = None
