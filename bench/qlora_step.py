@@ -61,7 +61,7 @@ def worker_peftkit(warmup: int, steps: int, examples: int) -> dict:
         return {"grad_check": grad_check(lambda x: base.forward(layer, x), layer.dequantize_weight()),
                 "base_layer": base.__name__}
 
-    overrides = {"quantize": "nf4", "double_quant": True, "precision": "bf16", "packing": False}
+    overrides = {"quantize": "nf4", "double_quant": True, "precision": "bf16", "packing": False, "batch_size": BATCH}
     return peftkit_run(overrides, warmup, steps, examples, baseline="train", check=check)
 
 
