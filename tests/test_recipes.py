@@ -25,7 +25,7 @@ def test_recipe_validates(recipe):
 
 
 def test_demo_recipe_matches_demo_config():
-    recipe = yaml.safe_load((RECIPES[0].parent / "demo_lora.yaml").read_text())
+    recipe = yaml.safe_load((RECIPES[0].parent / "demo_qlora.yaml").read_text())
     assert {k: v for k, v in recipe.items() if k != "data"} == DEMO_CONFIG
 
 

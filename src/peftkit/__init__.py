@@ -4,7 +4,7 @@ The public API in one place:
 
     model, tokenizer = load_model("smollm2-135m-instruct")
     apply_method(model, "lora", {"r": 8})          # or any name in list_methods()
-    Trainer(load_recipe("recipes/demo_lora.yaml")).run()
+    Trainer(load_recipe("recipes/demo_qlora.yaml")).run()
     save_adapter(model, "adapter/"); load_adapter(fresh_model, "adapter/")
 """
 
