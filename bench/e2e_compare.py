@@ -4,11 +4,11 @@ Runs ``peftkit compare --task e2e`` (or, with ``--from``, reads a finished run's
 ``docs/e2e_compare.png`` and writes the ``e2e_compare`` section of BENCHMARKS.md: the exact command, the table, the
 ICL spread, the reference numbers of SPECS.md section 6, and the headline ratios computed from the table.
 
-    python bench/e2e_compare.py                      # the run (about an hour on 2 CPU cores)
+    python bench/e2e_compare.py                      # the run (about 40 minutes on 2 idle CPU cores)
     python bench/e2e_compare.py --from runs/e2e_compare [runs/other ...] --notes "..."   # from finished runs
 
 Several ``--from`` folders (parts of one comparison run side by side, same task and probe) are merged in the
-order of ``DEFAULT_METHODS``, from each method's ``<folder>/<method>/result.json``.
+order of ``METHODS``, from each method's ``<folder>/<method>/result.json``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from pathlib import Path
 from _common import ROOT, machine, write_section
 
 N_TRAIN, N_EVAL = 300, 100
+METHODS = "zero_shot,icl,lora,qlora,full,houlsby,prefix,prompt,top2,norms,said"
 ARGS = ["--task", "e2e", "--n-train", str(N_TRAIN), "--n-eval", str(N_EVAL), "--probe-new-tokens", "32",
-        "--timeout", "1500", "batch_size=2"]
+        "--timeout", "1500", "--methods", METHODS, "batch_size=2"]
 SPECS6 = """Reference (SPECS.md section 6: HF transformers + peft + bitsandbytes, 1000 rows, batch 8 padded, 125 steps,
 LoRA lr 2e-4, full lr 5e-5, same prompt and test MRs): 3-shot prompting BLEU 0.227; LoRA bf16 0.626 (NIST 6.43,
 METEOR 0.417, ROUGE-L 0.677, CIDEr 2.51); QLoRA 0.592; full fine-tuning fp32 0.622; probe loss 0.710 before,
@@ -76,6 +77,13 @@ def _icl_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", nargs="+", help="finished `peftkit compare` folders (skip the run)")
@@ -83,7 +91,7 @@ def main() -> int:
     parser.add_argument("--notes", default="", help="a paragraph of observations to add to the section")
     parser.add_argument("--seconds", type=float, default=None, help="wall time of the run, when --from")
     args = parser.parse_args()
-    from peftkit.eval.compare import DEFAULT_METHODS, markdown_table, plot_bleu_vs_params
+    from peftkit.eval.compare import markdown_table, plot_bleu_vs_params
 
     folders = [Path(f) for f in args.source] if args.source else [Path(args.out)]
     seconds = args.seconds
@@ -100,7 +108,7 @@ def main() -> int:
     for r in results:
         if r.get("trainable_params") and "base_params" not in r and base:
             r["base_params"], r["trainable_pct"] = base, 100.0 * r["trainable_params"] / base
-    rank = {m: i for i, m in enumerate(DEFAULT_METHODS)}
+    rank = {m: i for i, m in enumerate(METHODS.split(","))}
     results.sort(key=lambda r: rank.get(r["method"], len(rank)))
     task = json.loads((folders[0] / "task.json").read_text())
     probe = folders[0] / "probe.json"
@@ -113,7 +121,7 @@ def main() -> int:
     body = [
         f"## e2e_compare — `python bench/e2e_compare.py` ({machine()}{took})",
         "",
-        f"Command: `peftkit compare {' '.join(ARGS)} --out runs/e2e_compare` (bundled SmolLM2-135M-Instruct, "
+        f"Command: `peftkit compare {' '.join(ARGS)} --out {_relative(folders[0])}` (bundled SmolLM2-135M-Instruct, "
         "bf16 weights + packing (peftkit's defaults), 1 epoch, cosine schedule, each method in its own process).",
         f"Data: {task['description']}. Prompt: chat template + the E2E instruction + MR; greedy decoding, at most 64 "
         "new tokens; official E2E metrics. Forgetting: mean CE of the base model's own greedy answers (at most 32 "
