@@ -6,6 +6,7 @@ ICL spread, the reference numbers of SPECS.md section 6, and the headline ratios
 
     python bench/e2e_compare.py                      # the run (about 40 minutes on 2 idle CPU cores)
     python bench/e2e_compare.py --from runs/e2e_compare [runs/other ...] --notes "..."   # from finished runs
+    python bench/e2e_compare.py --ewc-sweep runs/e2e_ewc_sweep   # full FT + EWC at several lambdas, and replay
 
 Several ``--from`` folders (parts of one comparison run side by side, same task and probe) are merged in the
 order of ``METHODS``, from each method's ``<folder>/<method>/result.json``.
@@ -24,6 +25,9 @@ from _common import ROOT, machine, write_section
 
 N_TRAIN, N_EVAL = 300, 100
 METHODS = "zero_shot,icl,lora,qlora,full,houlsby,prefix,prompt,top2,norms,said"
+MITIGATIONS = "full+replay,full+ewc"  # forgetting mitigations, run separately (they need --replay-data)
+REPLAY_DATA = "/work/shared/data/alpaca/alpaca_5000.json"
+EWC_SWEEP = (0.01, 0.1, 1.0)
 ARGS = ["--task", "e2e", "--n-train", str(N_TRAIN), "--n-eval", str(N_EVAL), "--probe-new-tokens", "32",
         "--timeout", "1500", "--methods", METHODS, "batch_size=2"]
 SPECS6 = """Reference (SPECS.md section 6: HF transformers + peft + bitsandbytes, 1000 rows, batch 8 padded, 125 steps,
@@ -84,13 +88,31 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
+def ewc_sweep(out: Path) -> None:
+    """Full fine-tuning with EWC at each lambda of EWC_SWEEP and with replay, same task and budget as the table."""
+    from peftkit.eval.compare import e2e_task, run_compare
+
+    task = e2e_task(out, n_train=N_TRAIN, n_eval=N_EVAL)
+    entries = {f"ewc{lam}": {"method": "full", "lr": 1e-4, "ewc_lambda": lam} for lam in EWC_SWEEP}
+    entries["replay"] = {"method": "full", "lr": 1e-4, "replay_fraction": 0.25}
+    results = run_compare(task, list(entries), out_dir=out, entries=entries, probe_new_tokens=32, timeout=1500,
+                          overrides={"batch_size": 2}, replay_data=REPLAY_DATA)
+    for r in results:
+        print(f"{r['method']}: BLEU {r.get('BLEU', float('nan')):.4f}, probe loss increase "
+              f"{r.get('probe_loss_increase', float('nan')):+.3f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", nargs="+", help="finished `peftkit compare` folders (skip the run)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "e2e_compare"))
     parser.add_argument("--notes", default="", help="a paragraph of observations to add to the section")
     parser.add_argument("--seconds", type=float, default=None, help="wall time of the run, when --from")
+    parser.add_argument("--ewc-sweep", metavar="OUT", help="run the EWC lambda sweep into OUT and stop")
     args = parser.parse_args()
+    if args.ewc_sweep:
+        ewc_sweep(Path(args.ewc_sweep))
+        return 0
     from peftkit.eval.compare import markdown_table, plot_bleu_vs_params
 
     folders = [Path(f) for f in args.source] if args.source else [Path(args.out)]
@@ -108,7 +130,7 @@ def main() -> int:
     for r in results:
         if r.get("trainable_params") and "base_params" not in r and base:
             r["base_params"], r["trainable_pct"] = base, 100.0 * r["trainable_params"] / base
-    rank = {m: i for i, m in enumerate(METHODS.split(","))}
+    rank = {m: i for i, m in enumerate(f"{METHODS},{MITIGATIONS}".split(","))}
     results.sort(key=lambda r: rank.get(r["method"], len(rank)))
     task = json.loads((folders[0] / "task.json").read_text())
     probe = folders[0] / "probe.json"

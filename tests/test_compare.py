@@ -86,6 +86,29 @@ def test_unknown_entry_is_an_error(tmp_path):
         run_compare(CompareTask("x", [], []), ["nope"], out_dir=tmp_path)
 
 
+def test_forgetting_mitigations_need_replay_data(tmp_path):
+    with pytest.raises(PeftkitError, match="full\\+replay, full\\+ewc need general instruction data"):
+        run_compare(CompareTask("x", [], []), ["lora", "full+replay", "full+ewc"], out_dir=tmp_path)
+    with pytest.raises(PeftkitError, match="does not exist"):
+        run_compare(CompareTask("x", [], []), ["full+ewc"], out_dir=tmp_path, replay_data=str(tmp_path / "none.json"))
+
+
+def test_forgetting_mitigations_run_with_replay_data(tmp_path, tiny_dir):
+    train, test = write_task(tmp_path)
+    general = tmp_path / "general.jsonl"
+    general.write_text("\n".join(json.dumps({"instruction": f"Count to {i}", "output": " ".join("1" * i)})
+                                 for i in range(1, 9)))
+    results = run_compare(file_task(train, test), ["full+replay", "full+ewc"], model=str(tiny_dir),
+                          out_dir=tmp_path / "out", metrics="bleu-nist", max_new_tokens=6, probe_new_tokens=4,
+                          overrides={"precision": "fp32", "batch_size": 2, "max_length": 64},
+                          replay_data=str(general))
+    assert [r.get("error") for r in results] == [None, None]
+    assert all("probe_loss_increase" in r and r["trainable_params"] > 0 for r in results)
+    assert "replay_fraction=0.25" in results[0]["settings"] and "ewc_lambda" in results[1]["settings"]
+    log = (tmp_path / "out" / "full+ewc" / "train" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["ewc_penalty"] > 0  # the penalty was on
+
+
 def test_cli_compare(tmp_path, tiny_dir, capsys):
     train, test = write_task(tmp_path)
     code = main(["compare", "--data", train, "--eval-data", test, "--methods", "lora", "--model", str(tiny_dir),

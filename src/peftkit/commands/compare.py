@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-eval", type=int, default=100, help="evaluation prompts (default 100)")
     p.add_argument("--e2e-root", default=None, help="folder with the E2E CSV files")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated entries (default all); known: {', '.join(DEFAULT_ENTRIES)}")
+                   help=f"comma-separated entries (default {','.join(DEFAULT_METHODS)}); "
+                        f"known: {', '.join(DEFAULT_ENTRIES)}")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model folder, hub id, .gguf or bundled name")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--no-probe", action="store_true", help="skip the forgetting probe")
@@ -36,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-new-tokens", type=int, default=48, help="answer length limit on the probe (48)")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generation batch (16)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per method (default no limit)")
+    p.add_argument("--replay-data", default=None,
+                   help="general instruction data for the forgetting mitigations (full+replay, full+ewc)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="TrainConfig keys for every method, e.g. epochs=2 batch_size=4")
     p.set_defaults(func=run)
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                           overrides=dict(parse_override(o) for o in args.overrides), probe=not args.no_probe,
                           metrics=args.metrics, max_new_tokens=args.max_new_tokens,
                           probe_new_tokens=args.probe_new_tokens, eval_batch_size=args.eval_batch_size,
-                          timeout=args.timeout)
+                          timeout=args.timeout, replay_data=args.replay_data)
     failed = [r["method"] for r in results if r.get("error")]
     print((f"{len(failed)} of {len(results)} methods failed: {', '.join(failed)}; " if failed else "")
           + f"table: {args.out}/results.md  plot: {args.out}/bleu_vs_params.png")

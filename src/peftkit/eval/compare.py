@@ -55,6 +55,7 @@ COMMON_SETTINGS: dict[str, Any] = {
 }
 """Training settings shared by every entry (``TrainConfig`` keys); the run's overrides come on top."""
 
+EWC_LAMBDA = 0.1  # see bench/e2e_compare.py's notes for how it was chosen
 _LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
 DEFAULT_ENTRIES: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora", "method_config": _LORA, "lr": 1e-3},
@@ -68,8 +69,13 @@ DEFAULT_ENTRIES: dict[str, dict[str, Any]] = {
     "norms": {"method": "norms", "lr": 3e-3},
     "said": {"method": "intrinsic_said", "method_config": {"d": 1000}, "lr": 1e-2},
     "zero_shot": {"method": "icl", "k": 0},
+    # the two classic mitigations of forgetting, on the method that forgets most (they need `replay_data`)
+    "full+replay": {"method": "full", "lr": 1e-4, "replay_fraction": 0.25},
+    "full+ewc": {"method": "full", "lr": 1e-4, "ewc_lambda": EWC_LAMBDA},
 }
 """Named entries: ``TrainConfig`` keys (``method: icl`` is in-context learning: ``k``, ``draws``, ``orders``).
+Entries with ``replay_fraction`` or ``ewc_lambda`` train with `run_compare`'s ``replay_data`` (general instruction
+data, mixed into the batches or used for the Fisher).
 
 The learning rates are the usual ones for each family, raised for short runs (tens of steps), not tuned here.
 """
@@ -398,6 +404,7 @@ def run_compare(
     out_dir: str | Path = "runs/compare",
     overrides: dict[str, Any] | None = None,
     entries: dict[str, dict[str, Any]] | None = None,
+    replay_data: str | None = None,
     probe: bool = True,
     metrics: str = "all",
     max_new_tokens: int = 64,
@@ -411,6 +418,8 @@ def run_compare(
     Args:
         overrides: ``TrainConfig`` keys applied to every entry on top of :data:`COMMON_SETTINGS` (an entry's own
             keys still win for ``method``, ``method_config``, ``lr``, ``quantize``).
+        replay_data: general instruction data for the entries that use replay or EWC (``full+replay``,
+            ``full+ewc``).
         probe: measure forgetting on the shipped general probe (one extra process builds the base answers).
         metrics: ``"all"`` (the five E2E metrics; needs Java) or ``"bleu-nist"``.
         timeout: seconds per entry (None = no limit).
@@ -423,6 +432,11 @@ def run_compare(
     unknown = [m for m in methods if m not in entries]
     if unknown:
         raise PeftkitError(f"unknown compare entries {unknown}; known: {', '.join(entries)}")
+    mitigations = [m for m in methods if entries[m].get("replay_fraction") or entries[m].get("ewc_lambda")]
+    if mitigations and not (replay_data or (overrides or {}).get("replay_data")):
+        raise PeftkitError(f"{', '.join(mitigations)} need general instruction data: pass --replay-data FILE")
+    if mitigations and replay_data and not Path(replay_data).is_file():
+        raise PeftkitError(f"replay data {replay_data} does not exist")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task_path = out / "task.json"
@@ -446,6 +460,8 @@ def run_compare(
     results: list[dict[str, Any]] = []
     for i, name in enumerate(methods, 1):
         entry = dict(entries[name])
+        if name in mitigations and replay_data:
+            entry.setdefault("replay_data", str(Path(replay_data).resolve()))
         log(f"[{i}/{len(methods)}] {name}: {_settings_text(entry)} (elapsed {time.perf_counter() - t0:.0f} s)")
         t = time.perf_counter()
         spec = {**base_spec, "label": name, "entry": entry, "output_dir": str(out / name / "train")}
