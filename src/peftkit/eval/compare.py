@@ -371,10 +371,12 @@ def plot_bleu_vs_params(results: Sequence[dict[str, Any]], path: Path, title: st
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     trained = [r for r in ok if r.get("trainable_params")]
-    for r in trained:
+    labelled: dict[int, int] = {}  # entries with the same parameter count get their labels stacked downwards
+    for r in sorted(trained, key=lambda r: -r["BLEU"]):
+        k = labelled[r["trainable_params"]] = labelled.get(r["trainable_params"], -1) + 1
         ax.scatter(r["trainable_params"], r["BLEU"], s=30, zorder=3)
-        ax.annotate(r["method"], (r["trainable_params"], r["BLEU"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
+        ax.annotate(r["method"], (r["trainable_params"], r["BLEU"]), textcoords="offset points",
+                    xytext=(4, 4 - 10 * k), fontsize=8)
     for r in ok:
         if r.get("trainable_params"):
             continue
