@@ -69,7 +69,7 @@ DEFAULT_ENTRIES: dict[str, dict[str, Any]] = {
     "norms": {"method": "norms", "lr": 3e-3},
     "said": {"method": "intrinsic_said", "method_config": {"d": 1000}, "lr": 1e-2},
     "zero_shot": {"method": "icl", "k": 0},
-    # the two classic mitigations of forgetting, on the method that forgets most (they need `replay_data`)
+    # the two classic mitigations of forgetting, on full fine-tuning (they need `replay_data`)
     "full+replay": {"method": "full", "lr": 1e-4, "replay_fraction": 0.25},
     "full+ewc": {"method": "full", "lr": 1e-4, "ewc_lambda": EWC_LAMBDA},
 }
