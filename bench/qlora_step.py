@@ -23,7 +23,6 @@ training, after quantization; the whole-process peak is the headline). Writes se
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,7 +33,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_section  # noqa: E402
-from train_throughput import BATCH, MODEL, TARGETS, peft_run, peftkit_run, rss_mib, run_worker  # noqa: E402
+from train_throughput import (  # noqa: E402
+    BATCH,
+    MODEL,
+    TARGETS,
+    alternate_workers,
+    in_worker,
+    medians,
+    peft_run,
+    peftkit_run,
+    rss_mib,
+    worker_parser,
+)
 
 warnings.filterwarnings("ignore")
 CONFIGS = ("peftkit", "peft-bnb")
@@ -91,50 +101,18 @@ def worker_peft_bnb(warmup: int, steps: int, examples: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=CONFIGS)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--examples", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (as train_throughput)")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    if args.worker:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        fn = worker_peftkit if args.worker == "peftkit" else worker_peft_bnb
-        print("RESULT " + json.dumps(fn(args.warmup, args.steps, args.examples)), flush=True)
+    args = worker_parser(__doc__, CONFIGS, repeats=3, steps=4, examples=200).parse_args()
+    worker = worker_peftkit if args.worker == "peftkit" else worker_peft_bnb
+    if in_worker(args, lambda: worker(args.warmup, args.steps, args.examples)):
         return
 
     t_start, load = time.perf_counter(), os.getloadavg()[0]
-    runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
-    for rep in range(args.repeats):
-        for config in CONFIGS:
-            r = run_worker(config, args, __file__)
-            runs[config].append(r)
-            print(f"rep {rep} {config:9s} {r['target_tokens'] / r['seconds']:7.1f} target tok/s  "
-                  f"{r['positions'] / r['seconds']:7.1f} positions/s  "
-                  f"training peak +{r['peak'] - r['rss_after_load']:.0f} MiB  process peak {r['process_peak']:.0f} "
-                  f"MiB  first loss {r['first_loss']}  moved {r['moved']}  "
-                  f"grad check {r['grad_check']} ({r['base_layer']})", flush=True)
+    runs = alternate_workers(list(CONFIGS), args, __file__, lambda r: (
+        f"training peak +{r['peak'] - r['rss_after_load']:.0f} MiB  process peak {r['process_peak']:.0f} MiB  "
+        f"first loss {r['first_loss']}  moved {r['moved']}  grad check {r['grad_check']} ({r['base_layer']})"))
     elapsed = time.perf_counter() - t_start
-
-    def summary(config: str) -> dict:
-        rs = runs[config]
-        return {
-            "tok_s": statistics.median(r["target_tokens"] / r["seconds"] for r in rs),
-            "pos_s": statistics.median(r["positions"] / r["seconds"] for r in rs),
-            "step_s": statistics.median(r["seconds"] / args.steps for r in rs),
-            "growth": statistics.median(r["peak"] - r["rss_after_load"] for r in rs),
-            "before": statistics.median(r["rss_after_load"] for r in rs),
-            "process": statistics.median(r["process_peak"] for r in rs),
-            "first_loss": rs[0]["first_loss"], "moved": rs[0]["moved"], "grad_check": rs[0]["grad_check"],
-            "base_layer": rs[0]["base_layer"],
-        }
-
-    s = {c: summary(c) for c in CONFIGS}
+    s = {c: {**medians(runs[c], args.steps), "before": statistics.median(r["rss_after_load"] for r in runs[c]),
+             "grad_check": runs[c][0]["grad_check"], "base_layer": runs[c][0]["base_layer"]} for c in CONFIGS}
     for c, v in s.items():
         print(c, json.dumps(v))
     if args.no_write:

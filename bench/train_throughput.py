@@ -287,51 +287,71 @@ def run_worker(config: str, args: argparse.Namespace, script: str = __file__, tr
     raise AssertionError("unreachable")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=CONFIGS)
-    parser.add_argument("--repeats", type=int, default=2)
+def worker_parser(doc: str, configs: tuple[str, ...], repeats: int, steps: int, examples: int
+                  ) -> argparse.ArgumentParser:
+    """The options every worker benchmark takes (the parent passes warmup/steps/examples/threads to its workers)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--worker", choices=configs)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--examples", type=int, default=600)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (see the Note above)")
-    parser.add_argument("--only", help="comma-separated configurations")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--examples", type=int, default=examples)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (see train_throughput's Note)")
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    if args.worker:
-        import torch
+    return parser
 
-        torch.set_num_threads(args.threads)
-        fn = worker_peftkit if args.worker.startswith("peftkit") else worker_peft
-        print("RESULT " + json.dumps(fn(args.worker, args.warmup, args.steps, args.examples)), flush=True)
+
+def in_worker(args: argparse.Namespace, fn) -> bool:
+    """In a worker process: set the threads, print `fn()`'s result for the parent; True if this was a worker."""
+    if not args.worker:
+        return False
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print("RESULT " + json.dumps(fn()), flush=True)
+    return True
+
+
+def alternate_workers(configs: list[str], args: argparse.Namespace, script: str, describe) -> dict[str, list[dict]]:
+    """Each configuration in turn, `args.repeats` rounds, each run in a fresh worker; one progress line per run."""
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    for rep in range(args.repeats):
+        for config in configs:
+            r = run_worker(config, args, script)
+            runs[config].append(r)
+            print(f"rep {rep} {config:18s} {r['target_tokens'] / r['seconds']:7.1f} target tok/s  "
+                  f"{r['positions'] / r['seconds']:7.1f} positions/s  {describe(r)}", flush=True)
+    return runs
+
+
+def medians(rs: list[dict], steps: int) -> dict:
+    """Median rates and memory of several runs of one configuration, with the first run's step-1 loss and moves."""
+    return {
+        "tok_s": statistics.median(r["target_tokens"] / r["seconds"] for r in rs),
+        "pos_s": statistics.median(r["positions"] / r["seconds"] for r in rs),
+        "step_s": statistics.median(r["seconds"] / steps for r in rs),
+        "growth": statistics.median(r["peak"] - r["rss_after_load"] for r in rs),
+        "process": statistics.median(r["process_peak"] for r in rs),
+        "first_loss": rs[0]["first_loss"], "moved": rs[0]["moved"],
+    }
+
+
+def main() -> None:
+    parser = worker_parser(__doc__, CONFIGS, repeats=2, steps=4, examples=600)
+    parser.add_argument("--only", help="comma-separated configurations")
+    args = parser.parse_args()
+    worker = worker_peftkit if (args.worker or "").startswith("peftkit") else worker_peft
+    if in_worker(args, lambda: worker(args.worker, args.warmup, args.steps, args.examples)):
         return
 
     configs = args.only.split(",") if args.only else list(CONFIGS)
     t_start, load = time.perf_counter(), os.getloadavg()[0]
-    runs: dict[str, list[dict]] = {c: [] for c in configs}
-    for rep in range(args.repeats):
-        for config in configs:
-            r = run_worker(config, args)
-            runs[config].append(r)
-            print(f"rep {rep} {config:18s} {r['target_tokens'] / r['seconds']:7.1f} target tok/s  "
-                  f"{r['positions'] / r['seconds']:7.1f} positions/s  peak +{r['peak'] - r['rss_after_load']:.0f} "
-                  f"MiB (process {r['process_peak']:.0f} MiB)  first loss {r['first_loss']}  moved {r['moved']}",
-                  flush=True)
+    runs = alternate_workers(configs, args, __file__, lambda r: (
+        f"peak +{r['peak'] - r['rss_after_load']:.0f} MiB (process {r['process_peak']:.0f} MiB)  "
+        f"first loss {r['first_loss']}  moved {r['moved']}"))
     elapsed = time.perf_counter() - t_start
-
-    def summary(config: str) -> dict:
-        rs = runs[config]
-        return {
-            "tok_s": statistics.median(r["target_tokens"] / r["seconds"] for r in rs),
-            "pos_s": statistics.median(r["positions"] / r["seconds"] for r in rs),
-            "step_s": statistics.median(r["seconds"] / args.steps for r in rs),
-            "targets": rs[0]["target_tokens"], "positions": rs[0]["positions"], "largest": rs[0]["largest_step"],
-            "growth": statistics.median(r["peak"] - r["rss_after_load"] for r in rs),
-            "process": statistics.median(r["process_peak"] for r in rs),
-            "first_loss": rs[0]["first_loss"], "moved": rs[0]["moved"],
-        }
-
-    s = {c: summary(c) for c in configs}
+    s = {c: {**medians(runs[c], args.steps), "targets": runs[c][0]["target_tokens"],
+             "positions": runs[c][0]["positions"], "largest": runs[c][0]["largest_step"]} for c in configs}
     for c, v in s.items():
         print(c, json.dumps({k: round(x, 4) if isinstance(x, float) else x for k, x in v.items()}))
     Path(tempfile.gettempdir(), "train_throughput_runs.json").write_text(json.dumps(runs))  # raw runs, to inspect

@@ -93,3 +93,24 @@ def test_did_without_lambda():
     model = tiny_llama()
     apply_method(model, "intrinsic_said", {"d": 10, "said": False, "target_modules": ["q_proj"]})
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"peftkit_said.theta_d"}
+
+
+def test_update_is_computed_once_while_no_gradient_is_taken(monkeypatch):
+    model = tiny_llama()
+    apply_method(model, "intrinsic_said", {"d": 12, "seed": 1})
+    ids = torch.randint(3, 128, (1, 6))
+    calls = []
+    real = Fastfood.forward
+    monkeypatch.setattr(Fastfood, "forward", lambda self, x: calls.append(1) or real(self, x))
+    n_layers = sum(isinstance(m, SAIDLayer) for m in model.modules())
+    with torch.no_grad():
+        model.peftkit_said.theta_d.normal_()
+        first = model(input_ids=ids).logits
+        second = model(input_ids=ids).logits  # decoding: the cached weights, no projection
+    assert len(calls) == n_layers and torch.equal(first, second)
+    with_grad = model(input_ids=ids).logits  # a forward with gradients recomputes (and drops the cache)
+    assert len(calls) == 2 * n_layers and torch.equal(with_grad.detach(), first)
+    with torch.no_grad():
+        model.peftkit_said.theta_d.mul_(2)  # an in-place change invalidates the cached weights
+        assert not torch.equal(model(input_ids=ids).logits, first)
+    assert len(calls) == 3 * n_layers

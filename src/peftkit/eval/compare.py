@@ -206,7 +206,6 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
             result.update(probe_loss=probe.base_loss, probe_loss_increase=0.0, probe_rouge_l=1.0)
     else:
         from peftkit.eval.icl import icl_conversation, prompt_tokens
-        from peftkit.methods.selective import delta_layers, merge_and_unload
         from peftkit.train import TrainConfig, Trainer
         from peftkit.train.trainer import count_parameters
 
@@ -222,10 +221,6 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
         train = trainer.run()
         print(f"{spec['label']}: trained in {train.train_seconds:.0f} s, final loss {train.train_loss:.4f}", flush=True)
         model = trainer.model
-        if next(delta_layers(model), None) is not None:
-            # Sparse / intrinsic SAID recompute W0 + delta at every forward (every decoding step); fold it in once.
-            # The merged weight is the very tensor the forward computed (W0 + delta in W0's dtype): same outputs.
-            model = merge_and_unload(model)
         t_eval = time.perf_counter()
         predictions = generate(model, tokenizer, task.prompts, **gen)
         result.update(score(predictions, task.references))

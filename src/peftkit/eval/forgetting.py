@@ -126,8 +126,7 @@ def probe_loss(
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate([[e] for e in examples[i:i + batch_size]], pad)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, n = sequence_loss(model, batch)
         total, count = total + float(loss), count + n
     model.train(was_training)

@@ -151,6 +151,9 @@ class SAIDLayer(DeltaWeightLayer):
     def adapter_params(self) -> list[str]:
         return []  # the trainable parameters live in the shared IntrinsicSAID module
 
+    def delta_inputs(self) -> list[torch.Tensor]:
+        return [*super().delta_inputs(), *self.__dict__["_said"].parameters()]
+
     def delta(self) -> torch.Tensor:
         shared: IntrinsicSAID = self.__dict__["_said"]
         update = self.fastfood(shared.theta_d).view_as(self.weight)

@@ -244,10 +244,32 @@ class DeltaWeightLayer(AdapterModule):
     def effective_weight(self) -> torch.Tensor:
         return self.weight + self.delta().to(self.weight.dtype)
 
+    def delta_inputs(self) -> list[torch.Tensor]:
+        """The tensors the update is computed from (what invalidates `_inference_weight`)."""
+        return [*self.parameters(), *self.buffers()]
+
+    def _inference_weight(self) -> torch.Tensor:
+        """`effective_weight`, computed once while no gradient is taken and reused until an input changes.
+
+        Generation calls every layer once per token; recomputing the update each time (a Fastfood transform of the
+        whole weight for SAID) made decoding hundreds of times slower. The key is the in-place version counter of
+        every input (an optimizer step, `load_adapter` or `merge` bumps it). Costs one weight-sized tensor per
+        layer while cached; a forward with gradients drops it.
+        """
+        key = tuple((id(t), t._version) for t in self.delta_inputs())
+        cached = self.__dict__.get("_inference_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_inference_cache"] = (key, self.effective_weight())
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self._base_cls.forward(self, x)
-        w = self.effective_weight()
+        if torch.is_grad_enabled():
+            self.__dict__.pop("_inference_cache", None)
+            w = self.effective_weight()
+        else:
+            w = self._inference_weight()
         if isinstance(self, Conv1D):  # GPT-2 stores the weight d_in x d_out; addmm as Conv1D.forward does
             return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
         return F.linear(x, w, self.bias)
@@ -275,6 +297,7 @@ class DeltaWeightLayer(AdapterModule):
         plain.__dict__["_buffers"] = {}
         plain.__dict__["_non_persistent_buffers_set"] = set()
         plain.__dict__.pop("merged", None)
+        plain.__dict__.pop("_inference_cache", None)
         return plain
 
 
