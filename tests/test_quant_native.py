@@ -1,0 +1,105 @@
+"""The compiled 4-bit dequantization kernel: bit-identical to the PyTorch path, and a clean fallback without it."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+import torch
+
+from peftkit.quant import blockwise, codebook, dequantize, native, quantize
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def torch_path(data: torch.Tensor, state: blockwise.QuantState, dtype: torch.dtype, monkeypatch) -> torch.Tensor:
+    with monkeypatch.context() as m:
+        m.setattr(native, "dequant4_kernel", lambda: None)
+        return dequantize(data, state, dtype)
+
+
+def test_kernel_builds_on_linux_with_a_compiler():
+    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
+        pytest.skip("the kernel is built on Linux with a C compiler only")
+    assert native.dequant4_kernel() is not None
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("block_size", [32, 64, 128, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_kernel_equals_torch_path(fmt, block_size, dtype, double_quant, monkeypatch):
+    if native.dequant4_kernel() is None:
+        pytest.skip("no compiled kernel on this machine")
+    # 3 * 4096 + 70 elements: full blocks for the kernel and a trailing partial block for every block size.
+    x = randn(3 * 4096 + 70, seed=block_size) * 3
+    data, state = quantize(x, fmt, block_size=block_size, double_quant=double_quant)
+    calls = []
+    kernel = native.dequant4_kernel()
+    monkeypatch.setattr(native, "dequant4_kernel", lambda: (lambda *a: calls.append(a) or kernel(*a)))
+    fast = dequantize(data, state, dtype)
+    monkeypatch.undo()
+    if codebook(fmt).values.numel() == 16:
+        assert len(calls) == 1, "the kernel ran"
+    assert fast.dtype == dtype
+    assert torch.equal(fast, torch_path(data, state, dtype, monkeypatch))
+
+
+def test_kernel_bfloat16_rounds_to_nearest_even_like_torch(monkeypatch):
+    if native.dequant4_kernel() is None:
+        pytest.skip("no compiled kernel on this machine")
+    # Scales with many low mantissa bits: float32 products land on bfloat16 ties and near-ties.
+    x = randn(1 << 16, seed=3) * torch.linspace(1e-30, 1e30, 1 << 16).pow(0.5)
+    data, state = quantize(x, "nf4", block_size=64)
+    assert torch.equal(dequantize(data, state, torch.bfloat16), torch_path(data, state, torch.bfloat16, monkeypatch))
+    assert torch.equal(dequantize(data, state, torch.bfloat16), dequantize(data, state, torch.float32).bfloat16())
+
+
+def test_other_dtypes_and_non_contiguous_fall_back(monkeypatch):
+    data, state = quantize(randn(64, 64), "nf4")
+    out16 = dequantize(data, state, torch.float16)  # the kernel writes float32/bfloat16 only
+    assert torch.equal(out16, torch_path(data, state, torch.float32, monkeypatch).half())
+    out = torch.empty(64 * 64)
+    values = codebook("nf4").values
+    strided = torch.empty(2 * 64 * 64, dtype=torch.uint8)[::2]
+    assert not native.dequantize_4bit_blocks(strided, state.scales(), values, out, 64)
+
+
+def test_short_inputs_are_refused():
+    if native.dequant4_kernel() is None:
+        pytest.skip("no compiled kernel on this machine")
+    data, state = quantize(randn(128), "nf4")
+    with pytest.raises(ValueError, match="shorter"):
+        native.dequantize_4bit_blocks(data[:10], state.scales(), codebook("nf4").values, torch.empty(128), 64)
+
+
+def test_disabled_by_environment(monkeypatch):
+    native.dequant4_kernel.cache_clear()
+    monkeypatch.setenv("PEFTKIT_NATIVE", "0")
+    try:
+        assert native.dequant4_kernel() is None
+        data, state = quantize(randn(256), "nf4")
+        assert (dequantize(data, state) - randn(256)).abs().max() < 0.5
+    finally:
+        native.dequant4_kernel.cache_clear()
+
+
+def test_a_failing_build_warns_leaves_no_file_and_falls_back(tmp_path, monkeypatch):
+    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
+        pytest.skip("needs a C compiler")
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    native.dequant4_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="kernel unavailable"):
+            assert native.dequant4_kernel() is None
+        assert not any((tmp_path / "cache" / "kernels").iterdir()), "no half-written library is left behind"
+        data, state = quantize(randn(256), "nf4")
+        assert dequantize(data, state).shape == (256,)
+    finally:
+        native.dequant4_kernel.cache_clear()
