@@ -85,7 +85,7 @@ def dequant4_kernel() -> Any | None:
     except (OSError, RuntimeError, AttributeError) as err:
         warnings.warn(f"peftkit: 4-bit dequantization kernel unavailable, using the PyTorch path ({err})", stacklevel=2)
         return None
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fn.restype = None
     return fn
 
@@ -111,5 +111,5 @@ def dequantize_4bit_blocks(
     if packed.numel() * 2 < blocks * block_size or scales.numel() < blocks:
         raise ValueError("dequantize_4bit_blocks: packed codes or scales shorter than the output's full blocks")
     ptrs = (t.data_ptr() for t in tensors)
-    kernel(*ptrs, int(out.dtype == torch.bfloat16), block_size, 0, blocks)
+    kernel(*ptrs, int(out.dtype == torch.bfloat16), block_size, blocks)
     return True

@@ -46,12 +46,12 @@ static inline __m256i to_bf16_x16(__m512 x) {
 }
 #endif
 
-/* Blocks [first_block, last_block) of `block_size` elements (even); `out` is float32 (out_bf16 = 0) or
- * bfloat16 bits (out_bf16 = 1), both indexed by element from the start of the tensor. */
+/* `blocks` full blocks of `block_size` elements (even); `out` is float32 (out_bf16 = 0) or bfloat16 bits
+ * (out_bf16 = 1). The blocks are shared among the OpenMP threads. */
 void peftkit_dequant4(const uint8_t *packed, const float *absmax, const float *values, void *out, int out_bf16,
-                      int64_t block_size, int64_t first_block, int64_t last_block) {
+                      int64_t block_size, int64_t blocks) {
 #pragma omp parallel for schedule(static)
-    for (int64_t b = first_block; b < last_block; b++) {
+    for (int64_t b = 0; b < blocks; b++) {
         float table[16];
         scaled_table(values, absmax[b], table);
         const uint8_t *bytes = packed + b * (block_size / 2);
