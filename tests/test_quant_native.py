@@ -62,10 +62,9 @@ def test_other_dtypes_and_non_contiguous_fall_back(monkeypatch):
     data, state = quantize(randn(64, 64), "nf4")
     out16 = dequantize(data, state, torch.float16)  # the kernel writes float32/bfloat16 only
     assert torch.equal(out16, torch_path(data, state, torch.float32, monkeypatch).half())
-    out = torch.empty(64 * 64)
-    values = codebook("nf4").values
-    strided = torch.empty(2 * 64 * 64, dtype=torch.uint8)[::2]
-    assert not native.dequantize_4bit_blocks(strided, state.scales(), values, out, 64)
+    strided = torch.empty(2 * data.numel(), dtype=torch.uint8)[::2]
+    assert not native.dequantize_4bit_blocks(strided, state, torch.empty(64 * 64))
+    assert not native.dequantize_4bit_blocks(data, state, torch.empty(64 * 64, dtype=torch.float16))
 
 
 def test_short_inputs_are_refused():
@@ -73,7 +72,7 @@ def test_short_inputs_are_refused():
         pytest.skip("no compiled kernel on this machine")
     data, state = quantize(randn(128), "nf4")
     with pytest.raises(ValueError, match="shorter"):
-        native.dequantize_4bit_blocks(data[:10], state.scales(), codebook("nf4").values, torch.empty(128), 64)
+        native.dequantize_4bit_blocks(data[:10], state, torch.empty(128))
 
 
 def test_disabled_by_environment(monkeypatch):
@@ -101,5 +100,21 @@ def test_a_failing_build_warns_leaves_no_file_and_falls_back(tmp_path, monkeypat
         assert not any((tmp_path / "cache" / "kernels").iterdir()), "no half-written library is left behind"
         data, state = quantize(randn(256), "nf4")
         assert dequantize(data, state).shape == (256,)
+    finally:
+        native.dequant4_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_portable_build_equals_torch_path(dtype, tmp_path, monkeypatch):
+    """The kernel's scalar loop (what a CPU without AVX-512 runs), built without -march=native."""
+    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
+        pytest.skip("needs a C compiler")
+    monkeypatch.setattr(native, "FLAGS", tuple(f for f in native.FLAGS if f != "-march=native"))
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    native.dequant4_kernel.cache_clear()
+    try:
+        assert native.dequant4_kernel() is not None
+        data, state = quantize(randn(4096 + 70, seed=5), "nf4", block_size=64, double_quant=True)
+        assert torch.equal(dequantize(data, state, dtype), torch_path(data, state, dtype, monkeypatch))
     finally:
         native.dequant4_kernel.cache_clear()

@@ -315,12 +315,16 @@ def dequantize(data: torch.Tensor, state: QuantState, dtype: torch.dtype | None 
     dtype = dtype or state.dtype
     n, bs = state.numel, state.block_size
     full = n // bs * bs
-    scales = state.scales().to(data.device)
     book = codebook(state.format)
     data = data.reshape(-1)
     out = torch.empty(n, dtype=dtype, device=data.device)
+    # 4-bit formats on CPU: the compiled kernel (it also undoes double quantization); else the PyTorch path.
+    done = book.bits == 4 and native.dequantize_4bit_blocks(data, state, out[:full])
+    if done and full == n:
+        return out.view(state.shape)
+    scales = state.scales().to(data.device)
     values = book.values.to(data.device)
-    if not (book.bits == 4 and native.dequantize_4bit_blocks(data, scales, values, out[:full], bs)):
+    if not done:
         _dequantize_blocks(data, scales, book, state.format, out[:full], bs)
     if full < n:
         if book.bits == 4:

@@ -24,12 +24,17 @@ import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .codebooks import codebook
+
+if TYPE_CHECKING:
+    from .blockwise import QuantState
+
 SOURCE = Path(__file__).with_name("kernels") / "dequant4.c"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 OPENMP = "-fopenmp"
 
 __all__ = ["dequant4_kernel", "dequantize_4bit_blocks"]
@@ -85,31 +90,37 @@ def dequant4_kernel() -> Any | None:
     except (OSError, RuntimeError, AttributeError) as err:
         warnings.warn(f"peftkit: 4-bit dequantization kernel unavailable, using the PyTorch path ({err})", stacklevel=2)
         return None
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    pointer = ctypes.c_void_p
+    fn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 2 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fn.restype = None
     return fn
 
 
-def dequantize_4bit_blocks(
-    packed: torch.Tensor, scales: torch.Tensor, values: torch.Tensor, out: torch.Tensor, block_size: int
-) -> bool:
-    """Write `values[code] * scale` for the full blocks of `out` with the kernel; False if it cannot here.
+def dequantize_4bit_blocks(packed: torch.Tensor, state: QuantState, out: torch.Tensor) -> bool:
+    """Write `value[code] * scale` for the full blocks of `out` with the kernel; False if it cannot here.
 
-    `packed` holds two codes per byte (high nibble first), `scales` one float32 per block, `values` the 16-entry
-    float32 codebook; `out` is float32 or bfloat16. All must be contiguous CPU tensors.
+    `packed` holds two codes per byte (high nibble first) of a 4-bit `state`; `out` (float32 or bfloat16) gets
+    the first `out.numel() // block_size` blocks. The kernel also undoes double quantization of the scales.
     """
     kernel = dequant4_kernel()
-    tensors = (packed, scales, values, out)
+    values = codebook(state.format).values
+    tensors = [packed, state.absmax, values, out]
+    dyn = scale2 = None
+    if state.double_quant:
+        dyn, scale2 = codebook("dynamic8").values, state.absmax_scale
+        tensors += [dyn, scale2, state.absmax_offset]
     if (
         kernel is None
+        or values.numel() != 16
         or out.dtype not in (torch.float32, torch.bfloat16)
         or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
-        or (packed.dtype, scales.dtype, values.dtype, values.numel()) != (torch.uint8, torch.float32, torch.float32, 16)
     ):
         return False
-    blocks = out.numel() // block_size
-    if packed.numel() * 2 < blocks * block_size or scales.numel() < blocks:
+    blocks = out.numel() // state.block_size
+    if packed.numel() * 2 < blocks * state.block_size or state.absmax.numel() < blocks:
         raise ValueError("dequantize_4bit_blocks: packed codes or scales shorter than the output's full blocks")
-    ptrs = (t.data_ptr() for t in tensors)
-    kernel(*ptrs, int(out.dtype == torch.bfloat16), block_size, blocks)
+    offset = float(state.absmax_offset) if state.double_quant else 0.0
+    ptr = [t.data_ptr() if t is not None else None for t in (packed, state.absmax, dyn, scale2)]
+    is_bf16 = int(out.dtype == torch.bfloat16)
+    kernel(*ptr, offset, values.data_ptr(), out.data_ptr(), is_bf16, state.block_size, blocks)
     return True
