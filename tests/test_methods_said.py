@@ -36,14 +36,22 @@ def dense(ff: Fastfood) -> torch.Tensor:
     return ff(torch.eye(ff.d, dtype=torch.float64)).T
 
 
-@pytest.mark.parametrize("d, D", [(5, 16), (7, 40), (20, 12)])
+@pytest.mark.parametrize("d, D", [(5, 16), (7, 40), (20, 12), (1, 8), (16, 100), (33, 33)])
 def test_fastfood_equals_its_formula(d, D):
     ff = Fastfood(d, D, torch.Generator().manual_seed(0))
     L = ff.L
     assert L >= max(d, D) and L & (L - 1) == 0 and L < 2 * max(d, D)
-    B = torch.diag(ff.B.double())
+    # B (L signs) and Pi (a permutation of L) drawn as Fastfood draws them; it keeps only what reaches the
+    # zero-padded input: the first d signs, and the permutation modulo m (see its docstring)
+    generator = torch.Generator().manual_seed(0)
+    signs = (torch.randint(0, 2, (L,), generator=generator) * 2 - 1).double()
+    torch.randn(L, generator=generator)  # G
+    permutation = torch.randperm(L, generator=generator)
+    assert torch.equal(ff.B.double(), signs[:d])
+    assert torch.equal(ff.Pi.long(), permutation % ff.m) and ff.m >= d
+    B = torch.diag(signs)
     G = torch.diag(ff.G.double())
-    Pi = torch.eye(L, dtype=torch.float64)[ff.Pi.long()]  # (Pi v)_i = v_{pi(i)}
+    Pi = torch.eye(L, dtype=torch.float64)[permutation]  # (Pi v)_i = v_{pi(i)}
     H = hadamard(L)
     pad = torch.eye(L, d, dtype=torch.float64)
     norm = math.sqrt(L * float((ff.G.double() ** 2).sum())) * math.sqrt(D / L)

@@ -8,8 +8,9 @@ transform (O(L log L), never materialised), B a random +-1 diagonal, G an N(0, 1
 permutation. The scaling gives the columns of P unit norm in expectation (exactly when D = L). SAID adds the
 per-tensor scale lambda_i (init 1, trainable); plain intrinsic dimension (``said=false``) fixes lambda_i = 1.
 
-Each projected layer rebuilds its weight ``W0 + lambda_i * P_i(theta_d)`` in its forward (memory O(L) for the
-projection: B, G and Pi are stored as int8 / fp32 / int32 buffers, regenerated from the seed rather than saved).
+Each projected layer rebuilds its weight ``W0 + P_i(lambda_i * theta_d)`` (= ``W0 + lambda_i * P_i(theta_d)``, P
+being linear) in its forward (memory O(L) for the projection: G and Pi are stored as fp32 / int32 buffers of L
+entries, B as d int8 signs (only those reach the zero-padded input), regenerated from the seed rather than saved).
 The trainable parameters, ``theta_d`` and ``said_lambda``, live in one module attached to the model
 (``peftkit_said``); adapter files hold just those. `merge` / `unmerge` / `merge_and_unload` fold the update into
 the base weights (shared with sparse updates).
@@ -18,6 +19,7 @@ the base weights (shared with sparse updates).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -56,17 +58,36 @@ class _FWHT(torch.autograd.Function):
         return _fwht(grad)
 
 
+FACTOR_BITS = 5  # H_L is applied as Kronecker factors of at most 2**5 x 2**5 (see `_fwht`)
+
+
+@functools.lru_cache(maxsize=64)
+def _hadamard(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The k x k Sylvester Hadamard matrix, entries +-1 (k a power of two)."""
+    h = torch.ones(1, 1, dtype=dtype, device=device)
+    while h.shape[0] < k:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h
+
+
 def _fwht(x: torch.Tensor) -> torch.Tensor:
+    """H_L over the last dimension as Kronecker factors: H_L = H_k1 (x) H_k2 (x) ... (x) H_kt.
+
+    Viewing the L entries as a k1 x ... x kt array, each factor is a k x k matmul along one axis. Each round
+    multiplies the last axis by its factor and moves it to the front (one transpose), so after t rounds the axes
+    are back in order. With k <= 32 that is ~log2(L) / 5 passes over memory instead of log2(L) butterfly passes.
+    """
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"the Walsh-Hadamard transform needs a power-of-two length, got {n}")
-    lead = x.shape[:-1]
-    y = x
-    h = 1
-    while h < n:  # butterflies over blocks of 2h: (a, b) -> (a + b, a - b)
-        y = y.reshape(*lead, n // (2 * h), 2, h)
-        y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
-        h *= 2
+    bits = n.bit_length() - 1
+    rounds = max(-(-bits // FACTOR_BITS), 1)
+    y = x.reshape(-1, n)
+    rows = y.shape[0]
+    for r in range(rounds):
+        k = 1 << (bits // rounds + (1 if r < bits % rounds else 0))
+        y = (y.reshape(-1, k) @ _hadamard(k, x.dtype, x.device)).view(rows, n // k, k).transpose(1, 2)
+        y = y.contiguous()
     return y.reshape(x.shape)
 
 
@@ -76,25 +97,32 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
 
 class Fastfood(nn.Module):
-    """The Fastfood projection R^d -> R^D of SPECS section 2; B, G and Pi are (non-persistent) buffers."""
+    """The Fastfood projection R^d -> R^D of SPECS section 2; B, G and Pi are (non-persistent) buffers.
+
+    Two exact shortcuts, both from pad(x) being zero past d. With m the next power of two >= d, the Sylvester
+    Hadamard matrix is H_L = H_(L/m) (x) H_m and pad(x) = e_0 (x) x', so H_L B pad(x) = ones(L/m) (x) H_m B x':
+    the first transform is one of length m, tiled. The permutation then reads entry Pi(i) of that tiling, i.e.
+    entry Pi(i) mod m of H_m B x', so the buffer `Pi` holds Pi mod m and the tiling is never built. Only the
+    second transform is of length L. B keeps its first d signs (the others multiply zeros).
+    """
 
     def __init__(self, d: int, D: int, generator: torch.Generator) -> None:
         super().__init__()
         self.d, self.D = d, D
         self.L = L = 1 << (max(D, d) - 1).bit_length()  # next power of two >= max(D, d)
-        self.register_buffer("B", (torch.randint(0, 2, (L,), generator=generator) * 2 - 1).to(torch.int8),
-                             persistent=False)
+        self.m = 1 << (d - 1).bit_length()  # next power of two >= d (<= L)
+        signs = (torch.randint(0, 2, (L,), generator=generator) * 2 - 1).to(torch.int8)
+        self.register_buffer("B", signs[:d].clone(), persistent=False)
         G = torch.randn(L, generator=generator)
         self.register_buffer("G", G, persistent=False)
-        self.register_buffer("Pi", torch.randperm(L, generator=generator).to(torch.int32), persistent=False)
+        permutation = torch.randperm(L, generator=generator)
+        self.register_buffer("Pi", (permutation % self.m).to(torch.int32), persistent=False)
         self.scale = 1.0 / (math.sqrt(L * float(G.square().sum())) * math.sqrt(D / L))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = torch.nn.functional.pad(x, (0, self.L - self.d)) * self.B.to(x.dtype)
-        v = fwht(v)
-        v = v.index_select(-1, self.Pi) * self.G.to(x.dtype)
-        v = fwht(v)
-        return v[..., : self.D] * self.scale
+        head = fwht(torch.nn.functional.pad(x * self.B.to(x.dtype), (0, self.m - self.d)))  # H_m B x'
+        v = head.index_select(-1, self.Pi) * self.G.to(x.dtype)  # Pi H_L B pad(x), scaled by G
+        return fwht(v)[..., : self.D] * self.scale
 
 
 @dataclasses.dataclass
@@ -156,10 +184,12 @@ class SAIDLayer(DeltaWeightLayer):
 
     def delta(self) -> torch.Tensor:
         shared: IntrinsicSAID = self.__dict__["_said"]
-        update = self.fastfood(shared.theta_d).view_as(self.weight)
+        theta = shared.theta_d
         if shared.said_lambda is not None:
-            update = update * shared.said_lambda[self.said_index]
-        return update
+            # P is linear: lambda * P(theta) = P(lambda * theta). Scaling the d-vector, autograd keeps theta
+            # for lambda's gradient instead of a weight-sized copy of P(theta) per layer.
+            theta = theta * shared.said_lambda[self.said_index]
+        return self.fastfood(theta).view_as(self.weight)
 
     def to_base(self) -> nn.Module:
         plain = super().to_base()
