@@ -9,7 +9,8 @@ ICL spread, the reference numbers of SPECS.md section 6, and the headline ratios
     python bench/e2e_compare.py --ewc-sweep runs/e2e_ewc_sweep   # full FT + EWC at several lambdas, and replay
 
 Several ``--from`` folders (parts of one comparison run side by side, same task and probe) are merged in the
-order of ``METHODS``, from each method's ``<folder>/<method>/result.json``.
+order of ``METHODS``, from each method's ``<folder>/<method>/result.json``; a method in several folders is taken
+from the last one given.
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "peftkit.cli", "compare", *ARGS, "--out", str(folders[0])], check=False)
         seconds = time.perf_counter() - t0
     # Each method's own result file: a part whose parent was stopped still counts for the methods it finished.
-    results = [json.loads(p.read_text()) for f in folders for p in sorted(f.glob("*/result.json"))
-               if p.parent.name != "_probe"]
+    # A method found in several folders is taken from the last one (a re-run after a change to that method).
+    by_method = {p.parent.name: json.loads(p.read_text()) for f in folders for p in sorted(f.glob("*/result.json"))
+                 if p.parent.name != "_probe"}
+    results = list(by_method.values())
     # % of the base model's parameters (results written before base_params was recorded counted the parameters
     # after the method was applied, which for QLoRA leaves out the quantized weights): full fine-tuning trains them all.
     base = next((r["trainable_params"] for r in results if r["method"] == "full" and not r.get("error")), None)

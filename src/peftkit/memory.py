@@ -23,7 +23,8 @@ Trainable parameters by method (`count_trainable`):
 * ``bitfit``: all bias terms (Llama/Mistral have none: 0, and the breakdown says so; ``norms`` is the fallback).
 * ``norms``: every parameter of every RMSNorm/LayerNorm (weights, and biases for LayerNorm).
 * ``top_k_layers``: the last ``k`` blocks, + final norm, + the head optionally.
-* ``intrinsic_said`` (Aghajanyan et al. 2020): ``d`` (+ one scale per parameter tensor for SAID).
+* ``intrinsic_said`` (Aghajanyan et al. 2020): ``d`` (+ one scale per projected tensor for SAID: peftkit projects
+  the linear weights of the blocks).
 
 Bytes per parameter (SPECS section 4): fp32 4, fp16/bf16 2, int8 1, NF4/FP4/INT4 0.5; 4-bit quantization constants:
 one fp32 absmax per block of 64 = 0.5 bit/param, with double quantization ``8/64 + 32/(64*256)`` = 0.127 bit/param
@@ -516,8 +517,8 @@ def _trainable_tensors(arch: Arch, method: str, settings: Mapping[str, Any]) -> 
     if method == "intrinsic_said":
         d = _positive_int("d", s["d"])
         out = [("theta_d", d)]
-        if s["said"]:
-            out.append(("said_lambda", len(arch.param_tensors())))
+        if s["said"]:  # peftkit projects the weights of the linear layers in the blocks ("all-linear")
+            out.append(("said_lambda", arch.layers * len(arch.linears)))
         return out
     raise AssertionError(method)  # unreachable: _settings validated the name
 
@@ -876,9 +877,15 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
     bd.weights_trainable = n_trainable * per_weight
     bd.gradients = n_trainable * per_grad
     if method == "intrinsic_said":
-        bd.gradients += arch.num_params * (4 if prec in ("fp32", "autocast") else 2)
-        bd.temp_weights += arch.num_params * e
-        bd.notes.append("SAID: a full weight copy and full-size gradients pass through the projection")
+        projected = arch.block_linear_params
+        bd.gradients += projected * (4 if prec in ("fp32", "autocast") else 2)
+        bd.temp_weights += projected * e
+        # each projected matrix keeps its fixed Fastfood projection: Gaussian scales (fp32) and a permutation
+        # (int32) over the matrix size rounded up to a power of two (the d signs are negligible)
+        buffers = arch.layers * sum(8 * (1 << (lin.weight_numel - 1).bit_length()) for lin in arch.linears)
+        bd.weights_frozen += buffers
+        bd.notes.append("SAID: a full weight copy and full-size gradients pass through the projection; its fixed "
+                        f"random projections ({buffers / 2**30:.2f} GiB) are counted with the frozen weights")
 
     # Optimizer states.
     # torch's AdamW keeps states in the parameter dtype; the *_32bit optimizers always keep fp32 states
