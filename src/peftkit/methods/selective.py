@@ -76,8 +76,15 @@ def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and is_norm(m) and any(True for _ in m.parameters(False))]
 
 
+# nn.Linear subclasses whose forward is F.linear written out, so running them as F.linear with another weight
+# changes nothing else. Other subclasses (quantized layers above all) are refused, not guessed at.
+LINEAR_EQUIVALENTS = frozenset({"FalconLinear"})
+
+
 def is_plain_linear(module: nn.Module) -> bool:
-    return type(module) in (nn.Linear, Conv1D)
+    """``nn.Linear``, GPT-2 ``Conv1D``, or a subclass of ``nn.Linear`` in `LINEAR_EQUIVALENTS`."""
+    kind = type(module)
+    return kind in (nn.Linear, Conv1D) or (isinstance(module, nn.Linear) and kind.__name__ in LINEAR_EQUIVALENTS)
 
 
 def linear_targets(model: nn.Module, targets: list[str] | str) -> list[str] | str:
@@ -87,7 +94,9 @@ def linear_targets(model: nn.Module, targets: list[str] | str) -> list[str] | st
     heads = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in _OUTPUT_HEADS}
     names = [n for n, m in model.named_modules() if is_plain_linear(m) and n not in heads]
     if not names:
-        raise PeftkitError(f"{type(model).__name__} has no linear layers besides the output head")
+        others = sorted({type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"Linear"})
+        found = f" (found {', '.join(others)}: subclasses this method does not adapt)" if others else ""
+        raise PeftkitError(f"{type(model).__name__} has no nn.Linear / Conv1D layers besides the output head{found}")
     return names
 
 
