@@ -123,8 +123,12 @@ def use_packed_attention(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", NAME):
         return False
+    # Models that do not call attention through transformers' AttentionInterface (Falcon, for one) keep theirs.
+    can_switch = getattr(model, "_can_set_attn_implementation", None)
+    if can_switch is not None and not can_switch():
+        return False
     AttentionInterface.register(NAME, packed_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
-    return True
+    return config._attn_implementation == NAME
 
