@@ -118,3 +118,20 @@ def test_portable_build_equals_torch_path(dtype, tmp_path, monkeypatch):
         assert torch.equal(dequantize(data, state, dtype), torch_path(data, state, dtype, monkeypatch))
     finally:
         native.dequant4_kernel.cache_clear()
+
+
+def test_a_hanging_compiler_times_out_and_falls_back(tmp_path, monkeypatch):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the kernel is built on Linux only")
+    compiler = tmp_path / "slowcc"
+    compiler.write_text("#!/bin/sh\nsleep 30\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "COMPILE_TIMEOUT_S", 0.5)
+    native.dequant4_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="kernel unavailable"):
+            assert native.dequant4_kernel() is None
+    finally:
+        native.dequant4_kernel.cache_clear()

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("kernels") / "dequant4.c"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 OPENMP = "-fopenmp"
+COMPILE_TIMEOUT_S = 120
 
 __all__ = ["dequant4_kernel", "dequantize_4bit_blocks"]
 
@@ -52,15 +53,17 @@ def _cpu_flags() -> str:
 
 
 def _compile(compiler: str, target: Path) -> None:
-    """Build the shared library at `target` (with OpenMP if the compiler has it), atomically."""
+    """Build the shared library at `target`, atomically: with OpenMP if the compiler has it, and without
+    `-march=native` as the last resort (a compiler that refuses it gets the portable scalar loop)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
     os.close(fd)
+    portable = [f for f in FLAGS if f != "-march=native"]
     try:
         errors = ""
-        for extra in ([OPENMP], []):
-            cmd = [compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+        for flags in ([*FLAGS, OPENMP], [*FLAGS], [*portable, OPENMP], portable):
+            cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             if done.returncode == 0:
                 os.replace(tmp, target)
                 return
@@ -87,7 +90,7 @@ def dequant4_kernel() -> Any | None:
         if not target.exists():
             _compile(compiler, target)
         fn = ctypes.CDLL(str(target)).peftkit_dequant4
-    except (OSError, RuntimeError, AttributeError) as err:
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
         warnings.warn(f"peftkit: 4-bit dequantization kernel unavailable, using the PyTorch path ({err})", stacklevel=2)
         return None
     pointer = ctypes.c_void_p
