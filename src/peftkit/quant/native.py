@@ -105,6 +105,9 @@ def dequantize_4bit_blocks(packed: torch.Tensor, state: QuantState, out: torch.T
     `packed` holds two codes per byte (high nibble first) of a 4-bit `state`; `out` (float32 or bfloat16) gets
     the first `out.numel() // block_size` blocks. The kernel also undoes double quantization of the scales.
     """
+    state.validate(packed)  # the C code trusts sizes and dtypes: check them here
+    if out.numel() > state.numel:
+        raise ValueError(f"dequantize_4bit_blocks: out has {out.numel()} elements, the quantized tensor {state.numel}")
     kernel = dequant4_kernel()
     values = codebook(state.format).values
     tensors = [packed, state.absmax, values, out]
@@ -120,8 +123,6 @@ def dequantize_4bit_blocks(packed: torch.Tensor, state: QuantState, out: torch.T
     ):
         return False
     blocks = out.numel() // state.block_size
-    if packed.numel() * 2 < blocks * state.block_size or state.absmax.numel() < blocks:
-        raise ValueError("dequantize_4bit_blocks: packed codes or scales shorter than the output's full blocks")
     offset = float(state.absmax_offset) if state.double_quant else 0.0
     ptr = [t.data_ptr() if t is not None else None for t in (packed, state.absmax, dyn, scale2)]
     is_bf16 = int(out.dtype == torch.bfloat16)
