@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -135,3 +137,30 @@ def test_a_hanging_compiler_times_out_and_falls_back(tmp_path, monkeypatch):
             assert native.dequant4_kernel() is None
     finally:
         native.dequant4_kernel.cache_clear()
+
+
+def test_unwritable_cache_and_damaged_library(tmp_path, monkeypatch):
+    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
+        pytest.skip("needs a C compiler")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PEFTKIT_CACHE", str(blocker / "cache"))  # mkdir fails under a regular file
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(native.tempfile, "tempdir", None)  # re-read TMPDIR
+    native.dequant4_kernel.cache_clear()
+    try:
+        assert native.dequant4_kernel() is not None
+        (built,) = tmp_path.glob("peftkit-kernels-*/dequant4-*.so")
+        data, state = quantize(randn(4096), "nf4")
+        assert torch.equal(dequantize(data, state), torch_path(data, state, torch.float32, monkeypatch))
+    finally:
+        native.dequant4_kernel.cache_clear()
+    # Another process finds a file under that name that does not load: it builds it again. (A new file replaces
+    # the name; this process keeps its mapping, which rewriting the loaded library in place would crash.)
+    damaged = built.with_suffix(".damaged")
+    damaged.write_bytes(b"damaged")
+    os.replace(damaged, built)
+    code = "from peftkit.quant import native; print(native.dequant4_kernel() is not None)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True", done.stderr
+    assert built.read_bytes()[:4] == b"\x7fELF"

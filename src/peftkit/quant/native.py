@@ -6,8 +6,9 @@ The C file decodes and scales in one pass (AVX-512 `vpermps` over a 16-entry tab
 are bit-identical to the PyTorch path, which stays the reference and the fallback (tests run both).
 
 The file is plain C (no PyTorch headers): the system C compiler builds it in well under a second, once per
-source, compiler and CPU, into `$PEFTKIT_CACHE/kernels` (written to a temporary name, then renamed: concurrent
-processes never load a half-written library). It is built with `-march=native` for this CPU and `-fopenmp`, and
+source, compiler and CPU, into `$PEFTKIT_CACHE/kernels` (or a folder in the temp dir if that is not writable;
+written to a temporary name, then renamed: concurrent processes never load a half-written library; a cached file
+that does not load is built again). It is built with `-march=native` for this CPU and `-fopenmp`, and
 its parallel loop runs on the OpenMP runtime PyTorch has already loaded (same soname), so it follows
 `torch.set_num_threads`. Without a compiler, off Linux, or with `PEFTKIT_NATIVE=0`, peftkit uses the PyTorch path.
 """
@@ -74,6 +75,17 @@ def _compile(compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
+def _load(compiler: str, target: Path) -> Any:
+    """The kernel function from the library at `target`, built first if it is missing or does not load."""
+    if target.exists():
+        try:
+            return ctypes.CDLL(str(target)).peftkit_dequant4
+        except (OSError, AttributeError):
+            pass  # a damaged or foreign file under our name: build it again
+    _compile(compiler, target)
+    return ctypes.CDLL(str(target)).peftkit_dequant4
+
+
 @cache
 def dequant4_kernel() -> Any | None:
     """The kernel's C function, or None where it is unavailable (then peftkit uses the PyTorch path)."""
@@ -85,13 +97,22 @@ def dequant4_kernel() -> Any | None:
     from peftkit.models import cache_dir
 
     key = hashlib.sha256(b"\0".join(s.encode() for s in (SOURCE.read_text(), compiler, *FLAGS, _cpu_flags())))
-    target = cache_dir() / "kernels" / f"dequant4-{key.hexdigest()[:16]}.so"
-    try:
-        if not target.exists():
-            _compile(compiler, target)
-        fn = ctypes.CDLL(str(target)).peftkit_dequant4
-    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
-        warnings.warn(f"peftkit: 4-bit dequantization kernel unavailable, using the PyTorch path ({err})", stacklevel=2)
+    name = f"dequant4-{key.hexdigest()[:16]}.so"
+    # the cache, or where it cannot be written (a read-only home), a folder of this user's in the temp dir
+    folders = (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"peftkit-kernels-{os.getuid()}")
+    fn, error = None, None
+    for folder in folders:
+        try:
+            fn = _load(compiler, folder / name)
+            break
+        except OSError as err:
+            error = err
+        except (RuntimeError, AttributeError, subprocess.SubprocessError) as err:
+            error = err
+            break  # the build itself failed: another folder will not help
+    if fn is None:
+        warnings.warn(f"peftkit: 4-bit dequantization kernel unavailable, using the PyTorch path ({error})",
+                      stacklevel=2)
         return None
     pointer = ctypes.c_void_p
     fn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 2 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
