@@ -3,8 +3,7 @@
 Examples::
 
     peftkit memory smollm2-135m-instruct r=8 target_modules=all-linear --method lora --batch-size 8 --seq-len 512
-    peftkit memory llama-2-7b --method qlora --optimizer paged_adamw_32bit --gradient-checkpointing \
-        --device-memory 24GiB
+    peftkit memory llama-2-7b --method qlora --optimizer paged_adamw_32bit --gradient-checkpointing --device-memory 24GB
     peftkit memory path/to/config.json --compare --plot memory.png
     peftkit memory --lora-table
 """
@@ -37,7 +36,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="method settings right after the model, e.g. r=16 target_modules=q_proj,v_proj")
     p.add_argument("--method", default="lora", choices=M.METHODS)
-    p.add_argument("--precision", default="mixed", choices=M.PRECISIONS)
+    p.add_argument("--precision", default="mixed", choices=M.PRECISIONS,
+                   help="fp32; bf16/fp16: pure 16-bit (weights, grads, Adam states); mixed: 16-bit weights and grads, "
+                        "fp32 master copy and states of the trainable parameters (what peftkit's `precision: bf16` "
+                        "amounts to for PEFT methods); autocast: fp32 weights, grads and states, 16-bit compute "
+                        "(peftkit's bf16 for full fine-tuning). Default: mixed")
     p.add_argument("--quant", default=None, choices=[q for q in M.QUANTS if q])
     p.add_argument("--double-quant", action="store_true")
     p.add_argument("--optimizer", default="adamw", choices=M.OPTIMIZERS)
