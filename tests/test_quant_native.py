@@ -164,3 +164,21 @@ def test_unwritable_cache_and_damaged_library(tmp_path, monkeypatch):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True", done.stderr
     assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_describe_says_what_runs_and_why(monkeypatch):
+    native.dequant4_kernel.cache_clear()
+    try:
+        monkeypatch.setenv("PEFTKIT_NATIVE", "0")
+        assert native.describe() == "PyTorch path (PEFTKIT_NATIVE=0)"
+        native.dequant4_kernel.cache_clear()
+        monkeypatch.setenv("PEFTKIT_NATIVE", "1")
+        monkeypatch.setenv("CC", "no-such-compiler-here")
+        if sys.platform.startswith("linux"):
+            assert native.describe() == "PyTorch path (no C compiler: 'no-such-compiler-here' is not on PATH)"
+        native.dequant4_kernel.cache_clear()
+        monkeypatch.delenv("CC")
+        if sys.platform.startswith("linux") and shutil.which("cc"):
+            assert native.describe().startswith("compiled kernel (") and native.describe().endswith(".so)")
+    finally:
+        native.dequant4_kernel.cache_clear()

@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.core.config import parse_override
     from peftkit.core.registry import get_method, list_methods
     from peftkit.models import load_model
+    from peftkit.quant import native
     from peftkit.train import count_parameters
 
     if args.list_methods:
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {args.model} ({type(model).__name__}), {base['total']:,} parameters, dtype {model.dtype}")
     print(f"  layers {getattr(cfg, 'num_hidden_layers', '?')}, hidden {getattr(cfg, 'hidden_size', '?')}, "
           f"vocab {getattr(cfg, 'vocab_size', '?')}, chat template: {'yes' if tokenizer.chat_template else 'no'}")
+    print(f"4-bit dequantization on CPU: {native.describe()}")
     methods = list_methods() if args.all_methods else [args.method] if args.method else []
     settings = dict(parse_override(s) for s in args.settings)
     if methods:

@@ -39,7 +39,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 OPENMP = "-fopenmp"
 COMPILE_TIMEOUT_S = 120
 
-__all__ = ["dequant4_kernel", "dequantize_4bit_blocks"]
+__all__ = ["dequant4_kernel", "dequantize_4bit_blocks", "describe"]
 
 
 def _cpu_flags() -> str:
@@ -86,13 +86,27 @@ def _load(compiler: str, target: Path) -> Any:
     return ctypes.CDLL(str(target)).peftkit_dequant4
 
 
+_STATUS: list[str] = []  # why `dequant4_kernel` returned what it did (for `describe`)
+
+
+def describe() -> str:
+    """One line for `peftkit info`: what dequantizes 4-bit weights on CPU here, and why."""
+    kernel = dequant4_kernel()
+    return ("compiled kernel" if kernel is not None else "PyTorch path") + f" ({_STATUS[-1]})"
+
+
 @cache
 def dequant4_kernel() -> Any | None:
     """The kernel's C function, or None where it is unavailable (then peftkit uses the PyTorch path)."""
-    if os.environ.get("PEFTKIT_NATIVE", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("PEFTKIT_NATIVE", "1") == "0":
+        _STATUS.append("PEFTKIT_NATIVE=0")
+        return None
+    if not sys.platform.startswith("linux"):
+        _STATUS.append(f"built on Linux only, this is {sys.platform}")
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
+        _STATUS.append(f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH")
         return None
     from peftkit.models import cache_dir
 
@@ -104,6 +118,7 @@ def dequant4_kernel() -> Any | None:
     for folder in folders:
         try:
             fn = _load(compiler, folder / name)
+            _STATUS.append(str(folder / name))
             break
         except OSError as err:
             error = err
@@ -111,6 +126,7 @@ def dequant4_kernel() -> Any | None:
             error = err
             break  # the build itself failed: another folder will not help
     if fn is None:
+        _STATUS.append(f"the build failed: {error}")
         warnings.warn(f"peftkit: 4-bit dequantization kernel unavailable, using the PyTorch path ({error})",
                       stacklevel=2)
         return None
