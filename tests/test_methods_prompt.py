@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
+from transformers import AutoModelForCausalLM
 
 from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter
 from peftkit.errors import PeftkitError
@@ -93,8 +94,10 @@ def test_prompt_tuning_inits(llama, tmp_path):
     apply_method(model, "prompt_tuning", {"num_virtual_tokens": 50, "prompt_tuning_init": "RANDOM"})
     w = model.peftkit_prompt.embedding.weight
     assert w.min() >= -0.5 and w.max() <= 0.5 and w.std() > 0.2
-    with pytest.raises(PeftkitError, match="tokenizer_name_or_path"):
+    with pytest.raises(PeftkitError, match="tokenizer_name_or_path"):  # a model built in memory names no folder
         apply_method(tiny_llama(), "prompt_tuning", {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hi"})
+    with pytest.raises(PeftkitError, match="prompt_tuning_init_text"):
+        apply_method(tiny_llama(), "prompt_tuning", {"prompt_tuning_init": "TEXT"})
 
 
 def test_prompt_tuning_text_init_with_tokenizer(tmp_path):
@@ -109,6 +112,19 @@ def test_prompt_tuning_text_init_with_tokenizer(tmp_path):
                                           "prompt_tuning_init_text": "hello world",
                                           "tokenizer_name_or_path": str(tmp_path / "tok")})
     assert torch.equal(model.peftkit_prompt.embedding.weight, model.get_input_embeddings().weight[[5, 6, 5]])
+    # without tokenizer_name_or_path: the tokenizer of the folder the model was loaded from, named in the saved
+    # adapter so that peft (which requires it for TEXT) reads the config
+    tiny_llama().save_pretrained(tmp_path / "tok")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tok")
+    apply_method(model, "prompt_tuning", {"num_virtual_tokens": 3, "prompt_tuning_init": "TEXT",
+                                          "prompt_tuning_init_text": "world hello"})
+    assert torch.equal(model.peftkit_prompt.embedding.weight, model.get_input_embeddings().weight[[6, 5, 6]])
+    save_adapter(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["tokenizer_name_or_path"] == str(tmp_path / "tok")
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(tmp_path / "adapter").tokenizer_name_or_path == str(tmp_path / "tok")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

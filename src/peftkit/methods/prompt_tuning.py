@@ -51,7 +51,8 @@ class PromptTuningConfig(Config):
         num_virtual_tokens: m, the number of trainable virtual tokens.
         prompt_tuning_init: ``TEXT``, ``SAMPLE_VOCAB`` or ``RANDOM`` (U[-0.5, 0.5]).
         prompt_tuning_init_text: the text for ``TEXT``.
-        tokenizer_name_or_path: tokenizer (local folder or hub name) that tokenizes the text for ``TEXT``.
+        tokenizer_name_or_path: tokenizer (local folder or hub name) that tokenizes the text for ``TEXT``; by
+            default the model's own folder (``config._name_or_path``), which the saved adapter then names.
         prompt_tuning_init_token_ids: token ids for ``TEXT`` instead of a text and tokenizer.
     """
 
@@ -65,9 +66,10 @@ class PromptTuningConfig(Config):
         if self.num_virtual_tokens <= 0:
             raise PeftkitError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens}")
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_token_ids:
-            if not self.prompt_tuning_init_text or not self.tokenizer_name_or_path:
-                raise PeftkitError("prompt_tuning_init=TEXT needs prompt_tuning_init_text and tokenizer_name_or_path "
-                                   "(or prompt_tuning_init_token_ids)")
+            if not self.prompt_tuning_init_text:
+                raise PeftkitError("prompt_tuning_init=TEXT needs prompt_tuning_init_text (tokenized by "
+                                   "tokenizer_name_or_path or the model's own tokenizer) or "
+                                   "prompt_tuning_init_token_ids")
 
     def for_loading(self) -> PromptTuningConfig:
         """Loading overwrites the prompt: skip the initialisation (no tokenizer needed)."""
@@ -75,8 +77,11 @@ class PromptTuningConfig(Config):
 
     def peft_fields(self, model: nn.Module) -> dict[str, Any]:
         geo = model_geometry(model)
-        return {"token_dim": geo["hidden"], "num_layers": geo["layers"], "num_attention_heads": geo["heads"],
-                "num_transformer_submodules": 1}
+        fields = {"token_dim": geo["hidden"], "num_layers": geo["layers"], "num_attention_heads": geo["heads"],
+                  "num_transformer_submodules": 1}
+        if self.prompt_tuning_init == "TEXT" and not self.tokenizer_name_or_path:
+            fields["tokenizer_name_or_path"] = _model_folder(model)  # peft's config requires one for TEXT
+        return fields
 
 
 def model_geometry(model: nn.Module) -> dict[str, int]:
@@ -207,7 +212,7 @@ def _init_prompt(encoder: PromptEncoder, model: nn.Module, config: PromptTuningC
         if config.prompt_tuning_init == "SAMPLE_VOCAB":
             ids = torch.randint(0, min(SAMPLE_VOCAB_SIZE, vocab.shape[0]), (m,))
         else:
-            ids = torch.tensor(config.prompt_tuning_init_token_ids or _tokenize(config), dtype=torch.long)
+            ids = torch.tensor(config.prompt_tuning_init_token_ids or _tokenize(config, model), dtype=torch.long)
             if ids.numel() == 0:
                 raise PeftkitError("prompt_tuning_init_text gives no tokens")
             if int(ids.max()) >= vocab.shape[0] or int(ids.min()) < 0:
@@ -216,13 +221,22 @@ def _init_prompt(encoder: PromptEncoder, model: nn.Module, config: PromptTuningC
         weight.copy_(vocab[ids.to(vocab.device)].to(weight.dtype))
 
 
-def _tokenize(config: PromptTuningConfig) -> list[int]:
+def _model_folder(model: nn.Module) -> str | None:
+    """Where `model` was loaded from (``config._name_or_path``), if it says."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def _tokenize(config: PromptTuningConfig, model: nn.Module) -> list[int]:
     from transformers import AutoTokenizer
 
+    source = config.tokenizer_name_or_path or _model_folder(model)
+    if source is None:
+        raise PeftkitError("prompt_tuning_init=TEXT: give tokenizer_name_or_path (the model does not say where it "
+                           "was loaded from, so its tokenizer cannot be found)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise PeftkitError(f"cannot load tokenizer {config.tokenizer_name_or_path!r}: {e}") from None
+        raise PeftkitError(f"cannot load tokenizer {source!r} for prompt_tuning_init=TEXT: {e}") from None
     return tokenizer(config.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
 
 
