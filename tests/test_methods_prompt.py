@@ -4,6 +4,7 @@ peft-format adapter files both ways."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -122,9 +123,12 @@ def test_prompt_tuning_text_init_with_tokenizer(tmp_path):
     save_adapter(model, tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["tokenizer_name_or_path"] == str(tmp_path / "tok")
+    assert "prompt_tuning_init_token_ids" not in saved  # peftkit's own field, unset: peft would warn about it
     from peft import PeftConfig
 
-    assert PeftConfig.from_pretrained(tmp_path / "adapter").tokenizer_name_or_path == str(tmp_path / "tok")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PeftConfig.from_pretrained(tmp_path / "adapter").tokenizer_name_or_path == str(tmp_path / "tok")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -129,6 +129,9 @@ def _peft_config(spec: MethodSpec, config: Config, model: nn.Module) -> dict[str
             data["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in _lora_names(model)})
     if hasattr(config, "peft_fields"):
         data.update(config.peft_fields(model))
+    for key in getattr(config, "peftkit_only_fields", ()):  # fields peft does not know: left out when unset
+        if data.get(key) is None:
+            data.pop(key, None)
     return data
 
 

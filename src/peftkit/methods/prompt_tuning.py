@@ -56,6 +56,8 @@ class PromptTuningConfig(Config):
         prompt_tuning_init_token_ids: token ids for ``TEXT`` instead of a text and tokenizer.
     """
 
+    peftkit_only_fields = ("prompt_tuning_init_token_ids",)  # not written to adapter_config.json when unset
+
     num_virtual_tokens: int = 20
     prompt_tuning_init: Literal["TEXT", "SAMPLE_VOCAB", "RANDOM"] = "SAMPLE_VOCAB"
     prompt_tuning_init_text: str | None = None
