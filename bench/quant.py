@@ -4,7 +4,7 @@ Times NF4 quantization with double quantization and dequantization of a 4096x409
 the libraries called alternately, medians over repetitions; then the quantization report on the bundled model
 (bits/param and weight reconstruction error per format). Writes section "quant" of BENCHMARKS.md.
 
-Dequantization is timed twice: as a user calls it (a fresh 32-64 MB output: most of the time is the kernel
+Dequantization is timed twice: as a user calls it (a fresh 32-64 MB output: most of the time is the OS
 mapping its pages on first touch, the same for every library) and, in a child process whose allocator keeps freed
 memory mapped (glibc's MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_), where only the decoding is timed. peftkit
 is timed with its compiled kernel and with its PyTorch path (the fallback).
