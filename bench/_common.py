@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"  # the team's data sets (../shared/data)
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = (
     "# Benchmarks\n\n"

@@ -23,12 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, machine, write_section
+from _common import ALPACA, ROOT, machine, write_section
 
 N_TRAIN, N_EVAL = 300, 100
 METHODS = "zero_shot,icl,lora,qlora,full,houlsby,prefix,prompt,top2,norms,said"
 MITIGATIONS = "full+replay,full+ewc"  # forgetting mitigations, run separately (they need --replay-data)
-REPLAY_DATA = "/work/shared/data/alpaca/alpaca_5000.json"
+REPLAY_DATA = str(ALPACA)
 EWC_SWEEP = (0.01, 0.1, 1.0)
 # the three methods still far from converged in the table (final train loss 1.44-1.48 vs 1.24-1.35), at higher rates
 LR_SWEEP = {"prompt": (0.1, 0.3), "said": (0.03, 0.1), "top2": (5e-4, 1e-3)}
@@ -94,26 +94,25 @@ def _relative(path: Path) -> str:
 
 def ewc_sweep(out: Path) -> None:
     """Full fine-tuning with EWC at each lambda of EWC_SWEEP and with replay, same task and budget as the table."""
-    from peftkit.eval.compare import e2e_task, run_compare
-
-    task = e2e_task(out, n_train=N_TRAIN, n_eval=N_EVAL)
     entries = {f"ewc{lam}": {"method": "full", "lr": 1e-4, "ewc_lambda": lam} for lam in EWC_SWEEP}
     entries["replay"] = {"method": "full", "lr": 1e-4, "replay_fraction": 0.25}
-    results = run_compare(task, list(entries), out_dir=out, entries=entries, probe_new_tokens=32, timeout=1500,
-                          overrides={"batch_size": 2}, replay_data=REPLAY_DATA)
-    for r in results:
-        print(f"{r['method']}: BLEU {r.get('BLEU', float('nan')):.4f}, probe loss increase "
-              f"{r.get('probe_loss_increase', float('nan')):+.3f}")
+    _sweep(out, entries, replay_data=REPLAY_DATA)
 
 
 def lr_sweep(out: Path) -> None:
     """The methods that had not converged at the table's budget, at higher learning rates (same task and budget)."""
-    from peftkit.eval.compare import DEFAULT_ENTRIES, e2e_task, run_compare
+    from peftkit.eval.compare import DEFAULT_ENTRIES
+
+    _sweep(out, {f"{name}@{lr:g}": {**DEFAULT_ENTRIES[name], "lr": lr} for name, lrs in LR_SWEEP.items() for lr in lrs})
+
+
+def _sweep(out: Path, entries: dict[str, dict], replay_data: str | None = None) -> None:
+    """Run `entries` on the table's task and budget into `out`; print each one's BLEU, final loss and forgetting."""
+    from peftkit.eval.compare import e2e_task, run_compare
 
     task = e2e_task(out, n_train=N_TRAIN, n_eval=N_EVAL)
-    entries = {f"{name}@{lr:g}": {**DEFAULT_ENTRIES[name], "lr": lr} for name, lrs in LR_SWEEP.items() for lr in lrs}
     results = run_compare(task, list(entries), out_dir=out, entries=entries, probe_new_tokens=32, timeout=1500,
-                          overrides={"batch_size": 2})
+                          overrides={"batch_size": 2}, replay_data=replay_data)
     for r in results:
         print(f"{r['method']}: BLEU {r.get('BLEU', float('nan')):.4f}, final train loss "
               f"{r.get('train_loss', float('nan')):.3f}, probe loss increase "

@@ -89,7 +89,9 @@ def _batch(tokenizer, rows: int):
     from peftkit.data.sequences import IGNORE
 
     text = Path(__file__).resolve().parents[1].joinpath("README.md")
-    source = Path("/work/shared/data/alpaca/alpaca_5000.json")
+    from _common import ALPACA
+
+    source = ALPACA
     if source.is_file():
         data = json.loads(source.read_text())
         words = " ".join(r["instruction"] + " " + r["input"] + " " + r["output"] for r in data[:400])

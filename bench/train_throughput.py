@@ -43,11 +43,11 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_section  # noqa: E402
+from _common import ALPACA, machine, write_section  # noqa: E402
 
 warnings.filterwarnings("ignore")
 MODEL = "smollm2-135m-instruct"
-DATA = "/work/shared/data/alpaca/alpaca_5000.json"
+DATA = str(ALPACA)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, MAX_LENGTH, LR = 8, 512, 2e-4
 CONFIGS = ("peftkit-fp32-pad", "peft-fp32", "peft-bf16", "peftkit-default", "peftkit-default-b8")

@@ -17,6 +17,21 @@ def randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture
+def rebuild():
+    """The kernel looked up afresh in this test (environment, flags, source), and again in the next one.
+
+    Call it to look up once more within the test."""
+    native._kernel.cache_clear()
+    yield native._kernel.cache_clear
+    native._kernel.cache_clear()
+
+
+def needs_compiler() -> None:
+    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
+        pytest.skip("needs a C compiler (the kernel is built on Linux only)")
+
+
 def torch_path(data: torch.Tensor, state: blockwise.QuantState, dtype: torch.dtype, monkeypatch) -> torch.Tensor:
     with monkeypatch.context() as m:
         m.setattr(native, "dequant4_kernel", lambda: None)
@@ -24,8 +39,7 @@ def torch_path(data: torch.Tensor, state: blockwise.QuantState, dtype: torch.dty
 
 
 def test_kernel_builds_on_linux_with_a_compiler():
-    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
-        pytest.skip("the kernel is built on Linux with a C compiler only")
+    needs_compiler()
     assert native.dequant4_kernel() is not None
 
 
@@ -77,52 +91,38 @@ def test_short_inputs_are_refused():
         native.dequantize_4bit_blocks(data, state, torch.empty(192))
 
 
-def test_disabled_by_environment(monkeypatch):
-    native.dequant4_kernel.cache_clear()
+def test_disabled_by_environment(monkeypatch, rebuild):
     monkeypatch.setenv("PEFTKIT_NATIVE", "0")
-    try:
-        assert native.dequant4_kernel() is None
-        data, state = quantize(randn(256), "nf4")
-        assert (dequantize(data, state) - randn(256)).abs().max() < 0.5
-    finally:
-        native.dequant4_kernel.cache_clear()
+    assert native.dequant4_kernel() is None
+    data, state = quantize(randn(256), "nf4")
+    assert (dequantize(data, state) - randn(256)).abs().max() < 0.5
 
 
-def test_a_failing_build_warns_leaves_no_file_and_falls_back(tmp_path, monkeypatch):
-    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
-        pytest.skip("needs a C compiler")
+def test_a_failing_build_warns_leaves_no_file_and_falls_back(tmp_path, monkeypatch, rebuild):
+    needs_compiler()
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
     monkeypatch.setattr(native, "SOURCE", broken)
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
-    native.dequant4_kernel.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="kernel unavailable"):
-            assert native.dequant4_kernel() is None
-        assert not any((tmp_path / "cache" / "kernels").iterdir()), "no half-written library is left behind"
-        data, state = quantize(randn(256), "nf4")
-        assert dequantize(data, state).shape == (256,)
-    finally:
-        native.dequant4_kernel.cache_clear()
+    with pytest.warns(UserWarning, match="kernel unavailable"):
+        assert native.dequant4_kernel() is None
+    assert not any((tmp_path / "cache" / "kernels").iterdir()), "no half-written library is left behind"
+    data, state = quantize(randn(256), "nf4")
+    assert dequantize(data, state).shape == (256,)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_portable_build_equals_torch_path(dtype, tmp_path, monkeypatch):
+def test_portable_build_equals_torch_path(dtype, tmp_path, monkeypatch, rebuild):
     """The kernel's scalar loop (what a CPU without AVX-512 runs), built without -march=native."""
-    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
-        pytest.skip("needs a C compiler")
+    needs_compiler()
     monkeypatch.setattr(native, "FLAGS", tuple(f for f in native.FLAGS if f != "-march=native"))
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
-    native.dequant4_kernel.cache_clear()
-    try:
-        assert native.dequant4_kernel() is not None
-        data, state = quantize(randn(4096 + 70, seed=5), "nf4", block_size=64, double_quant=True)
-        assert torch.equal(dequantize(data, state, dtype), torch_path(data, state, dtype, monkeypatch))
-    finally:
-        native.dequant4_kernel.cache_clear()
+    assert native.dequant4_kernel() is not None
+    data, state = quantize(randn(4096 + 70, seed=5), "nf4", block_size=64, double_quant=True)
+    assert torch.equal(dequantize(data, state, dtype), torch_path(data, state, dtype, monkeypatch))
 
 
-def test_a_hanging_compiler_times_out_and_falls_back(tmp_path, monkeypatch):
+def test_a_hanging_compiler_times_out_and_falls_back(tmp_path, monkeypatch, rebuild):
     if not sys.platform.startswith("linux"):
         pytest.skip("the kernel is built on Linux only")
     compiler = tmp_path / "slowcc"
@@ -131,30 +131,21 @@ def test_a_hanging_compiler_times_out_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "COMPILE_TIMEOUT_S", 0.5)
-    native.dequant4_kernel.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="kernel unavailable"):
-            assert native.dequant4_kernel() is None
-    finally:
-        native.dequant4_kernel.cache_clear()
+    with pytest.warns(UserWarning, match="kernel unavailable"):
+        assert native.dequant4_kernel() is None
 
 
-def test_unwritable_cache_and_damaged_library(tmp_path, monkeypatch):
-    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
-        pytest.skip("needs a C compiler")
+def test_unwritable_cache_and_damaged_library(tmp_path, monkeypatch, rebuild):
+    needs_compiler()
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("PEFTKIT_CACHE", str(blocker / "cache"))  # mkdir fails under a regular file
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(native.tempfile, "tempdir", None)  # re-read TMPDIR
-    native.dequant4_kernel.cache_clear()
-    try:
-        assert native.dequant4_kernel() is not None
-        (built,) = tmp_path.glob("peftkit-kernels-*/dequant4-*.so")
-        data, state = quantize(randn(4096), "nf4")
-        assert torch.equal(dequantize(data, state), torch_path(data, state, torch.float32, monkeypatch))
-    finally:
-        native.dequant4_kernel.cache_clear()
+    assert native.dequant4_kernel() is not None
+    (built,) = tmp_path.glob("peftkit-kernels-*/dequant4-*.so")
+    data, state = quantize(randn(4096), "nf4")
+    assert torch.equal(dequantize(data, state), torch_path(data, state, torch.float32, monkeypatch))
     # Another process finds a file under that name that does not load: it builds it again. (A new file replaces
     # the name; this process keeps its mapping, which rewriting the loaded library in place would crash.)
     damaged = built.with_suffix(".damaged")
@@ -166,19 +157,15 @@ def test_unwritable_cache_and_damaged_library(tmp_path, monkeypatch):
     assert built.read_bytes()[:4] == b"\x7fELF"
 
 
-def test_describe_says_what_runs_and_why(monkeypatch):
-    native.dequant4_kernel.cache_clear()
-    try:
-        monkeypatch.setenv("PEFTKIT_NATIVE", "0")
-        assert native.describe() == "PyTorch path (PEFTKIT_NATIVE=0)"
-        native.dequant4_kernel.cache_clear()
-        monkeypatch.setenv("PEFTKIT_NATIVE", "1")
-        monkeypatch.setenv("CC", "no-such-compiler-here")
-        if sys.platform.startswith("linux"):
-            assert native.describe() == "PyTorch path (no C compiler: 'no-such-compiler-here' is not on PATH)"
-        native.dequant4_kernel.cache_clear()
-        monkeypatch.delenv("CC")
-        if sys.platform.startswith("linux") and shutil.which("cc"):
-            assert native.describe().startswith("compiled kernel (") and native.describe().endswith(".so)")
-    finally:
-        native.dequant4_kernel.cache_clear()
+def test_describe_says_what_runs_and_why(monkeypatch, rebuild):
+    monkeypatch.setenv("PEFTKIT_NATIVE", "0")
+    assert native.describe() == "PyTorch path (PEFTKIT_NATIVE=0)"
+    rebuild()
+    monkeypatch.setenv("PEFTKIT_NATIVE", "1")
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    if sys.platform.startswith("linux"):
+        assert native.describe() == "PyTorch path (no C compiler: 'no-such-compiler-here' is not on PATH)"
+    rebuild()
+    monkeypatch.delenv("CC")
+    if sys.platform.startswith("linux") and shutil.which("cc"):
+        assert native.describe().startswith("compiled kernel (") and native.describe().endswith(".so)")

@@ -94,7 +94,7 @@ def linear_targets(model: nn.Module, targets: list[str] | str) -> list[str] | st
     heads = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in _OUTPUT_HEADS}
     names = [n for n, m in model.named_modules() if is_plain_linear(m) and n not in heads]
     if not names:
-        others = sorted({type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"Linear"})
+        others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)} - {"Linear"})
         found = f" (found {', '.join(others)}: subclasses this method does not adapt)" if others else ""
         raise PeftkitError(f"{type(model).__name__} has no nn.Linear / Conv1D layers besides the output head{found}")
     return names

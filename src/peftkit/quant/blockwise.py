@@ -319,13 +319,13 @@ def dequantize(data: torch.Tensor, state: QuantState, dtype: torch.dtype | None 
     data = data.reshape(-1)
     out = torch.empty(n, dtype=dtype, device=data.device)
     # 4-bit formats on CPU: the compiled kernel (it also undoes double quantization); else the PyTorch path.
-    done = book.bits == 4 and native.dequantize_4bit_blocks(data, state, out[:full])
+    done = book.bits == 4 and native.dequantize_validated(data, state, out[:full])
     if done and full == n:
         return out.view(state.shape)
     scales = state.scales().to(data.device)
     values = book.values.to(data.device)
     if not done:
-        _dequantize_blocks(data, scales, book, state.format, out[:full], bs)
+        _dequantize_blocks(data, scales, book, out[:full], bs)
     if full < n:
         if book.bits == 4:
             codes = unpack_4bit(data[full // 2 :], n - full)
@@ -336,15 +336,13 @@ def dequantize(data: torch.Tensor, state: QuantState, dtype: torch.dtype | None 
     return out.view(state.shape)
 
 
-def _dequantize_blocks(
-    data: torch.Tensor, scales: torch.Tensor, book: Codebook, format: str, out: torch.Tensor, bs: int
-) -> None:
+def _dequantize_blocks(data: torch.Tensor, scales: torch.Tensor, book: Codebook, out: torch.Tensor, bs: int) -> None:
     """The PyTorch path of `dequantize` for the full blocks (`out`): decode a chunk into a float32 buffer, scale."""
     full = out.numel()
     chunk = max(min(CHUNK, full), 1)
     per_byte = 2 if book.bits == 4 else 1
     # 4-bit: an int64 table entry holds the two float32 values a byte decodes to (one gather per byte).
-    table = _pair_table(format, data.device) if book.bits == 4 else book.values.to(data.device)
+    table = _pair_table(book.name, data.device) if book.bits == 4 else book.values.to(data.device)
     index = torch.empty(chunk // per_byte, dtype=torch.int32, device=data.device)
     decoded = torch.empty(chunk, dtype=torch.float32, device=data.device)
     for start in range(0, full, chunk):

@@ -86,54 +86,49 @@ def _load(compiler: str, target: Path) -> Any:
     return ctypes.CDLL(str(target)).peftkit_dequant4
 
 
-_STATUS: list[str] = []  # why `dequant4_kernel` returned what it did (for `describe`)
+def dequant4_kernel() -> Any | None:
+    """The kernel's C function, or None where it is unavailable (then peftkit uses the PyTorch path)."""
+    return _kernel()[0]
 
 
 def describe() -> str:
     """One line for `peftkit info`: what dequantizes 4-bit weights on CPU here, and why."""
-    kernel = dequant4_kernel()
-    return ("compiled kernel" if kernel is not None else "PyTorch path") + f" ({_STATUS[-1]})"
+    kernel, why = _kernel()
+    return ("compiled kernel" if kernel is not None else "PyTorch path") + f" ({why})"
 
 
 @cache
-def dequant4_kernel() -> Any | None:
-    """The kernel's C function, or None where it is unavailable (then peftkit uses the PyTorch path)."""
+def _kernel() -> tuple[Any | None, str]:
+    """Build (once) and load the kernel: its C function or None, and why (the library's path, or the reason)."""
     if os.environ.get("PEFTKIT_NATIVE", "1") == "0":
-        _STATUS.append("PEFTKIT_NATIVE=0")
-        return None
+        return None, "PEFTKIT_NATIVE=0"
     if not sys.platform.startswith("linux"):
-        _STATUS.append(f"built on Linux only, this is {sys.platform}")
-        return None
+        return None, f"built on Linux only, this is {sys.platform}"
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        _STATUS.append(f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH")
-        return None
+        return None, f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH"
     from peftkit.models import cache_dir
 
     key = hashlib.sha256(b"\0".join(s.encode() for s in (SOURCE.read_text(), compiler, *FLAGS, _cpu_flags())))
     name = f"dequant4-{key.hexdigest()[:16]}.so"
     # the cache, or where it cannot be written (a read-only home), a folder of this user's in the temp dir
     folders = (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"peftkit-kernels-{os.getuid()}")
-    fn, error = None, None
+    error: Exception | None = None
     for folder in folders:
         try:
             fn = _load(compiler, folder / name)
-            _STATUS.append(str(folder / name))
-            break
         except OSError as err:
             error = err
+            continue
         except (RuntimeError, AttributeError, subprocess.SubprocessError) as err:
             error = err
             break  # the build itself failed: another folder will not help
-    if fn is None:
-        _STATUS.append(f"the build failed: {error}")
-        warnings.warn(f"peftkit: 4-bit dequantization kernel unavailable, using the PyTorch path ({error})",
-                      stacklevel=2)
-        return None
-    pointer = ctypes.c_void_p
-    fn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 2 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = None
-    return fn
+        pointer = ctypes.c_void_p
+        fn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 2 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = None
+        return fn, str(folder / name)
+    warnings.warn(f"peftkit: 4-bit dequantization kernel unavailable, using the PyTorch path ({error})", stacklevel=3)
+    return None, f"the build failed: {error}"
 
 
 def dequantize_4bit_blocks(packed: torch.Tensor, state: QuantState, out: torch.Tensor) -> bool:
@@ -145,6 +140,11 @@ def dequantize_4bit_blocks(packed: torch.Tensor, state: QuantState, out: torch.T
     state.validate(packed)  # the C code trusts sizes and dtypes: check them here
     if out.numel() > state.numel:
         raise ValueError(f"dequantize_4bit_blocks: out has {out.numel()} elements, the quantized tensor {state.numel}")
+    return dequantize_validated(packed, state, out)
+
+
+def dequantize_validated(packed: torch.Tensor, state: QuantState, out: torch.Tensor) -> bool:
+    """`dequantize_4bit_blocks` for inputs already checked (`dequantize` validates the state against `packed`)."""
     kernel = dequant4_kernel()
     values = codebook(state.format).values
     tensors = [packed, state.absmax, values, out]
