@@ -117,3 +117,15 @@ def test_cli_compare(tmp_path, tiny_dir, capsys):
     assert code == 0
     assert "results.md" in capsys.readouterr().out
     assert (tmp_path / "cli" / "results.csv").is_file()
+
+
+@pytest.mark.parametrize("methods, extra, error", [
+    ("lora,nosuch", [], "unknown compare entries"),
+    ("full+ewc", [], "need general instruction data"),
+    ("full+replay", ["--replay-data", "missing.json"], "does not exist"),
+])
+def test_cli_compare_bad_entries_write_nothing(tmp_path, methods, extra, error, capsys):
+    """Bad entries are refused before the task files (the E2E split) are written."""
+    assert main(["compare", "--task", "e2e", "--methods", methods, *extra, "--out", str(tmp_path / "out")]) == 2
+    assert error in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -31,7 +31,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "model": BUNDLED_NAME,
     "method": "lora",
     "method_config": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-    "quantize": "nf4",  # QLoRA: NF4 + double-quantized frozen base (~12% more time per step here)
+    "quantize": "nf4",  # QLoRA: NF4 + double-quantized frozen base
     "precision": "bf16",
     "packing": True,
     "max_length": 512,

@@ -47,18 +47,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from peftkit.core.config import parse_override
     from peftkit.errors import PeftkitError
-    from peftkit.eval.compare import e2e_task, file_task, run_compare
+    from peftkit.eval.compare import check_entries, e2e_task, file_task, run_compare
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    overrides = dict(parse_override(o) for o in args.overrides)
+    check_entries(methods, replay_data=args.replay_data, overrides=overrides)  # before the task files are written
     if args.task == "e2e":
         task = e2e_task(args.out, n_train=args.n_train, n_eval=args.n_eval, root=args.e2e_root)
     elif args.data and args.eval_data:
         task = file_task(args.data, args.eval_data, args.n_eval)
     else:
         raise PeftkitError("give --task e2e, or --data and --eval-data")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    results = run_compare(task, methods, model=args.model, out_dir=args.out,
-                          overrides=dict(parse_override(o) for o in args.overrides), probe=not args.no_probe,
-                          metrics=args.metrics, max_new_tokens=args.max_new_tokens,
+    results = run_compare(task, methods, model=args.model, out_dir=args.out, overrides=overrides,
+                          probe=not args.no_probe, metrics=args.metrics, max_new_tokens=args.max_new_tokens,
                           probe_new_tokens=args.probe_new_tokens, eval_batch_size=args.eval_batch_size,
                           timeout=args.timeout, replay_data=args.replay_data)
     failed = [r["method"] for r in results if r.get("error")]

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_ENTRIES",
     "DEFAULT_METHODS",
     "CompareTask",
+    "check_entries",
     "e2e_task",
     "file_task",
     "markdown_table",
@@ -397,6 +398,32 @@ def plot_bleu_vs_params(results: Sequence[dict[str, Any]], path: Path, title: st
     return True
 
 
+def check_entries(
+    methods: Sequence[str],
+    entries: dict[str, dict[str, Any]] | None = None,
+    replay_data: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Check `methods` before anything is written: all entries known, general data for the mitigations.
+
+    Returns:
+        The entries (:data:`DEFAULT_ENTRIES` with `entries` on top) and the methods that need `replay_data`.
+
+    Raises:
+        PeftkitError: an unknown entry, or a mitigation without (existing) replay data.
+    """
+    entries = {**DEFAULT_ENTRIES, **(entries or {})}
+    unknown = [m for m in methods if m not in entries]
+    if unknown:
+        raise PeftkitError(f"unknown compare entries {unknown}; known: {', '.join(entries)}")
+    mitigations = [m for m in methods if entries[m].get("replay_fraction") or entries[m].get("ewc_lambda")]
+    if mitigations and not (replay_data or (overrides or {}).get("replay_data")):
+        raise PeftkitError(f"{', '.join(mitigations)} need general instruction data: pass --replay-data FILE")
+    if mitigations and replay_data and not Path(replay_data).is_file():
+        raise PeftkitError(f"replay data {replay_data} does not exist")
+    return entries, mitigations
+
+
 def run_compare(
     task: CompareTask,
     methods: Sequence[str] = DEFAULT_METHODS,
@@ -428,15 +455,7 @@ def run_compare(
         One result dict per method, in order; a failed entry has ``error`` set. The files ``results.csv``,
         ``results.md``, ``results.json`` and ``bleu_vs_params.png`` are written to `out_dir` after every entry.
     """
-    entries = {**DEFAULT_ENTRIES, **(entries or {})}
-    unknown = [m for m in methods if m not in entries]
-    if unknown:
-        raise PeftkitError(f"unknown compare entries {unknown}; known: {', '.join(entries)}")
-    mitigations = [m for m in methods if entries[m].get("replay_fraction") or entries[m].get("ewc_lambda")]
-    if mitigations and not (replay_data or (overrides or {}).get("replay_data")):
-        raise PeftkitError(f"{', '.join(mitigations)} need general instruction data: pass --replay-data FILE")
-    if mitigations and replay_data and not Path(replay_data).is_file():
-        raise PeftkitError(f"replay data {replay_data} does not exist")
+    entries, mitigations = check_entries(methods, entries, replay_data, overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task_path = out / "task.json"

@@ -19,10 +19,10 @@ Note:
     better but multiply the number of parallel regions: on an oversubscribed CPU each one waits for a
     descheduled thread: 2**18-element chunks measured up to 10x slower than 2**22 under load, though faster
     when the CPU is idle. Dequantization of 4-bit formats on CPU runs the compiled kernel of `native` (one
-    pass, ~2.5x faster); the PyTorch path (any device, any format, and the fallback) gathers one int64 per byte
-    from a 256-entry table holding both decoded values, then scales. Both give the same bits. The numbers are
-    bitsandbytes', bit for bit: full blocks are scaled by `x * (1 / absmax)`, the trailing partial block by
-    `x / absmax`, both as bitsandbytes does on CPU.
+    pass; `python bench/quant.py` times both); the PyTorch path (any device, any format, and the fallback)
+    gathers one int64 per byte from a 256-entry table holding both decoded values, then scales. Both give the
+    same bits. The numbers are bitsandbytes', bit for bit: full blocks are scaled by `x * (1 / absmax)`, the
+    trailing partial block by `x / absmax`, both as bitsandbytes does on CPU.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The compiled CPU kernel for 4-bit dequantization (`kernels/dequant4.c`), built on first use.
 
 Why a kernel: in PyTorch eager, decoding is one gather per byte, then a multiply by the block scales, each a pass
-over memory (a 4096x4096 NF4 weight: ~6 ms once its memory is mapped); bitsandbytes' C++ kernel takes ~2.3 ms.
+over memory (a 4096x4096 NF4 weight: ~6 ms once its memory is mapped, bitsandbytes' C++ kernel ~2.4 ms: the
+"memory kept mapped" column of `python bench/quant.py`).
 The C file decodes and scales in one pass (AVX-512 `vpermps` over a 16-entry table) and matches it. Its results
 are bit-identical to the PyTorch path, which stays the reference and the fallback (tests run both).
 
