@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from peftkit.demo import DEMO_CONFIG
+from peftkit.hardware import resolve_precision
 from peftkit.train import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -29,8 +31,11 @@ def test_demo_recipe_matches_demo_config():
     assert {k: v for k, v in recipe.items() if k != "data"} == DEMO_CONFIG
 
 
-def test_qlora_recipe_has_the_papers_choices():
+def test_qlora_recipe_has_the_papers_choices(monkeypatch):
     cfg = load_recipe(RECIPES[0].parent / "smollm2_qlora_alpaca.yaml")
     assert (cfg.quantize, cfg.double_quant, cfg.precision, cfg.gradient_checkpointing, cfg.optimizer) == (
-        "nf4", True, "bf16", True, "paged_adamw_32bit")
+        "nf4", True, "auto", True, "paged_adamw_32bit")
+    # the paper's bf16 compute wherever the hardware computes bf16 natively
+    monkeypatch.setenv("PEFTKIT_NATIVE_BF16", "1")
+    assert resolve_precision(cfg.precision).compute_dtype == torch.bfloat16
     assert cfg.method == "lora" and cfg.method_config["target_modules"] == "all-linear"

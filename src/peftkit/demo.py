@@ -15,10 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from peftkit.data.formats import read_conversations
 from peftkit.eval.generate import generate
+from peftkit.hardware import resolve_precision, warn_if_slow
 from peftkit.models import BUNDLED_NAME, load_model
 from peftkit.train import TrainConfig, Trainer
 
@@ -32,7 +31,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "method": "lora",
     "method_config": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
     "quantize": "nf4",  # QLoRA: NF4 + double-quantized frozen base
-    "precision": "bf16",
+    "precision": "auto",  # bf16 where the hardware computes it natively, else fp32 (peftkit.hardware)
     "packing": True,
     "max_length": 512,
     "batch_size": 4,
@@ -91,8 +90,11 @@ def run_demo(n_test: int = 60, overrides: dict[str, Any] | None = None, show: in
     """Score, fine-tune, score again; print the before/after table. Returns the numbers."""
     t_start = time.perf_counter()
     config = TrainConfig.from_dict({**DEMO_CONFIG, "data": str(task_file("train")), **(overrides or {})})
-    # bf16 weights: generation runs bf16 matmuls; the trainer keeps the trainable weights in fp32
-    model, tokenizer = load_model(config.model, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float32)
+    precision = resolve_precision(config.precision)
+    print(precision.line())
+    warn_if_slow(precision)
+    # the frozen weights' dtype: generation runs in it; the trainer keeps the trainable weights in fp32
+    model, tokenizer = load_model(config.model, dtype=precision.weight_dtype)
     test = read_conversations(task_file("test"))[:n_test]
     prompts = [conv[:-1] for conv in test]
     references = [conv[-1]["content"] for conv in test]
@@ -117,8 +119,9 @@ def run_demo(n_test: int = 60, overrides: dict[str, Any] | None = None, show: in
     print(f"|{'-' * 17}|{'-' * 12}|{'-' * 12}|")
     for label, key in rows:
         print(f"| {label:<15} | {before.scores[key]:>10.1%} | {after.scores[key]:>10.1%} |")
+    mfu = f", {result.mfu:.0%} of this CPU's {precision.name} matmul peak" if result.mfu is not None else ""
     print(f"\nTraining: {result.steps} steps in {result.train_seconds:.0f} s, "
-          f"{result.target_tokens_per_s:.0f} answer tokens/s; final train loss {result.train_loss:.3f}"
+          f"{result.target_tokens_per_s:.0f} answer tokens/s{mfu}; final train loss {result.train_loss:.3f}"
           + (f", eval loss {result.eval_loss:.3f}" if result.eval_loss is not None else ""))
     print("\nSample generations:")
     for i in range(min(show, len(test))):
@@ -131,6 +134,7 @@ def run_demo(n_test: int = 60, overrides: dict[str, Any] | None = None, show: in
     total = time.perf_counter() - t_start
     print(f"Total time: {total:.0f} s")
     summary = {"before": before.scores, "after": after.scores, "train_seconds": result.train_seconds,
-               "steps": result.steps, "total_seconds": total, "params": p}
+               "steps": result.steps, "total_seconds": total, "params": p, "precision": precision.name,
+               "precision_reason": precision.reason, "mfu": result.mfu, "eval_seconds": before.seconds + after.seconds}
     (out / "demo_results.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -14,18 +14,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default)")
     p.add_argument("--template", help="named chat template for models without one (chatml, alpaca)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights and compute (auto: bf16 where the hardware computes it natively, else fp32)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from peftkit.core.adapter_io import load_adapter
     from peftkit.eval.generate import generate
+    from peftkit.hardware import resolve_precision, warn_if_slow
     from peftkit.models import load_model
 
     prompts = args.prompts or [line.strip() for line in sys.stdin if line.strip()]
     if not prompts:
         raise ValueError("no prompts given (as arguments or on stdin)")
-    model, tokenizer = load_model(args.model)
+    precision = resolve_precision(args.precision)
+    warn_if_slow(precision)
+    model, tokenizer = load_model(args.model, dtype=precision.weight_dtype)
     if args.adapter:
         load_adapter(model, args.adapter)
     answers = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,

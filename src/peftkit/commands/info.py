@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.core.adapter_io import apply_method
     from peftkit.core.config import parse_override
     from peftkit.core.registry import get_method, list_methods
+    from peftkit.hardware import describe, resolve_precision
     from peftkit.models import load_model
     from peftkit.quant import native
     from peftkit.train import count_parameters
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  layers {getattr(cfg, 'num_hidden_layers', '?')}, hidden {getattr(cfg, 'hidden_size', '?')}, "
           f"vocab {getattr(cfg, 'vocab_size', '?')}, chat template: {'yes' if tokenizer.chat_template else 'no'}")
     print(f"4-bit dequantization on CPU: {native.describe()}")
+    print(f"this machine: {describe()}")
+    print(f"training and generation {resolve_precision('auto').line()}")
     methods = list_methods() if args.all_methods else [args.method] if args.method else []
     settings = dict(parse_override(s) for s in args.settings)
     if methods:

@@ -1,7 +1,8 @@
 """`peftkit quantize-report`: each weight format on a real model: bits per parameter, weight error, perplexity.
 
 Quantizes every linear layer but the output head in INT8, INT4, INT4 with clipping, FP4, NF4 and NF4 + double
-quantization (block 64), evaluates each in bf16 on held-out text next to the unquantized bf16 model, prints the
+quantization (block 64), evaluates each on held-out text next to the unquantized model (in bf16 where the hardware
+computes it natively, else fp32: ``--precision``), prints the
 table, and writes ``quantize_report.json`` and ``quantize_levels.png`` (a histogram of real weights of
 ``model.layers.0.self_attn.q_proj`` with the INT4 and NF4 levels over it) into ``--out``.
 
@@ -38,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=256, help="tokens per sample at most")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--layer", default=DEFAULT_LAYER, help="linear layer whose weights the histogram shows")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute dtype of the evaluation (auto: bf16 where native, else fp32)")
     p.set_defaults(func=run)
 
 
@@ -106,17 +109,21 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from peftkit.errors import PeftkitError
+    from peftkit.hardware import resolve_precision, warn_if_slow
     from peftkit.models import load_model
     from peftkit.quant.report import format_model_report, model_report, plot_levels
 
     if args.max_length < 2 or args.batch_size <= 0:
         raise PeftkitError("--max-length must be >= 2 and --batch-size > 0")
+    precision = resolve_precision(args.precision)
+    print(precision.line())
+    warn_if_slow(precision)
     texts, source = sample_texts(args.samples, args.data)
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     batches = token_batches(tokenizer, texts, args.max_length, args.batch_size)
     if not batches:
         raise PeftkitError("no text sample has two tokens or more")
-    rows = model_report(model, batches)
+    rows = model_report(model, batches, compute_dtype=precision.compute_dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -127,10 +134,11 @@ def run(args: argparse.Namespace) -> int:
     png = plot_levels(weight.reshape(-1)[:64], weight, out / "quantize_levels.png",
                       title=f"{args.layer}: real weights vs INT4 and NF4 levels (block 64)")
     result = {"model": args.model, "text": source, "samples": len(texts), "max_length": args.max_length,
-              "compute_dtype": "bfloat16", "rows": rows, "histogram": {"layer": args.layer, "png": png.name}}
+              "compute_dtype": str(precision.compute_dtype).removeprefix("torch."), "rows": rows,
+              "histogram": {"layer": args.layer, "png": png.name}}
     (out / "quantize_report.json").write_text(json.dumps(result, indent=2))
     print(f"{args.model}: {rows[0]['params']:,} linear weights quantized; perplexity over {rows[0]['tokens']:,} "
-          f"tokens of {source}; bf16 compute\n")
+          f"tokens of {source}; {precision.name} compute\n")
     print(format_model_report(rows))
     print(f"\nwrote {out / 'quantize_report.json'} and {png}")
     return 0

@@ -6,6 +6,7 @@ Runs under torchrun / `accelerate launch` unchanged: every process reads the sam
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from peftkit.hardware import resolve_precision
     from peftkit.train import Trainer, load_recipe
 
     recipe = args.recipe
@@ -24,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
         recipe, overrides = None, [recipe, *overrides]
     cfg = load_recipe(recipe, overrides)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(resolve_precision(cfg.precision).line())
     trainer = Trainer(cfg, resume=args.resume)
     p = trainer.params
     stats = trainer.tok_stats
@@ -33,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
           f"{len(trainer.rows)} rows, {trainer.total_steps} steps")
     result = trainer.run()
     if trainer.is_main:
+        mfu = f", {result.mfu:.0%} of the matmul peak" if result.mfu is not None else ""
         print(f"done: {result.steps} steps in {result.train_seconds:.0f} s ({result.target_tokens_per_s:.0f} target "
-              f"tokens/s); train loss {result.train_loss:.4f}"
+              f"tokens/s{mfu}); train loss {result.train_loss:.4f}"
               + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
         print(f"adapter: {result.adapter_dir}\nlog: {result.output_dir / 'metrics.jsonl'}  plot: "
               f"{result.output_dir / 'loss.png'}")

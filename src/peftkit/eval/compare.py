@@ -8,7 +8,7 @@ generates answers to the evaluation prompts (greedy, :func:`peftkit.eval.generat
 (:func:`peftkit.eval.metrics.e2e_metrics` by default) and measures forgetting on the general probe
 (:mod:`peftkit.eval.forgetting`). The parent writes ``results.csv``, ``results.md`` and ``bleu_vs_params.png``.
 
-Every entry shares :data:`COMMON_SETTINGS` (peftkit's recommended bf16 + packing) and the run's overrides; an
+Every entry shares :data:`COMMON_SETTINGS` (peftkit's defaults: precision auto + packing) and the run's overrides; an
 entry only says what differs (method, its settings, learning rate, quantization).
 """
 
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 COMMON_SETTINGS: dict[str, Any] = {
-    "precision": "bf16",
+    "precision": "auto",
     "packing": True,
     "max_length": 512,
     "batch_size": 2,
@@ -172,6 +172,7 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
 
     from peftkit.eval.forgetting import Probe, measure_forgetting
     from peftkit.eval.generate import generate
+    from peftkit.hardware import resolve_precision
     from peftkit.models import load_model
 
     t_start = time.perf_counter()
@@ -180,9 +181,11 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
     task = CompareTask.load(spec["task"])
     score = _score_fn(spec.get("metrics", "all"))
     gen = {"max_new_tokens": spec.get("max_new_tokens", 64), "batch_size": spec.get("eval_batch_size", 16)}
-    dtype = torch.bfloat16 if settings.get("precision", "bf16") == "bf16" else torch.float32
-    model, tokenizer = load_model(spec["model"], dtype=dtype)
-    result: dict[str, Any] = {"method": spec["label"], "settings": _settings_text(spec["entry"])}
+    precision = resolve_precision(settings.get("precision", "auto"))
+    print(f"{spec['label']}: {precision.line()}", flush=True)
+    model, tokenizer = load_model(spec["model"], dtype=precision.weight_dtype)
+    result: dict[str, Any] = {"method": spec["label"], "settings": _settings_text(spec["entry"]),
+                              "precision": precision.name}
     probe = Probe.load(spec["probe"]) if spec.get("probe") else None
 
     if settings["method"] == "icl":
@@ -245,14 +248,14 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_probe_file(spec: dict[str, Any]) -> dict[str, Any]:
-    """The base model's probe (greedy answers to the shipped questions and its loss on them), in bf16 if asked."""
-    import torch
-
+    """The base model's probe (greedy answers to the shipped questions and its loss on them), in the entries'
+    precision's weight dtype."""
     from peftkit.eval.forgetting import build_probe
+    from peftkit.hardware import resolve_precision
     from peftkit.models import load_model
 
-    dtype = torch.bfloat16 if spec["common"].get("precision", "bf16") == "bf16" else torch.float32
-    model, tokenizer = load_model(spec["model"], dtype=dtype)
+    precision = resolve_precision(spec["common"].get("precision", "auto"))
+    model, tokenizer = load_model(spec["model"], dtype=precision.weight_dtype)
     probe = build_probe(model, tokenizer, max_new_tokens=spec.get("probe_new_tokens", 48),
                         batch_size=spec.get("eval_batch_size", 16))
     probe.save(spec["probe"])

@@ -24,8 +24,11 @@ class TrainConfig(Config):
             the eval set off the training data when ``eval_data`` is not given.
         method / method_config: a registered method and its settings (validated by its config class).
         quantize: freeze the base in a 4/8-bit format first (QLoRA = ``lora`` + ``nf4``).
-        precision: ``bf16`` (frozen weights stored in bf16, trainable weights fp32, bf16 autocast),
-            ``bf16-autocast`` (all weights fp32, bf16 autocast) or ``fp32``.
+        precision: ``auto`` (the default: bf16 where the hardware computes it natively, else fp32 on CPU and fp16
+            on older GPUs; `peftkit.hardware.resolve_precision` decides and says why), ``bf16`` / ``fp16`` (frozen
+            weights stored in 16 bits, trainable weights fp32, 16-bit autocast; fp16 with a gradient scaler),
+            ``bf16-autocast`` (all weights fp32, bf16 autocast) or ``fp32``. A 4-bit base dequantizes to the same
+            compute dtype.
         batch_size: rows per micro-batch per process; ``grad_accum`` micro-batches per optimizer step. With
             packing (the default) a row holds up to ``max_length`` tokens of several examples, so the default of
             2 rows x 512 tokens is about 7 Alpaca examples, about as many tokens as 8 padded examples; without
@@ -57,7 +60,7 @@ class TrainConfig(Config):
     double_quant: bool = True
     quant_block_size: int = 64
 
-    precision: Literal["fp32", "bf16", "bf16-autocast"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "bf16-autocast", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     page_budget_bytes: int | None = None

@@ -33,10 +33,12 @@ from peftkit.core.registry import get_method
 from peftkit.data.formats import ReadStats, read_conversations
 from peftkit.data.sequences import IGNORE, Example, TokenizeStats, collate, make_rows, tokenize_conversations
 from peftkit.errors import PeftkitError
+from peftkit.hardware import Precision, matmul_peak, resolve_precision, warn_if_slow
 from peftkit.optim import build_optimizer
 from peftkit.quant import QuantLinear
 from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.config import TrainConfig
+from peftkit.train.flops import FlopCount, attention_pairs
 from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
 from peftkit.train.packed_attention import segment_bounds, use_packed_attention
 
@@ -170,10 +172,21 @@ class TrainResult:
     target_tokens: int
     tokens: int
     params: dict[str, float]
+    precision: str = "fp32"
+    model_flops: float = 0.0
+    matmul_peak: float | None = None  # FLOP/s per process in the compute dtype (CPU runs)
+    processes: int = 1
 
     @property
     def target_tokens_per_s(self) -> float:
         return self.target_tokens / max(self.train_seconds, 1e-9)
+
+    @property
+    def mfu(self) -> float | None:
+        """Achieved model FLOP/s over the measured matmul peak (`peftkit.train.flops`, `peftkit.hardware`)."""
+        if not self.matmul_peak:
+            return None
+        return self.model_flops / max(self.train_seconds, 1e-9) / (self.matmul_peak * self.processes)
 
 
 def _load_examples(cfg: TrainConfig, tokenizer, path: str) -> tuple[list[Example], ReadStats, TokenizeStats]:
@@ -185,25 +198,26 @@ def _load_examples(cfg: TrainConfig, tokenizer, path: str) -> tuple[list[Example
     return examples, read_stats, tok_stats
 
 
-def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None):
+def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
+                  precision: Precision | None = None):
     """Load (or take) the model, quantize it if asked, adapt it with the method, set dtypes."""
+    precision = precision or resolve_precision(cfg.precision)
     if model is None:
         from peftkit.models import load_model
 
-        model, tokenizer = load_model(cfg.model)
+        model, tokenizer = load_model(cfg.model, dtype=precision.weight_dtype)
     if cfg.quantize != "none":
         from peftkit.quant import quantize_model
 
-        # QLoRA computes in bf16; an fp32 run keeps fp32 activations (the dequantized weight is fp32 then)
-        compute = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
+        # the dequantized weight is in the compute dtype: bf16 (QLoRA as published), fp16, or fp32 activations
         quantize_model(model, cfg.quantize, block_size=cfg.quant_block_size, double_quant=cfg.double_quant,
-                       compute_dtype=compute)
+                       compute_dtype=precision.compute_dtype)
     report = apply_method(model, cfg.method, cfg.method_settings())
-    if cfg.precision == "bf16":
-        # Frozen weights in bf16 halve memory and run bf16 matmuls; trainable weights stay fp32 masters.
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
+    # Frozen weights in 16 bits (bf16 / fp16) halve memory and run 16-bit matmuls; trainable weights are fp32
+    # masters in every precision.
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.float32 if p.requires_grad else precision.weight_dtype)
     use_packed_attention(model)  # per-example attention in packed training batches (other calls: sdpa, unchanged)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -229,16 +243,20 @@ class Trainer:
             # change between two trainers in one process (a comparison, a notebook, the test suite).
             mixed_precision="no",
         )
-        self.autocast = functools.partial(torch.autocast, self.accelerator.device.type, dtype=torch.bfloat16,
-                                          enabled=cfg.precision != "fp32")
+        device = self.accelerator.device
+        self.precision = resolve_precision(cfg.precision, device)
+        warn_if_slow(self.precision)
+        self.autocast = functools.partial(torch.autocast, device.type, dtype=self.precision.compute_dtype,
+                                          enabled=self.precision.autocast)
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.output_dir = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.model, self.tokenizer, self.report = prepare_model(cfg, model, tokenizer)
+        self.model, self.tokenizer, self.report = prepare_model(cfg, model, tokenizer, self.precision)
         self.params = count_parameters(self.model)
+        self.flops = FlopCount.of(self.model)
         self._prepare_data()
 
     # ---------------------------------------------------------------- data
@@ -357,6 +375,8 @@ class Trainer:
             raise PeftkitError(f"method {cfg.method!r} left no trainable parameters")
         optimizer = self._optimizer(list(trainable.values()))
         scheduler = self._scheduler(optimizer)
+        # fp16 gradients are scaled against underflow (a pass-through in every other precision)
+        scaler = torch.amp.GradScaler(acc.device.type, enabled=self.precision.grad_scaler)
         spec = get_method(cfg.method)
         calibrate = getattr(spec, "calibrate", None)
         step, epoch, micro = 0, 0, 0
@@ -373,6 +393,8 @@ class Trainer:
             state = load_checkpoint(ckpt, trainable, optimizer, scheduler)
             step, epoch, micro = state["step"], state["epoch"], state["micro"]
             history = state.get("history", [])
+            if "grad_scaler" in state:
+                scaler.load_state_dict(state["grad_scaler"])
             if self.is_main:
                 print(f"peftkit: resumed from {ckpt} at step {step}", file=sys.stderr)
         model, optimizer = acc.prepare(self.model, optimizer)
@@ -381,17 +403,21 @@ class Trainer:
         log_path = self.output_dir / "metrics.jsonl"
         if self.is_main and step == 0:
             log_path.write_text("")
+        peak = self._peak_flops()
+        if self.is_main:
+            self._write_run_info(peak)
         stop = min(until_step or self.total_steps, self.total_steps)
         batches = self._batches(epoch, micro)
         progress = _progress(self.total_steps, step, cfg.progress and self.is_main)
         t_start, tokens, target_tokens, loss_value = time.perf_counter(), 0, 0, float("nan")
+        total_flops = 0.0
         eval_loss = None
         while step < stop:
             t0 = time.perf_counter()
             group = [next(batches) for _ in range(cfg.grad_accum)]
             epoch, micro = group[-1][0], group[-1][1] + 1
             n_targets = self._global_sum(sum(int(b["labels"][:, 1:].ne(IGNORE).sum()) for _, _, b in group))
-            step_loss, penalty_value = 0.0, None
+            step_loss, penalty_value, step_flops = 0.0, None, 0.0
             for i, (_, _, batch) in enumerate(group):
                 last = i == len(group) - 1
                 sync = contextlib.nullcontext() if last else acc.no_sync(model)
@@ -403,27 +429,41 @@ class Trainer:
                         penalty = ewc.penalty(trainable)
                         loss = loss + penalty
                         penalty_value = penalty.item()
-                    acc.backward(loss)
+                    acc.backward(scaler.scale(loss))
                 step_loss += loss_sum.item()
-                tokens += int(batch["input_ids"].ne(self.tokenizer.pad_token_id).sum())
+                real = int(batch["segment_ids"].ge(0).sum())
+                tokens += real
+                step_flops += self.flops.step(real, int(batch["labels"][:, 1:].ne(IGNORE).sum()),
+                                              attention_pairs(batch["segment_ids"]))
             step_loss = self._global_sum_float(step_loss) / max(n_targets, 1)  # the task loss, without the penalty
             if not math.isfinite(step_loss):
                 last = latest_checkpoint(self.output_dir)
                 raise PeftkitError(
                     f"loss became {step_loss} at step {step + 1}; stopped. "
-                    f"Last good checkpoint: {last or 'none (set save_every)'}; try a lower lr or fp32."
+                    f"Last good checkpoint: {last or 'none (set save_every)'}; try a lower lr"
+                    + (" or precision fp32." if self.precision.name != "fp32" else ".")
                 )
+            scaler.unscale_(optimizer)
             grad_norm = acc.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
-            optimizer.step()
-            scheduler.step()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped by the fp16 scaler when a gradient overflowed
+            scaler.update()
+            if scaler.get_scale() >= scale:  # the scaler lowers its scale exactly when it skipped the step
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             target_tokens += n_targets
             loss_value = step_loss
             dt = time.perf_counter() - t0
+            step_flops = self._global_sum_float(step_flops)
+            total_flops += step_flops
+            flops_per_s = step_flops / dt
             record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
-                      "target_tokens_per_s": round(n_targets / dt, 1), "epoch": epoch}
+                      "target_tokens_per_s": round(n_targets / dt, 1), "epoch": epoch,
+                      "model_flops_per_s": _significant(flops_per_s)}
+            if peak:
+                record["mfu"] = _significant(flops_per_s / (peak * self.world))
             if penalty_value is not None:
                 record["ewc_penalty"] = round(penalty_value, 6)
             history.append({"step": step, "loss": step_loss})
@@ -434,9 +474,15 @@ class Trainer:
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{n_targets / dt:.0f}")
+            postfix = {"loss": f"{step_loss:.4f}", "tok_s": f"{n_targets / dt:.0f}",
+                       "GFLOP/s": f"{flops_per_s / 1e9:.0f}"}
+            if peak:
+                postfix["mfu"] = f"{record['mfu']:.0%}"
+            progress.set_postfix(postfix)
             if cfg.save_every and step % cfg.save_every == 0 and self.is_main:
                 position = {"epoch": epoch, "micro": micro, "rank": self.rank, "history": history}
+                if scaler.is_enabled():
+                    position["grad_scaler"] = scaler.state_dict()
                 save_checkpoint(self.output_dir, step, trainable_state_dict(acc.unwrap_model(model)), optimizer,
                                 scheduler, position, cfg.keep_checkpoints)
             acc.wait_for_everyone()
@@ -454,13 +500,34 @@ class Trainer:
         acc.free_memory()  # the accelerator's references to the optimizer, then gc
         _trim_host_memory()
         return TrainResult(self.output_dir, adapter_dir, step, loss_value, eval_loss, train_seconds,
-                           target_tokens, tokens, self.params)
+                           target_tokens, tokens, self.params, self.precision.name, total_flops, peak, self.world)
+
+    def _peak_flops(self) -> float | None:
+        """This machine's measured matmul rate in the run's compute dtype (per process; CPU runs only)."""
+        if self.accelerator.device.type != "cpu":
+            return None
+        return matmul_peak(self.precision.compute_dtype)
+
+    def _write_run_info(self, peak: float | None) -> None:
+        """``run.json``: the precision the run uses and why, and the hardware it ran on."""
+        from peftkit import hardware
+
+        info = {"precision": self.precision.name, "precision_requested": self.precision.requested,
+                "precision_reason": self.precision.reason, "hardware": hardware.describe(self.accelerator.device),
+                "processes": self.world, "threads": torch.get_num_threads(),
+                "matmul_peak_flops_per_s": None if peak is None else _significant(peak),
+                "model_flops": dataclasses.asdict(self.flops)}
+        (self.output_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
     def _global_sum_float(self, value: float) -> float:
         if self.world == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum").item())
+
+
+def _significant(x: float) -> float:
+    return float(f"{x:.4g}")
 
 
 def _trim_host_memory() -> None:
