@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from peftkit.quant import blockwise, codebook, dequantize, native, quantize
+from peftkit.quant import blockwise, codebook, dequantize, native, quantize, unpack_4bit
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -32,6 +32,27 @@ def needs_compiler() -> None:
         pytest.skip("needs a C compiler (the kernel is built on Linux only)")
 
 
+# Each instruction-set path of the kernel: the flags that build it, and the CPU flags it needs to run.
+ISAS = {
+    "scalar": (("-DPEFTKIT_SCALAR",), ()),
+    "AVX2": (("-mno-avx512f",), ("avx2",)),
+    "AVX-512": ((), ("avx512f", "avx512bw")),
+}
+
+
+@pytest.fixture(scope="module", params=list(ISAS))
+def isa_kernel(request, tmp_path_factory):
+    """The kernel built for one instruction set (once per module), skipped where this CPU cannot run it."""
+    needs_compiler()
+    extra, needs = ISAS[request.param]
+    cpu = native._cpu_flags().split()
+    if any(flag not in cpu for flag in needs):
+        pytest.skip(f"the {request.param} path needs the CPU flags {', '.join(needs)}")
+    kernel = native.build_kernel(tmp_path_factory.mktemp("kernels"), extra)
+    assert kernel.isa == request.param, "the flags built the intended path"
+    return kernel
+
+
 def torch_path(data: torch.Tensor, state: blockwise.QuantState, dtype: torch.dtype, monkeypatch) -> torch.Tensor:
     with monkeypatch.context() as m:
         m.setattr(native, "dequant4_kernel", lambda: None)
@@ -47,15 +68,12 @@ def test_kernel_builds_on_linux_with_a_compiler():
 @pytest.mark.parametrize("block_size", [32, 64, 128, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_kernel_equals_torch_path(fmt, block_size, dtype, double_quant, monkeypatch):
-    if native.dequant4_kernel() is None:
-        pytest.skip("no compiled kernel on this machine")
+def test_kernel_equals_torch_path(fmt, block_size, dtype, double_quant, isa_kernel, monkeypatch):
     # 3 * 4096 + 70 elements: full blocks for the kernel and a trailing partial block for every block size.
     x = randn(3 * 4096 + 70, seed=block_size) * 3
     data, state = quantize(x, fmt, block_size=block_size, double_quant=double_quant)
     calls = []
-    kernel = native.dequant4_kernel()
-    monkeypatch.setattr(native, "dequant4_kernel", lambda: (lambda *a: calls.append(a) or kernel(*a)))
+    monkeypatch.setattr(native, "dequant4_kernel", lambda: (lambda *a: calls.append(a) or isa_kernel(*a)))
     fast = dequantize(data, state, dtype)
     monkeypatch.undo()
     if codebook(fmt).values.numel() == 16:
@@ -64,12 +82,28 @@ def test_kernel_equals_torch_path(fmt, block_size, dtype, double_quant, monkeypa
     assert torch.equal(fast, torch_path(data, state, dtype, monkeypatch))
 
 
-def test_kernel_bfloat16_rounds_to_nearest_even_like_torch(monkeypatch):
-    if native.dequant4_kernel() is None:
-        pytest.skip("no compiled kernel on this machine")
+@pytest.mark.parametrize("block_size", [2, 16, 48, 80, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_any_even_block_size(block_size, dtype, isa_kernel):
+    """The C function takes any even block size (`quantize` makes powers of two from 32): the vector loops' tail
+    within a block runs the scalar loop."""
+    blocks, generator = 7, torch.Generator().manual_seed(block_size)
+    packed = torch.randint(0, 256, (blocks * block_size // 2,), dtype=torch.uint8, generator=generator)
+    absmax = randn(blocks, seed=block_size).abs() * 1e3
+    values = codebook("nf4").values
+    out = torch.empty(blocks * block_size, dtype=dtype)
+    pointers = [packed.data_ptr(), absmax.data_ptr(), None, None]  # no double quantization
+    isa_kernel(*pointers, 0.0, values.data_ptr(), out.data_ptr(), int(dtype == torch.bfloat16), block_size, blocks)
+    codes = unpack_4bit(packed, blocks * block_size).long()
+    expected = (values[codes].view(blocks, block_size) * absmax[:, None]).view(-1).to(dtype)
+    assert torch.equal(out, expected)
+
+
+def test_kernel_bfloat16_rounds_to_nearest_even_like_torch(isa_kernel, monkeypatch):
     # Scales with many low mantissa bits: float32 products land on bfloat16 ties and near-ties.
     x = randn(1 << 16, seed=3) * torch.linspace(1e-30, 1e30, 1 << 16).pow(0.5)
     data, state = quantize(x, "nf4", block_size=64)
+    monkeypatch.setattr(native, "dequant4_kernel", lambda: isa_kernel)
     assert torch.equal(dequantize(data, state, torch.bfloat16), torch_path(data, state, torch.bfloat16, monkeypatch))
     assert torch.equal(dequantize(data, state, torch.bfloat16), dequantize(data, state, torch.float32).bfloat16())
 
@@ -113,7 +147,7 @@ def test_a_failing_build_warns_leaves_no_file_and_falls_back(tmp_path, monkeypat
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_portable_build_equals_torch_path(dtype, tmp_path, monkeypatch, rebuild):
-    """The kernel's scalar loop (what a CPU without AVX-512 runs), built without -march=native."""
+    """The last-resort build, without -march=native (the compiler's baseline instruction set)."""
     needs_compiler()
     monkeypatch.setattr(native, "FLAGS", tuple(f for f in native.FLAGS if f != "-march=native"))
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
@@ -168,4 +202,6 @@ def test_describe_says_what_runs_and_why(monkeypatch, rebuild):
     rebuild()
     monkeypatch.delenv("CC")
     if sys.platform.startswith("linux") and shutil.which("cc"):
-        assert native.describe().startswith("compiled kernel (") and native.describe().endswith(".so)")
+        isa = native.dequant4_kernel().isa
+        assert isa in ISAS
+        assert native.describe().startswith(f"compiled kernel, {isa} (") and native.describe().endswith(".so)")

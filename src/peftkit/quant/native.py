@@ -3,8 +3,10 @@
 Why a kernel: in PyTorch eager, decoding is one gather per byte, then a multiply by the block scales, each a pass
 over memory (a 4096x4096 NF4 weight: ~6 ms once its memory is mapped, bitsandbytes' C++ kernel ~2.4 ms: the
 "memory kept mapped" column of `python bench/quant.py`).
-The C file decodes and scales in one pass (AVX-512 `vpermps` over a 16-entry table) and matches it. Its results
-are bit-identical to the PyTorch path, which stays the reference and the fallback (tests run both).
+The C file decodes and scales in one pass (a 16-entry table lookup: AVX-512 `vpermps`/`vpermw`, AVX2 `vpermps`
+on two halves and `vpshufb`, or a scalar loop, whichever the CPU has; `describe` names it) and matches it. Its
+results are bit-identical to the PyTorch path, which stays the reference and the fallback (tests run both, and
+`build_kernel` builds each instruction-set path this CPU can run).
 
 The file is plain C (no PyTorch headers): the system C compiler builds it in well under a second, once per
 source, compiler and CPU, into `$PEFTKIT_CACHE/kernels` (or a folder in the temp dir if that is not writable;
@@ -54,9 +56,10 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _compile(compiler: str, target: Path) -> None:
-    """Build the shared library at `target`, atomically: with OpenMP if the compiler has it, and without
-    `-march=native` as the last resort (a compiler that refuses it gets the portable scalar loop)."""
+def _compile(compiler: str, target: Path, extra: tuple[str, ...] = ()) -> None:
+    """Build the shared library at `target` (`extra` flags after the usual ones), atomically: with OpenMP if the
+    compiler has it, and without `-march=native` as the last resort (a compiler that refuses it gets the portable
+    scalar loop)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
     os.close(fd)
@@ -64,7 +67,7 @@ def _compile(compiler: str, target: Path) -> None:
     try:
         errors = ""
         for flags in ([*FLAGS, OPENMP], [*FLAGS], [*portable, OPENMP], portable):
-            cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
+            cmd = [compiler, *flags, *extra, str(SOURCE), "-o", tmp]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             if done.returncode == 0:
                 os.replace(tmp, target)
@@ -76,15 +79,39 @@ def _compile(compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
-def _load(compiler: str, target: Path) -> Any:
+def _load(compiler: str, target: Path, extra: tuple[str, ...] = ()) -> Any:
     """The kernel function from the library at `target`, built first if it is missing or does not load."""
     if target.exists():
         try:
-            return ctypes.CDLL(str(target)).peftkit_dequant4
+            return _function(ctypes.CDLL(str(target)))
         except (OSError, AttributeError):
             pass  # a damaged or foreign file under our name: build it again
-    _compile(compiler, target)
-    return ctypes.CDLL(str(target)).peftkit_dequant4
+    _compile(compiler, target, extra)
+    return _function(ctypes.CDLL(str(target)))
+
+
+def _function(library: ctypes.CDLL) -> Any:
+    """The library's kernel function, typed, with `.isa` naming the instruction set it was built for."""
+    fn, isa = library.peftkit_dequant4, library.peftkit_dequant4_isa
+    pointer = ctypes.c_void_p
+    fn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 2 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = None
+    isa.restype = ctypes.c_char_p
+    fn.isa = isa().decode()  # "AVX-512", "AVX2" or "scalar"
+    return fn
+
+
+def build_kernel(folder: Path, extra: tuple[str, ...] = ()) -> Any:
+    """The kernel built into `folder` with the `extra` compiler flags, as `dequant4_kernel` returns it.
+
+    Tests build each instruction-set path this way: `-mno-avx512f` gives the AVX2 one on an AVX-512 CPU,
+    `-DPEFTKIT_SCALAR` the scalar loop anywhere; `.isa` says which one was built.
+
+    Raises:
+        RuntimeError: the build failed.
+    """
+    name = hashlib.sha256("\0".join(extra).encode()).hexdigest()[:16]
+    return _load(os.environ.get("CC", "cc"), folder / f"dequant4-{name}.so", extra)
 
 
 def dequant4_kernel() -> Any | None:
@@ -95,7 +122,7 @@ def dequant4_kernel() -> Any | None:
 def describe() -> str:
     """One line for `peftkit info`: what dequantizes 4-bit weights on CPU here, and why."""
     kernel, why = _kernel()
-    return ("compiled kernel" if kernel is not None else "PyTorch path") + f" ({why})"
+    return (f"compiled kernel, {kernel.isa}" if kernel is not None else "PyTorch path") + f" ({why})"
 
 
 @cache
@@ -124,9 +151,6 @@ def _kernel() -> tuple[Any | None, str]:
         except (RuntimeError, AttributeError, subprocess.SubprocessError) as err:
             error = err
             break  # the build itself failed: another folder will not help
-        pointer = ctypes.c_void_p
-        fn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 2 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        fn.restype = None
         return fn, str(folder / name)
     warnings.warn(f"peftkit: 4-bit dequantization kernel unavailable, using the PyTorch path ({error})", stacklevel=3)
     return None, f"the build failed: {error}"
