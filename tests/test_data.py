@@ -10,7 +10,16 @@ import torch
 from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 from peftkit.data.formats import ReadStats, read_conversations
-from peftkit.data.sequences import IGNORE, TokenizeStats, collate, make_rows, tokenize_conversations
+from peftkit.data.sequences import (
+    IGNORE,
+    Example,
+    TokenizeStats,
+    collate,
+    make_rows,
+    row_length,
+    shared_prefix,
+    tokenize_conversations,
+)
 from peftkit.errors import PeftkitError
 
 ROWS = [
@@ -119,3 +128,48 @@ def test_padding_mode_matches_alone():
         for i, e in enumerate(examples):
             alone = model(input_ids=torch.tensor([e.input_ids])).logits
             torch.testing.assert_close(logits[i, : len(e.input_ids)], alone[0], atol=1e-5, rtol=1e-5)
+
+
+SAME_START = [{"instruction": "Extract the colour from this message", "input": f"I want {c} socks", "output": c}
+              for c in ("red", "blue", "green", "pink", "grey", "teal")]
+
+
+def test_shared_prefix_packs_more_examples_within_max_length():
+    examples = tokenize_conversations(tiny_tokenizer(), read_conversations(SAME_START), max_length=512)
+    size = sum(len(e.input_ids) for e in examples[:3])
+    plain = make_rows(examples, size, packing=True)
+    shared = make_rows(examples, size, packing=True, share_prefix=True)
+    assert len(shared) < len(plain) and all(row_length(r) <= size for r in shared)
+    assert sorted(map(id, sum(shared, []))) == sorted(map(id, examples))  # every example once
+    p = shared_prefix(shared[0])
+    text = tiny_tokenizer().decode(shared[0][0].input_ids[:p])
+    assert text.endswith("Extract the colour from this message\n\nI want ")  # the common start, all of it
+    assert all(e.labels[p] == IGNORE for e in shared[0])  # the prefix stops before every target and its prompt
+
+
+def test_shared_prefix_never_holds_a_target_or_the_token_before_one():
+    a = Example([5, 6, 7, 8, 9], [IGNORE, IGNORE, 7, 8, 9])
+    b = Example([5, 6, 7, 8, 4], [IGNORE, IGNORE, IGNORE, 8, 4])
+    assert shared_prefix([a, b]) == 1  # 5 6 7 are common, but a's first target is at index 2
+    assert shared_prefix([a]) == 0 and shared_prefix([b, b]) == 2
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_shared_prefix_row_gives_each_example_its_own_logits(make):
+    model = make()
+    examples = tokenize_conversations(tiny_tokenizer(), read_conversations(SAME_START), max_length=512)
+    rows = make_rows(examples, 512, packing=True, share_prefix=True)
+    assert len(rows) == 1
+    batch = collate(rows, pad_id=0, share_prefix=True)
+    p = int(batch["prefix_lengths"][0])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items()
+                          if k not in ("labels", "segment_ids", "prefix_lengths")}).logits[0]
+        start = p
+        for e in examples:
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            torch.testing.assert_close(logits[:p], alone[:p], atol=1e-5, rtol=1e-5)
+            end = start + len(e.input_ids) - p
+            torch.testing.assert_close(logits[start:end], alone[p:], atol=1e-5, rtol=1e-5)
+            assert batch["labels"][0, start:end].tolist() == e.labels[p:]
+            start = end

@@ -187,3 +187,8 @@ def test_flop_count_equals_torch_flop_counter(method, settings):
 def test_attention_pairs_are_causal_within_each_packed_example():
     segments = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, -1, -1]])
     assert attention_pairs(segments) == (6 + 3) + 10
+
+
+def test_attention_pairs_count_each_example_against_the_shared_prefix():
+    segments = torch.tensor([[0, 0, 0, 1, 1, 2, -1]])  # prefix of 3, then examples of 2 and 1 tokens
+    assert attention_pairs(segments, torch.tensor([3])) == (6 + 3 + 1) + 3 * 3

@@ -18,17 +18,19 @@ CONVS = [{"instruction": "q" * (3 + 2 * i), "output": "answer " * (i + 1)} for i
 def reference(q, k, v, scale):
     groups = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-    n = q.shape[1]
+    n, m = q.shape[1], k.shape[1]
     scores = (q @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    # query i is key m - n + i: it sees the shared prefix (the first m - n keys) and itself causally
+    scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool).triu(1 + m - n), float("-inf"))
     return torch.softmax(scores, -1) @ v
 
 
-@pytest.mark.parametrize("heads,kv_heads,n", [(4, 4, 9), (6, 2, 13), (3, 1, 1)])
-def test_causal_attention_matches_reference_forward_and_backward(heads, kv_heads, n):
+@pytest.mark.parametrize("heads,kv_heads,n,prefix", [(4, 4, 9, 0), (6, 2, 13, 0), (3, 1, 1, 0), (4, 2, 7, 5),
+                                                      (2, 2, 1, 3)])
+def test_causal_attention_matches_reference_forward_and_backward(heads, kv_heads, n, prefix):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(h, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
-               for h in (heads, kv_heads, kv_heads))
+    q, k, v = (torch.randn(h, length, 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for h, length in ((heads, n), (kv_heads, n + prefix), (kv_heads, n + prefix)))
     torch.autograd.gradcheck(lambda a, b, c: CausalAttention.apply(a, b, c, 0.3), (q, k, v))
     out = CausalAttention.apply(q, k, v, 0.3)
     torch.testing.assert_close(out, reference(q, k, v, 0.3))
@@ -41,14 +43,16 @@ def test_causal_attention_matches_reference_forward_and_backward(heads, kv_heads
 
 def test_segment_bounds():
     ids = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 2, 3, -1, -1, -1, -1]])
-    assert segment_bounds(ids) == (8, (((0, 3), (3, 5), (5, 6)), ((0, 8),), ((0, 1), (1, 2), (2, 3), (3, 4))))
+    assert segment_bounds(ids) == (8, (((0, 3), (3, 5), (5, 6)), ((0, 8),), ((0, 1), (1, 2), (2, 3), (3, 4))),
+                                   (0, 0, 0))
+    assert segment_bounds(ids, torch.tensor([3, 0, 1]))[2] == (3, 0, 1)
 
 
-def batches(packing: bool):
-    examples = tokenize_conversations(tiny_tokenizer(), read_conversations(CONVS), max_length=128)
-    rows = make_rows(examples, max_length=128, packing=packing)
+def batches(packing: bool, share_prefix: bool = False, convs=CONVS):
+    examples = tokenize_conversations(tiny_tokenizer(), read_conversations(convs), max_length=128)
+    rows = make_rows(examples, max_length=128, packing=packing, share_prefix=share_prefix)
     assert packing == any(len(r) > 1 for r in rows)
-    return collate(rows, pad_id=0)
+    return collate(rows, pad_id=0, share_prefix=share_prefix)
 
 
 def loss_and_grads(model, batch):
@@ -95,19 +99,34 @@ def test_other_architectures_same_loss_and_gradients(make, packing):
     check_loss_and_gradients(make, packing, "lora")
 
 
-def check_loss_and_gradients(make, packing: bool, method: str) -> None:
-    """The fast path (LoRA, full) and the fallback (virtual tokens: the sdpa mask path) both give the same loss."""
-    batch = batches(packing)
+SHARED = [{"system": "Answer briefly.", "instruction": "Name the letter " + "xyzw"[i % 4] * (1 + i % 3),
+           "output": "It is " + "xyzw"[i % 4]} for i in range(9)]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_qwen2])
+@pytest.mark.parametrize("method", ["full", "lora", "prompt_tuning", "prefix_tuning", "houlsby"])
+@pytest.mark.parametrize("switch", [False, True])
+def test_shared_prefix_rows_give_the_same_loss_and_gradients(make, method, switch):
+    """A row's shared prefix stored once (fast path and mask path) = every example packed in full."""
+    shared, full = batches(True, True, SHARED), batches(True, False, SHARED)
+    assert shared["prefix_lengths"].max() > 5 and shared["input_ids"].numel() < full["input_ids"].numel()
+    check_loss_and_gradients(make, True, method, pair=(full, shared), switch=switch)
+
+
+def check_loss_and_gradients(make, packing: bool, method: str, pair=None, switch=None) -> None:
+    """The fast path (LoRA, full) and the fallback (virtual tokens: the sdpa mask path) both give the same loss;
+    with `pair`, two batches of the same examples give the same loss (packed attention on if `switch`)."""
+    runs = [(batches(packing), False), (batches(packing), True)] if pair is None else [(b, switch) for b in pair]
     virtual = {"num_virtual_tokens": 3}
     settings = {"lora": {"r": 4}, "prompt_tuning": virtual, "prefix_tuning": virtual}
     results = []
-    for switch in (False, True):
+    for batch, packed in runs:
         model = make()
         if method != "full":
             apply_method(model, method, settings.get(method, {}))
-        if switch and make is tiny_falcon:  # its attention does not go through transformers' interface
+        if packed and make is tiny_falcon:  # its attention does not go through transformers' interface
             assert not use_packed_attention(model) and model.config._attn_implementation == "sdpa"
-        elif switch:
+        elif packed:
             assert use_packed_attention(model) and model.config._attn_implementation == NAME
         results.append(loss_and_grads(model, batch))
     (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results

@@ -7,6 +7,14 @@ tokenized separately, so a prompt is tokenized exactly as it is at inference tim
 
 Packing puts several examples in one row; each keeps its own positions (restarting at 0) and a block-diagonal
 causal mask so that no token attends across examples. Padding puts one example per row.
+
+Shared prefixes: instruction data usually starts every example with the same tokens (system prompt, instruction).
+With ``share_prefix``, a packed row stores the tokens that all its examples begin with once, at its start, and
+every example attends to that copy and then to itself, at the positions it would have alone. The forward pass is
+the same function of each example as without sharing (causal attention: the prefix's hidden states do not depend
+on what follows it), and the gradient is the same sum, so the loss and the gradients are unchanged while the
+prefix is computed once per row instead of once per example (the demo task: 109 tokens per example, of which 50
+are shared; `shared_prefix` says which tokens qualify).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ __all__ = [
     "collate",
     "make_rows",
     "prompt_text",
+    "row_length",
+    "shared_prefix",
     "tokenize_conversations",
 ]
 
@@ -145,45 +155,90 @@ def tokenize_conversations(
     return out
 
 
-def make_rows(examples: Sequence[Example], max_length: int, packing: bool) -> list[list[Example]]:
-    """Group examples into rows: greedy in order when packing (up to `max_length` tokens), else one per row."""
+def _prefix_cap(e: Example) -> int:
+    """How many leading tokens of `e` may be shared: prompt tokens only, and the token after the prefix must be a
+    prompt token too (in a packed row the prefix's last position predicts the first example's next token only)."""
+    first_target = next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e.labels))
+    return max(0, min(len(e.input_ids), first_target) - 1)
+
+
+def _common(a: Example, b: Example, cap: int) -> int:
+    n, cap = 0, min(cap, _prefix_cap(b))
+    while n < cap and a.input_ids[n] == b.input_ids[n]:
+        n += 1
+    return n
+
+
+def shared_prefix(row: Sequence[Example]) -> int:
+    """Length of the prefix that every example of a packed row shares (0 for a single example): the longest
+    common run of leading tokens, within every example's `_prefix_cap`."""
+    if len(row) < 2:
+        return 0
+    cap = _prefix_cap(row[0])
+    for e in row[1:]:
+        cap = _common(row[0], e, cap)
+    return cap
+
+
+def row_length(row: Sequence[Example]) -> int:
+    """Tokens a row takes (its shared prefix once)."""
+    p = shared_prefix(row)
+    return p + sum(len(e.input_ids) - p for e in row)
+
+
+def make_rows(examples: Sequence[Example], max_length: int, packing: bool,
+              share_prefix: bool = False) -> list[list[Example]]:
+    """Group examples into rows: greedy in order when packing (up to `max_length` tokens), else one per row.
+
+    With `share_prefix`, a row's common prefix counts once (see the module notes), so more examples fit.
+    """
     if not packing:
         return [[e] for e in examples]
     rows: list[list[Example]] = []
     current: list[Example] = []
-    used = 0
+    used = prefix = 0
     for e in examples:
-        if current and used + len(e.input_ids) > max_length:
+        if current:
+            p = _common(current[0], e, prefix if len(current) > 1 else _prefix_cap(current[0])) if share_prefix else 0
+            total = used + len(e.input_ids)  # every example in full
+            if total - p * len(current) <= max_length:  # the prefix stored once instead of len(current) + 1 times
+                current.append(e)
+                used, prefix = total, p
+                continue
             rows.append(current)
-            current, used = [], 0
-        current.append(e)
-        used += len(e.input_ids)
+        current, used, prefix = [e], len(e.input_ids), 0
     if current:
         rows.append(current)
     return rows
 
 
-def collate(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple: int = 8,
+            share_prefix: bool = False) -> dict[str, torch.Tensor]:
     """Build a batch: input_ids, labels, position_ids, segment_ids and the attention mask.
 
     One example per row gives a 2D padding mask; packed rows give a 4D block-diagonal causal mask
     (batch, 1, seq, seq) so that examples in a row never see each other. ``segment_ids`` numbers the examples of
-    each row (-1 = padding); `sequence_loss` turns it into example boundaries for packed attention.
+    each row (-1 = padding); `sequence_loss` turns it into example boundaries for packed attention. With
+    `share_prefix`, a row's shared prefix comes first as segment 0 (``prefix_lengths`` per row), each example
+    after it holds only its own tokens at its own positions, and the mask lets every example see the prefix.
     """
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    prefixes = [shared_prefix(row) if share_prefix else 0 for row in rows]
+    width = max(p + sum(len(e.input_ids) - p for e in row) for p, row in zip(prefixes, rows, strict=True))
     width = -(-width // pad_to_multiple) * pad_to_multiple
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     segment = torch.full((n, width), -1, dtype=torch.long)
-    for r, row in enumerate(rows):
+    for r, (p, row) in enumerate(zip(prefixes, rows, strict=True)):
+        pieces = [(row[0].input_ids[:p], row[0].labels[:p], 0)] if p else []
+        pieces += [(e.input_ids[p:], e.labels[p:], p) for e in row]
         start = 0
-        for s, e in enumerate(row):
-            end = start + len(e.input_ids)
-            input_ids[r, start:end] = torch.tensor(e.input_ids)
-            labels[r, start:end] = torch.tensor(e.labels)
-            position_ids[r, start:end] = torch.arange(end - start)
+        for s, (ids, labs, first) in enumerate(pieces):
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids)
+            labels[r, start:end] = torch.tensor(labs)
+            position_ids[r, start:end] = torch.arange(first, first + end - start)
             segment[r, start:end] = s
             start = end
     batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
@@ -191,6 +246,10 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple: int
     if any(len(row) > 1 for row in rows):
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
+        prefix = torch.tensor(prefixes)
+        if prefix.any():
+            batch["prefix_lengths"] = prefix
+            same |= (torch.arange(width)[None, None, :] < prefix[:, None, None]) & (segment[:, :, None] >= 0)
         mask = same & causal
         mask |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves: no all-masked softmax
         batch["attention_mask"] = mask[:, None]

@@ -92,10 +92,14 @@ class FlopCount:
         return self.per_token * tokens + self.per_target * targets + self.per_pair * pairs
 
 
-def attention_pairs(segment_ids: torch.Tensor) -> int:
-    """Causal (query, key) pairs within each example of a batch (``segment_ids``: -1 = padding)."""
+def attention_pairs(segment_ids: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> int:
+    """Causal (query, key) pairs within each example of a batch (``segment_ids``: -1 = padding), and between
+    each example and its row's shared prefix (``prefix_lengths``, see `peftkit.data.sequences.collate`)."""
     rows = torch.arange(segment_ids.shape[0]).unsqueeze(1).expand_as(segment_ids)
     real = segment_ids >= 0
     keys = rows[real] * (int(segment_ids.max()) + 1) + segment_ids[real]
     lengths = torch.bincount(keys)
-    return int((lengths * (lengths + 1) // 2).sum())
+    pairs = int((lengths * (lengths + 1) // 2).sum())
+    if prefix_lengths is not None:
+        pairs += int((prefix_lengths * (real.sum(1) - prefix_lengths)).sum())
+    return pairs

@@ -26,12 +26,14 @@ __all__ = ["NAME", "CausalAttention", "packed_attention", "segment_bounds", "use
 
 NAME = "peftkit_packed"
 
-# (row width, per row: (start, end) of each example); padding belongs to no example
-Segments = tuple[int, tuple[tuple[tuple[int, int], ...], ...]]
+# (row width, per row: (start, end) of each example, per row: the shared prefix's length); padding belongs to
+# no example; a row with a shared prefix has it as its first segment, (0, prefix), which every later one reads
+Segments = tuple[int, tuple[tuple[tuple[int, int], ...], ...], tuple[int, ...]]
 
 
-def segment_bounds(segment_ids: torch.Tensor) -> Segments:
-    """Example boundaries of a batch from its segment ids (batch, width): -1 = padding, else the example index."""
+def segment_bounds(segment_ids: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> Segments:
+    """Example boundaries of a batch from its segment ids (batch, width): -1 = padding, else the example index;
+    `prefix_lengths` (batch,): each row's shared prefix (`collate(share_prefix=True)`), none if not given."""
     rows = []
     for ids in segment_ids.tolist():
         bounds, start = [], 0
@@ -41,25 +43,28 @@ def segment_bounds(segment_ids: torch.Tensor) -> Segments:
                     bounds.append((start, i))
                 start = i
         rows.append(tuple(bounds))
-    return segment_ids.shape[1], tuple(rows)
+    prefixes = tuple(prefix_lengths.tolist()) if prefix_lengths is not None else (0,) * len(rows)
+    return segment_ids.shape[1], tuple(rows), prefixes
 
 
 class CausalAttention(torch.autograd.Function):
     """softmax(q k^T * scale + causal mask) v for one example, recomputing the weights in backward.
 
-    q is (heads, n, d); k and v are (kv_heads, n, d) with heads a multiple of kv_heads (grouped-query attention:
-    query head h reads key/value head h // (heads / kv_heads)). Saves q, k, v and the output, not the n x n
-    weights. The softmax runs in fp32 (or fp64 for fp64 inputs).
+    q is (heads, n, d); k and v are (kv_heads, m, d) with heads a multiple of kv_heads (grouped-query attention:
+    query head h reads key/value head h // (heads / kv_heads)) and m >= n: the last n keys are the queries' own,
+    the first m - n a shared prefix that every query sees (query i sees keys up to m - n + i). Saves q, k, v and
+    the output, not the n x m weights. The softmax runs in fp32 (or fp64 for fp64 inputs).
     """
 
     @staticmethod
     def _weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        kv_heads, n, d = k.shape
+        kv_heads, m, d = k.shape
+        n = q.shape[1]
         qg = q.view(kv_heads, -1, n, d)  # (kv_heads, group, n, d): no copy
         scores = torch.matmul(qg, k.unsqueeze(1).transpose(-1, -2))
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).mul_(scale)
-        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
-        return torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)  # (kv_heads, group, n, n)
+        future = torch.ones(n, m, dtype=torch.bool, device=q.device).triu_(1 + m - n)
+        return torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)  # (kv_heads, group, n, m)
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -72,7 +77,7 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         q, k, v, out = ctx.saved_tensors
-        kv_heads, n, d = k.shape
+        kv_heads, d, n = k.shape[0], k.shape[2], q.shape[1]
         p = CausalAttention._weights(q, k, ctx.scale)
         g = grad.to(v.dtype).reshape(kv_heads, -1, n, v.shape[-1])
         dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), g).sum(1)
@@ -87,8 +92,11 @@ class CausalAttention(torch.autograd.Function):
 def _one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
     if q.device.type == "cpu" and dropout == 0.0:
         return CausalAttention.apply(q, k, v, scale)
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, scale=scale, is_causal=True,
-                                          enable_gqa=q.shape[0] != k.shape[0])[0]
+    n, m = q.shape[1], k.shape[1]
+    # SDPA's is_causal aligns the mask top-left; a shared prefix (m > n) needs it bottom-right
+    mask = None if m == n else torch.ones(n, m, dtype=torch.bool, device=q.device).tril_(m - n)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, dropout_p=dropout, scale=scale,
+                                          is_causal=mask is None, enable_gqa=q.shape[0] != k.shape[0])[0]
 
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -107,10 +115,13 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                                       **kwargs)
     scale = scaling if scaling is not None else d**-0.5
     rows = []
-    for r, bounds in enumerate(peftkit_segments[1]):
+    for r, (bounds, prefix) in enumerate(zip(peftkit_segments[1], peftkit_segments[2], strict=True)):
         parts, end = [], 0
         for start, end in bounds:
             qs, ks, vs = (t[r, :, start:end] for t in (query, key, value))
+            if prefix and start >= prefix:  # an example after the shared prefix reads the prefix's keys first
+                ks = torch.cat([key[r, :, :prefix], ks], dim=1)
+                vs = torch.cat([value[r, :, :prefix], vs], dim=1)
             parts.append(_one_example(qs, ks, vs, scale, dropout))
         if end < length:  # padding: zeros (no example reads them)
             parts.append(query.new_zeros(heads, length - end, value.shape[-1]))

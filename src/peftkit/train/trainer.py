@@ -67,12 +67,12 @@ def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     """
     core = getattr(model, "module", model)  # under DDP, hooks and config live on the wrapped model
     device = next(core.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "segment_ids")}
+    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "segment_ids", "prefix_lengths")}
     targets = batch["labels"][:, 1:].to(device)
     rows, cols = targets.ne(IGNORE).nonzero(as_tuple=True)
     tgt = targets[rows, cols]
     if "segment_ids" in batch and getattr(core.config, "_attn_implementation", None) == PACKED_ATTENTION:
-        inputs["peftkit_segments"] = segment_bounds(batch["segment_ids"])
+        inputs["peftkit_segments"] = segment_bounds(batch["segment_ids"], batch.get("prefix_lengths"))
     width = targets.shape[1] + 1
 
     def gather(module: nn.Module, args: tuple) -> tuple:
@@ -104,7 +104,8 @@ def replay_rows_per_batch(batch_size: int, fraction: float) -> int:
 
 
 def diagonal_fisher(model: nn.Module, params: dict[str, nn.Parameter], rows: Sequence[Sequence[Example]],
-                    pad_id: int, autocast: Any = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+                    pad_id: int, autocast: Any = contextlib.nullcontext,
+                    share_prefix: bool = False) -> dict[str, torch.Tensor]:
     """The empirical diagonal Fisher of `params`: the mean over rows of the squared gradient of the row's mean
     target-token loss, ``F_i = 1/N sum_n (d loss_n / d theta_i)^2``.
 
@@ -117,7 +118,7 @@ def diagonal_fisher(model: nn.Module, params: dict[str, nn.Parameter], rows: Seq
     was_training = model.training
     model.eval()  # no dropout: the curvature of the model as it is
     for row in rows:
-        batch = collate([row], pad_id)
+        batch = collate([row], pad_id, share_prefix=share_prefix)
         with autocast():
             loss_sum, n = sequence_loss(model, batch)
         grads = torch.autograd.grad(loss_sum / max(n, 1), list(params.values()), allow_unused=True)
@@ -271,13 +272,14 @@ class Trainer:
         else:
             n_eval = int(len(examples) * cfg.eval_fraction)
             self.eval_examples, examples = examples[:n_eval], examples[n_eval:]
-        self.rows = make_rows(examples, cfg.max_length, cfg.packing)
+        self.share_prefix = cfg.packing and cfg.share_prefix
+        self.rows = make_rows(examples, cfg.max_length, cfg.packing, self.share_prefix)
         # Replay (against forgetting): general rows mixed into every micro-batch, on top of the task rows.
         self.replay_rows: list[list[Example]] = []
         if cfg.replay_data:
             replay_examples = _load_examples(cfg, self.tokenizer, cfg.replay_data)[0]
             random.Random(cfg.seed + 1).shuffle(replay_examples)
-            self.replay_rows = make_rows(replay_examples, cfg.max_length, cfg.packing)
+            self.replay_rows = make_rows(replay_examples, cfg.max_length, cfg.packing, self.share_prefix)
         self.replay_per_batch = replay_rows_per_batch(cfg.batch_size, cfg.replay_fraction)
         rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.micro_per_epoch = len(self.rows) // (cfg.batch_size * self.world)
@@ -300,7 +302,7 @@ class Trainer:
             mine = chunk[self.rank * self.cfg.batch_size:(self.rank + 1) * self.cfg.batch_size]
             self.seen_rows.extend(mine)
             rows = [self.rows[i] for i in mine] + self._replay_for(epoch * self.micro_per_epoch + m)
-            yield collate(rows, pad_id=self.tokenizer.pad_token_id)
+            yield collate(rows, pad_id=self.tokenizer.pad_token_id, share_prefix=self.share_prefix)
 
     def _replay_for(self, micro: int) -> list[list[Example]]:
         """The replay rows of this process's micro-batch number `micro` (counted from the start of training).
@@ -358,11 +360,12 @@ class Trainer:
         model = self.model
         was_training = model.training
         model.eval()
-        rows = make_rows(self.eval_examples, self.cfg.max_length, self.cfg.packing)[:max_rows]
+        rows = make_rows(self.eval_examples, self.cfg.max_length, self.cfg.packing, self.share_prefix)[:max_rows]
         total, count = 0.0, 0
         for i in range(0, len(rows), self.cfg.batch_size):
+            batch = collate(rows[i:i + self.cfg.batch_size], self.tokenizer.pad_token_id, 8, self.share_prefix)
             with self.autocast():
-                loss, n = sequence_loss(model, collate(rows[i:i + self.cfg.batch_size], self.tokenizer.pad_token_id))
+                loss, n = sequence_loss(model, batch)
             total, count = total + loss.item(), count + n
         model.train(was_training)
         return total / max(count, 1)
@@ -387,7 +390,8 @@ class Trainer:
         if cfg.ewc_lambda > 0:  # anchored at the start values, so computed before a checkpoint is loaded
             source = self.replay_rows or self.rows
             fisher_rows = source[:cfg.ewc_batches * cfg.batch_size]
-            fisher = diagonal_fisher(self.model, trainable, fisher_rows, self.tokenizer.pad_token_id, self.autocast)
+            fisher = diagonal_fisher(self.model, trainable, fisher_rows, self.tokenizer.pad_token_id, self.autocast,
+                                     self.share_prefix)
             ewc = EWCAnchor.from_fisher(cfg.ewc_lambda, fisher, trainable)
         if self.resume and (ckpt := latest_checkpoint(self.output_dir)) is not None:
             state = load_checkpoint(ckpt, trainable, optimizer, scheduler)
@@ -434,7 +438,7 @@ class Trainer:
                 real = int(batch["segment_ids"].ge(0).sum())
                 tokens += real
                 step_flops += self.flops.step(real, int(batch["labels"][:, 1:].ne(IGNORE).sum()),
-                                              attention_pairs(batch["segment_ids"]))
+                                              attention_pairs(batch["segment_ids"], batch.get("prefix_lengths")))
             step_loss = self._global_sum_float(step_loss) / max(n_targets, 1)  # the task loss, without the penalty
             if not math.isfinite(step_loss):
                 last = latest_checkpoint(self.output_dir)
