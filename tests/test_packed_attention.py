@@ -9,7 +9,13 @@ from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 from peftkit.core.adapter_io import apply_method
 from peftkit.data.formats import read_conversations
 from peftkit.data.sequences import collate, make_rows, tokenize_conversations
-from peftkit.train.packed_attention import NAME, CausalAttention, segment_bounds, use_packed_attention
+from peftkit.train.packed_attention import (
+    NAME,
+    CausalAttention,
+    PackedCausalAttention,
+    segment_bounds,
+    use_packed_attention,
+)
 from peftkit.train.trainer import sequence_loss
 
 CONVS = [{"instruction": "q" * (3 + 2 * i), "output": "answer " * (i + 1)} for i in range(7)]
@@ -39,6 +45,20 @@ def test_causal_attention_matches_reference_forward_and_backward(heads, kv_heads
     ref = torch.autograd.grad(reference(q, k, v, 0.3), (q, k, v), grad)
     for a, b in zip(mine, ref, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_packed_attention_gradients_with_a_shared_prefix_and_padding():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1], [0, 0, 1, 1, 1, 1, 1, -1, -1]])
+    segments = segment_bounds(ids, torch.tensor([3, 0]))
+    torch.autograd.gradcheck(lambda a, b, c: PackedCausalAttention.apply(a, b, c, segments, 0.3), (q, k, v))
+    out = PackedCausalAttention.apply(q, k, v, segments, 0.3)  # (batch, L, heads, d)
+    ref = reference(q[0, :, 5:8], torch.cat([k[0, :, :3], k[0, :, 5:8]], 1), torch.cat([v[0, :, :3], v[0, :, 5:8]], 1),
+                    0.3)
+    torch.testing.assert_close(out[0, 5:8].transpose(0, 1), ref)
+    assert out[0, 8].abs().sum() == 0 and out[1, 7:].abs().sum() == 0
 
 
 def test_segment_bounds():
@@ -146,8 +166,8 @@ def test_fast_path_is_taken_and_other_calls_are_unchanged(monkeypatch):
     torch.testing.assert_close(model(input_ids=ids).logits, before)  # no boundaries given: sdpa
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), generated)
     calls = []
-    monkeypatch.setattr(CausalAttention, "apply", lambda *a: calls.append(a[0].shape) or CausalAttention.forward(
-        type("ctx", (), {"save_for_backward": lambda *t: None})(), *a))
+    attend = CausalAttention.attend
+    monkeypatch.setattr(CausalAttention, "attend", lambda *a: calls.append(a[0].shape) or attend(*a))
     with torch.no_grad():
         sequence_loss(model, batches(True))
     assert calls  # one call per example per layer, never the whole row

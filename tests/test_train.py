@@ -182,3 +182,19 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_intact(tmp_path
     monkeypatch.undo()
     resumed, result = run(cfg, resume=True)  # and the run continues from it
     assert result.steps == 4 and resumed.history[1]["step"] == 2
+
+
+@pytest.mark.parametrize("rows", [1, 300])
+def test_summed_cross_entropy_equals_torch(rows):
+    from peftkit.train.trainer import SummedCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(rows, 70, generator=g, dtype=torch.float64) * 4
+    targets = torch.randint(0, 70, (rows,), generator=g)
+    a, b = base.clone().requires_grad_(), base.clone().requires_grad_()
+    mine = SummedCrossEntropy.apply(a * 1.0, targets)  # a non-leaf, as the head's output is
+    ref = torch.nn.functional.cross_entropy(b, targets, reduction="sum")
+    torch.testing.assert_close(mine, ref)
+    (mine * 3).backward()
+    (ref * 3).backward()
+    torch.testing.assert_close(a.grad, b.grad)

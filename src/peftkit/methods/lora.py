@@ -154,8 +154,10 @@ class LoRALayer(AdapterModule):
             return out
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)  # under autocast the matmuls pick their own dtype: no copy
-        update = self.lora_B(self.lora_A(self.lora_dropout(x)))
-        return out + (update * self.scale).to(out.dtype)
+        # the scale on the r-wide intermediate and the update added in place: no extra pass over the d_out-wide
+        # output (a linear layer's backward does not need its output, so autograd allows the in-place add)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)
+        return out.add_(update.to(out.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A, shaped (d_out, d_in), in fp32."""

@@ -22,7 +22,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["NAME", "CausalAttention", "packed_attention", "segment_bounds", "use_packed_attention"]
+__all__ = ["NAME", "CausalAttention", "PackedCausalAttention", "packed_attention", "segment_bounds",
+           "use_packed_attention"]
 
 NAME = "peftkit_packed"
 
@@ -67,31 +68,88 @@ class CausalAttention(torch.autograd.Function):
         return torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)  # (kv_heads, group, n, m)
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         p = CausalAttention._weights(q, k, scale).to(v.dtype)
-        out = torch.matmul(p, v.unsqueeze(1)).view(q.shape[0], q.shape[1], v.shape[-1])
+        return torch.matmul(p, v.unsqueeze(1)).view(q.shape[0], q.shape[1], v.shape[-1])
+
+    @staticmethod
+    def gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kv_heads, d, n = k.shape[0], k.shape[2], q.shape[1]
+        p = CausalAttention._weights(q, k, scale)
+        g = grad.to(v.dtype).reshape(kv_heads, -1, n, v.shape[-1])
+        dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), g).sum(1)
+        dp = torch.matmul(g, v.unsqueeze(1).transpose(-1, -2)).to(p.dtype)
+        rowdot = (g.to(p.dtype) * out.reshape(g.shape).to(p.dtype)).sum(-1, keepdim=True)  # sum_j p_ij dp_ij
+        ds = p.mul_(dp.sub_(rowdot)).mul_(scale).to(q.dtype)
+        dq = torch.matmul(ds, k.unsqueeze(1)).view(q.shape)
+        dk = torch.matmul(ds.transpose(-1, -2), q.view(kv_heads, -1, n, d)).sum(1)
+        return dq, dk, dv
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out = CausalAttention.attend(q, k, v, scale)
         ctx.save_for_backward(q, k, v, out)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q, k, v, out = ctx.saved_tensors
-        kv_heads, d, n = k.shape[0], k.shape[2], q.shape[1]
-        p = CausalAttention._weights(q, k, ctx.scale)
-        g = grad.to(v.dtype).reshape(kv_heads, -1, n, v.shape[-1])
-        dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), g).sum(1)
-        dp = torch.matmul(g, v.unsqueeze(1).transpose(-1, -2)).to(p.dtype)
-        rowdot = (g.to(p.dtype) * out.view_as(g).to(p.dtype)).sum(-1, keepdim=True)  # sum_j p_ij dp_ij
-        ds = p.mul_(dp.sub_(rowdot)).mul_(ctx.scale).to(q.dtype)
-        dq = torch.matmul(ds, k.unsqueeze(1)).view(q.shape)
-        dk = torch.matmul(ds.transpose(-1, -2), q.view(kv_heads, -1, n, d)).sum(1)
-        return dq, dk, dv, None
+        return (*CausalAttention.gradients(*ctx.saved_tensors, grad, ctx.scale), None)
+
+
+class PackedCausalAttention(torch.autograd.Function):
+    """`CausalAttention` for every example of a packed batch in one autograd node.
+
+    query (batch, heads, L, d), key and value (batch, kv_heads, L, d); the output (batch, L, heads, d), the
+    layout transformers expects back, is zero on padding. One node instead of one per example: autograd would
+    otherwise give every example's slice of q, k and v a backward that zero-fills and adds a tensor of the whole
+    batch's size (quadratic in the examples per row).
+    """
+
+    @staticmethod
+    def _pieces(segments: Segments):
+        """(row, start, end, prefix) per example; prefix > 0 when it reads its row's shared prefix first."""
+        for r, (bounds, prefix) in enumerate(zip(segments[1], segments[2], strict=True)):
+            for start, end in bounds:
+                yield r, start, end, prefix if prefix and start >= prefix else 0
+
+    @staticmethod
+    def _keys(t: torch.Tensor, r: int, start: int, end: int, prefix: int) -> torch.Tensor:
+        own = t[r, :, start:end]
+        return torch.cat([t[r, :, :prefix], own], dim=1) if prefix else own
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
+                scale: float) -> torch.Tensor:
+        batch, heads, length, _ = query.shape
+        out = query.new_zeros(batch, length, heads, value.shape[-1])
+        for r, start, end, prefix in PackedCausalAttention._pieces(segments):
+            k, v = (PackedCausalAttention._keys(t, r, start, end, prefix) for t in (key, value))
+            out[r, start:end] = CausalAttention.attend(query[r, :, start:end], k, v, scale).transpose(0, 1)
+        ctx.save_for_backward(query, key, value, out)
+        ctx.segments, ctx.scale = segments, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        query, key, value, out = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for r, start, end, prefix in PackedCausalAttention._pieces(ctx.segments):
+            k, v = (PackedCausalAttention._keys(t, r, start, end, prefix) for t in (key, value))
+            q_grad, k_grad, v_grad = CausalAttention.gradients(query[r, :, start:end], k, v,
+                                                               out[r, start:end].transpose(0, 1),
+                                                               grad[r, start:end].transpose(0, 1), ctx.scale)
+            dq[r, :, start:end] = q_grad
+            for total, part in ((dk, k_grad), (dv, v_grad)):
+                total[r, :, start:end] += part[:, prefix:]
+                if prefix:
+                    total[r, :, :prefix] += part[:, :prefix]
+        return dq, dk, dv, None, None
 
 
 def _one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
-    if q.device.type == "cpu" and dropout == 0.0:
-        return CausalAttention.apply(q, k, v, scale)
+    """One example on other devices or with dropout: ``scaled_dot_product_attention`` (autograd per example)."""
     n, m = q.shape[1], k.shape[1]
     # SDPA's is_causal aligns the mask top-left; a shared prefix (m > n) needs it bottom-right
     mask = None if m == n else torch.ones(n, m, dtype=torch.bool, device=q.device).tril_(m - n)
@@ -114,6 +172,8 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else d**-0.5
+    if query.device.type == "cpu" and dropout == 0.0:
+        return PackedCausalAttention.apply(query, key, value, peftkit_segments, scale), None
     rows = []
     for r, (bounds, prefix) in enumerate(zip(peftkit_segments[1], peftkit_segments[2], strict=True)):
         parts, end = [], 0

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
@@ -42,8 +41,8 @@ from peftkit.train.flops import FlopCount, attention_pairs
 from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
 from peftkit.train.packed_attention import segment_bounds, use_packed_attention
 
-__all__ = ["EWCAnchor", "TrainResult", "Trainer", "count_parameters", "diagonal_fisher", "replay_rows_per_batch",
-           "sequence_loss"]
+__all__ = ["EWCAnchor", "SummedCrossEntropy", "TrainResult", "Trainer", "count_parameters", "diagonal_fisher",
+           "replay_rows_per_batch", "sequence_loss"]
 
 
 def count_parameters(model: nn.Module) -> dict[str, float]:
@@ -88,8 +87,35 @@ def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
         logits = model(**inputs, use_cache=False).logits[0]
     finally:
         handle.remove()
-    loss = F.cross_entropy(logits.float(), tgt, reduction="sum")
-    return loss, tgt.numel()
+    return SummedCrossEntropy.apply(logits.float(), tgt), tgt.numel()
+
+
+class SummedCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(logits, targets, reduction="sum")`` without vocabulary-sized temporaries.
+
+    Row chunks of at most `CHUNK` rows keep every temporary small, and backward turns the saved logits into the
+    gradient in place (``softmax - onehot``): against PyTorch's log_softmax + nll_loss this saves three
+    (targets x vocabulary) fp32 buffers per step (the bundled model: 194 MB each for 1,000 targets, 49,152 words),
+    and the time of writing them. The logits are consumed: the backward runs once (no ``retain_graph``).
+    """
+
+    CHUNK = 128
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(logits.device.type, enabled=False):
+            lse = torch.cat([torch.logsumexp(c, dim=-1) for c in logits.split(SummedCrossEntropy.CHUNK)])
+            picked = logits.gather(1, targets[:, None]).squeeze(1)
+        ctx.save_for_backward(logits, lse, targets)
+        return (lse - picked).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, lse, targets = ctx.saved_tensors
+        for c, m in zip(logits.split(SummedCrossEntropy.CHUNK), lse.split(SummedCrossEntropy.CHUNK), strict=True):
+            c.sub_(m[:, None]).exp_()
+        logits.scatter_add_(1, targets[:, None], logits.new_full((len(targets), 1), -1.0))
+        return logits.mul_(grad), None
 
 
 def replay_rows_per_batch(batch_size: int, fraction: float) -> int:
@@ -403,6 +429,7 @@ class Trainer:
                 print(f"peftkit: resumed from {ckpt} at step {step}", file=sys.stderr)
         model, optimizer = acc.prepare(self.model, optimizer)
         model.train()
+        _keep_heap_mapped()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / "metrics.jsonl"
         if self.is_main and step == 0:
@@ -532,6 +559,22 @@ class Trainer:
 
 def _significant(x: float) -> float:
     return float(f"{x:.4g}")
+
+
+def _keep_heap_mapped() -> None:
+    """Let glibc keep freed memory for reuse during training instead of handing it back to the OS.
+
+    By default glibc maps each allocation above a (dynamic) threshold separately and unmaps it when freed, and trims
+    the heap's top: every step then faults in fresh zeroed pages for the same activations again. Measured on a 2-core
+    VM: a 12 MB elementwise op took 0.97 ms with a fresh output and 0.31 ms in place; zero-filling it 1.8 ms, and
+    0.5 ms with these settings. Allocations up to 32 MB (glibc's largest mmap threshold) come from the heap, which
+    is not trimmed; `_trim_host_memory` hands it back after training.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
 def _trim_host_memory() -> None:
