@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -22,10 +21,10 @@ HEADER = (
 
 
 def machine() -> str:
-    """One line naming the machine the numbers come from."""
-    import torch
+    """One line naming the machine the numbers come from: CPU, cores, torch, vector ISA, whether bf16 is native."""
+    from peftkit.hardware import summary
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    return summary()
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

@@ -6,9 +6,11 @@ batch 8 rows (peft; peftkit at its own default below), max length 512. Configura
 
   * ``peftkit-fp32-pad``: peftkit with peft's settings (fp32, one example per padded row);
   * ``peft-fp32``: peft + transformers ``Trainer`` as peft's docs show (fp32 on CPU is its default);
-  * ``peft-bf16``: the same with ``bf16=True`` (bf16 autocast, fp32 weights);
-  * ``peftkit-default``: peftkit's defaults (``precision: bf16``: frozen weights bf16, LoRA fp32, autocast;
-    packing; ``batch_size`` 2 packed rows of 512, about as many positions per step as peft's 8 padded rows);
+  * ``peft-bf16``: the same with ``bf16=True`` (bf16 autocast, fp32 weights); left out where bf16 is not native
+    (`peftkit.hardware`): it runs many times slower than fp32 there, so fp32 is peft's best configuration;
+  * ``peftkit-default``: peftkit's defaults (``precision: auto``: bf16 frozen weights + autocast where bf16 is
+    native, fp32 elsewhere; packing with shared prefixes; ``batch_size`` 2 packed rows of 512, about as many
+    positions per step as peft's 8 padded rows);
   * ``peftkit-default-b8``: the same with 8 packed rows per batch (4x the positions per step).
 
 Each run is a fresh subprocess (``--worker``), the configurations alternate, several repetitions. A run trains
@@ -171,8 +173,10 @@ def peftkit_run(overrides: dict, warmup: int, steps: int, examples: int, baselin
     except WindowDone:
         pass
     extra = check(trainer.model) if check is not None else {}
-    first = json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[0])
-    clock.first_loss = first["loss"]
+    log = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    clock.first_loss = log[0]["loss"]
+    timed = [r["mfu"] for r in log if warmup < r["step"] <= warmup + steps and "mfu" in r]
+    extra["mfu"] = statistics.median(timed) if timed else None
     return {**clock.result(), "rss_after_load": after_load, "peak": clock.peak, "process_peak": process_peak_mib(),
             "moved": moved(trainer.model, before), **extra}
 
@@ -344,7 +348,11 @@ def main() -> None:
     if in_worker(args, lambda: worker(args.worker, args.warmup, args.steps, args.examples)):
         return
 
-    configs = args.only.split(",") if args.only else list(CONFIGS)
+    from peftkit.hardware import native_bf16
+
+    bf16_native = native_bf16("cpu")[0]
+    expected = [c for c in CONFIGS if bf16_native or c != "peft-bf16"]
+    configs = args.only.split(",") if args.only else expected
     t_start, load = time.perf_counter(), os.getloadavg()[0]
     runs = alternate_workers(configs, args, __file__, lambda r: (
         f"peak +{r['peak'] - r['rss_after_load']:.0f} MiB (process {r['process_peak']:.0f} MiB)  "
@@ -355,7 +363,7 @@ def main() -> None:
     for c, v in s.items():
         print(c, json.dumps({k: round(x, 4) if isinstance(x, float) else x for k, x in v.items()}))
     Path(tempfile.gettempdir(), "train_throughput_runs.json").write_text(json.dumps(runs))  # raw runs, to inspect
-    if args.no_write or set(configs) != set(CONFIGS):
+    if args.no_write or set(configs) != set(expected):
         return
     same_batches = runs["peftkit-fp32-pad"][0]["targets_per_step"] == runs["peft-fp32"][0]["targets_per_step"]
     a = s["peftkit-fp32-pad"]["tok_s"] / s["peft-fp32"]["tok_s"]
@@ -366,22 +374,25 @@ def main() -> None:
                          for rx, ry in zip(runs[x], runs[y], strict=True))
 
     mem_a = s["peftkit-fp32-pad"]["growth"] / s["peft-fp32"]["growth"]
-    best_peft = max(("peft-fp32", "peft-bf16"), key=lambda c: s[c]["tok_s"])
-    lean_peft = min(("peft-fp32", "peft-bf16"), key=lambda c: s[c]["growth"])
+    best_peft = max((c for c in ("peft-fp32", "peft-bf16") if c in s), key=lambda c: s[c]["tok_s"])
     b = s["peftkit-default"]["tok_s"] / s[best_peft]["tok_s"]
     b8 = s["peftkit-default-b8"]["tok_s"] / s[best_peft]["tok_s"]
-    mem_b = s["peftkit-default"]["growth"] / s[lean_peft]["growth"]
-    mem_b8 = s["peftkit-default-b8"]["growth"] / s[lean_peft]["growth"]
+    mem_b = s["peftkit-default"]["growth"] / s[best_peft]["growth"]
+    process_b = s["peftkit-default"]["process"] / s[best_peft]["process"]
+    mem_b8 = s["peftkit-default-b8"]["growth"] / s[best_peft]["growth"]
+    from peftkit.hardware import resolve_precision
     from peftkit.train import TrainConfig
 
     default_batch = TrainConfig().batch_size
+    default_precision = resolve_precision(TrainConfig().precision, "cpu")
     command = (f"python bench/train_throughput.py --repeats {args.repeats} --warmup {args.warmup} "
                f"--steps {args.steps} --examples {args.examples} --threads {args.threads}")
     rows = {
         "peftkit-fp32-pad": "peftkit, fp32, padded rows (peft's settings)",
         "peft-fp32": "peft + transformers Trainer, fp32 (peft's docs default on CPU)",
         "peft-bf16": "peft + transformers Trainer, `bf16=True` (autocast)",
-        "peftkit-default": f"peftkit defaults: `precision: bf16`, packing, batch {default_batch} x {MAX_LENGTH}",
+        "peftkit-default": f"peftkit defaults: `precision: auto` (here {default_precision.name}), packing with "
+                           f"shared prefixes, batch {default_batch} x {MAX_LENGTH}",
         "peftkit-default-b8": f"peftkit defaults with `batch_size: 8` (8 x {MAX_LENGTH} packed)",
     }
     lines = [
@@ -396,21 +407,27 @@ def main() -> None:
         "only; *positions/s* counts every position computed, padding included. *peak growth* = the worker's "
         "peak RSS during training (VmHWM, reset after loading the fp32 model) minus its RSS after loading; "
         "*process peak* = the whole worker's peak RSS (ru_maxrss, includes loading). *moved* = LoRA tensors "
-        "changed by training (all must move).",
+        "changed by training (all must move). *MFU* = peftkit's own report (model FLOPs per second over this "
+        "machine's measured matmul peak in the run's dtype, median of the timed steps; `peftkit.train.flops`)."
+        + ("" if bf16_native else " peft with `bf16=True` is left out: bf16 is not native on this CPU (it runs "
+           "many times slower than fp32 here), so peft's best configuration is fp32."),
         "",
         "| configuration | target tok/s | vs peft fp32 | positions/s | s/step | positions per step | largest step "
         "(positions) | peak growth (MiB) | MiB per position of the largest step | process peak (MiB) | "
-        "loss of step 1 | moved |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "loss of step 1 | moved | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in CONFIGS:
+    for c in expected:
         v = s[c]
         per_step = v["positions"] / args.steps
+        mfu = statistics.median(m for r in runs[c] if (m := r.get("mfu")) is not None) if runs[c][0].get("mfu") \
+            else None
         lines.append(
             f"| {rows[c]} | {v['tok_s']:.1f} | {v['tok_s'] / s['peft-fp32']['tok_s']:.2f}x | {v['pos_s']:.0f} | "
             f"{v['step_s']:.2f} | {per_step:.0f} | {v['largest']} | {v['growth']:.0f} | "
             f"{v['growth'] / v['largest']:.2f} | "
-            f"{v['process']:.0f} | {v['first_loss']:.4f} | {v['moved']} |"
+            f"{v['process']:.0f} | {v['first_loss']:.4f} | {v['moved']} | "
+            f"{'-' if mfu is None else f'{mfu:.0%}'} |"
         )
     lines += [
         "",
@@ -421,8 +438,8 @@ def main() -> None:
         "",
         f"**(b) recommended settings**: peftkit defaults / best peft ({best_peft}) = **{b:.2f}x** target tok/s "
         f"(target >= 2x; per repetition {paired('peftkit-default', best_peft)}); peak growth "
-        f"{s['peftkit-default']['growth']:.0f} MiB vs {s[lean_peft]['growth']:.0f} MiB for {lean_peft}, the "
-        f"leaner peft run (**{mem_b:.2f}x**, target < 1). peftkit's default batch of {default_batch} packed rows "
+        f"{s['peftkit-default']['growth']:.0f} MiB vs {s[best_peft]['growth']:.0f} MiB (**{mem_b:.2f}x**, target "
+        f"<= 0.6x), whole-process peak **{process_b:.2f}x**. peftkit's default batch of {default_batch} packed rows "
         f"holds {s['peftkit-default']['positions'] / s['peft-fp32']['positions']:.2f}x the positions of peft's "
         f"padded batch of {BATCH}. With `batch_size: 8` (8 x {MAX_LENGTH} packed, "
         f"{s['peftkit-default-b8']['positions'] / s['peft-fp32']['positions']:.1f}x the positions per step) "

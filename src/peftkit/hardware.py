@@ -30,7 +30,7 @@ import torch
 from peftkit.errors import PeftkitError
 
 __all__ = ["PRECISIONS", "Precision", "cpu_capability", "describe", "matmul_peak", "native_bf16", "resolve_precision",
-           "warn_if_slow"]
+           "summary", "warn_if_slow"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "fp16")
 """``auto``: chosen by `resolve_precision`. ``bf16`` / ``fp16``: frozen weights stored in 16 bits, trainable weights
@@ -231,6 +231,13 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def summary() -> str:
+    """A short line naming this CPU's class, for benchmark headers: model, cores, torch, capability, bf16."""
+    native, _ = native_bf16("cpu")
+    return (f"{_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {cpu_capability()}, "
+            f"bf16 {'native' if native else 'not native'}")
 
 
 def describe(device: torch.device | str | None = None) -> str:

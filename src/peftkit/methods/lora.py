@@ -154,10 +154,15 @@ class LoRALayer(AdapterModule):
             return out
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)  # under autocast the matmuls pick their own dtype: no copy
-        # the scale on the r-wide intermediate and the update added in place: no extra pass over the d_out-wide
-        # output (a linear layer's backward does not need its output, so autograd allows the in-place add)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)
-        return out.add_(update.to(out.dtype))
+        # The scale goes on the r-wide intermediate, and B's product accumulates into the base output in place
+        # (one BLAS call, beta = 1): no extra pass over the d_out-wide output. A linear layer's backward does not
+        # need its output, so autograd allows it.
+        h = self.lora_A(self.lora_dropout(x)) * self.scale
+        if out.is_contiguous() and self.lora_B.bias is None:
+            flat = out.view(-1, out.shape[-1])
+            flat.addmm_(h.reshape(-1, h.shape[-1]).to(out.dtype), self.lora_B.weight.t().to(out.dtype))
+            return out
+        return out.add_(self.lora_B(h).to(out.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A, shaped (d_out, d_in), in fp32."""

@@ -84,7 +84,7 @@ def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
         raise PeftkitError(f"{type(core).__name__} has no output head (get_output_embeddings): not a causal LM")
     handle = head.register_forward_pre_hook(gather)
     try:
-        logits = model(**inputs, use_cache=False).logits[0]
+        logits = model(**inputs, use_cache=False).logits.flatten(0, 1)  # a view: no batch-sized zeros in backward
     finally:
         handle.remove()
     return SummedCrossEntropy.apply(logits.float(), tgt), tgt.numel()
