@@ -83,7 +83,7 @@ class _Eval:
 def _evaluate(model, tokenizer, prompts, references) -> _Eval:
     t0 = time.perf_counter()
     # one batch: decoding reads every weight once per step, whatever the batch (memory-bound on CPU)
-    answers = generate(model, tokenizer, prompts, max_new_tokens=48, batch_size=64, progress=True)  # answers <= 38
+    answers = generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=64, progress=True)
     return _Eval(score_orders(answers, references), answers, time.perf_counter() - t0)
 
 
