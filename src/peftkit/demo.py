@@ -106,7 +106,7 @@ def run_demo(n_test: int = 60, overrides: dict[str, Any] | None = None, show: in
     base = f" on a {config.quantize.upper()}{' + double-quant' if config.double_quant else ''} base" \
         if config.quantize != "none" else ""
     print(f"\n[2/3] Fine-tuning with {config.method}{base} ({config.method_settings()})")
-    trainer = Trainer(config, model=model, tokenizer=tokenizer)
+    trainer = Trainer(config, model=model, tokenizer=tokenizer, overwrite=True)  # the demo replaces its last run
     p = trainer.params
     print(f"      trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['percent']:.2f}%)")
     result = trainer.run()

@@ -17,10 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from peftkit.core.adapter_io import apply_method
     from peftkit.core.config import parse_override
     from peftkit.core.registry import get_method, list_methods
-    from peftkit.hardware import describe, resolve_precision
+    from peftkit.hardware import describe, matmul_peak, resolve_precision
     from peftkit.models import load_model
     from peftkit.quant import native
     from peftkit.train import count_parameters
@@ -38,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"4-bit dequantization on CPU: {native.describe()}")
     print(f"this machine: {describe()}")
     print(f"training and generation {resolve_precision('auto').line()}")
+    if not torch.cuda.is_available():
+        peaks = ", ".join(f"{name} {matmul_peak(dtype) / 1e9:.1f}" for name, dtype in
+                          (("fp32", torch.float32), ("bf16", torch.bfloat16)))
+        print(f"matmul peak on this CPU (GFLOP/s, measured once and cached; what MFU is measured against): {peaks}")
     methods = list_methods() if args.all_methods else [args.method] if args.method else []
     settings = dict(parse_override(s) for s in args.settings)
     if methods:

@@ -21,7 +21,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--requantize", choices=["nf4", "fp4", "int4", "int8"],
                    help="quantize the merged model again and report the error")
     p.add_argument("--eval-data", help="instruction data to measure the held-out loss change of --requantize")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=run)
+
+
+def check_output(adapter: str, output: str, overwrite: bool) -> None:
+    """Refuse an output folder that is or contains the adapter, or holds anything, unless `overwrite`."""
+    from pathlib import Path
+
+    from peftkit.errors import PeftkitError
+
+    src, dst = Path(adapter).resolve(), Path(output).resolve()
+    if dst == src or dst in src.parents:
+        raise PeftkitError(f"output {output} is or contains the adapter {adapter}: the merge would delete its own "
+                           "input; choose another folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise PeftkitError(f"output {output} exists and is not empty; use --overwrite to replace it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.models import load_model
     from peftkit.quant import quantize_model, save_quantized
 
+    check_output(args.adapter, args.output, args.overwrite)
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(args.model)
     if args.quantized_base:

@@ -14,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", nargs="?", help="YAML recipe (keys of TrainConfig); omit to use only overrides")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     p.set_defaults(func=run)
 
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_recipe(recipe, overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(resolve_precision(cfg.precision).line())
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     p = trainer.params
     stats = trainer.tok_stats
     print(f"{cfg.method}: {p['trainable']:,} trainable of {p['total']:,} parameters ({p['percent']:.3f}%)")

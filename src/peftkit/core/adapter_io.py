@@ -141,6 +141,13 @@ def _lora_names(model: nn.Module) -> list[str]:
     return [n for n, _ in lora_layers(model)]
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it, then setting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces `folder`, on error it is removed.
@@ -150,6 +157,7 @@ def atomic_dir(folder: str | os.PathLike) -> Iterator[Path]:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: the folder follows the umask like any other
     try:
         yield tmp
         old = None

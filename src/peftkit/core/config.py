@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -76,7 +76,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 @dataclasses.dataclass
 class Config:
-    """Base class: subclasses are dataclasses whose fields are the config keys."""
+    """Base class: subclasses are dataclasses whose fields are the config keys.
+
+    `aliases` maps other spellings users know (Hugging Face's ``learning_rate``) to a field name.
+    """
+
+    aliases: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -95,9 +100,16 @@ class Config:
     def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
         """Build from a mapping; unknown keys are errors listing close matches."""
         known = cls.keys()
+        data = dict(data)
+        for alias, name in cls.aliases.items():
+            if alias in data:
+                if name in data:
+                    raise PeftkitError(f"{where}{alias!r} and {name!r} are the same key: give one")
+                data[name] = data.pop(alias)
         for key in data:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=3)
+                close = difflib.get_close_matches(key, [*known, *cls.aliases], n=3)
+                close = list(dict.fromkeys(cls.aliases.get(c, c) for c in close))
                 hint = f" (did you mean {', '.join(close)}?)" if close else f" (known keys: {', '.join(known)})"
                 raise PeftkitError(f"{where}unknown key {key!r} for {cls.__name__}{hint}")
         try:

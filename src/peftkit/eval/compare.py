@@ -220,7 +220,7 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
         train_keys = {k: v for k, v in settings.items() if k not in _ICL_KEYS}
         cfg = TrainConfig.from_dict({**train_keys, "model": spec["model"], "data": task.train_file,
                                      "output_dir": spec["output_dir"]})
-        trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
+        trainer = Trainer(cfg, model=model, tokenizer=tokenizer, overwrite=True)  # compare owns its entry folders
         params = trainer.params
         print(f"{spec['label']}: {params['trainable']:,} trainable parameters "
               f"({100 * params['trainable'] / base_params:.3f}% of the base model's {base_params:,}), "

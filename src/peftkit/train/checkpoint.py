@@ -19,26 +19,95 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftkit.core.adapter_io import write_atomic_dir
+from peftkit.core.adapter_io import current_umask, write_atomic_dir
 from peftkit.errors import PeftkitError
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["RunFolder", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+# what a training run writes into its output folder (`RunFolder` owns exactly these)
+RUN_FILES = ("metrics.jsonl", "run.json", "loss.png", "latest", "adapter", "demo_results.json")
+RUN_GLOBS = ("checkpoint-*", ".checkpoint-*", ".latest.*", ".adapter.*", ".metrics.jsonl.*")
+TEMP_GLOBS = (".checkpoint-*", ".latest.*", ".adapter.*", ".metrics.jsonl.*")
+LOCK = ".peftkit.lock"
+
+
+class RunFolder:
+    """One run owns its output folder: a folder holding another run is refused unless the run resumes it or
+    overwrites it, and an advisory lock (``fcntl.flock`` on ``.peftkit.lock``) refuses a second live run.
+
+    Args:
+        path: the output folder (created if missing).
+        resume: continue the run in it (an error if it has no checkpoint).
+        overwrite: remove the run files in it first (other files are left alone).
+    """
+
+    def __init__(self, path: Path, resume: bool = False, overwrite: bool = False) -> None:
+        import fcntl
+
+        if resume and overwrite:
+            raise PeftkitError("--resume and --overwrite contradict each other: choose one")
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(path / LOCK, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "another process"
+            self._lock.close()
+            raise PeftkitError(f"{path} is in use by another peftkit run ({owner}); wait for it to finish or choose "
+                               "another output_dir") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"pid {os.getpid()}")
+        self._lock.flush()
+        for pattern in TEMP_GLOBS:  # left by a run that was killed mid-write
+            for stale in path.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        found = self.run_files()
+        if resume and latest_checkpoint(path) is None:
+            self.release()
+            raise PeftkitError(f"--resume: {path} has no checkpoint to resume from (set save_every to write some)")
+        if found and not resume:
+            if not overwrite:
+                self.release()
+                shown = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
+                raise PeftkitError(f"{path} already holds a run ({shown}); use --resume to continue it, --overwrite "
+                                   "to replace it, or another output_dir")
+            for p in found:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    def run_files(self) -> list[Path]:
+        names = [self.path / n for n in RUN_FILES if (self.path / n).exists()]
+        return names + sorted(p for g in RUN_GLOBS for p in self.path.glob(g))
+
+    def release(self) -> None:
+        if not self._lock.closed:
+            self._lock.close()  # closing the file drops the lock
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The random generators' states as JSON (no pickle: a checkpoint file never runs code when loaded)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state().tolist()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600
     os.replace(tmp, path)
 
 
@@ -60,7 +129,7 @@ def save_checkpoint(
             "trainable.safetensors": lambda p: save_file(tensors, str(p)),
             "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
             "scheduler.pt": lambda p: torch.save(scheduler.state_dict(), p),
-            "rng.pt": lambda p: torch.save(_rng_state(), p),
+            "rng.json": json.dumps(_rng_state()),
             "trainer_state.json": json.dumps({**state, "step": step}, indent=2),
         },
     )
@@ -86,9 +155,10 @@ def load_checkpoint(
     try:
         tensors = load_file(str(folder / "trainable.safetensors"))
         state = json.loads((folder / "trainer_state.json").read_text())
-        optim_state = torch.load(folder / "optimizer.pt", weights_only=False)
-        sched_state = torch.load(folder / "scheduler.pt", weights_only=False)
-        rng = torch.load(folder / "rng.pt", weights_only=False)
+        # weights_only: tensors and plain containers only; a crafted pickle is refused, never run
+        optim_state = torch.load(folder / "optimizer.pt", weights_only=True)
+        sched_state = torch.load(folder / "scheduler.pt", weights_only=True)
+        rng = json.loads((folder / "rng.json").read_text())
     except Exception as e:  # noqa: BLE001 - any unreadable piece means the checkpoint is unusable
         raise PeftkitError(f"checkpoint {folder} is unreadable: {e}") from None
     if set(tensors) != set(trainable):

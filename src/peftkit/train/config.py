@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -35,6 +35,10 @@ class TrainConfig(Config):
             packing a row is one example: raise ``batch_size``.
         share_prefix: with packing, store the tokens that all examples of a row begin with (system prompt,
             instruction) once per row; same loss and gradients, less compute (`peftkit.data.sequences`).
+        skip_bad_steps: a step whose loss or gradients are not finite never reaches the weights, the optimizer
+            state or a checkpoint; up to this many such steps are skipped (their update dropped), then the run
+            stops (0: stop at the first). A run whose gradients stay exactly zero, or whose loss stays far above
+            its start, stops too (`Trainer` names the cause and the last checkpoint).
         replay_data / replay_fraction: against forgetting, a file of general instruction data whose rows are
             mixed into every micro-batch so that they make up ``replay_fraction`` of its rows (the task rows per
             batch stay ``batch_size``; see ``Trainer.replay_rows_per_batch``). ``replay_data`` alone (fraction 0)
@@ -43,6 +47,12 @@ class TrainConfig(Config):
             parameters towards their values at the start, added to the per-token loss (0 = off); the diagonal
             Fisher comes from ``ewc_batches`` micro-batches of the replay data (or of the task data without it).
     """
+
+    aliases: ClassVar[dict[str, str]] = {
+        "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+        "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length",
+    }
+    """Hugging Face Trainer / TRL spellings accepted for the same keys."""
 
     model: str = "smollm2-135m-instruct"
     data: str = ""
@@ -74,6 +84,7 @@ class TrainConfig(Config):
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
+    skip_bad_steps: int = 0
 
     batch_size: int = 2
     grad_accum: int = 1
@@ -115,6 +126,8 @@ class TrainConfig(Config):
             raise PeftkitError("replay_fraction > 0 needs replay_data (a file of general instruction data)")
         if self.ewc_lambda < 0:
             raise PeftkitError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
+        if self.skip_bad_steps < 0:
+            raise PeftkitError(f"skip_bad_steps must be >= 0, got {self.skip_bad_steps}")
         if self.ewc_batches <= 0:
             raise PeftkitError(f"ewc_batches must be > 0, got {self.ewc_batches}")
         if self.page_budget_bytes is not None and self.page_budget_bytes <= 0:
@@ -137,7 +150,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise PeftkitError(f"{path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise PeftkitError(f"{where}: not valid YAML: {problem}") from None
         if not isinstance(data, dict):
             raise PeftkitError(f"{path}: a recipe is a mapping of keys to values")
     for text in overrides:

@@ -35,7 +35,7 @@ from peftkit.errors import PeftkitError
 from peftkit.hardware import Precision, matmul_peak, resolve_precision, warn_if_slow
 from peftkit.optim import build_optimizer
 from peftkit.quant import QuantLinear
-from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.train.checkpoint import RunFolder, latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.config import TrainConfig
 from peftkit.train.flops import FlopCount, attention_pairs
 from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
@@ -252,18 +252,76 @@ def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=No
     return model, tokenizer, report
 
 
+class DivergenceGuard:
+    """Decides, before each optimizer step, whether the step may update the weights, and stops a run that has
+    diverged or died, naming the cause and the last checkpoint.
+
+    A step with a non-finite loss or gradient is skipped (up to `allowed` of them) or stops the run; with the fp16
+    gradient scaler, an overflowing gradient is the scaler's to skip (it lowers its scale), unless it keeps
+    overflowing. A run stops as dead when its gradient norm is exactly zero for `PATIENCE` steps in a row (nothing
+    can learn: e.g. an output saturated by a huge update), and as diverged when its loss stays above
+    ``max(2 x start, start + 2)`` for `PATIENCE` steps (start: the mean loss of the first `PATIENCE` steps).
+    """
+
+    PATIENCE = 3
+    SCALER_PATIENCE = 20
+
+    def __init__(self, allowed: int, output_dir: Path, precision: str, history: list[dict[str, Any]]) -> None:
+        self.allowed, self.output_dir, self.precision = allowed, output_dir, precision
+        self.skipped = self.zero = self.high = self.overflows = 0
+        self.start_losses = [h["loss"] for h in history[:self.PATIENCE]]
+
+    def check(self, step: int, loss: float, grad_norm: float, scaler: bool) -> str | None:
+        """None (take the step) or "skip"; raises `PeftkitError` to stop the run."""
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            if scaler and math.isfinite(loss):
+                self.overflows += 1
+                if self.overflows < self.SCALER_PATIENCE:
+                    return None  # the fp16 scaler skips this step and lowers its scale
+                self.stop(step, f"fp16 gradients overflowed {self.overflows} steps in a row")
+            self.skipped += 1
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+            if self.skipped > self.allowed:
+                self.stop(step, f"{what} (non-finite){self._skips()}")
+            print(f"peftkit: step {step} skipped: {what} ({self.skipped} of {self.allowed} allowed)", file=sys.stderr)
+            return "skip"
+        self.overflows = 0
+        self.zero = self.zero + 1 if grad_norm == 0.0 else 0
+        if self.zero >= self.PATIENCE:
+            self.stop(step, f"the gradients were exactly zero for {self.zero} steps (a dead run: loss {loss:.4f})")
+        if len(self.start_losses) < self.PATIENCE:
+            self.start_losses.append(loss)
+            return None
+        start = sum(self.start_losses) / len(self.start_losses)
+        self.high = self.high + 1 if loss > max(2 * start, start + 2) else 0
+        if self.high >= self.PATIENCE:
+            self.stop(step, f"the loss diverged: {loss:.4f} against {start:.4f} at the start")
+        return None
+
+    def _skips(self) -> str:
+        return f", after {self.skipped - 1} skipped step(s)" if self.skipped > 1 else ""
+
+    def stop(self, step: int, cause: str) -> None:
+        last = latest_checkpoint(self.output_dir)
+        advice = "try a lower lr" + (" or precision fp32" if self.precision != "fp32" else "")
+        raise PeftkitError(f"training stopped at step {step}: {cause}. Last checkpoint (finite weights, verified when "
+                           f"saved): {last or 'none (set save_every)'}; {advice}.")
+
+
 class Trainer:
     """Fine-tune a model with one method, as `cfg` says.
 
     Args:
         cfg: the run's configuration.
         model, tokenizer: use these instead of loading `cfg.model` (tests, notebooks).
-        resume: continue from the newest checkpoint in `cfg.output_dir`.
+        resume: continue from the newest checkpoint in `cfg.output_dir` (an error if there is none).
+        overwrite: replace a run already in `cfg.output_dir` (without it, or `resume`, that is an error).
     """
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None, resume: bool = False,
+                 overwrite: bool = False):
         self.cfg = cfg
-        self.resume = resume
+        self.resume, self.overwrite = resume, overwrite
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             # Autocast is ours (below), not Accelerate's: its mixed-precision setting is process-global and cannot
@@ -398,6 +456,14 @@ class Trainer:
 
     def run(self, until_step: int | None = None) -> TrainResult:
         """Train to the end (or until `until_step`, as if interrupted there), then save the adapter."""
+        folder = RunFolder(self.output_dir, self.resume, self.overwrite) if self.is_main else None
+        try:
+            return self._run(until_step)
+        finally:
+            if folder is not None:
+                folder.release()
+
+    def _run(self, until_step: int | None) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if not trainable:
@@ -419,10 +485,19 @@ class Trainer:
             fisher = diagonal_fisher(self.model, trainable, fisher_rows, self.tokenizer.pad_token_id, self.autocast,
                                      self.share_prefix)
             ewc = EWCAnchor.from_fisher(cfg.ewc_lambda, fisher, trainable)
-        if self.resume and (ckpt := latest_checkpoint(self.output_dir)) is not None:
+        if self.resume:
+            ckpt = latest_checkpoint(self.output_dir)
+            if ckpt is None:  # the other processes (the main one checked it when it claimed the folder)
+                raise PeftkitError(f"--resume: {self.output_dir} has no checkpoint to resume from")
+            self._check_resumed_config(ckpt)  # before loading: a changed r would otherwise fail on shapes
             state = load_checkpoint(ckpt, trainable, optimizer, scheduler)
             step, epoch, micro = state["step"], state["epoch"], state["micro"]
             history = state.get("history", [])
+            # the restored schedule keeps its step; lr and the schedule's shape come from this run's config
+            scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+            for group, value in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+                group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * value(scheduler.last_epoch)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
             if "grad_scaler" in state:
                 scaler.load_state_dict(state["grad_scaler"])
             if self.is_main:
@@ -432,14 +507,17 @@ class Trainer:
         _keep_heap_mapped()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / "metrics.jsonl"
-        if self.is_main and step == 0:
-            log_path.write_text("")
+        if self.is_main:  # a resumed run drops the rows of the steps after its checkpoint (they are redone)
+            kept = [r for r in log_path.read_text().splitlines() if json.loads(r)["step"] <= step] \
+                if step and log_path.exists() else []
+            log_path.write_text("".join(r + "\n" for r in kept))
         peak = self._peak_flops()
         if self.is_main:
             self._write_run_info(peak)
         stop = min(until_step or self.total_steps, self.total_steps)
         batches = self._batches(epoch, micro)
         progress = _progress(self.total_steps, step, cfg.progress and self.is_main)
+        guard = DivergenceGuard(cfg.skip_bad_steps, self.output_dir, self.precision.name, history)
         t_start, tokens, target_tokens, loss_value = time.perf_counter(), 0, 0, float("nan")
         total_flops = 0.0
         eval_loss = None
@@ -467,21 +545,22 @@ class Trainer:
                 step_flops += self.flops.step(real, int(batch["labels"][:, 1:].ne(IGNORE).sum()),
                                               attention_pairs(batch["segment_ids"], batch.get("prefix_lengths")))
             step_loss = self._global_sum_float(step_loss) / max(n_targets, 1)  # the task loss, without the penalty
-            if not math.isfinite(step_loss):
-                last = latest_checkpoint(self.output_dir)
-                raise PeftkitError(
-                    f"loss became {step_loss} at step {step + 1}; stopped. "
-                    f"Last good checkpoint: {last or 'none (set save_every)'}; try a lower lr"
-                    + (" or precision fp32." if self.precision.name != "fp32" else ".")
-                )
             scaler.unscale_(optimizer)
-            grad_norm = acc.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skipped by the fp16 scaler when a gradient overflowed
-            scaler.update()
-            if scaler.get_scale() >= scale:  # the scaler lowers its scale exactly when it skipped the step
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            # the norm before clipping (clipping to inf only measures it)
+            grad_norm = float(acc.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm or math.inf))
+            fault = guard.check(step + 1, step_loss, grad_norm, scaler.is_enabled())
+            if fault == "skip":
+                optimizer.zero_grad(set_to_none=True)  # this step's update is dropped: weights and state untouched
+            else:
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skipped by the fp16 scaler when a gradient overflowed
+                scaler.update()
+                if scaler.get_scale() >= scale:  # the scaler lowers its scale exactly when it skipped the step
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not all(bool(torch.isfinite(p).all()) for p in trainable.values()):
+                    guard.stop(step + 1, "an update made trainable weights non-finite (the learning rate is far "
+                                         "too high)")
             step += 1
             target_tokens += n_targets
             loss_value = step_loss
@@ -490,13 +569,15 @@ class Trainer:
             total_flops += step_flops
             flops_per_s = step_flops / dt
             record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+                      "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else str(grad_norm),
                       "target_tokens_per_s": round(n_targets / dt, 1), "epoch": epoch,
                       "model_flops_per_s": _significant(flops_per_s)}
             if peak:
                 record["mfu"] = _significant(flops_per_s / (peak * self.world))
             if penalty_value is not None:
                 record["ewc_penalty"] = round(penalty_value, 6)
+            if fault == "skip":
+                record["skipped"] = True
             history.append({"step": step, "loss": step_loss})
             if cfg.eval_every and step % cfg.eval_every == 0:
                 eval_loss = self.evaluate()
@@ -511,11 +592,14 @@ class Trainer:
                 postfix["mfu"] = f"{record['mfu']:.0%}"
             progress.set_postfix(postfix)
             if cfg.save_every and step % cfg.save_every == 0 and self.is_main:
-                position = {"epoch": epoch, "micro": micro, "rank": self.rank, "history": history}
+                position = {"epoch": epoch, "micro": micro, "rank": self.rank, "history": history,
+                            "config": cfg.to_dict()}
                 if scaler.is_enabled():
                     position["grad_scaler"] = scaler.state_dict()
-                save_checkpoint(self.output_dir, step, trainable_state_dict(acc.unwrap_model(model)), optimizer,
-                                scheduler, position, cfg.keep_checkpoints)
+                weights = trainable_state_dict(acc.unwrap_model(model))
+                if not all(bool(torch.isfinite(t).all()) for t in weights.values()):  # never save a broken state
+                    guard.stop(step, "trainable weights are non-finite")
+                save_checkpoint(self.output_dir, step, weights, optimizer, scheduler, position, cfg.keep_checkpoints)
             acc.wait_for_everyone()
         progress.close()
         train_seconds = time.perf_counter() - t_start
@@ -532,6 +616,26 @@ class Trainer:
         _trim_host_memory()
         return TrainResult(self.output_dir, adapter_dir, step, loss_value, eval_loss, train_seconds,
                            target_tokens, tokens, self.params, self.precision.name, total_flops, peak, self.world)
+
+    RESUME_MAY_CHANGE = frozenset({"lr", "scheduler", "warmup_ratio", "max_steps", "epochs", "eval_data",
+                                   "eval_every", "save_every", "keep_checkpoints", "log_every", "progress",
+                                   "skip_bad_steps", "output_dir"})
+    """Keys a resumed run may change (they then take effect); any other change is refused."""
+
+    def _check_resumed_config(self, ckpt: Path) -> None:
+        try:
+            saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
+        except (OSError, ValueError) as e:
+            raise PeftkitError(f"checkpoint {ckpt} is unreadable: {e}") from None
+        if saved is None:
+            return  # written before checkpoints kept their config
+        now = self.cfg.to_dict()
+        changed = [k for k in now if k not in self.RESUME_MAY_CHANGE and saved.get(k, now[k]) != now[k]]
+        if changed:
+            listed = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+            raise PeftkitError(f"cannot resume {ckpt}: the run's settings changed ({listed}). Only "
+                               f"{', '.join(sorted(self.RESUME_MAY_CHANGE - {'output_dir'}))} may change on resume; "
+                               "start a new run (--overwrite or another output_dir) to change the others")
 
     def _peak_flops(self) -> float | None:
         """This machine's measured matmul rate in the run's compute dtype (per process; CPU runs only)."""

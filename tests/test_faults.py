@@ -1,0 +1,209 @@
+"""Bad inputs and faults, one row each: the expected one-line error (or the right behaviour), and a check that
+nothing was damaged (weights, checkpoints, the run folder, the input adapter)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_tokenizer
+from safetensors.torch import load_file
+from test_train import make_cfg, sharp_llama
+
+from peftkit.commands.merge import check_output
+from peftkit.errors import PeftkitError
+from peftkit.train import Trainer, load_recipe
+from peftkit.train.checkpoint import RunFolder, latest_checkpoint
+
+
+def trainer(cfg, **kw) -> Trainer:
+    return Trainer(cfg, model=sharp_llama(), tokenizer=tiny_tokenizer(), **kw)
+
+
+def all_checkpoints_finite(folder) -> bool:
+    ckpts = sorted(folder.glob("checkpoint-*"))
+    return all(all(bool(torch.isfinite(t).all()) for t in load_file(c / "trainable.safetensors").values())
+               for c in ckpts)
+
+
+# ---------------------------------------------------------------- divergence
+@pytest.mark.parametrize("lr, cause", [
+    (1e30, "non-finite"),  # the update overflows: inf weights, then nan loss / gradients
+    (3e3, "non-finite|dead run|diverged"),  # saturated outputs: a dead or diverged run
+])
+def test_a_diverging_run_stops_before_a_bad_step_reaches_weights_or_checkpoints(tmp_path, lr, cause):
+    cfg = make_cfg(tmp_path, max_steps=12, lr=lr, save_every=1, keep_checkpoints=2, warmup_ratio=0.0, epochs=4.0)
+    with pytest.raises(PeftkitError, match=f"training stopped at step \\d+: .*({cause}).*Last checkpoint") as e:
+        trainer(cfg).run()
+    assert "precision fp32" not in str(e.value)  # the advice fits an fp32 run
+    assert "\n" not in str(e.value)
+    assert all_checkpoints_finite(tmp_path / "run")
+    last = latest_checkpoint(tmp_path / "run")
+    assert last is None or str(last) in str(e.value)
+    assert not (tmp_path / "run" / "adapter").exists()  # no adapter from a broken run
+
+
+def test_skip_bad_steps_drops_the_bad_updates_and_keeps_training(tmp_path, monkeypatch):
+    from peftkit.train import trainer as trainer_module
+
+    real = trainer_module.sequence_loss
+    calls = {"n": 0}
+
+    def flaky(model, batch):  # micro-batches 2 and 3 give a nan loss
+        loss, n = real(model, batch)
+        calls["n"] += 1
+        return (loss * math.nan if calls["n"] in (2, 3) else loss), n
+
+    monkeypatch.setattr(trainer_module, "sequence_loss", flaky)
+    cfg = make_cfg(tmp_path, max_steps=5, skip_bad_steps=2)
+    t = trainer(cfg)
+    result = t.run()
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 5 and [r.get("skipped", False) for r in log] == [False, True, True, False, False]
+    assert all(bool(torch.isfinite(p).all()) for p in t.model.parameters())
+    calls["n"] = 0
+    with pytest.raises(PeftkitError, match="after 1 skipped step"):  # one allowed: the second bad step stops
+        trainer(make_cfg(tmp_path / "b", max_steps=5, skip_bad_steps=1)).run()
+
+
+# ---------------------------------------------------------------- output folders
+def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=2)
+    trainer(cfg).run()
+    before = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(PeftkitError, match="already holds a run .*--resume.*--overwrite"):
+        trainer(cfg).run()
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before  # untouched
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    trainer(cfg, overwrite=True).run()
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only run files are replaced
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(PeftkitError, match="--resume: .* has no checkpoint"):
+        trainer(make_cfg(tmp_path, max_steps=2), resume=True).run()
+
+
+def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, 'src'); from pathlib import Path;"
+        "from peftkit.train.checkpoint import RunFolder; held = RunFolder(Path(sys.argv[1]));"
+        "print('held', flush=True); time.sleep(60)"), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PeftkitError, match="in use by another peftkit run \\(pid"):
+            RunFolder(tmp_path / "run")
+    finally:
+        holder.kill()
+        holder.wait()
+    RunFolder(tmp_path / "run").release()  # the lock went with the process
+
+
+def test_stale_temporary_files_are_removed_at_start(tmp_path):
+    run = tmp_path / "run"
+    (run / ".checkpoint-4.tmp-abc").mkdir(parents=True)
+    (run / ".latest.xyz").write_text("checkpoint-4")
+    (run / ".adapter.tmp-q1").mkdir()
+    RunFolder(run).release()
+    assert sorted(p.name for p in run.iterdir()) == [".peftkit.lock"]
+
+
+def test_merge_refuses_an_output_that_holds_its_input_or_other_files(tmp_path):
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    for out in (tmp_path / "run", adapter):
+        with pytest.raises(PeftkitError, match="is or contains the adapter"):
+            check_output(str(adapter), str(out), overwrite=True)
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "x").write_text("keep")
+    with pytest.raises(PeftkitError, match="not empty; use --overwrite"):
+        check_output(str(adapter), str(tmp_path / "merged"), overwrite=False)
+    check_output(str(adapter), str(tmp_path / "merged"), overwrite=True)
+    check_output(str(adapter), str(tmp_path / "new"), overwrite=False)
+    assert (tmp_path / "merged" / "x").read_text() == "keep"
+
+
+def test_files_follow_the_umask(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=2, save_every=2)
+    old = os.umask(0o022)
+    try:
+        trainer(cfg).run()
+    finally:
+        os.umask(old)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert ckpt.stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "run" / "latest").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "run" / "adapter").stat().st_mode & 0o777 == 0o755
+
+
+# ---------------------------------------------------------------- resume
+@pytest.mark.parametrize("change", ["quantize=nf4", "seed=3", "method_config.r=8", "optimizer=adamw_8bit"])
+def test_resume_refuses_a_changed_setting_and_names_it(tmp_path, change):
+    cfg = make_cfg(tmp_path, max_steps=4, save_every=2)
+    trainer(cfg).run(until_step=2)
+    key, value = change.split("=")
+    data = cfg.to_dict()
+    if key.startswith("method_config."):
+        data["method_config"] = {**data["method_config"], key.split(".")[1]: int(value)}
+    else:
+        data[key] = int(value) if value.isdigit() else value
+    changed = type(cfg).from_dict(data)
+    with pytest.raises(PeftkitError, match=f"cannot resume .*settings changed \\({key.split('.')[0]}: "):
+        trainer(changed, resume=True).run()
+
+
+def test_resume_with_a_new_lr_uses_it_and_cuts_the_log_back(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=6, save_every=2, scheduler="constant")
+    trainer(cfg).run(until_step=3)  # killed after step 3: the checkpoint is step 2, the log has 3 rows
+    faster = cfg.replace(lr=cfg.lr * 10)
+    trainer(faster, resume=True).run()
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[1]["lr"] == pytest.approx(cfg.lr) and log[2]["lr"] == pytest.approx(10 * cfg.lr)
+
+
+# ---------------------------------------------------------------- untrusted files
+def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=4, save_every=2)
+    trainer(cfg).run(until_step=2)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "run" / "checkpoint-2" / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(PeftkitError, match="checkpoint .*checkpoint-2 is unreadable"):
+        trainer(cfg, resume=True).run()
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- messages
+def test_yaml_errors_are_one_line_with_file_line_and_column(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: lora\nlr: [1e-4\nbatch_size: 2\n")
+    with pytest.raises(PeftkitError) as e:
+        load_recipe(recipe)
+    assert str(e.value).startswith(f"{recipe}:") and "\n" not in str(e.value)
+    line, col = str(e.value).removeprefix(f"{recipe}:").split(":")[:2]
+    assert line.isdigit() and col.isdigit()
+
+
+def test_hf_spelling_is_an_alias_and_typos_get_a_suggestion(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: lora\nlearning_rate: 1e-4\n")
+    assert load_recipe(recipe).lr == 1e-4
+    recipe.write_text("method: lora\nlerning_rate: 1e-4\n")
+    with pytest.raises(PeftkitError, match="unknown key 'lerning_rate' .*did you mean lr\\?"):
+        load_recipe(recipe)
+    recipe.write_text("method: lora\nlr: 1e-3\nlearning_rate: 1e-4\n")
+    with pytest.raises(PeftkitError, match="'learning_rate' and 'lr' are the same key"):
+        load_recipe(recipe)
