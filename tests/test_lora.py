@@ -202,3 +202,24 @@ def test_corrupt_or_foreign_adapter_leaves_model_unchanged(tmp_path):
     (tmp_path / "g" / "adapter_config.json").write_text("{not json")
     with pytest.raises(PeftkitError, match="not valid JSON"):
         read_adapter(tmp_path / "g")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dropped_linear_gives_the_gradients_of_dropout_then_linear(autocast):
+    from peftkit.methods.lora import _DroppedLinear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, generator=g, requires_grad=True)
+    w = torch.randn(4, 12, generator=g, requires_grad=True)
+    drop = torch.rand(3, 5, 12, generator=g) < 0.3
+    grad = torch.randn(3, 5, 4, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        mine = _DroppedLinear.apply(x, w, drop, 0.3)
+        ref = torch.nn.functional.linear(x.masked_fill(drop, 0) / 0.7, w)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if autocast else {}
+    torch.testing.assert_close(mine, ref, **tol)
+    got = torch.autograd.grad(mine, (x, w), grad.to(mine.dtype))
+    want = torch.autograd.grad(ref, (x, w), grad.to(ref.dtype))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)

@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -90,13 +91,46 @@ class Dropout(nn.Dropout):
     1 / (1 - p) as usual. Other devices use ``nn.Dropout`` itself (already fused there).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
+    def active(self, x: torch.Tensor) -> bool:
+        """Whether this call drops anything with peftkit's CPU mask."""
+        return self.training and self.p > 0.0 and x.device.type == "cpu"
+
+    def drop_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh boolean mask of the elements of `x` to drop."""
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        drop = bits.view(torch.int16)[:n].view(x.shape) < round(self.p * 65536) - 32768
-        return x.masked_fill(drop, 0).mul_(1.0 / (1.0 - self.p))
+        return bits.view(torch.int16)[:n].view(x.shape) < round(self.p * 65536) - 32768
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active(x):
+            return super().forward(x)
+        return x.masked_fill(self.drop_mask(x), 0).mul_(1.0 / (1.0 - self.p))
+
+
+class _DroppedLinear(torch.autograd.Function):
+    """``dropout(x) @ A^T`` that keeps the 1-byte drop mask for backward instead of the dropped copy of x.
+
+    Note:
+        Every LoRA layer drops its input independently, so with the usual autograd each one keeps its own fp32
+        copy of its dropped input for A's gradient (q, k and v read the same x: three more copies of it). Here
+        backward rebuilds the dropped input from x (which the block keeps anyway) and the mask: a quarter of the
+        memory, the same gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, drop: torch.Tensor, p: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, drop)
+        ctx.keep_scale = 1.0 / (1.0 - p)
+        return F.linear(x.masked_fill(drop, 0).mul_(ctx.keep_scale), weight)  # autocast applies to F.linear
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, drop = ctx.saved_tensors
+        dropped = x.masked_fill(drop, 0).mul_(ctx.keep_scale).to(grad.dtype)
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_w = (flat.t() @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
+        grad_x = (grad @ weight.to(grad.dtype)).masked_fill_(drop, 0).mul_(ctx.keep_scale).to(x.dtype)
+        return grad_x, grad_w, None, None
 
 
 class LoRALayer(AdapterModule):
@@ -157,7 +191,11 @@ class LoRALayer(AdapterModule):
         # The scale goes on the r-wide intermediate, and B's product accumulates into the base output in place
         # (one BLAS call, beta = 1): no extra pass over the d_out-wide output. A linear layer's backward does not
         # need its output, so autograd allows it.
-        h = self.lora_A(self.lora_dropout(x)) * self.scale
+        dropout = self.lora_dropout
+        if isinstance(dropout, Dropout) and dropout.active(x) and self.lora_A.bias is None:
+            h = _DroppedLinear.apply(x, self.lora_A.weight, dropout.drop_mask(x), dropout.p) * self.scale
+        else:
+            h = self.lora_A(dropout(x)) * self.scale
         if out.is_contiguous() and self.lora_B.bias is None:
             flat = out.view(-1, out.shape[-1])
             flat.addmm_(h.reshape(-1, h.shape[-1]).to(out.dtype), self.lora_B.weight.t().to(out.dtype))
