@@ -16,7 +16,9 @@ HEADER = (
     "# Benchmarks\n\n"
     "Every section below is written by the script it names (`python bench/<script>.py`); "
     "re-running the script replaces its section. Absolute times on a shared 2-core machine are noisy: "
-    "the ratios, measured alternating in one run, are what to read.\n"
+    "the ratios, measured alternating in one run, are what to read. Each section's header names the CPU, its "
+    "vector instruction set and whether it computes bf16 natively (`peftkit.hardware`): bf16 numbers do not carry "
+    "over between the two classes.\n"
 )
 
 

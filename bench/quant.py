@@ -188,12 +188,19 @@ def main() -> None:
         f"the row '{FILL}' times only that (allocate and write the output once, no decoding). *memory kept "
         "mapped*: the same calls in a child process with glibc's MALLOC_MMAP_THRESHOLD_ and "
         "MALLOC_TRIM_THRESHOLD_ at 1 GiB, so freed outputs are reused and the decoding alone is timed (what a "
-        "QLoRA forward pass sees: its per-layer outputs come from the reused heap).",
+        "QLoRA forward pass sees: its per-layer outputs come from the reused heap). The kernel here: "
+        f"{kernel_line()}.",
         table,
         *notes,
         report,
     ])  # fmt: skip
     write_section("quant", body)
+
+
+def kernel_line() -> str:
+    from peftkit.quant import native
+
+    return native.describe().replace(str(Path.home()), "~")
 
 
 if __name__ == "__main__":
