@@ -2,6 +2,11 @@
 
 Prompts are rendered with the chat template, sorted by length (less padding), left-padded, and decoded with
 `model.generate`, so every method that keeps `generate` working (all of peftkit's) is evaluated the same way.
+
+Shared prefix: evaluation prompts usually begin with the same tokens (system prompt, instruction). The prefix common
+to a batch is run once, its KV cache repeated for every row, and the rows are padded between the prefix and their
+own tokens ([prefix][padding][rest]): positions come from the attention mask, so every row sees what it would see
+alone (the demo's 60 prompts: 75 tokens each, 50 shared; the prefill was most of the generation time).
 """
 
 from __future__ import annotations
@@ -51,22 +56,47 @@ def generate(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=_has_bf16(model))
     for start in batches:
         idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
+        rows = [encoded[i] for i in idx]
+        shared = _common_prefix(rows) if len(rows) > 1 and num_beams == 1 and _plain_cache(model) else 0
+        width = max(len(x) for x in rows)
         input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-            input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]):] = 1
+        for r, ids in enumerate(rows):  # left padding (after the shared prefix): every prompt ends at the end
+            input_ids[r, :shared], mask[r, :shared] = torch.tensor(ids[:shared]), 1
+            input_ids[r, width - len(ids) + shared:] = torch.tensor(ids[shared:])
+            mask[r, width - len(ids) + shared:] = 1
+        extra = {}
         with autocast:
+            if shared:
+                cache = model(input_ids=input_ids[:1, :shared].to(device), use_cache=True).cache
+                cache.batch_repeat_interleave(len(idx))
+                extra["cache"] = cache
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                use_cache=True, top_p=None, top_k=None, temperature=None,
+                use_cache=True, top_p=None, top_k=None, temperature=None, **extra,
             )
         for r, i in enumerate(idx):
             answers[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
     model.train(was_training)
     return answers
+
+
+MIN_SHARED = 16  # below this, running the prefix separately saves less than it costs
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Tokens all rows begin with (each row keeps at least one of its own), 0 when under `MIN_SHARED`."""
+    n, limit = 0, min(len(r) for r in rows) - 1
+    while n < limit and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n if n >= MIN_SHARED else 0
+
+
+def _plain_cache(model: nn.Module) -> bool:
+    """Whether a prefix can seed the model's generation cache: not when a method adds virtual tokens to it
+    (prompt and prefix tuning attach their encoders as ``peftkit_*`` children)."""
+    return not any(name.startswith("peftkit_") for name, _ in model.named_children())
 
 
 def _has_bf16(model: nn.Module) -> bool:

@@ -188,14 +188,14 @@ class LoRALayer(AdapterModule):
             return out
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)  # under autocast the matmuls pick their own dtype: no copy
-        # The scale goes on the r-wide intermediate, and B's product accumulates into the base output in place
-        # (one BLAS call, beta = 1): no extra pass over the d_out-wide output. A linear layer's backward does not
-        # need its output, so autograd allows it.
         dropout = self.lora_dropout
         if isinstance(dropout, Dropout) and dropout.active(x) and self.lora_A.bias is None:
             h = _DroppedLinear.apply(x, self.lora_A.weight, dropout.drop_mask(x), dropout.p) * self.scale
         else:
             h = self.lora_A(dropout(x)) * self.scale
+        # The scale goes on the r-wide intermediate, and B's product accumulates into the base output in place
+        # (one BLAS call, beta = 1): no extra pass over the d_out-wide output. A linear layer's backward does not
+        # need its output, so autograd allows it.
         if out.is_contiguous() and self.lora_B.bias is None:
             flat = out.view(-1, out.shape[-1])
             flat.addmm_(h.reshape(-1, h.shape[-1]).to(out.dtype), self.lora_B.weight.t().to(out.dtype))

@@ -506,10 +506,8 @@ class Trainer:
         model.train()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / "metrics.jsonl"
-        if self.is_main:  # a resumed run drops the rows of the steps after its checkpoint (they are redone)
-            kept = [r for r in log_path.read_text().splitlines() if json.loads(r)["step"] <= step] \
-                if step and log_path.exists() else []
-            log_path.write_text("".join(r + "\n" for r in kept))
+        if self.is_main:
+            _cut_log(log_path, step)
         peak = self._peak_flops()
         if self.is_main:
             self._write_run_info(peak)
@@ -658,6 +656,19 @@ class Trainer:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum").item())
+
+
+def _cut_log(path: Path, step: int) -> None:
+    """Keep the rows of steps up to `step` (a resumed run redoes the later ones; a row cut short by a kill goes)."""
+    kept = []
+    if step and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _significant(x: float) -> float:
