@@ -26,8 +26,7 @@ __all__ = ["RunFolder", "latest_checkpoint", "load_checkpoint", "save_checkpoint
 
 # what a training run writes into its output folder (`RunFolder` owns exactly these)
 RUN_FILES = ("metrics.jsonl", "run.json", "loss.png", "latest", "adapter", "demo_results.json")
-RUN_GLOBS = ("checkpoint-*", ".checkpoint-*", ".latest.*", ".adapter.*", ".metrics.jsonl.*")
-TEMP_GLOBS = (".checkpoint-*", ".latest.*", ".adapter.*", ".metrics.jsonl.*")
+TEMP_GLOBS = (".checkpoint-*", ".latest.*", ".adapter.*")  # left by a write that was killed (removed at start)
 LOCK = ".peftkit.lock"
 
 
@@ -61,7 +60,7 @@ class RunFolder:
         self._lock.truncate()
         self._lock.write(f"pid {os.getpid()}")
         self._lock.flush()
-        for pattern in TEMP_GLOBS:  # left by a run that was killed mid-write
+        for pattern in TEMP_GLOBS:
             for stale in path.glob(pattern):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         found = self.run_files()
@@ -79,7 +78,7 @@ class RunFolder:
 
     def run_files(self) -> list[Path]:
         names = [self.path / n for n in RUN_FILES if (self.path / n).exists()]
-        return names + sorted(p for g in RUN_GLOBS for p in self.path.glob(g))
+        return names + sorted(self.path.glob("checkpoint-*"))
 
     def release(self) -> None:
         if not self._lock.closed:
