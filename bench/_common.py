@@ -55,8 +55,21 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 
     return times
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section `name` of BENCHMARKS.md atomically."""
+def cpu_class() -> str:
+    """The class of CPU whose numbers do not carry over to the other: "bf16-native" or "bf16-emulated"."""
+    from peftkit.hardware import native_bf16
+
+    return "bf16-native" if native_bf16("cpu")[0] else "bf16-emulated"
+
+
+def write_section(name: str, body: str, per_cpu_class: bool = False) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md atomically.
+
+    With `per_cpu_class`, each CPU class (`cpu_class()`) keeps its own section: a run on a CPU with native bf16 does not
+    replace the numbers measured on one without, and the other way round.
+    """
+    if per_cpu_class:
+        name = f"{name}/{cpu_class()}"
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
     block = f"{begin}\n{body.rstrip()}\n{end}"

@@ -67,7 +67,7 @@ def main() -> None:
         lines.append(f"| `{p}` | {runs[p][0]['resolved']} | {rate[p]:.1f} | {rate[p] / rate['auto']:.2f}x |")
     lines += ["", f"Default (`auto`) / best explicit (`{best}`): **{ratio:.2f}x** (target >= 0.95)."]
     if not args.no_write:
-        write_section("precision", "\n".join(lines))
+        write_section("precision", "\n".join(lines), per_cpu_class=True)
     print("\n".join(lines))
 
 

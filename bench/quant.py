@@ -194,7 +194,7 @@ def main() -> None:
         *notes,
         report,
     ])  # fmt: skip
-    write_section("quant", body)
+    write_section("quant", body, per_cpu_class=True)
 
 
 def kernel_line() -> str:

@@ -447,7 +447,7 @@ def main() -> None:
         f"peftkit runs at **{b8:.2f}x** (per repetition {paired('peftkit-default-b8', best_peft)}) with "
         f"**{mem_b8:.2f}x** the peak growth: memory grows with the tokens per step, speed per token does not.",
     ]
-    write_section("train_throughput", "\n".join(lines))
+    write_section("train_throughput", "\n".join(lines), per_cpu_class=True)
     print(f"wrote section train_throughput of BENCHMARKS.md ({elapsed:.0f} s)")
 
 
