@@ -188,9 +188,9 @@ def _measure(dtype: torch.dtype, reps: int = 5, slow_s: float = 0.25) -> float:
 def matmul_peak(dtype: torch.dtype = torch.float32) -> float:
     """This machine's dense matmul rate (FLOP/s) in `dtype` on CPU with the current thread count.
 
-    Measured once (about a second) and cached in ``$PEFTKIT_CACHE/matmul_peak.json``, keyed by CPU, torch version,
-    dtype and threads; a measurement taken while other work loaded the machine is low: delete the file to measure
-    again.
+    Measured once (about a second) and cached in ``$PEFTKIT_CACHE/matmul_peak.json``, keyed by CPU, vector ISA,
+    torch version, dtype and threads; a measurement taken while other work loaded the machine is low: delete the file
+    to measure again.
     """
     return _cached_peak(str(dtype).removeprefix("torch."), torch.get_num_threads())
 
@@ -199,7 +199,7 @@ def matmul_peak(dtype: torch.dtype = torch.float32) -> float:
 def _cached_peak(dtype_name: str, threads: int) -> float:
     from peftkit.models import cache_dir
 
-    key = f"{_cpu_model()}|torch {torch.__version__}|{dtype_name}|{threads} threads"
+    key = f"{_cpu_model()} {cpu_capability()}|torch {torch.__version__}|{dtype_name}|{threads} threads"
     path = cache_dir() / "matmul_peak.json"
     try:
         table = json.loads(path.read_text())
