@@ -6,6 +6,7 @@ Runs under torchrun / `accelerate launch` unchanged: every process reads the sam
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 
@@ -42,6 +43,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"done: {result.steps} steps in {result.train_seconds:.0f} s ({result.target_tokens_per_s:.0f} target "
               f"tokens/s{mfu}); train loss {result.train_loss:.4f}"
               + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+        scores = {k: v for k, v in trainer.final_scores.items() if k != "eval_loss"}
+        if scores:
+            print("eval: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in scores.items()))
         print(f"adapter: {result.adapter_dir}\nlog: {result.output_dir / 'metrics.jsonl'}  plot: "
               f"{result.output_dir / 'loss.png'}")
+        best = result.output_dir / "best.json"
+        if cfg.save_best and best.is_file():
+            print(f"best: {result.output_dir / 'best'} ({json.loads(best.read_text())})")
+        if trainer.tracking.names:
+            print(f"tracking ({', '.join(trainer.tracking.names)}): under {result.output_dir}")
     return 0

@@ -25,8 +25,10 @@ from peftkit.errors import PeftkitError
 __all__ = ["RunFolder", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 # what a training run writes into its output folder (`RunFolder` owns exactly these)
-RUN_FILES = ("metrics.jsonl", "run.json", "loss.png", "latest", "adapter", "demo_results.json")
-TEMP_GLOBS = (".checkpoint-*", ".latest.*", ".adapter.*")  # left by a write that was killed (removed at start)
+RUN_FILES = ("metrics.jsonl", "run.json", "loss.png", "latest", "adapter", "best", "best.json", "demo_results.json",
+             "logs", "wandb", "mlruns")  # logs, wandb, mlruns: the trackers' (`peftkit.train.tracking`)
+# left by a write that was killed (removed at start)
+TEMP_GLOBS = (".checkpoint-*", ".latest.*", ".adapter.*", ".best.*")
 LOCK = ".peftkit.lock"
 
 

@@ -43,6 +43,14 @@ class TrainConfig(Config):
             mixed into every micro-batch so that they make up ``replay_fraction`` of its rows (the task rows per
             batch stay ``batch_size``; see ``Trainer.replay_rows_per_batch``). ``replay_data`` alone (fraction 0)
             only serves as the data the EWC Fisher is estimated on.
+        eval_every / eval_metric / eval_samples / eval_max_new_tokens / save_best: every ``eval_every`` steps the
+            eval loss, and with ``eval_metric`` (``exact_match``, ``bleu``, ``rouge_l``, ``orders`` or a function
+            ``package.module:function``, see `peftkit.train.evaluation`) greedy answers to ``eval_samples`` held-out
+            prompts scored against their references, logged as ``eval_<name>`` and plotted. ``save_best`` names one
+            of them (``eval_loss``, ``exact_match``, ...): the adapter of the best evaluation so far is kept in
+            ``<output_dir>/best`` (lower is better for losses, higher for the rest).
+        report_to: experiment trackers (``tensorboard``, ``wandb``, ``mlflow``; several allowed; ``none`` by
+            default), written under ``output_dir`` and offline (`peftkit.train.tracking`).
         ewc_lambda / ewc_batches: elastic weight consolidation, a Fisher-weighted L2 pull of the trainable
             parameters towards their values at the start, added to the per-token loss (0 = off); the diagonal
             Fisher comes from ``ewc_batches`` micro-batches of the replay data (or of the task data without it).
@@ -100,6 +108,11 @@ class TrainConfig(Config):
     save_every: int = 0
     keep_checkpoints: int = 2
     eval_every: int = 0
+    eval_metric: str | None = None
+    eval_samples: int = 32
+    eval_max_new_tokens: int = 64
+    save_best: str | None = None
+    report_to: str | list[str] = "none"
     log_every: int = 1
     seed: int = 0
     progress: bool = True
@@ -130,8 +143,37 @@ class TrainConfig(Config):
             raise PeftkitError(f"skip_bad_steps must be >= 0, got {self.skip_bad_steps}")
         if self.ewc_batches <= 0:
             raise PeftkitError(f"ewc_batches must be > 0, got {self.ewc_batches}")
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        from peftkit.train.tracking import check_report_to
+
+        check_report_to(self.report_to)
+        self._validate_eval()
         if self.page_budget_bytes is not None and self.page_budget_bytes <= 0:
             raise PeftkitError(f"page_budget_bytes must be > 0, got {self.page_budget_bytes}")
+
+    def _validate_eval(self) -> None:
+        from peftkit.train.evaluation import METRICS, resolve_metric
+
+        if self.eval_samples <= 0 or self.eval_max_new_tokens <= 0:
+            raise PeftkitError("eval_samples and eval_max_new_tokens must be > 0")
+        has_eval = bool(self.eval_data) or self.eval_fraction > 0
+        for key in ("eval_metric", "save_best"):
+            if getattr(self, key) and not has_eval:
+                raise PeftkitError(f"{key} needs held-out data: set eval_data or eval_fraction")
+        if self.eval_metric:
+            resolve_metric(self.eval_metric)  # a wrong name or import path fails now, not after training
+        if self.save_best:
+            if not self.eval_every:
+                raise PeftkitError("save_best needs eval_every > 0 (the evaluations it compares)")
+            name = self.save_best.removeprefix("eval_")
+            if name != "loss" and not self.eval_metric:
+                raise PeftkitError(f"save_best: {self.save_best!r} needs eval_metric (only eval_loss without it)")
+            if name != "loss" and self.eval_metric in METRICS:
+                known = METRICS[self.eval_metric][1]
+                if name not in known:
+                    raise PeftkitError(f"save_best: eval_metric {self.eval_metric} gives {', '.join(known)} "
+                                       f"(and eval_loss), not {self.save_best!r}")
 
     def method_settings(self) -> Config:
         """The validated config object of `method`."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from peftkit.core.adapter_io import apply_method, save_adapter, trainable_state_dict
 from peftkit.core.registry import get_method
-from peftkit.data.formats import ReadStats, read_conversations
+from peftkit.data.formats import Conversation, ReadStats, read_conversations
 from peftkit.data.sequences import IGNORE, Example, TokenizeStats, collate, make_rows, tokenize_conversations
 from peftkit.errors import PeftkitError
 from peftkit.hardware import Precision, matmul_peak, resolve_precision, warn_if_slow
@@ -37,9 +37,11 @@ from peftkit.optim import build_optimizer
 from peftkit.quant import QuantLinear
 from peftkit.train.checkpoint import RunFolder, latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.config import TrainConfig
+from peftkit.train.evaluation import generation_scores, lower_is_better, resolve_metric
 from peftkit.train.flops import FlopCount, attention_pairs
 from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
 from peftkit.train.packed_attention import segment_bounds, use_packed_attention
+from peftkit.train.tracking import Tracking
 
 __all__ = ["EWCAnchor", "SummedCrossEntropy", "TrainResult", "Trainer", "count_parameters", "diagonal_fisher",
            "replay_rows_per_batch", "sequence_loss"]
@@ -216,13 +218,16 @@ class TrainResult:
         return self.model_flops / max(self.train_seconds, 1e-9) / (self.matmul_peak * self.processes)
 
 
-def _load_examples(cfg: TrainConfig, tokenizer, path: str) -> tuple[list[Example], ReadStats, TokenizeStats]:
-    read_stats, tok_stats = ReadStats(), TokenizeStats()
+def _read(cfg: TrainConfig, path: str) -> tuple[list[Conversation], ReadStats]:
+    read_stats = ReadStats()
     convs = read_conversations(path, cfg.field_map or None, cfg.skip_bad_rows, read_stats)
     if cfg.limit_examples:
         convs = convs[: cfg.limit_examples]
-    examples = tokenize_conversations(tokenizer, convs, cfg.max_length, cfg.template, cfg.overlong, tok_stats)
-    return examples, read_stats, tok_stats
+    return convs, read_stats
+
+
+def _tokenize(cfg: TrainConfig, tokenizer, convs: list[Conversation], stats: TokenizeStats) -> list[Example]:
+    return tokenize_conversations(tokenizer, convs, cfg.max_length, cfg.template, cfg.overlong, stats)
 
 
 def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
@@ -322,11 +327,14 @@ class Trainer:
                  overwrite: bool = False):
         self.cfg = cfg
         self.resume, self.overwrite = resume, overwrite
+        self.output_dir = Path(cfg.output_dir)
+        self.tracking = Tracking(cfg.report_to, self.output_dir)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             # Autocast is ours (below), not Accelerate's: its mixed-precision setting is process-global and cannot
             # change between two trainers in one process (a comparison, a notebook, the test suite).
             mixed_precision="no",
+            **self.tracking.accelerator_kwargs(),
         )
         device = self.accelerator.device
         self.precision = resolve_precision(cfg.precision, device)
@@ -336,12 +344,12 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
-        self.output_dir = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.model, self.tokenizer, self.report = prepare_model(cfg, model, tokenizer, self.precision)
         self.params = count_parameters(self.model)
         self.flops = FlopCount.of(self.model)
+        self.final_scores: dict[str, float] = {}  # eval loss and eval_metric scores at the end of training
         self._prepare_data()
 
     # ---------------------------------------------------------------- data
@@ -349,19 +357,22 @@ class Trainer:
         cfg = self.cfg
         if not cfg.data:
             raise PeftkitError("no training data: set data to a JSON, JSONL, CSV or Parquet file")
-        examples, self.read_stats, self.tok_stats = _load_examples(cfg, self.tokenizer, cfg.data)
-        random.Random(cfg.seed).shuffle(examples)
+        convs, self.read_stats = _read(cfg, cfg.data)
+        random.Random(cfg.seed).shuffle(convs)
         if cfg.eval_data:
-            self.eval_examples = _load_examples(cfg, self.tokenizer, cfg.eval_data)[0]
+            self.eval_conversations = _read(cfg, cfg.eval_data)[0]
         else:
-            n_eval = int(len(examples) * cfg.eval_fraction)
-            self.eval_examples, examples = examples[:n_eval], examples[n_eval:]
+            n_eval = int(len(convs) * cfg.eval_fraction)
+            self.eval_conversations, convs = convs[:n_eval], convs[n_eval:]
+        self.tok_stats = TokenizeStats()
+        examples = _tokenize(cfg, self.tokenizer, convs, self.tok_stats)
+        self.eval_examples = _tokenize(cfg, self.tokenizer, self.eval_conversations, TokenizeStats())
         self.share_prefix = cfg.packing and cfg.share_prefix
         self.rows = make_rows(examples, cfg.max_length, cfg.packing, self.share_prefix)
         # Replay (against forgetting): general rows mixed into every micro-batch, on top of the task rows.
         self.replay_rows: list[list[Example]] = []
         if cfg.replay_data:
-            replay_examples = _load_examples(cfg, self.tokenizer, cfg.replay_data)[0]
+            replay_examples = _tokenize(cfg, self.tokenizer, _read(cfg, cfg.replay_data)[0], TokenizeStats())
             random.Random(cfg.seed + 1).shuffle(replay_examples)
             self.replay_rows = make_rows(replay_examples, cfg.max_length, cfg.packing, self.share_prefix)
         self.replay_per_batch = replay_rows_per_batch(cfg.batch_size, cfg.replay_fraction)
@@ -454,6 +465,34 @@ class Trainer:
         model.train(was_training)
         return total / max(count, 1)
 
+    def evaluate_generation(self) -> dict[str, float]:
+        """``eval_<name>`` scores of greedy answers to the first `eval_samples` held-out prompts (`eval_metric`);
+        empty without a metric. Runs on the main process only (the others get an empty mapping)."""
+        cfg = self.cfg
+        if not cfg.eval_metric or not self.eval_conversations or not self.is_main:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        with self.autocast():
+            return generation_scores(model, self.tokenizer, self.eval_conversations[:cfg.eval_samples],
+                                     resolve_metric(cfg.eval_metric), cfg.template, cfg.eval_max_new_tokens,
+                                     batch_size=max(cfg.batch_size, 16))
+
+    def _keep_best(self, best: dict[str, Any] | None, scores: dict[str, float], step: int) -> dict[str, Any] | None:
+        """Save the adapter to ``best/`` when the `save_best` metric improved; the best so far (main process)."""
+        name = "eval_" + self.cfg.save_best.removeprefix("eval_")
+        if name not in scores:
+            raise PeftkitError(f"save_best: {self.cfg.save_best!r} is not among the evaluation's results "
+                               f"({', '.join(sorted(scores))})")
+        value = scores[name]
+        better = best is None or best.get("metric") != name or (
+            value < best["value"] if lower_is_better(name) else value > best["value"])
+        if not better:
+            return best
+        best = {"metric": name, "value": value, "step": step}
+        save_adapter(self.accelerator.unwrap_model(self.model), self.output_dir / "best")
+        (self.output_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+        return best
+
     def run(self, until_step: int | None = None) -> TrainResult:
         """Train to the end (or until `until_step`, as if interrupted there), then save the adapter."""
         folder = RunFolder(self.output_dir, self.resume, self.overwrite) if self.is_main else None
@@ -476,6 +515,7 @@ class Trainer:
         calibrate = getattr(spec, "calibrate", None)
         step, epoch, micro = 0, 0, 0
         history: list[dict[str, Any]] = []
+        best: dict[str, Any] | None = None  # the save_best metric's best evaluation so far
         if calibrate is not None:  # before resuming too: same batches + untouched base = same selection
             calibrate(self.model, cfg.method_settings(), list(itertools.islice(self._micro_batches(0, 0), 4)))
         ewc = None
@@ -493,6 +533,7 @@ class Trainer:
             state = load_checkpoint(ckpt, trainable, optimizer, scheduler)
             step, epoch, micro = state["step"], state["epoch"], state["micro"]
             history = state.get("history", [])
+            best = state.get("best")
             # the restored schedule keeps its step; lr and the schedule's shape come from this run's config
             scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
             for group, value in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
@@ -511,6 +552,7 @@ class Trainer:
         peak = self._peak_flops()
         if self.is_main:
             self._write_run_info(peak)
+        self.tracking.start(acc, cfg.to_dict())
         stop = min(until_step or self.total_steps, self.total_steps)
         batches = self._batches(epoch, micro)
         progress = _progress(self.total_steps, step, cfg.progress and self.is_main)
@@ -578,10 +620,15 @@ class Trainer:
             history.append({"step": step, "loss": step_loss})
             if cfg.eval_every and step % cfg.eval_every == 0:
                 eval_loss = self.evaluate()
-                record["eval_loss"] = eval_loss
+                scores = {"eval_loss": eval_loss, **self.evaluate_generation()}
+                record.update(scores)
+                history[-1].update(scores)
+                if cfg.save_best and eval_loss is not None and self.is_main:
+                    best = self._keep_best(best, scores, step)
             if self.is_main and step % cfg.log_every == 0:
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+            self.tracking.log(record, step)
             progress.update(1)
             postfix = {"loss": f"{step_loss:.4f}", "tok_s": f"{n_targets / dt:.0f}",
                        "GFLOP/s": f"{flops_per_s / 1e9:.0f}"}
@@ -590,7 +637,7 @@ class Trainer:
             progress.set_postfix(postfix)
             if cfg.save_every and step % cfg.save_every == 0 and self.is_main:
                 position = {"epoch": epoch, "micro": micro, "rank": self.rank, "history": history,
-                            "config": cfg.to_dict()}
+                            "config": cfg.to_dict(), "best": best}
                 if scaler.is_enabled():
                     position["grad_scaler"] = scaler.state_dict()
                 weights = trainable_state_dict(acc.unwrap_model(model))
@@ -604,10 +651,15 @@ class Trainer:
         adapter_dir = None
         if step >= self.total_steps:
             eval_loss = self.evaluate()
+            final = {"eval_loss": eval_loss, **self.evaluate_generation()} if eval_loss is not None else {}
+            self.final_scores = final
             if self.is_main:
                 adapter_dir = save_adapter(acc.unwrap_model(model), self.output_dir / "adapter")
                 _plot_loss(history, self.output_dir / "loss.png")
+                self.tracking.log({f"final/{k}": v for k, v in final.items()}, step)
+                self.tracking.log_plot(self.output_dir / "loss.png", step)
             acc.wait_for_everyone()
+        self.tracking.finish()
         del optimizer, scheduler, ewc
         acc.free_memory()  # the accelerator's references to the optimizer, then gc
         _trim_host_memory()
@@ -615,8 +667,9 @@ class Trainer:
                            target_tokens, tokens, self.params, self.precision.name, total_flops, peak, self.world)
 
     RESUME_MAY_CHANGE = frozenset({"lr", "scheduler", "warmup_ratio", "max_steps", "epochs", "eval_data",
-                                   "eval_every", "save_every", "keep_checkpoints", "log_every", "progress",
-                                   "skip_bad_steps", "output_dir"})
+                                   "eval_every", "eval_metric", "eval_samples", "eval_max_new_tokens", "save_best",
+                                   "save_every", "keep_checkpoints", "log_every", "progress", "skip_bad_steps",
+                                   "report_to", "output_dir"})
     """Keys a resumed run may change (they then take effect); any other change is refused."""
 
     def _check_resumed_config(self, ckpt: Path) -> None:
@@ -701,7 +754,20 @@ def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="train loss")
+    evals = [h for h in history if h.get("eval_loss") is not None]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", lw=1, ms=3, label="eval loss")
+        ax.legend(loc="upper left")
+        names = sorted({k for h in evals for k in h} - {"step", "loss", "eval_loss"})
+        if names:  # generation metrics (eval_metric) on their own axis
+            right = ax.twinx()
+            for name in names:
+                points = [h for h in evals if h.get(name) is not None]
+                right.plot([h["step"] for h in points], [h[name] for h in points], "s--", lw=1, ms=3,
+                           label=name.removeprefix("eval_"))
+            right.set_ylabel("eval metric")
+            right.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (target tokens)")
     ax.grid(alpha=0.3)
