@@ -56,7 +56,7 @@ def segment_bounds(segment_ids: torch.Tensor, prefix_lengths: torch.Tensor | Non
     return segment_ids.shape[1], tuple(rows), prefixes
 
 
-def segment_positions(segments: Segments, device: torch.device | str = "cpu") -> torch.Tensor:
+def _segment_positions(segments: Segments, device: torch.device | str = "cpu") -> torch.Tensor:
     """(batch, width): each token's position in its example as it is alone (the shared prefix first, at 0..p-1;
     the same positions `collate` gives); 0 on padding."""
     width, rows, prefixes = segments
@@ -128,8 +128,9 @@ def _layer_window(module: nn.Module, passed: int | None) -> int | None:
     else:
         window = windows[module.layer_idx]
     if passed is not None and passed != window:
-        raise PeftkitError(f"{type(module).__name__} {getattr(module, 'layer_idx', '')} passes sliding_window="
-                           f"{passed} but its config gives {window}: packed rows cannot tell which applies")
+        raise PeftkitError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) passes "
+                           f"sliding_window={passed} but its config gives {window}: packed rows cannot tell which "
+                           "applies")
     return window
 
 
@@ -263,7 +264,7 @@ def _window_mask(mask: torch.Tensor, segments: Segments, window: int, queries: i
     """
     keys = mask.shape[-1]
     m = keys - segments[0]
-    own = segment_positions(segments, mask.device) + m
+    own = _segment_positions(segments, mask.device) + m
     key_pos = torch.cat([torch.arange(m, device=mask.device).expand(own.shape[0], m), own], dim=1)
     query_pos = key_pos[:, keys - queries:]
     near = (query_pos[:, None, :, None] - key_pos[:, None, None, :]) < window  # causality: in the mask already
