@@ -63,12 +63,14 @@ requires_bundled = pytest.mark.skipif(
 requires_shared_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is absent")
 
 
-def tiny_tokenizer():
-    """A character-level tokenizer (vocab < 128) with ChatML special tokens and chat template."""
+def tiny_tokenizer(chatml_tokens: bool = True):
+    """A character-level tokenizer (vocab < 128) with the ChatML chat template and, unless `chatml_tokens` is
+    False, ChatML special tokens (without them, ``<|im_end|>`` is ten characters and EOS is ``</s>``)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"]
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"] if chatml_tokens else ["<pad>", "<s>", "</s>",
+                                                                                               "<unk>"]
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {t: i for i, t in enumerate(specials + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -77,8 +79,8 @@ def tiny_tokenizer():
     from peftkit.data.sequences import TEMPLATES
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>"],
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token=specials[2], unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"] if chatml_tokens else [],
     )
     fast.chat_template = TEMPLATES["chatml"]
     return fast

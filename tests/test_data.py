@@ -19,6 +19,7 @@ from peftkit.data.sequences import (
     row_length,
     shared_prefix,
     tokenize_conversations,
+    turn_end,
 )
 from peftkit.errors import PeftkitError
 
@@ -84,6 +85,17 @@ def test_loss_only_on_output_tokens():
                           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
     [ex] = tokenize_conversations(tok, read_conversations(chat), max_length=512)
     assert tok.decode([t for t in ex.labels if t != IGNORE]) == "b<|im_end|>\nd<|im_end|>\n"
+
+
+def test_turn_end_is_the_text_after_an_answer_special_token_or_not():
+    chatml, plain = tiny_tokenizer(), tiny_tokenizer(chatml_tokens=False)
+    assert turn_end(chatml) == turn_end(plain) == "<|im_end|>"
+    assert len(plain("<|im_end|>", add_special_tokens=False)["input_ids"]) == 10  # plain text there
+    assert turn_end(plain, "alpaca") == "</s>" and turn_end(chatml, "alpaca") == "<|im_end|>"  # the EOS
+    plain.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    assert turn_end(plain) == ""
+    with pytest.raises(PeftkitError, match="unknown template"):
+        turn_end(plain, "vicuna")
 
 
 def test_overlong_truncate_or_drop():

@@ -40,6 +40,7 @@ __all__ = [
     "row_length",
     "shared_prefix",
     "tokenize_conversations",
+    "turn_end",
 ]
 
 IGNORE = -100
@@ -99,6 +100,16 @@ def _render(tokenizer, messages: Conversation, template: str | None, generation_
 def prompt_text(tokenizer: PreTrainedTokenizerBase, messages: Conversation, template: str | None = None) -> str:
     """The text a model sees before its answer (chat template + generation prompt)."""
     return _render(tokenizer, messages, _template(tokenizer, template), True)
+
+
+def turn_end(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> str:
+    """The text the chat template puts after an assistant's answer (chatml's ``<|im_end|>``, alpaca's EOS),
+    whitespace stripped; "" when it puts none. It need not be one token: chatml on a tokenizer without ChatML
+    tokens spells ``<|im_end|>`` in several."""
+    answer = "\x1fanswer\x1f"  # a unit separator no template writes
+    conv = [{"role": "user", "content": "question"}, {"role": "assistant", "content": answer}]
+    text = _render(tokenizer, conv, _template(tokenizer, template), False)
+    return text[text.rindex(answer) + len(answer):].strip() if answer in text else ""
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -1,7 +1,9 @@
-"""Batched generation for evaluation: greedy (or beam) decoding with the KV cache, stopping at EOS.
+"""Batched generation for evaluation: greedy (or beam) decoding with the KV cache, stopping at the end of the turn.
 
 Prompts are rendered with the chat template, sorted by length (less padding), left-padded, and decoded with
 `model.generate`, so every method that keeps `generate` working (all of peftkit's) is evaluated the same way.
+A row stops at EOS or at the template's end-of-turn text (`turn_end`), also when that text is no special token of
+the tokenizer (chatml's ``<|im_end|>`` on a Gemma tokenizer is plain text, several tokens); the answer ends before it.
 
 Shared prefix: evaluation prompts usually begin with the same tokens (system prompt, instruction). The prefix common
 to a batch is run once, its KV cache repeated for every row, and the rows are padded between the prefix and their
@@ -18,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.formats import Conversation
-from peftkit.data.sequences import prompt_text
+from peftkit.data.sequences import prompt_text, turn_end
 
 __all__ = ["generate"]
 
@@ -44,6 +46,8 @@ def generate(
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    end = turn_end(tokenizer, template)
+    stop = _stopping(tokenizer, end)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -73,13 +77,27 @@ def generate(
                 extra["cache"] = cache
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                use_cache=True, top_p=None, top_k=None, temperature=None, **extra,
+                do_sample=False, num_beams=num_beams, pad_token_id=pad, use_cache=True, top_p=None, top_k=None,
+                temperature=None, **stop, **extra,
             )
         for r, i in enumerate(idx):
-            answers[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+            text = tokenizer.decode(out[r, width:], skip_special_tokens=True)
+            answers[i] = (text.split(end, 1)[0] if end else text).strip()
     model.train(was_training)
     return answers
+
+
+def _stopping(tokenizer: PreTrainedTokenizerBase, end: str) -> dict:
+    """`model.generate` arguments that stop a row at EOS and at the end-of-turn text `end`: its token added to the
+    EOS ids when it is one token, else a stop string (transformers matches it however the model spells it)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+    if len(ids) == 1:
+        return {"eos_token_id": list(dict.fromkeys(eos + ids))}
+    stop = {"eos_token_id": eos or None}
+    if ids:
+        stop |= {"stop_strings": [end], "tokenizer": tokenizer}
+    return stop
 
 
 MIN_SHARED = 16  # below this, running the prefix separately saves less than it costs

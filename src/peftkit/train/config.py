@@ -33,6 +33,10 @@ class TrainConfig(Config):
             packing (the default) a row holds up to ``max_length`` tokens of several examples, so the default of
             2 rows x 512 tokens is about 7 Alpaca examples, about as many tokens as 8 padded examples; without
             packing a row is one example: raise ``batch_size``.
+        packing: several examples per row, each attending only to itself (and to sliding windows as the model's
+            config sets them); a model whose attention packed rows cannot honour (chunked, recurrent or
+            bidirectional layers: `peftkit.train.packed_attention.packing_problem`) trains unpacked, with one line
+            saying why.
         share_prefix: with packing, store the tokens that all examples of a row begin with (system prompt,
             instruction) once per row; same loss and gradients, less compute (`peftkit.data.sequences`).
         skip_bad_steps: a step whose loss or gradients are not finite never reaches the weights, the optimizer

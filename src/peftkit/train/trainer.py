@@ -40,7 +40,7 @@ from peftkit.train.config import TrainConfig
 from peftkit.train.evaluation import generation_scores, lower_is_better, resolve_metric
 from peftkit.train.flops import FlopCount, attention_pairs
 from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
-from peftkit.train.packed_attention import segment_bounds, use_packed_attention
+from peftkit.train.packed_attention import packing_problem, segment_bounds, use_packed_attention
 from peftkit.train.tracking import Tracking
 
 __all__ = ["EWCAnchor", "SummedCrossEntropy", "TrainResult", "Trainer", "count_parameters", "diagonal_fisher",
@@ -65,8 +65,15 @@ def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     Only the hidden states that predict a target go through the output head: a pre-hook on the head gathers
     them, row by row, before the vocabulary projection (for instruction data, answers are a fraction of each
     row). With `packed_attention` switched on, the example boundaries go along so that attention runs per example.
+
+    Raises:
+        PeftkitError: for packed rows (a 4D mask) that would not give the model each example's own result
+            (`packing_problem`: a sliding window without packed attention, a chunked or recurrent layer).
     """
     core = getattr(model, "module", model)  # under DDP, hooks and config live on the wrapped model
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4 and (problem := packing_problem(core)):
+        raise PeftkitError(f"packed rows: {problem}; collate one example per row")
     device = next(core.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "segment_ids", "prefix_lengths")}
     targets = batch["labels"][:, 1:].to(device)
@@ -367,14 +374,19 @@ class Trainer:
         self.tok_stats = TokenizeStats()
         examples = _tokenize(cfg, self.tokenizer, convs, self.tok_stats)
         self.eval_examples = _tokenize(cfg, self.tokenizer, self.eval_conversations, TokenizeStats())
-        self.share_prefix = cfg.packing and cfg.share_prefix
-        self.rows = make_rows(examples, cfg.max_length, cfg.packing, self.share_prefix)
+        self.packing = cfg.packing
+        if cfg.packing and (problem := packing_problem(self.model)):  # train unpacked rather than wrong
+            if self.is_main:
+                print(f"peftkit: packing off: {problem}", file=sys.stderr)
+            self.packing = False
+        self.share_prefix = self.packing and cfg.share_prefix
+        self.rows = make_rows(examples, cfg.max_length, self.packing, self.share_prefix)
         # Replay (against forgetting): general rows mixed into every micro-batch, on top of the task rows.
         self.replay_rows: list[list[Example]] = []
         if cfg.replay_data:
             replay_examples = _tokenize(cfg, self.tokenizer, _read(cfg, cfg.replay_data)[0], TokenizeStats())
             random.Random(cfg.seed + 1).shuffle(replay_examples)
-            self.replay_rows = make_rows(replay_examples, cfg.max_length, cfg.packing, self.share_prefix)
+            self.replay_rows = make_rows(replay_examples, cfg.max_length, self.packing, self.share_prefix)
         self.replay_per_batch = replay_rows_per_batch(cfg.batch_size, cfg.replay_fraction)
         rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.micro_per_epoch = len(self.rows) // (cfg.batch_size * self.world)
@@ -455,7 +467,7 @@ class Trainer:
         model = self.model
         was_training = model.training
         model.eval()
-        rows = make_rows(self.eval_examples, self.cfg.max_length, self.cfg.packing, self.share_prefix)[:max_rows]
+        rows = make_rows(self.eval_examples, self.cfg.max_length, self.packing, self.share_prefix)[:max_rows]
         total, count = 0.0, 0
         for i in range(0, len(rows), self.cfg.batch_size):
             batch = collate(rows[i:i + self.cfg.batch_size], self.tokenizer.pad_token_id, 8, self.share_prefix)
