@@ -571,7 +571,7 @@ class Trainer:
         guard = DivergenceGuard(cfg.skip_bad_steps, self.output_dir, self.precision.name, history)
         t_start, tokens, target_tokens, loss_value = time.perf_counter(), 0, 0, float("nan")
         total_flops = 0.0
-        eval_loss = None
+        eval_loss, eval_seconds = None, 0.0  # time spent evaluating is not training time (throughput, MFU)
         while step < stop:
             t0 = time.perf_counter()
             group = [next(batches) for _ in range(cfg.grad_accum)]
@@ -631,12 +631,14 @@ class Trainer:
                 record["skipped"] = True
             history.append({"step": step, "loss": step_loss})
             if cfg.eval_every and step % cfg.eval_every == 0:
+                t_eval = time.perf_counter()
                 eval_loss = self.evaluate()
                 scores = {"eval_loss": eval_loss, **self.evaluate_generation()}
                 record.update(scores)
                 history[-1].update(scores)
                 if cfg.save_best and eval_loss is not None and self.is_main:
                     best = self._keep_best(best, scores, step)
+                eval_seconds += time.perf_counter() - t_eval
             if self.is_main and step % cfg.log_every == 0:
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -658,7 +660,7 @@ class Trainer:
                 save_checkpoint(self.output_dir, step, weights, optimizer, scheduler, position, cfg.keep_checkpoints)
             acc.wait_for_everyone()
         progress.close()
-        train_seconds = time.perf_counter() - t_start
+        train_seconds = time.perf_counter() - t_start - eval_seconds
         self.history = history
         adapter_dir = None
         if step >= self.total_steps:
@@ -774,10 +776,10 @@ def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
         names = sorted({k for h in evals for k in h} - {"step", "loss", "eval_loss"})
         if names:  # generation metrics (eval_metric) on their own axis
             right = ax.twinx()
-            for name in names:
+            for i, name in enumerate(names):
                 points = [h for h in evals if h.get(name) is not None]
                 right.plot([h["step"] for h in points], [h[name] for h in points], "s--", lw=1, ms=3,
-                           label=name.removeprefix("eval_"))
+                           color=f"C{i + 2}", label=name.removeprefix("eval_"))  # C0, C1: the losses
             right.set_ylabel("eval metric")
             right.legend(loc="upper right")
     ax.set_xlabel("step")
