@@ -218,10 +218,9 @@ class TrainResult:
 
 def _load_examples(cfg: TrainConfig, tokenizer, path: str) -> tuple[list[Example], ReadStats, TokenizeStats]:
     read_stats, tok_stats = ReadStats(), TokenizeStats()
-    convs = read_conversations(path, cfg.field_map or None, cfg.skip_bad_rows, read_stats)
-    if cfg.limit_examples:
-        convs = convs[: cfg.limit_examples]
-    examples = tokenize_conversations(tokenizer, convs, cfg.max_length, cfg.template, cfg.overlong, tok_stats)
+    convs = read_conversations(path, cfg.field_map or None, cfg.skip_bad_rows, read_stats, cfg.limit_examples or None)
+    examples = tokenize_conversations(tokenizer, convs, cfg.max_length, cfg.template, cfg.overlong, tok_stats,
+                                      where=read_stats.where, skip_rejected=cfg.skip_bad_rows)
     return examples, read_stats, tok_stats
 
 
@@ -348,7 +347,8 @@ class Trainer:
     def _prepare_data(self) -> None:
         cfg = self.cfg
         if not cfg.data:
-            raise PeftkitError("no training data: set data to a JSON, JSONL, CSV or Parquet file")
+            raise PeftkitError("no training data: set data to a JSON, JSONL, CSV or Parquet file, a folder or a "
+                               "Hub dataset id")
         examples, self.read_stats, self.tok_stats = _load_examples(cfg, self.tokenizer, cfg.data)
         random.Random(cfg.seed).shuffle(examples)
         if cfg.eval_data:
