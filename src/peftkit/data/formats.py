@@ -188,12 +188,12 @@ def _csv_options(path: Path) -> dict[str, Any]:
     return {"sep": sep, "keep_default_na": False, "features": Features({c: Value("string") for c in columns})}
 
 
-def _datasets_rows(name: str, hub: bool = False, **load_args: Any) -> Iterator[Any]:
-    """Rows through ``datasets.load_dataset(**load_args)``, its errors turned into one line naming `name`."""
+def _datasets_rows(label: str, hub: bool = False, **load_args: Any) -> Iterator[Any]:
+    """Rows through ``datasets.load_dataset(**load_args)``, its errors turned into one line naming `label`."""
     import datasets
     from datasets.exceptions import DatasetsError
 
-    where = f"the Hub dataset {name} (no local file or folder has that name)" if hub else name
+    where = f"the Hub dataset {label} (no local file or folder has that name)" if hub else label
     try:
         data = datasets.load_dataset(**load_args)
     except ConnectionError:
@@ -206,7 +206,7 @@ def _datasets_rows(name: str, hub: bool = False, **load_args: Any) -> Iterator[A
         ) from None
     except (OSError, ValueError, DatasetsError) as e:
         raise PeftkitError(f"cannot load {where}: {_first_line(e)}") from None
-    return _guarded(data, name)
+    return _guarded(data, label)
 
 
 def _guarded(data: Iterable[Any], name: str) -> Iterator[Any]:

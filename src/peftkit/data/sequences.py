@@ -124,8 +124,9 @@ def tokenize_conversations(
     A turn's target is its rendering up to the template's end-of-turn token; the whitespace the template puts
     after it (chatml's newline) belongs to the next prompt, so that the concatenated segments tokenize exactly as
     the whole rendered conversation does (``apply_chat_template(messages, tokenize=True)``) while each prompt
-    still tokenizes as it does alone at inference time. Turns after the last assistant turn carry no target and
-    are left out.
+    still tokenizes as it does alone at inference time. (The one difference: an answer that opens with
+    whitespace the tokenizer would merge with the prompt's last token; the prompt keeps its inference tokens.)
+    Turns after the last assistant turn carry no target and are left out.
 
     Args:
         overlong: ``"truncate"`` (cut at `max_length`) or ``"drop"`` examples longer than `max_length`.
