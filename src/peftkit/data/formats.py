@@ -19,9 +19,9 @@ Where the rows come from (`read_rows`), for a string or path:
 * a local ``.arrow`` file or a folder of data files streams through ``datasets.load_dataset`` (its ``train``
   split; a folder's files are split by their names, as on the Hub);
 * anything else of the form ``[hub:]OWNER/NAME[/SUBSET][@REVISION][:SPLIT]`` is a Hub dataset, loaded with
-  ``datasets.load_dataset`` (downloaded once into the datasets cache, which later runs and offline runs reuse),
-  split ``train`` unless given; e.g. ``HuggingFaceH4/no_robots:test``, ``openai/gsm8k/main@refs/convert/parquet``.
-  ``hub:`` forces the Hub where a local path of the same name exists.
+  ``datasets.load_dataset`` (its split downloaded whole, once, into the datasets cache, which later runs and
+  offline runs reuse), split ``train`` unless given; e.g. ``HuggingFaceH4/no_robots:test``,
+  ``openai/gsm8k/main@refs/convert/parquet``. ``hub:`` forces the Hub where a local path of that name exists.
 """
 
 from __future__ import annotations
@@ -108,12 +108,13 @@ def iter_rows(source: str | Path | Any) -> Iterator[Any]:
     """Rows of a data source, lazily: a local file or folder, a Hub dataset (see the module notes), or an
     iterable of rows (a `datasets.Dataset`, a list of dicts)."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not str(source).startswith("hub:") and path.is_file():
+        path, forced_hub = Path(source), str(source).startswith("hub:")
+        if path.is_file() and not forced_hub:
             return _file_rows(path)
-        if not str(source).startswith("hub:") and path.is_dir():
+        if path.is_dir() and not forced_hub:
             return _datasets_rows(str(path), path=str(path), split="train", streaming=True)
-        hub = HubDataset.parse(str(source)) if path.suffix.lower() not in _OWN_SUFFIXES + _DATASETS_SUFFIXES else None
+        looks_like_a_file = path.suffix.lower() in _OWN_SUFFIXES + _DATASETS_SUFFIXES
+        hub = None if looks_like_a_file else HubDataset.parse(str(source))
         if hub is None:
             raise PeftkitError(f"data file not found: {path}")
         return _datasets_rows(str(hub), hub=True, path=hub.repo, name=hub.subset, split=hub.split,
@@ -130,7 +131,7 @@ def read_rows(source: str | Path | Any) -> list[Any]:
 
 def _file_rows(path: Path) -> Iterator[Any]:
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv", ".parquet") and path.stat().st_size > STREAM_BYTES or suffix in _DATASETS_SUFFIXES:
+    if (suffix in (".csv", ".tsv", ".parquet") and path.stat().st_size > STREAM_BYTES) or suffix in _DATASETS_SUFFIXES:
         return _datasets_rows(str(path), path="csv" if suffix == ".tsv" else suffix[1:], data_files=str(path),
                               split="train", streaming=True, **_csv_options(path))
     if suffix == ".jsonl":
