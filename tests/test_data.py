@@ -77,14 +77,15 @@ def test_loss_only_on_output_tokens():
     tok = tiny_tokenizer()
     [ex] = tokenize_conversations(tok, read_conversations(ROWS[:1]), max_length=512)
     target = tok.decode([t for t in ex.labels if t != IGNORE])
-    assert target == "5<|im_end|>\n"
-    prompt = tok.decode([t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label == IGNORE])
-    assert prompt.endswith("<|im_start|>assistant\n") and "2 and 3" in prompt
+    assert target == "5<|im_end|>"  # the newline after the end-of-turn token belongs to the next prompt
+    first = next(i for i, label in enumerate(ex.labels) if label != IGNORE)
+    prompt = tok.decode(ex.input_ids[:first])
+    assert prompt.endswith("<|im_start|>assistant\n") and "2 and 3" in prompt and set(ex.labels[:first]) == {IGNORE}
     # multi-turn: every assistant turn is a target, every user turn is not
     chat = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
     [ex] = tokenize_conversations(tok, read_conversations(chat), max_length=512)
-    assert tok.decode([t for t in ex.labels if t != IGNORE]) == "b<|im_end|>\nd<|im_end|>\n"
+    assert tok.decode([t for t in ex.labels if t != IGNORE]) == "b<|im_end|>d<|im_end|>"
 
 
 def test_turn_end_is_the_text_after_an_answer_special_token_or_not():

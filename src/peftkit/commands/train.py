@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     stats = trainer.tok_stats
     print(f"{cfg.method}: {p['trainable']:,} trainable of {p['total']:,} parameters ({p['percent']:.3f}%)")
     print(f"data: {stats.examples} examples, {stats.target_tokens:,} target / {stats.prompt_tokens:,} prompt tokens; "
-          f"truncated {stats.truncated}, dropped {stats.dropped}, bad rows skipped {trainer.read_stats.skipped}; "
+          f"truncated {stats.truncated}, dropped {stats.dropped}, "
+          f"bad rows skipped {trainer.read_stats.skipped + stats.rejected}; "
           f"{len(trainer.rows)} rows, {trainer.total_steps} steps")
     result = trainer.run()
     if trainer.is_main:

@@ -1,26 +1,50 @@
-"""Reading instruction data: JSON, JSONL, CSV, Parquet files and Hugging Face `datasets` objects.
+"""Reading instruction data: local files and folders, Hugging Face Hub datasets, `datasets` objects.
 
 Every row becomes a conversation (a list of ``{"role", "content"}`` messages) whose assistant turns are the
 targets. Recognised layouts:
 
 * Alpaca: ``instruction`` / ``input`` / ``output``;
 * Dolly: ``instruction`` / ``context`` / ``response``;
-* chat: ``messages`` (a list of role/content dicts, as in OpenAI / HF chat datasets).
+* OpenAI chat: ``messages``, a list of ``{"role": system | user | assistant, "content"}``;
+* ShareGPT: ``conversations``, a list of ``{"from": system | human | gpt, "value"}``.
 
-Other field names are mapped with `field_map`, e.g. ``{"instruction": "question", "output": "answer"}``.
+Other field names are mapped with `field_map`, e.g. ``{"instruction": "question", "output": "answer"}`` or
+``{"messages": "dialog"}``.
+
+Where the rows come from (`read_rows`), for a string or path:
+
+* a local ``.json`` / ``.jsonl`` / ``.csv`` / ``.tsv`` / ``.parquet`` file is read by peftkit itself, so that a
+  bad line is named by its number; JSONL is read line by line, and CSV / TSV / Parquet files above
+  `STREAM_BYTES` stream through `datasets` (rows are read only as far as they are used);
+* a local ``.arrow`` file or a folder of data files streams through ``datasets.load_dataset`` (its ``train``
+  split; a folder's files are split by their names, as on the Hub);
+* anything else of the form ``[hub:]OWNER/NAME[/SUBSET][@REVISION][:SPLIT]`` is a Hub dataset, loaded with
+  ``datasets.load_dataset`` (its split downloaded whole, once, into the datasets cache, which later runs and
+  offline runs reuse), split ``train`` unless given; e.g. ``HuggingFaceH4/no_robots:test``,
+  ``openai/gsm8k/main@refs/convert/parquet``. ``hub:`` forces the Hub where a local path of that name exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
 
-__all__ = ["Conversation", "ReadStats", "read_conversations", "read_rows", "row_to_conversation"]
+__all__ = [
+    "STREAM_BYTES",
+    "Conversation",
+    "HubDataset",
+    "ReadStats",
+    "iter_rows",
+    "read_conversations",
+    "read_rows",
+    "row_to_conversation",
+]
 
 Conversation = list[dict[str, str]]
 
@@ -28,62 +52,179 @@ _INSTRUCTION_KEYS = ("instruction",)
 _CONTEXT_KEYS = ("input", "context")
 _OUTPUT_KEYS = ("output", "response")
 _ROLES = ("system", "user", "assistant")
+# ShareGPT speaker names (and the OpenAI ones, which some ShareGPT exports use) -> chat roles
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_OWN_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+_DATASETS_SUFFIXES = (".arrow",)
+
+STREAM_BYTES = 64 << 20
+"""CSV / TSV / Parquet files larger than this stream through `datasets` instead of being read whole by pandas."""
 
 
 @dataclasses.dataclass
 class ReadStats:
-    """What reading a data source did: rows read, and rows skipped with the reason for the first few."""
+    """What reading a data source did: rows read, rows skipped with the reason for the first few, and the source
+    row (1-based) of each conversation returned, to name it in later errors (`where`)."""
 
     rows: int = 0
     skipped: int = 0
     reasons: list[str] = dataclasses.field(default_factory=list)
+    source: str = ""
+    kept: list[int] = dataclasses.field(default_factory=list)
+
+    def where(self, index: int) -> str:
+        """``"<source>: row <n>"`` for the `index`-th conversation returned."""
+        return f"{self.source}: row {self.kept[index]}" if index < len(self.kept) else f"conversation {index + 1}"
 
 
-def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
-    """Rows of a data file (by suffix) or of a `datasets.Dataset` / list of dicts."""
+@dataclasses.dataclass(frozen=True)
+class HubDataset:
+    """A Hub dataset reference: ``[hub:]OWNER/NAME[/SUBSET][@REVISION][:SPLIT]``."""
+
+    repo: str
+    subset: str | None = None
+    revision: str | None = None
+    split: str = "train"
+
+    _PATTERN = re.compile(
+        r"(?P<repo>[\w.-]+/[\w.-]+)(?:/(?P<subset>[\w.-]+))?(?:@(?P<revision>[\w./-]+?))?(?::(?P<split>\S+))?"
+    )
+
+    @classmethod
+    def parse(cls, spec: str) -> HubDataset | None:
+        """The reference `spec` spells, or None when it is not one."""
+        match = cls._PATTERN.fullmatch(spec.removeprefix("hub:"))
+        if match is None:
+            return None
+        return cls(match["repo"], match["subset"], match["revision"], match["split"] or "train")
+
+    def __str__(self) -> str:
+        subset = f"/{self.subset}" if self.subset else ""
+        revision = f"@{self.revision}" if self.revision else ""
+        return f"{self.repo}{subset}{revision}:{self.split}"
+
+
+def iter_rows(source: str | Path | Any) -> Iterator[Any]:
+    """Rows of a data source, lazily: a local file or folder, a Hub dataset (see the module notes), or an
+    iterable of rows (a `datasets.Dataset`, a list of dicts)."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
+        path, forced_hub = Path(source), str(source).startswith("hub:")
+        if path.is_file() and not forced_hub:
+            return _file_rows(path)
+        if path.is_dir() and not forced_hub:
+            return _datasets_rows(str(path), path=str(path), split="train", streaming=True)
+        looks_like_a_file = path.suffix.lower() in _OWN_SUFFIXES + _DATASETS_SUFFIXES
+        hub = None if looks_like_a_file else HubDataset.parse(str(source))
+        if hub is None:
             raise PeftkitError(f"data file not found: {path}")
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".jsonl":
-                rows = []
-                for i, line in enumerate(path.read_text().splitlines()):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise PeftkitError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from None
-                return rows
-            if suffix == ".json":
-                data = json.loads(path.read_text())
-                if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
-                    lists = [v for v in data.values() if isinstance(v, list)]
-                    if len(lists) != 1:
-                        raise PeftkitError(f"{path}: expected a list of rows (or one list under a key)")
-                    data = lists[0]
-                if not isinstance(data, list):
-                    raise PeftkitError(f"{path}: expected a list of rows")
-                return data
-            if suffix in (".csv", ".tsv", ".parquet"):
-                import pandas as pd
-
-                if suffix == ".parquet":
-                    frame = pd.read_parquet(path)
-                else:
-                    frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, dtype=str)
-                return frame.to_dict(orient="records")
-        except json.JSONDecodeError as e:
-            raise PeftkitError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-        except (OSError, ValueError) as e:
-            if isinstance(e, PeftkitError):
-                raise
-            raise PeftkitError(f"cannot read {path}: {e}") from None
-        raise PeftkitError(f"{path}: unsupported data format {suffix!r} (use .json, .jsonl, .csv, .tsv or .parquet)")
+        return _datasets_rows(str(hub), hub=True, path=hub.repo, name=hub.subset, split=hub.split,
+                              revision=hub.revision)
     if isinstance(source, Iterable):
-        return [dict(r) for r in source]
+        return (dict(r) if isinstance(r, Mapping) else r for r in source)
     raise PeftkitError(f"cannot read instruction data from a {type(source).__name__}")
+
+
+def read_rows(source: str | Path | Any) -> list[Any]:
+    """All rows of a data source (`iter_rows`)."""
+    return list(iter_rows(source))
+
+
+def _file_rows(path: Path) -> Iterator[Any]:
+    suffix = path.suffix.lower()
+    if (suffix in (".csv", ".tsv", ".parquet") and path.stat().st_size > STREAM_BYTES) or suffix in _DATASETS_SUFFIXES:
+        return _datasets_rows(str(path), path="csv" if suffix == ".tsv" else suffix[1:], data_files=str(path),
+                              split="train", streaming=True, **_csv_options(path))
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if suffix not in _OWN_SUFFIXES:
+        raise PeftkitError(
+            f"{path}: unsupported data format {suffix!r} (use .json, .jsonl, .csv, .tsv, .parquet or .arrow, "
+            "or a folder of such files)"
+        )
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
+                lists = [v for v in data.values() if isinstance(v, list)]
+                if len(lists) != 1:
+                    raise PeftkitError(f"{path}: expected a list of rows (or one list under a key)")
+                data = lists[0]
+            if not isinstance(data, list):
+                raise PeftkitError(f"{path}: expected a list of rows")
+            return iter(data)
+        import pandas as pd
+
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, dtype=str)
+        return iter(frame.to_dict(orient="records"))
+    except json.JSONDecodeError as e:
+        raise PeftkitError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except (OSError, ValueError) as e:
+        if isinstance(e, PeftkitError):
+            raise
+        raise PeftkitError(f"cannot read {path}: {e}") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[Any]:
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PeftkitError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from None
+
+
+def _csv_options(path: Path) -> dict[str, Any]:
+    """For CSV / TSV through `datasets`: every column a string, empty cells empty strings (as the pandas path)."""
+    if path.suffix.lower() not in (".csv", ".tsv"):
+        return {}
+    import pandas as pd
+    from datasets import Features, Value
+
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    columns = pd.read_csv(path, sep=sep, nrows=0).columns
+    return {"sep": sep, "keep_default_na": False, "features": Features({c: Value("string") for c in columns})}
+
+
+def _datasets_rows(label: str, hub: bool = False, **load_args: Any) -> Iterator[Any]:
+    """Rows through ``datasets.load_dataset(**load_args)``, its errors turned into one line naming `label`."""
+    import datasets
+    from datasets.exceptions import DatasetsError
+
+    where = f"the Hub dataset {label} (no local file or folder has that name)" if hub else label
+    try:
+        data = datasets.load_dataset(**load_args)
+    except ConnectionError:
+        if not hub:
+            raise
+        raise PeftkitError(
+            f"cannot load {where}: offline (HF_HUB_OFFLINE) or the Hub is unreachable, and it is not in the "
+            f"datasets cache ({datasets.config.HF_DATASETS_CACHE}); load it once with network access, or download "
+            "its files and set the data to that local file or folder"
+        ) from None
+    except (OSError, ValueError, DatasetsError) as e:
+        raise PeftkitError(f"cannot load {where}: {_first_line(e)}") from None
+    return _guarded(data, label)
+
+
+def _guarded(data: Iterable[Any], name: str) -> Iterator[Any]:
+    from datasets.exceptions import DatasetsError
+
+    read = 0
+    try:
+        for row in data:
+            yield row
+            read += 1
+    except (OSError, ValueError, DatasetsError) as e:
+        raise PeftkitError(f"{name}: cannot read past row {read}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
 
 
 def _field(row: Mapping[str, Any], names: tuple[str, ...], field_map: Mapping[str, str], role: str) -> str | None:
@@ -104,24 +245,39 @@ def _text(value: Any, key: str) -> str:
     return value
 
 
+def _turns(messages: Any, key: str, sharegpt: bool) -> Conversation:
+    """Validate a list of chat turns (OpenAI ``role`` / ``content`` or ShareGPT ``from`` / ``value``)."""
+    if not isinstance(messages, list) or not messages:
+        raise TypeError(f"field {key!r} must be a non-empty list of messages")
+    roles, (role_key, content_key) = (_SHAREGPT_ROLES, ("from", "value")) if sharegpt else (_ROLES, ("role", "content"))
+    conv = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise TypeError(f"{key}[{i}] is a {type(m).__name__}, not a message object")
+        role = m.get(role_key)
+        if role not in roles:
+            raise KeyError(f"{key}[{i}]: unknown {role_key} {role!r} (known: {', '.join(roles)})")
+        role = _SHAREGPT_ROLES[role] if sharegpt else role
+        content = m.get(content_key)
+        if not isinstance(content, str):
+            raise TypeError(f"{key}[{i}] ({role}): {content_key!r} is a {type(content).__name__}, not a string")
+        if not content.strip():
+            raise ValueError(f"{key}[{i}] ({role}): empty {content_key!r}")
+        conv.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in conv):
+        raise KeyError(f"field {key!r} has no assistant turn to learn from")
+    return conv
+
+
 def row_to_conversation(row: Mapping[str, Any], field_map: Mapping[str, str] | None = None) -> Conversation:
-    """Turn one row into messages; raises KeyError/TypeError describing a bad row."""
+    """Turn one row into messages; raises KeyError/TypeError/ValueError describing a bad row."""
     field_map = field_map or {}
     if not isinstance(row, Mapping):
         raise TypeError(f"row is a {type(row).__name__}, not an object")
-    messages_key = field_map.get("messages", "messages")
-    if messages_key in row:
-        messages = row[messages_key]
-        if not isinstance(messages, list) or not messages:
-            raise TypeError(f"field {messages_key!r} must be a non-empty list of messages")
-        conv = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, Mapping) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-                raise TypeError(f"message {i} must have role in {_ROLES} and string content")
-            conv.append({"role": m["role"], "content": m["content"]})
-        if not any(m["role"] == "assistant" for m in conv):
-            raise KeyError("conversation has no assistant message to learn from")
-        return conv
+    for layout, sharegpt in (("messages", False), ("conversations", True)):
+        key = field_map.get(layout, layout)
+        if key in row:
+            return _turns(row[key], key, sharegpt)
     instruction = _field(row, _INSTRUCTION_KEYS, field_map, "instruction")
     context = _field(row, _CONTEXT_KEYS, field_map, "input")
     output = _field(row, _OUTPUT_KEYS, field_map, "output")
@@ -138,26 +294,32 @@ def read_conversations(
     field_map: Mapping[str, str] | None = None,
     skip_bad_rows: bool = False,
     stats: ReadStats | None = None,
+    limit: int | None = None,
 ) -> list[Conversation]:
     """Read a data source into conversations.
 
-    A bad row (missing or non-string field) is an error naming the source and the row number (1-based), or,
-    with `skip_bad_rows`, skipped and counted in `stats`.
+    A bad row (missing or non-string field, malformed turn) is an error naming the source and the row number
+    (1-based), or, with `skip_bad_rows`, skipped and counted in `stats`. With `limit`, reading stops after that
+    many conversations (the rest of the source is never read).
     """
     stats = stats if stats is not None else ReadStats()
     name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
+    stats.source = name
     out: list[Conversation] = []
-    for i, row in enumerate(read_rows(source)):
+    for i, row in enumerate(iter_rows(source)):
         stats.rows += 1
         try:
             out.append(row_to_conversation(row, field_map))
-        except (KeyError, TypeError) as e:
+            stats.kept.append(i + 1)
+        except (KeyError, TypeError, ValueError) as e:
             reason = f"{name}: row {i + 1}: {e.args[0] if e.args else e}"
             if not skip_bad_rows:
                 raise PeftkitError(reason + " (set skip_bad_rows to skip such rows)") from None
             stats.skipped += 1
             if len(stats.reasons) < 5:
                 stats.reasons.append(reason)
+        if len(out) == limit:
+            break
     if not out:
         raise PeftkitError(f"{name}: no usable rows")
     return out

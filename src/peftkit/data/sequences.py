@@ -1,9 +1,11 @@
 """From conversations to training batches: chat template, loss mask, truncation, packing or padding.
 
-The loss covers only the assistant tokens. Each conversation is rendered with the model's chat template (or a
-named one) and cut into segments at the turn boundaries: the text up to and including the generation prompt is
-the prompt (label -100), the rest of the turn up to the end-of-turn token is the target. Segments are
-tokenized separately, so a prompt is tokenized exactly as it is at inference time.
+The loss covers only the assistant tokens, of every assistant turn. Each conversation is rendered with the
+model's chat template (or a named one) and cut into segments at the turn boundaries: the text up to and including
+the generation prompt is the prompt (label -100), the rest of the turn up to and including the end-of-turn token is
+the target. Segments are tokenized separately, so a prompt is tokenized exactly as it is at inference time; the
+whitespace after an end-of-turn token goes with the next prompt, so that on the shipped templates the segments
+together are exactly the tokens of the whole rendered conversation.
 
 Packing puts several examples in one row; each keeps its own positions (restarting at 0) and a block-diagonal
 causal mask so that no token attends across examples. Padding puts one example per row.
@@ -21,10 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.formats import Conversation
@@ -77,6 +80,7 @@ class TokenizeStats:
     dropped: int = 0
     prompt_tokens: int = 0
     target_tokens: int = 0
+    rejected: int = 0
 
 
 def _template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> str | None:
@@ -123,32 +127,40 @@ def tokenize_conversations(
     template: str | None = None,
     overlong: str = "truncate",
     stats: TokenizeStats | None = None,
+    where: Callable[[int], str] | None = None,
+    skip_rejected: bool = False,
 ) -> list[Example]:
-    """Tokenize conversations with the loss on assistant turns only.
+    """Tokenize conversations with the loss on every assistant turn and on nothing else.
+
+    A turn's target is its rendering up to the template's end-of-turn token; the whitespace the template puts
+    after it (chatml's newline) belongs to the next prompt, so that the concatenated segments tokenize exactly as
+    the whole rendered conversation does (``apply_chat_template(messages, tokenize=True)``) while each prompt
+    still tokenizes as it does alone at inference time. (The one difference: an answer that opens with
+    whitespace the tokenizer would merge with the prompt's last token; the prompt keeps its inference tokens.)
+    Turns after the last assistant turn carry no target and are left out.
 
     Args:
         overlong: ``"truncate"`` (cut at `max_length`) or ``"drop"`` examples longer than `max_length`.
+        where: names conversation ``i`` in errors (`ReadStats.where`: ``"data.jsonl: row 7"``).
+        skip_rejected: a conversation the chat template rejects (e.g. two user turns in a row where the template
+            requires alternation) is skipped and counted in ``stats.rejected`` instead of being an error.
     """
     if overlong not in ("truncate", "drop"):
         raise PeftkitError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
     tmpl = _template(tokenizer, template)
     stats = stats if stats is not None else TokenizeStats()
+    where = where or (lambda i: f"conversation {i + 1}")
     out = []
-    for conv in conversations:
-        ids: list[int] = []
-        labels: list[int] = []
-        done = ""
-        for i, message in enumerate(conv):
-            if message["role"] != "assistant":
-                continue
-            prefix = _render(tokenizer, conv[:i], tmpl, True)
-            full = _render(tokenizer, conv[: i + 1], tmpl, False)
-            if not prefix.startswith(done) or not full.startswith(prefix):
-                raise PeftkitError("the chat template does not render conversations as growing prefixes")
-            prompt_ids, answer_ids = _encode(tokenizer, prefix[len(done):]), _encode(tokenizer, full[len(prefix):])
-            ids += prompt_ids + answer_ids
-            labels += [IGNORE] * len(prompt_ids) + answer_ids
-            done = full
+    for n, conv in enumerate(conversations):
+        try:
+            ids, labels = _segments(tokenizer, conv, tmpl)
+        except TemplateError as e:
+            if not skip_rejected:
+                raise PeftkitError(f"{where(n)}: the chat template rejects this conversation: {e}") from None
+            stats.rejected += 1
+            continue
+        except PeftkitError as e:
+            raise PeftkitError(f"{where(n)}: {e}") from None
         if len(ids) > max_length:
             if overlong == "drop":
                 stats.dropped += 1
@@ -164,6 +176,28 @@ def tokenize_conversations(
         stats.prompt_tokens += len(ids) - example.num_targets
         out.append(example)
     return out
+
+
+def _segments(tokenizer, conv: Conversation, tmpl: str | None) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation: prompt segments (label -100) and assistant targets."""
+    ids: list[int] = []
+    labels: list[int] = []
+    done = full = ""  # `done`: the rendered text tokenized so far
+    for i, message in enumerate(conv):
+        if message["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, conv[:i], tmpl, True)
+        full = _render(tokenizer, conv[: i + 1], tmpl, False)
+        if not prefix.startswith(done) or not full.startswith(prefix):
+            raise PeftkitError("the chat template does not render conversations as growing prefixes")
+        answer = full[len(prefix):]
+        answer = answer[: len(answer.rstrip())]
+        prompt_ids, answer_ids = _encode(tokenizer, prefix[len(done):]), _encode(tokenizer, answer)
+        ids += prompt_ids + answer_ids
+        labels += [IGNORE] * len(prompt_ids) + answer_ids
+        done = prefix + answer
+    tail = _encode(tokenizer, full[len(done):])  # the whitespace after the last end-of-turn
+    return ids + tail, labels + [IGNORE] * len(tail)
 
 
 def _prefix_cap(e: Example) -> int:

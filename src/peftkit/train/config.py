@@ -20,8 +20,11 @@ class TrainConfig(Config):
 
     Attributes (groups):
         model: model folder, hub id, ``.gguf`` file or ``smollm2-135m-instruct``.
-        data / eval_data: instruction data files (JSON, JSONL, CSV, Parquet); ``eval_fraction`` splits
-            the eval set off the training data when ``eval_data`` is not given.
+        data / eval_data: instruction data: a JSON, JSONL, CSV, TSV, Parquet or Arrow file, a folder of such
+            files, or a Hub dataset ``[hub:]OWNER/NAME[/SUBSET][@REVISION][:SPLIT]`` (`peftkit.data.formats`);
+            rows in the Alpaca, Dolly, OpenAI ``messages`` or ShareGPT ``conversations`` layout. ``eval_fraction``
+            splits the eval set off the training data when ``eval_data`` is not given. ``limit_examples`` stops
+            reading after that many usable rows.
         method / method_config: a registered method and its settings (validated by its config class).
         quantize: freeze the base in a 4/8-bit format first (QLoRA = ``lora`` + ``nf4``).
         precision: ``auto`` (the default: bf16 where the hardware computes it natively, else fp32 on CPU and fp16
@@ -43,7 +46,7 @@ class TrainConfig(Config):
             state or a checkpoint; up to this many such steps are skipped (their update dropped), then the run
             stops (0: stop at the first). A run whose gradients stay exactly zero, or whose loss stays far above
             its start, stops too (`Trainer` names the cause and the last checkpoint).
-        replay_data / replay_fraction: against forgetting, a file of general instruction data whose rows are
+        replay_data / replay_fraction: against forgetting, general instruction data (as ``data``) whose rows are
             mixed into every micro-batch so that they make up ``replay_fraction`` of its rows (the task rows per
             batch stay ``batch_size``; see ``Trainer.replay_rows_per_batch``). ``replay_data`` alone (fraction 0)
             only serves as the data the EWC Fisher is estimated on.

@@ -19,7 +19,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,14 +227,15 @@ class TrainResult:
 
 def _read(cfg: TrainConfig, path: str) -> tuple[list[Conversation], ReadStats]:
     read_stats = ReadStats()
-    convs = read_conversations(path, cfg.field_map or None, cfg.skip_bad_rows, read_stats)
-    if cfg.limit_examples:
-        convs = convs[: cfg.limit_examples]
+    convs = read_conversations(path, cfg.field_map or None, cfg.skip_bad_rows, read_stats, cfg.limit_examples or None)
     return convs, read_stats
 
 
-def _tokenize(cfg: TrainConfig, tokenizer, convs: list[Conversation], stats: TokenizeStats) -> list[Example]:
-    return tokenize_conversations(tokenizer, convs, cfg.max_length, cfg.template, cfg.overlong, stats)
+def _tokenize(cfg: TrainConfig, tokenizer, convs: list[Conversation], stats: TokenizeStats,
+              where: Callable[[int], str] | None = None) -> list[Example]:
+    """`convs` tokenized as `cfg` says; `where(i)` names conversation i in errors (its file and row)."""
+    return tokenize_conversations(tokenizer, convs, cfg.max_length, cfg.template, cfg.overlong, stats, where=where,
+                                  skip_rejected=cfg.skip_bad_rows)
 
 
 def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
@@ -363,17 +364,23 @@ class Trainer:
     def _prepare_data(self) -> None:
         cfg = self.cfg
         if not cfg.data:
-            raise PeftkitError("no training data: set data to a JSON, JSONL, CSV or Parquet file")
+            raise PeftkitError("no training data: set data to a JSON, JSONL, CSV or Parquet file, a folder or a "
+                               "Hub dataset id")
         convs, self.read_stats = _read(cfg, cfg.data)
-        random.Random(cfg.seed).shuffle(convs)
-        if cfg.eval_data:
-            self.eval_conversations = _read(cfg, cfg.eval_data)[0]
-        else:
-            n_eval = int(len(convs) * cfg.eval_fraction)
-            self.eval_conversations, convs = convs[:n_eval], convs[n_eval:]
+        order = list(range(len(convs)))  # shuffled; with eval_fraction, the first ones are held out
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = 0 if cfg.eval_data else int(len(convs) * cfg.eval_fraction)
+        held_out, train = order[:n_eval], order[n_eval:]
         self.tok_stats = TokenizeStats()
-        examples = _tokenize(cfg, self.tokenizer, convs, self.tok_stats)
-        self.eval_examples = _tokenize(cfg, self.tokenizer, self.eval_conversations, TokenizeStats())
+        examples = _tokenize(cfg, self.tokenizer, [convs[i] for i in train], self.tok_stats,
+                             lambda j: self.read_stats.where(train[j]))
+        if cfg.eval_data:
+            self.eval_conversations, eval_stats = _read(cfg, cfg.eval_data)
+            where = eval_stats.where
+        else:
+            self.eval_conversations = [convs[i] for i in held_out]
+            where = lambda j: self.read_stats.where(held_out[j])  # noqa: E731
+        self.eval_examples = _tokenize(cfg, self.tokenizer, self.eval_conversations, TokenizeStats(), where)
         self.packing = cfg.packing
         if cfg.packing and (problem := packing_problem(self.model)):  # train unpacked rather than wrong
             if self.is_main:
@@ -384,7 +391,8 @@ class Trainer:
         # Replay (against forgetting): general rows mixed into every micro-batch, on top of the task rows.
         self.replay_rows: list[list[Example]] = []
         if cfg.replay_data:
-            replay_examples = _tokenize(cfg, self.tokenizer, _read(cfg, cfg.replay_data)[0], TokenizeStats())
+            replay, replay_stats = _read(cfg, cfg.replay_data)
+            replay_examples = _tokenize(cfg, self.tokenizer, replay, TokenizeStats(), replay_stats.where)
             random.Random(cfg.seed + 1).shuffle(replay_examples)
             self.replay_rows = make_rows(replay_examples, cfg.max_length, self.packing, self.share_prefix)
         self.replay_per_batch = replay_rows_per_batch(cfg.batch_size, cfg.replay_fraction)
