@@ -323,6 +323,9 @@ class Engine:
     # ---- the engine thread
 
     def _command(self, fn: Callable[[], None]) -> None:
+        if self._thread is None:  # not started: nothing runs a forward pass, so it can run now
+            fn()
+            return
         with self._cv:
             self._commands.append(fn)
             self._cv.notify_all()
