@@ -20,6 +20,7 @@ COMMANDS: tuple[str, ...] = (
     "memory",
     "quantize_report",
     "compare",
+    "serve",
 )
 
 
