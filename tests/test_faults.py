@@ -3,10 +3,12 @@ nothing was damaged (weights, checkpoints, the run folder, the input adapter).""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -207,3 +209,124 @@ def test_hf_spelling_is_an_alias_and_typos_get_a_suggestion(tmp_path):
     recipe.write_text("method: lora\nlr: 1e-3\nlearning_rate: 1e-4\n")
     with pytest.raises(PeftkitError, match="'learning_rate' and 'lr' are the same key"):
         load_recipe(recipe)
+
+
+# ---------------------------------------------------------------- full disk
+def _enospc_in_torch_save(obj, f):  # what torch.save does on a full disk: a partial file, then its own error
+    f.write(b"PK partial")
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _enospc_for_latest(fd, *args, **kwargs):  # only the temporary file that becomes `latest` hits a full disk
+    if ".latest." in os.readlink(f"/proc/self/fd/{fd}"):
+        _enospc()
+    return open(fd, *args, **kwargs)  # noqa: SIM115 - what os.fdopen returns
+
+
+@pytest.mark.parametrize("target, patch, until", [
+    ("checkpoint-4/optimizer.pt", ("peftkit.core.adapter_io.torch.save", _enospc_in_torch_save), 4),
+    ("checkpoint-4/trainable.safetensors", ("peftkit.train.checkpoint.save_file", _enospc), 4),
+    ("latest", ("peftkit.train.checkpoint.os.fdopen", _enospc_for_latest), 4),
+    ("adapter/adapter_model.safetensors", ("peftkit.core.adapter_io.save_file", _enospc), None),
+])
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, target, patch, until):
+    cfg = make_cfg(tmp_path, max_steps=4, save_every=2, keep_checkpoints=1)
+    trainer(cfg).run(until_step=2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
+    with monkeypatch.context() as m:
+        m.setattr(*patch)
+        with pytest.raises(PeftkitError) as e:
+            trainer(cfg, resume=True).run(until_step=until)
+    assert str(e.value).startswith(f"no space left on device while writing {tmp_path / 'run' / target}")
+    assert "\n" not in str(e.value)
+    run = tmp_path / "run"
+    if target.startswith("adapter"):  # the run's last checkpoint is the kept state
+        assert (run / "latest").read_text() == "checkpoint-4" and (run / "checkpoint-4").is_dir()
+    else:  # the earlier checkpoint, whole, and not pruned although keep_checkpoints=1
+        assert (run / "latest").read_text() == "checkpoint-2"
+        assert {p.name: p.read_bytes() for p in (run / "checkpoint-2").iterdir()} == before
+        assert not (run / "checkpoint-4").exists()
+    assert not list(run.glob(".*.tmp-*")) and not list(run.glob(".latest.*")) and not (run / "adapter").exists()
+    result = trainer(cfg, resume=True).run()  # with space again, the run resumes from what was kept and finishes
+    assert result.steps == 4 and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- data
+def test_skip_bad_rows_skips_invalid_jsonl_lines_too(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    rows = [json.dumps({"instruction": f"Repeat {i % 7} twice", "output": f"{i % 7}{i % 7}"}) for i in range(40)]
+    rows[5], rows[17] = '{"instruction": "cut off', "not json at all"
+    rows[9] = json.dumps({"instruction": "no output"})
+    data.write_text("\n".join(rows))
+    cfg = make_cfg(tmp_path, data=str(data), max_steps=2)
+    with pytest.raises(PeftkitError, match=f"^{data}: line 6 is not valid JSON .*set skip_bad_rows"):
+        trainer(cfg)
+    t = trainer(cfg.replace(skip_bad_rows=True))
+    assert (t.read_stats.rows, t.read_stats.skipped, t.tok_stats.examples) == (40, 3, 37)
+    assert {r.split(": ", 1)[1][:7] for r in t.read_stats.reasons} == {"line 6 ", "line 10", "line 18"}
+    assert data.read_text().count("\n") == 39  # the file is only read
+
+
+@pytest.mark.parametrize("overlong, expected", [
+    ("drop", r"all 48 examples are longer than max_length=12 tokens \(shortest: (\d+)\); raise max_length"),
+    ("truncate", r"all 48 examples lose their whole answer when truncated to max_length=12 tokens \(shortest "
+                 r"prompt: (\d+) tokens\); raise max_length"),
+])
+def test_when_every_example_is_dropped_the_error_gives_the_reason(tmp_path, overlong, expected):
+    cfg = make_cfg(tmp_path, max_length=12, overlong=overlong, max_steps=2)
+    with pytest.raises(PeftkitError, match=expected) as e:
+        trainer(cfg)
+    assert "batch_size" not in str(e.value)
+    shortest = int(re.search(expected, str(e.value)).group(1))
+    assert shortest > 12  # the number is the real shortest length, beyond the limit
+    assert trainer(cfg.replace(max_length=shortest + 8)).tok_stats.examples == 48
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_too_few_rows_after_dropping_names_the_drops(tmp_path):
+    data = tmp_path / "long.jsonl"
+    rows = [{"instruction": "x" * (5 if i < 3 else 80), "output": "y"} for i in range(20)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(PeftkitError, match="3 training rows cannot fill one step .*17 examples were dropped as "
+                                           "longer than max_length=64"):
+        trainer(make_cfg(tmp_path, data=str(data), overlong="drop", max_steps=2))
+
+
+# ---------------------------------------------------------------- adapter files
+def test_a_pickle_adapter_is_refused_by_name_and_the_printed_command_converts_it(tmp_path):
+    from peftkit.core.adapter_io import read_adapter
+
+    trainer(make_cfg(tmp_path, max_steps=2)).run()
+    adapter = tmp_path / "run" / "adapter"
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    torch.save(tensors, adapter / "adapter_model.bin")  # what older peft writes
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(PeftkitError, match="adapter_model.bin is a pickle file; peftkit loads only "
+                                           "adapter_model.safetensors.*convert it with: python -c") as e:
+        read_adapter(adapter)
+    command = str(e.value).split("convert it with: ", 1)[1].removesuffix(")")
+    subprocess.run(command.replace("python", sys.executable, 1), shell=True, check=True)
+    assert {k: v.tolist() for k, v in read_adapter(adapter)[2].items()} == {
+        k.removeprefix("base_model.model."): v.tolist() for k, v in tensors.items()}
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(PeftkitError, match="is a pickle file"):
+        read_adapter(adapter)
+    assert not marker.exists()
+    with pytest.raises(subprocess.CalledProcessError):  # the conversion loads with weights_only: refused too
+        subprocess.run(command.replace("python", sys.executable, 1), shell=True, check=True, capture_output=True)
+    assert not marker.exists() and not (adapter / "adapter_model.safetensors").exists()

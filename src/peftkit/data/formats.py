@@ -38,9 +38,27 @@ class ReadStats:
     skipped: int = 0
     reasons: list[str] = dataclasses.field(default_factory=list)
 
+    def skip(self, reason: str) -> None:
+        """Count one row read and skipped (the first five reasons are kept)."""
+        self.rows += 1
+        self.skipped += 1
+        if len(self.reasons) < 5:
+            self.reasons.append(reason)
 
-def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
-    """Rows of a data file (by suffix) or of a `datasets.Dataset` / list of dicts."""
+
+def read_rows(source: str | Path | Any, skip_bad_rows: bool = False,
+              stats: ReadStats | None = None) -> list[dict[str, Any]]:
+    """Rows of a data file (by suffix) or of a `datasets.Dataset` / list of dicts.
+
+    A JSONL line that is not valid JSON is an error naming the file and the line, or, with `skip_bad_rows`, skipped
+    and counted in `stats` (as a row read and a row skipped).
+    """
+    return [row for _, row in _numbered_rows(source, skip_bad_rows, stats)]
+
+
+def _numbered_rows(source: str | Path | Any, skip_bad_rows: bool, stats: ReadStats | None) -> list[tuple[str, Any]]:
+    """`read_rows` with where each row came from: ``"line N"`` in a JSONL file (blank and skipped lines counted),
+    else ``"row N"`` (1-based)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -48,14 +66,7 @@ def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
         suffix = path.suffix.lower()
         try:
             if suffix == ".jsonl":
-                rows = []
-                for i, line in enumerate(path.read_text().splitlines()):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise PeftkitError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from None
-                return rows
+                return _jsonl_rows(path, skip_bad_rows, stats)
             if suffix == ".json":
                 data = json.loads(path.read_text())
                 if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
@@ -65,7 +76,7 @@ def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
                     data = lists[0]
                 if not isinstance(data, list):
                     raise PeftkitError(f"{path}: expected a list of rows")
-                return data
+                return _numbered(data)
             if suffix in (".csv", ".tsv", ".parquet"):
                 import pandas as pd
 
@@ -73,7 +84,7 @@ def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
                     frame = pd.read_parquet(path)
                 else:
                     frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, dtype=str)
-                return frame.to_dict(orient="records")
+                return _numbered(frame.to_dict(orient="records"))
         except json.JSONDecodeError as e:
             raise PeftkitError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
         except (OSError, ValueError) as e:
@@ -82,8 +93,28 @@ def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
             raise PeftkitError(f"cannot read {path}: {e}") from None
         raise PeftkitError(f"{path}: unsupported data format {suffix!r} (use .json, .jsonl, .csv, .tsv or .parquet)")
     if isinstance(source, Iterable):
-        return [dict(r) for r in source]
+        return _numbered([dict(r) for r in source])
     raise PeftkitError(f"cannot read instruction data from a {type(source).__name__}")
+
+
+def _numbered(rows: list[Any]) -> list[tuple[str, Any]]:
+    return [(f"row {i + 1}", row) for i, row in enumerate(rows)]
+
+
+def _jsonl_rows(path: Path, skip_bad_rows: bool, stats: ReadStats | None) -> list[tuple[str, Any]]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {i + 1}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            reason = f"{path}: line {i + 1} is not valid JSON ({e.msg})"
+            if not skip_bad_rows:
+                raise PeftkitError(reason + " (set skip_bad_rows to skip such lines)") from None
+            if stats is not None:
+                stats.skip(reason)
+    return rows
 
 
 def _field(row: Mapping[str, Any], names: tuple[str, ...], field_map: Mapping[str, str], role: str) -> str | None:
@@ -141,23 +172,21 @@ def read_conversations(
 ) -> list[Conversation]:
     """Read a data source into conversations.
 
-    A bad row (missing or non-string field) is an error naming the source and the row number (1-based), or,
-    with `skip_bad_rows`, skipped and counted in `stats`.
+    A bad row (missing or non-string field; in JSONL, a line that is not valid JSON) is an error naming the source
+    and the row (1-based; in JSONL, the line), or, with `skip_bad_rows`, skipped and counted in `stats`.
     """
     stats = stats if stats is not None else ReadStats()
     name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
     out: list[Conversation] = []
-    for i, row in enumerate(read_rows(source)):
-        stats.rows += 1
+    for where, row in _numbered_rows(source, skip_bad_rows, stats):
         try:
             out.append(row_to_conversation(row, field_map))
+            stats.rows += 1
         except (KeyError, TypeError) as e:
-            reason = f"{name}: row {i + 1}: {e.args[0] if e.args else e}"
+            reason = f"{name}: {where}: {e.args[0] if e.args else e}"
             if not skip_bad_rows:
                 raise PeftkitError(reason + " (set skip_bad_rows to skip such rows)") from None
-            stats.skipped += 1
-            if len(stats.reasons) < 5:
-                stats.reasons.append(reason)
+            stats.skip(reason)
     if not out:
         raise PeftkitError(f"{name}: no usable rows")
     return out

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftkit.core.adapter_io import current_umask, write_atomic_dir
+from peftkit.core.adapter_io import current_umask, torch_save, write_atomic_dir, writing
 from peftkit.errors import PeftkitError
 
-__all__ = ["RunFolder", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["RunFolder", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "write_text_atomic"]
 
 # what a training run writes into its output folder (`RunFolder` owns exactly these)
 RUN_FILES = ("metrics.jsonl", "run.json", "loss.png", "latest", "adapter", "demo_results.json")
@@ -102,12 +102,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step (a temporary file renamed over it; removed if the write fails)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600
-    os.replace(tmp, path)
+    try:
+        with writing(path), os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(
@@ -119,20 +124,28 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically, point ``latest`` at it, prune old ones."""
+    """Write ``output_dir/checkpoint-<step>`` atomically, point ``latest`` at it, prune old ones.
+
+    A full disk is a `PeftkitError` naming the file ("no space left on device while writing ..."); the previous
+    checkpoints and ``latest`` are then left as they were, and no temporary file remains.
+    """
     folder = output_dir / f"checkpoint-{step}"
     tensors = {k: v.detach().contiguous() for k, v in trainable.items()}
     write_atomic_dir(
         folder,
         {
             "trainable.safetensors": lambda p: save_file(tensors, str(p)),
-            "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
-            "scheduler.pt": lambda p: torch.save(scheduler.state_dict(), p),
+            "optimizer.pt": lambda p: torch_save(optimizer.state_dict(), p),
+            "scheduler.pt": lambda p: torch_save(scheduler.state_dict(), p),
             "rng.json": json.dumps(_rng_state()),
             "trainer_state.json": json.dumps({**state, "step": step}, indent=2),
         },
     )
-    _write_text_atomic(output_dir / "latest", folder.name)
+    try:
+        write_text_atomic(output_dir / "latest", folder.name)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # `latest` still names the previous one: this one is not a state
+        raise
     old = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     for stale in old[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)

@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from peftkit.core.adapter_io import apply_method, save_adapter, trainable_state_dict
+from peftkit.core.adapter_io import apply_method, save_adapter, trainable_state_dict, writing
 from peftkit.core.registry import get_method
 from peftkit.data.formats import ReadStats, read_conversations
 from peftkit.data.sequences import IGNORE, Example, TokenizeStats, collate, make_rows, tokenize_conversations
@@ -35,7 +35,7 @@ from peftkit.errors import PeftkitError
 from peftkit.hardware import Precision, matmul_peak, resolve_precision, warn_if_slow
 from peftkit.optim import build_optimizer
 from peftkit.quant import QuantLinear
-from peftkit.train.checkpoint import RunFolder, latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.train.checkpoint import RunFolder, latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from peftkit.train.config import TrainConfig
 from peftkit.train.flops import FlopCount, attention_pairs
 from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
@@ -222,6 +222,13 @@ def _load_examples(cfg: TrainConfig, tokenizer, path: str) -> tuple[list[Example
     if cfg.limit_examples:
         convs = convs[: cfg.limit_examples]
     examples = tokenize_conversations(tokenizer, convs, cfg.max_length, cfg.template, cfg.overlong, tok_stats)
+    if not examples:
+        n, m, k = tok_stats.dropped, cfg.max_length, tok_stats.shortest_dropped
+        if cfg.overlong == "drop":
+            raise PeftkitError(f"{path}: all {n} examples are longer than max_length={m} tokens (shortest: {k}); "
+                               "raise max_length or set overlong=truncate")
+        raise PeftkitError(f"{path}: all {n} examples lose their whole answer when truncated to max_length={m} "
+                           f"tokens (shortest prompt: {k} tokens); raise max_length or shorten the prompts")
     return examples, read_stats, tok_stats
 
 
@@ -368,10 +375,11 @@ class Trainer:
         rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.micro_per_epoch = len(self.rows) // (cfg.batch_size * self.world)
         if self.micro_per_epoch < cfg.grad_accum:
-            raise PeftkitError(
-                f"{len(self.rows)} training rows cannot fill one step of {rows_per_step} rows "
-                f"(batch_size x grad_accum x processes); lower batch_size or grad_accum"
-            )
+            dropped = self.tok_stats.dropped
+            why = (f" ({dropped} examples were dropped as longer than max_length={cfg.max_length} tokens: raise "
+                   "max_length to keep them)") if dropped else ""
+            raise PeftkitError(f"{len(self.rows)} training rows cannot fill one step of {rows_per_step} rows "
+                               f"(batch_size x grad_accum x processes); lower batch_size or grad_accum{why}")
         self.steps_per_epoch = self.micro_per_epoch // cfg.grad_accum
         self.seen_rows: list[int] = []  # row indices this process trained on, in order
         self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
@@ -580,7 +588,7 @@ class Trainer:
                 eval_loss = self.evaluate()
                 record["eval_loss"] = eval_loss
             if self.is_main and step % cfg.log_every == 0:
-                with log_path.open("a") as f:
+                with writing(log_path), log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             progress.update(1)
             postfix = {"loss": f"{step_loss:.4f}", "tok_s": f"{n_targets / dt:.0f}",
@@ -649,7 +657,8 @@ class Trainer:
                 "processes": self.world, "threads": torch.get_num_threads(),
                 "matmul_peak_flops_per_s": None if peak is None else _significant(peak),
                 "model_flops": dataclasses.asdict(self.flops)}
-        (self.output_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        with writing(self.output_dir / "run.json"):
+            (self.output_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
     def _global_sum_float(self, value: float) -> float:
         if self.world == 1:
@@ -668,7 +677,7 @@ def _cut_log(path: Path, step: int) -> None:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-    path.write_text("".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))  # a full disk then keeps the old log whole
 
 
 def _significant(x: float) -> float:
@@ -706,5 +715,8 @@ def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("loss (target tokens)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with writing(path):
+            fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
