@@ -14,12 +14,13 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
-from safetensors.torch import load_file
+from conftest import tiny_llama, tiny_tokenizer
+from safetensors.torch import load_file, save_file
 from test_train import make_cfg, sharp_llama
 
 from peftkit.commands.merge import check_output
 from peftkit.errors import PeftkitError
+from peftkit.quant import QuantLinear, load_quantized, quantize_model, save_quantized
 from peftkit.train import Trainer, load_recipe
 from peftkit.train.checkpoint import RunFolder, latest_checkpoint
 
@@ -330,3 +331,66 @@ def test_a_pickle_adapter_is_refused_by_name_and_the_printed_command_converts_it
     with pytest.raises(subprocess.CalledProcessError):  # the conversion loads with weights_only: refused too
         subprocess.run(command.replace("python", sys.executable, 1), shell=True, check=True, capture_output=True)
     assert not marker.exists() and not (adapter / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- quantization files
+Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+
+
+def _edit_layer(key, value):
+    def edit(meta, tensors):
+        meta["layers"][Q0][key] = value
+    return edit
+
+
+def _swap_q_proj(meta, tensors):  # same shapes, same format: only the fingerprint tells them apart
+    for suffix in ("weight", "weight_absmax"):
+        tensors[f"{Q0}.{suffix}"], tensors[f"{Q1}.{suffix}"] = tensors[f"{Q1}.{suffix}"], tensors[f"{Q0}.{suffix}"]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_edit_layer("format", "fp4"), f"layer '{Q0}' does not match its stored tensors"),  # same nibbles, other codebook
+    (_edit_layer("format", "int4"), f"layer '{Q0}' does not match its stored tensors"),
+    (_swap_q_proj, f"layer '{Q0}' does not match its stored tensors"),
+    (lambda m, t: m.update(version=99), "unsupported version 99; this peftkit reads version 2"),
+    (lambda m, t: m.update(version=1), "unsupported version 1; .*older peftkit, without per-layer fingerprints"),
+    (lambda m, t: m.update(layers=list(m["layers"].values())), "layers must be a non-empty object .*got list"),
+    (lambda m, t: m.update(layers={Q0: "nf4"}), f"layer '{Q0}': the layout must be an object, got a str"),
+    (_edit_layer("format", "nf5"), "unknown format 'nf5'"),
+    (_edit_layer("block_size", "64"), "block_size must be of type int, got '64'"),
+    (_edit_layer("in_features", True), "in_features must be of type int, got True"),
+    (_edit_layer("double_quant", 1), "double_quant must be of type bool, got 1"),
+    (_edit_layer("weight_dtype", "float8"), "weight_dtype 'float8' is not one of"),
+    (lambda m, t: m["layers"][Q0].pop("fingerprint"), r"missing \['fingerprint'\]"),
+    (lambda m, t: m.pop("version"), "unsupported version None"),
+])
+def test_a_quantization_file_is_validated_fully_on_load(tmp_path, edit, expected):
+    model = tiny_llama()
+    quantize_model(model, "nf4", compute_dtype=torch.float32)
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected_logits = model(ids).logits
+    good = save_quantized(model, tmp_path / "good")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    meta, tensors = json.loads((good / "quantization.json").read_text()), load_file(good / "model.safetensors")
+    edit(meta, tensors)
+    (bad / "quantization.json").write_text(json.dumps(meta))
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(PeftkitError, match=expected) as e:
+        load_quantized(bad, tiny_llama())
+    assert "\n" not in str(e.value)
+    with torch.no_grad():  # the good save still loads, with the same logits
+        assert torch.equal(load_quantized(good, tiny_llama()).eval()(ids).logits, expected_logits)
+
+
+def test_the_compute_dtype_of_a_quantization_file_may_be_changed(tmp_path):
+    model = tiny_llama()
+    quantize_model(model, "nf4", compute_dtype=torch.float32)
+    folder = save_quantized(model, tmp_path)
+    meta = json.loads((folder / "quantization.json").read_text())
+    for layout in meta["layers"].values():
+        layout["compute_dtype"] = "bfloat16"
+    (folder / "quantization.json").write_text(json.dumps(meta))
+    loaded = load_quantized(folder, tiny_llama())
+    assert {m.compute_dtype for m in loaded.modules() if isinstance(m, QuantLinear)} == {torch.bfloat16}
