@@ -394,3 +394,23 @@ def test_the_compute_dtype_of_a_quantization_file_may_be_changed(tmp_path):
     (folder / "quantization.json").write_text(json.dumps(meta))
     loaded = load_quantized(folder, tiny_llama())
     assert {m.compute_dtype for m in loaded.modules() if isinstance(m, QuantLinear)} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------- distributed (one process here; DDP: test_distributed)
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=4, save_every=2)
+    trainer(cfg).run(until_step=2)
+    state_file = tmp_path / "run" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["world"] == 1
+    state_file.write_text(json.dumps({**state, "world": 2}))  # as a 2-process run would have written it
+    before = {p.name: p.read_bytes() for p in state_file.parent.iterdir()}
+    with pytest.raises(PeftkitError, match=r"cannot resume .*checkpoint-2: the run had 2 process\(es\), this one has"):
+        trainer(cfg, resume=True).run()
+    assert {p.name: p.read_bytes() for p in state_file.parent.iterdir()} == before
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_dist_timeout_must_be_positive(tmp_path, value):
+    with pytest.raises(PeftkitError, match=f"dist_timeout must be > 0 seconds, got {value}"):
+        make_cfg(tmp_path, dist_timeout=value)

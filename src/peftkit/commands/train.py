@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"data: {stats.examples} examples, {stats.target_tokens:,} target / {stats.prompt_tokens:,} prompt tokens; "
           f"truncated {stats.truncated}, dropped {stats.dropped}, bad rows skipped {trainer.read_stats.skipped}; "
           f"{len(trainer.rows)} rows, {trainer.total_steps} steps")
+    for reason in trainer.read_stats.reasons[:3]:
+        print(f"  skipped: {reason}")
     result = trainer.run()
     if trainer.is_main:
         mfu = f", {result.mfu:.0%} of the matmul peak" if result.mfu is not None else ""

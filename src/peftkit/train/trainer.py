@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import functools
 import itertools
 import json
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import gather_object
 from torch import nn
 
 from peftkit.core.adapter_io import apply_method, save_adapter, trainable_state_dict, writing
@@ -35,7 +37,14 @@ from peftkit.errors import PeftkitError
 from peftkit.hardware import Precision, matmul_peak, resolve_precision, warn_if_slow
 from peftkit.optim import build_optimizer
 from peftkit.quant import QuantLinear
-from peftkit.train.checkpoint import RunFolder, latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from peftkit.train.checkpoint import (
+    RunFolder,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    write_text_atomic,
+)
 from peftkit.train.config import TrainConfig
 from peftkit.train.flops import FlopCount, attention_pairs
 from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
@@ -334,6 +343,8 @@ class Trainer:
             # Autocast is ours (below), not Accelerate's: its mixed-precision setting is process-global and cannot
             # change between two trainers in one process (a comparison, a notebook, the test suite).
             mixed_precision="no",
+            # a rank that died or hangs ends the job within this (torch's defaults: 10 min NCCL, 30 min gloo)
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout))],
         )
         device = self.accelerator.device
         self.precision = resolve_precision(cfg.precision, device)
@@ -467,9 +478,26 @@ class Trainer:
         folder = RunFolder(self.output_dir, self.resume, self.overwrite) if self.is_main else None
         try:
             return self._run(until_step)
+        except RuntimeError as e:
+            if self.world > 1 and _is_distributed_failure(e):
+                raise PeftkitError(self._distributed_failure(e)) from None
+            raise
         finally:
             if folder is not None:
                 folder.release()
+
+    def _distributed_failure(self, error: BaseException) -> str:
+        text = str(error)
+        if "Timed out" in text or "timeout" in text.lower():
+            what = (f"no answer from another process within dist_timeout={self.cfg.dist_timeout:g} s (it hangs or "
+                    "died: its log says why)")
+        elif "Connection" in text or "closed" in text or "reset" in text:
+            what = "lost the connection to another process (it died: its log says why)"
+        else:
+            what = f"a collective operation failed ({text.splitlines()[0][:160] if text else type(error).__name__})"
+        last = latest_checkpoint(self.output_dir)
+        return (f"rank {self.rank} of {self.world}: {what}. Last checkpoint: {last or 'none (set save_every)'}; fix "
+                "the cause and train again with --resume")
 
     def _run(self, until_step: int | None) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
@@ -498,7 +526,7 @@ class Trainer:
             if ckpt is None:  # the other processes (the main one checked it when it claimed the folder)
                 raise PeftkitError(f"--resume: {self.output_dir} has no checkpoint to resume from")
             self._check_resumed_config(ckpt)  # before loading: a changed r would otherwise fail on shapes
-            state = load_checkpoint(ckpt, trainable, optimizer, scheduler)
+            state = load_checkpoint(ckpt, trainable, optimizer, scheduler, self.rank)
             step, epoch, micro = state["step"], state["epoch"], state["micro"]
             history = state.get("history", [])
             # the restored schedule keeps its step; lr and the schedule's shape come from this run's config
@@ -596,15 +624,19 @@ class Trainer:
             if peak:
                 postfix["mfu"] = f"{record['mfu']:.0%}"
             progress.set_postfix(postfix)
-            if cfg.save_every and step % cfg.save_every == 0 and self.is_main:
-                position = {"epoch": epoch, "micro": micro, "rank": self.rank, "history": history,
-                            "config": cfg.to_dict()}
-                if scaler.is_enabled():
-                    position["grad_scaler"] = scaler.state_dict()
+            if cfg.save_every and step % cfg.save_every == 0:
                 weights = trainable_state_dict(acc.unwrap_model(model))
                 if not all(bool(torch.isfinite(t).all()) for t in weights.values()):  # never save a broken state
-                    guard.stop(step, "trainable weights are non-finite")
-                save_checkpoint(self.output_dir, step, weights, optimizer, scheduler, position, cfg.keep_checkpoints)
+                    guard.stop(step, "trainable weights are non-finite")  # on every rank: the weights are equal
+                # every rank's generators (dropout draws differ with each rank's batch shapes), gathered to rank 0
+                rng = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+                if self.is_main:
+                    position = {"epoch": epoch, "micro": micro, "rank": self.rank, "world": self.world,
+                                "history": history, "config": cfg.to_dict()}
+                    if scaler.is_enabled():
+                        position["grad_scaler"] = scaler.state_dict()
+                    save_checkpoint(self.output_dir, step, weights, optimizer, scheduler, position,
+                                    cfg.keep_checkpoints, rng)
             acc.wait_for_everyone()
         progress.close()
         train_seconds = time.perf_counter() - t_start
@@ -624,16 +656,21 @@ class Trainer:
 
     RESUME_MAY_CHANGE = frozenset({"lr", "scheduler", "warmup_ratio", "max_steps", "epochs", "eval_data",
                                    "eval_every", "save_every", "keep_checkpoints", "log_every", "progress",
-                                   "skip_bad_steps", "output_dir"})
+                                   "skip_bad_steps", "output_dir", "dist_timeout"})
     """Keys a resumed run may change (they then take effect); any other change is refused."""
 
     def _check_resumed_config(self, ckpt: Path) -> None:
         try:
-            saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
-        except (OSError, ValueError) as e:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            saved, world = state.get("config"), state.get("world", self.world)
+        except (OSError, ValueError, AttributeError) as e:
             raise PeftkitError(f"checkpoint {ckpt} is unreadable: {e}") from None
         if saved is None:
             return  # written before checkpoints kept their config
+        if world != self.world:
+            raise PeftkitError(f"cannot resume {ckpt}: the run had {world} process(es), this one has {self.world} "
+                               "(the data order, the batch and each rank's random state depend on it); resume with "
+                               f"{world}, or start a new run")
         now = self.cfg.to_dict()
         changed = [k for k in now if k not in self.RESUME_MAY_CHANGE and saved.get(k, now[k]) != now[k]]
         if changed:
@@ -665,6 +702,14 @@ class Trainer:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum").item())
+
+
+def _is_distributed_failure(error: BaseException) -> bool:
+    """A collective operation that failed because another process died, hung past the timeout or lost its link."""
+    if isinstance(error, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(error)
+    return any(word in text for word in ("gloo", "NCCL", "Timed out", "Connection reset", "Connection closed"))
 
 
 def _cut_log(path: Path, step: int) -> None:
