@@ -63,11 +63,11 @@ def test_bad_rows_error_or_skip(tmp_path):
     path = tmp_path / "bad.jsonl"
     rows = [ROWS[0], {"instruction": "x"}, {"instruction": 3, "output": "y"}]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(PeftkitError, match=r"bad.jsonl: row 2: missing field 'output'"):
+    with pytest.raises(PeftkitError, match=r"bad.jsonl: line 2: missing field 'output'"):
         read_conversations(path)
     stats = ReadStats()
     convs = read_conversations(path, skip_bad_rows=True, stats=stats)
-    assert len(convs) == 1 and stats.skipped == 2 and "row 3" in stats.reasons[1]
+    assert len(convs) == 1 and stats.skipped == 2 and "line 3" in stats.reasons[1]
     path.write_text('{"instruction": "a", "output": "b"}\n{broken')
     with pytest.raises(PeftkitError, match="line 2 is not valid JSON"):
         read_conversations(path)

@@ -122,7 +122,7 @@ def test_malformed_turns_name_file_and_row(tmp_path):
     }
     for row, (record, message) in bad.items():
         path = write_jsonl(tmp_path / f"bad{row}.jsonl", [good] * (row - 1) + [record, good])
-        with pytest.raises(PeftkitError, match=rf"bad{row}.jsonl: row {row}: {message}"):
+        with pytest.raises(PeftkitError, match=rf"bad{row}.jsonl: line {row}: {message}"):
             read_conversations(path)
     path = write_jsonl(tmp_path / "mixed.jsonl", [good] + [record for record, _ in bad.values()] + [good])
     stats = ReadStats()
@@ -147,7 +147,7 @@ def test_a_conversation_the_template_rejects_names_file_and_row(tmp_path):
     path = write_jsonl(tmp_path / "turns.jsonl", [alternating, two_users, alternating])
     stats = ReadStats()
     convs = read_conversations(path, stats=stats)
-    with pytest.raises(PeftkitError, match="turns.jsonl: row 2: the chat template rejects this conversation: "
+    with pytest.raises(PeftkitError, match="turns.jsonl: line 2: the chat template rejects this conversation: "
                                            "Conversation roles must alternate"):
         tokenize_conversations(tok, convs, 512, where=stats.where)
     tok_stats = TokenizeStats()

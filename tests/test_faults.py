@@ -3,21 +3,24 @@ nothing was damaged (weights, checkpoints, the run folder, the input adapter).""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
-from safetensors.torch import load_file
+from conftest import tiny_llama, tiny_tokenizer
+from safetensors.torch import load_file, save_file
 from test_train import make_cfg, sharp_llama
 
 from peftkit.commands.merge import check_output
 from peftkit.errors import PeftkitError
+from peftkit.quant import QuantLinear, load_quantized, quantize_model, save_quantized
 from peftkit.train import Trainer, load_recipe
 from peftkit.train.checkpoint import RunFolder, latest_checkpoint
 
@@ -207,3 +210,207 @@ def test_hf_spelling_is_an_alias_and_typos_get_a_suggestion(tmp_path):
     recipe.write_text("method: lora\nlr: 1e-3\nlearning_rate: 1e-4\n")
     with pytest.raises(PeftkitError, match="'learning_rate' and 'lr' are the same key"):
         load_recipe(recipe)
+
+
+# ---------------------------------------------------------------- full disk
+def _enospc_in_torch_save(obj, f):  # what torch.save does on a full disk: a partial file, then its own error
+    f.write(b"PK partial")
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _enospc_for_latest(fd, *args, **kwargs):  # only the temporary file that becomes `latest` hits a full disk
+    if ".latest." in os.readlink(f"/proc/self/fd/{fd}"):
+        _enospc()
+    return open(fd, *args, **kwargs)  # noqa: SIM115 - what os.fdopen returns
+
+
+@pytest.mark.parametrize("target, patch, until", [
+    ("checkpoint-4/optimizer.pt", ("peftkit.core.adapter_io.torch.save", _enospc_in_torch_save), 4),
+    ("checkpoint-4/trainable.safetensors", ("peftkit.train.checkpoint.save_file", _enospc), 4),
+    ("latest", ("peftkit.train.checkpoint.os.fdopen", _enospc_for_latest), 4),
+    ("adapter/adapter_model.safetensors", ("peftkit.core.adapter_io.save_file", _enospc), None),
+])
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, target, patch, until):
+    cfg = make_cfg(tmp_path, max_steps=4, save_every=2, keep_checkpoints=1)
+    trainer(cfg).run(until_step=2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
+    with monkeypatch.context() as m:
+        m.setattr(*patch)
+        with pytest.raises(PeftkitError) as e:
+            trainer(cfg, resume=True).run(until_step=until)
+    assert str(e.value).startswith(f"no space left on device while writing {tmp_path / 'run' / target}")
+    assert "\n" not in str(e.value)
+    run = tmp_path / "run"
+    if target.startswith("adapter"):  # the run's last checkpoint is the kept state
+        assert (run / "latest").read_text() == "checkpoint-4" and (run / "checkpoint-4").is_dir()
+    else:  # the earlier checkpoint, whole, and not pruned although keep_checkpoints=1
+        assert (run / "latest").read_text() == "checkpoint-2"
+        assert {p.name: p.read_bytes() for p in (run / "checkpoint-2").iterdir()} == before
+        assert not (run / "checkpoint-4").exists()
+    assert not list(run.glob(".*.tmp-*")) and not list(run.glob(".latest.*")) and not (run / "adapter").exists()
+    result = trainer(cfg, resume=True).run()  # with space again, the run resumes from what was kept and finishes
+    assert result.steps == 4 and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- data
+def test_skip_bad_rows_skips_invalid_jsonl_lines_too(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    rows = [json.dumps({"instruction": f"Repeat {i % 7} twice", "output": f"{i % 7}{i % 7}"}) for i in range(40)]
+    rows[5], rows[17] = '{"instruction": "cut off', "not json at all"
+    rows[9] = json.dumps({"instruction": "no output"})
+    data.write_text("\n".join(rows))
+    cfg = make_cfg(tmp_path, data=str(data), max_steps=2)
+    with pytest.raises(PeftkitError, match=f"^{data}: line 6 is not valid JSON .*set skip_bad_rows"):
+        trainer(cfg)
+    t = trainer(cfg.replace(skip_bad_rows=True))
+    assert (t.read_stats.rows, t.read_stats.skipped, t.tok_stats.examples) == (40, 3, 37)
+    assert {r.split(": ", 1)[1][:7] for r in t.read_stats.reasons} == {"line 6 ", "line 10", "line 18"}
+    assert data.read_text().count("\n") == 39  # the file is only read
+
+
+@pytest.mark.parametrize("overlong, expected", [
+    ("drop", r"all 48 examples are longer than max_length=12 tokens \(shortest: (\d+)\); raise max_length"),
+    ("truncate", r"all 48 examples lose their whole answer when truncated to max_length=12 tokens \(shortest "
+                 r"prompt: (\d+) tokens\); raise max_length"),
+])
+def test_when_every_example_is_dropped_the_error_gives_the_reason(tmp_path, overlong, expected):
+    cfg = make_cfg(tmp_path, max_length=12, overlong=overlong, max_steps=2)
+    with pytest.raises(PeftkitError, match=expected) as e:
+        trainer(cfg)
+    assert "batch_size" not in str(e.value)
+    shortest = int(re.search(expected, str(e.value)).group(1))
+    assert shortest > 12  # the number is the real shortest length, beyond the limit
+    assert trainer(cfg.replace(max_length=shortest + 8)).tok_stats.examples == 48
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_too_few_rows_after_dropping_names_the_drops(tmp_path):
+    data = tmp_path / "long.jsonl"
+    rows = [{"instruction": "x" * (5 if i < 3 else 80), "output": "y"} for i in range(20)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(PeftkitError, match="3 training rows cannot fill one step .*17 examples were dropped as "
+                                           "longer than max_length=64"):
+        trainer(make_cfg(tmp_path, data=str(data), overlong="drop", max_steps=2))
+
+
+# ---------------------------------------------------------------- adapter files
+def test_a_pickle_adapter_is_refused_by_name_and_the_printed_command_converts_it(tmp_path):
+    from peftkit.core.adapter_io import read_adapter
+
+    trainer(make_cfg(tmp_path, max_steps=2)).run()
+    adapter = tmp_path / "run" / "adapter"
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    torch.save(tensors, adapter / "adapter_model.bin")  # what older peft writes
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(PeftkitError, match="adapter_model.bin is a pickle file; peftkit loads only "
+                                           "adapter_model.safetensors.*convert it with: python -c") as e:
+        read_adapter(adapter)
+    command = str(e.value).split("convert it with: ", 1)[1].removesuffix(")")
+    subprocess.run(command.replace("python", sys.executable, 1), shell=True, check=True)
+    assert {k: v.tolist() for k, v in read_adapter(adapter)[2].items()} == {
+        k.removeprefix("base_model.model."): v.tolist() for k, v in tensors.items()}
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(PeftkitError, match="is a pickle file"):
+        read_adapter(adapter)
+    assert not marker.exists()
+    with pytest.raises(subprocess.CalledProcessError):  # the conversion loads with weights_only: refused too
+        subprocess.run(command.replace("python", sys.executable, 1), shell=True, check=True, capture_output=True)
+    assert not marker.exists() and not (adapter / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- quantization files
+Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+
+
+def _edit_layer(key, value):
+    def edit(meta, tensors):
+        meta["layers"][Q0][key] = value
+    return edit
+
+
+def _swap_q_proj(meta, tensors):  # same shapes, same format: only the fingerprint tells them apart
+    for suffix in ("weight", "weight_absmax"):
+        tensors[f"{Q0}.{suffix}"], tensors[f"{Q1}.{suffix}"] = tensors[f"{Q1}.{suffix}"], tensors[f"{Q0}.{suffix}"]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_edit_layer("format", "fp4"), f"layer '{Q0}' does not match its stored tensors"),  # same nibbles, other codebook
+    (_edit_layer("format", "int4"), f"layer '{Q0}' does not match its stored tensors"),
+    (_swap_q_proj, f"layer '{Q0}' does not match its stored tensors"),
+    (lambda m, t: m.update(version=99), "unsupported version 99; this peftkit reads version 2"),
+    (lambda m, t: m.update(version=1), "unsupported version 1; .*older peftkit, without per-layer fingerprints"),
+    (lambda m, t: m.update(layers=list(m["layers"].values())), "layers must be a non-empty object .*got list"),
+    (lambda m, t: m.update(layers={Q0: "nf4"}), f"layer '{Q0}': the layout must be an object, got a str"),
+    (_edit_layer("format", "nf5"), "unknown format 'nf5'"),
+    (_edit_layer("block_size", "64"), "block_size must be of type int, got '64'"),
+    (_edit_layer("in_features", True), "in_features must be of type int, got True"),
+    (_edit_layer("double_quant", 1), "double_quant must be of type bool, got 1"),
+    (_edit_layer("weight_dtype", "float8"), "weight_dtype 'float8' is not one of"),
+    (lambda m, t: m["layers"][Q0].pop("fingerprint"), r"missing \['fingerprint'\]"),
+    (lambda m, t: m.pop("version"), "unsupported version None"),
+])
+def test_a_quantization_file_is_validated_fully_on_load(tmp_path, edit, expected):
+    model = tiny_llama()
+    quantize_model(model, "nf4", compute_dtype=torch.float32)
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected_logits = model(ids).logits
+    good = save_quantized(model, tmp_path / "good")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    meta, tensors = json.loads((good / "quantization.json").read_text()), load_file(good / "model.safetensors")
+    edit(meta, tensors)
+    (bad / "quantization.json").write_text(json.dumps(meta))
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(PeftkitError, match=expected) as e:
+        load_quantized(bad, tiny_llama())
+    assert "\n" not in str(e.value)
+    with torch.no_grad():  # the good save still loads, with the same logits
+        assert torch.equal(load_quantized(good, tiny_llama()).eval()(ids).logits, expected_logits)
+
+
+def test_the_compute_dtype_of_a_quantization_file_may_be_changed(tmp_path):
+    model = tiny_llama()
+    quantize_model(model, "nf4", compute_dtype=torch.float32)
+    folder = save_quantized(model, tmp_path)
+    meta = json.loads((folder / "quantization.json").read_text())
+    for layout in meta["layers"].values():
+        layout["compute_dtype"] = "bfloat16"
+    (folder / "quantization.json").write_text(json.dumps(meta))
+    loaded = load_quantized(folder, tiny_llama())
+    assert {m.compute_dtype for m in loaded.modules() if isinstance(m, QuantLinear)} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------- distributed (one process here; DDP: test_distributed)
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=4, save_every=2)
+    trainer(cfg).run(until_step=2)
+    state_file = tmp_path / "run" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["world"] == 1
+    state_file.write_text(json.dumps({**state, "world": 2}))  # as a 2-process run would have written it
+    before = {p.name: p.read_bytes() for p in state_file.parent.iterdir()}
+    with pytest.raises(PeftkitError, match=r"cannot resume .*checkpoint-2: the run had 2 process\(es\), this one has"):
+        trainer(cfg, resume=True).run()
+    assert {p.name: p.read_bytes() for p in state_file.parent.iterdir()} == before
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_dist_timeout_must_be_positive(tmp_path, value):
+    with pytest.raises(PeftkitError, match=f"dist_timeout must be > 0 seconds, got {value}"):
+        make_cfg(tmp_path, dist_timeout=value)

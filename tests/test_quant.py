@@ -260,6 +260,9 @@ def test_corrupt_state_is_named():
         QuantState.from_parts(tensors, {"format": "nf4"})
     with pytest.raises(ValueError, match="dtype"):
         QuantState.from_parts(tensors, {**meta, "dtype": "int8"})
+    for key, value in (("double_quant", "false"), ("clip_threshold", "3.0"), ("clipped", -1), ("clipped", 1.5)):
+        with pytest.raises(ValueError, match=f"{key} must be"):  # types as JSON has them, checked, not cast
+            QuantState.from_parts(tensors, {**meta, key: value})
     with pytest.raises(ValueError, match="quantized data has 2047 elements"):
         dequantize(data[:-1], state)
     with pytest.raises(ValueError, match="quantized data has dtype"):

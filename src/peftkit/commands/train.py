@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
           f"truncated {stats.truncated}, dropped {stats.dropped}, "
           f"bad rows skipped {trainer.read_stats.skipped + stats.rejected}; "
           f"{len(trainer.rows)} rows, {trainer.total_steps} steps")
+    for reason in trainer.read_stats.reasons[:3]:
+        print(f"  skipped: {reason}")
     result = trainer.run()
     if trainer.is_main:
         mfu = f", {result.mfu:.0%} of the matmul peak" if result.mfu is not None else ""

@@ -19,6 +19,7 @@ half-written adapter.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from peftkit.errors import PeftkitError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # what older peft wrote (torch.save): refused, never unpickled
 PREFIX = "base_model.model."
 # peft's prompt-learning methods store one tensor under this key, outside the ``base_model.model.`` namespace.
 TOP_LEVEL_KEYS = ("prompt_embeddings",)
@@ -46,11 +48,15 @@ TOP_LEVEL_KEYS = ("prompt_embeddings",)
 __all__ = [
     "AdapterFileState",
     "apply_method",
+    "atomic_dir",
+    "is_disk_full",
     "load_adapter",
     "read_adapter",
     "save_adapter",
+    "torch_save",
     "trainable_state_dict",
     "write_atomic_dir",
+    "writing",
 ]
 
 
@@ -148,18 +154,56 @@ def current_umask() -> int:
     return mask
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from or during, says the disk (or quota) is full.
+
+    torch.save reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:...]``, with the
+    `OSError` as its context when it wrote to a Python file object; safetensors as a `SafetensorError` whose
+    message carries the OS error.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or f"os error {errno.ENOSPC})" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk while writing `path` into one line naming it (any other error passes through)."""
+    try:
+        yield
+    except Exception as e:
+        if not isinstance(e, PeftkitError) and is_disk_full(e):
+            raise PeftkitError(f"no space left on device while writing {path}; nothing was replaced (free some "
+                               "space and try again)") from None
+        raise
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` through a Python file, so that a full disk surfaces as `OSError(ENOSPC)` (see `is_disk_full`)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 @contextlib.contextmanager
 def atomic_dir(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces `folder`, on error it is removed.
 
-    A crash mid-write leaves the previous `folder` intact (at worst a hidden ``.name.tmp-*`` folder remains).
+    A crash mid-write leaves the previous `folder` intact (at worst a hidden ``.name.tmp-*`` folder remains); a
+    full disk is a `PeftkitError` naming `folder`.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: the folder follows the umask like any other
     try:
-        yield tmp
+        with writing(folder):
+            yield tmp
         old = None
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -177,12 +221,13 @@ def write_atomic_dir(folder: str | os.PathLike, files: dict[str, Any]) -> Path:
     with atomic_dir(folder) as tmp:
         for name, content in files.items():
             path = tmp / name
-            if callable(content):
-                content(path)
-            elif isinstance(content, bytes):
-                path.write_bytes(content)
-            else:
-                path.write_text(content)
+            with writing(Path(folder) / name):
+                if callable(content):
+                    content(path)
+                elif isinstance(content, bytes):
+                    path.write_bytes(content)
+                else:
+                    path.write_text(content)
     return Path(folder)
 
 
@@ -212,6 +257,10 @@ def read_adapter(
     """
     folder = Path(folder)
     cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    pickled = folder / PICKLE_WEIGHTS_NAME
+    if not w_path.is_file() and pickled.is_file():
+        raise PeftkitError(f"{pickled} is a pickle file; peftkit loads only {WEIGHTS_NAME}, since loading a pickle "
+                           f"can run code (convert it with: {_convert_command(pickled)})")
     for path in (cfg_path, w_path):
         if not path.is_file():
             raise PeftkitError(f"adapter file missing: {path}")
@@ -234,6 +283,14 @@ def read_adapter(
     if bad:
         raise PeftkitError(f"{w_path}: unexpected tensor names (not under {PREFIX!r}): {', '.join(bad[:3])}")
     return spec, config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+
+
+def _convert_command(pickled: Path) -> str:
+    """A one-line command that rewrites a peft ``adapter_model.bin`` as safetensors (``weights_only``: tensors and
+    plain containers only, so even this one load runs no code from the file)."""
+    out = pickled.with_name(WEIGHTS_NAME)
+    return (f"python -c \"import torch, safetensors.torch as st; st.save_file(torch.load({str(pickled)!r}, "
+            f"weights_only=True), {str(out)!r}, metadata={{'format': 'pt'}})\"")
 
 
 def _config_from_json(spec: MethodSpec, raw: dict[str, Any], where: Path) -> Config:

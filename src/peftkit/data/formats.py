@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,21 @@ class ReadStats:
     reasons: list[str] = dataclasses.field(default_factory=list)
     source: str = ""
     kept: list[int] = dataclasses.field(default_factory=list)
+    unit: str = "row"  # what `kept` counts: rows, or lines of a JSONL file
+
+    def skip(self, reason: str, read: bool = True) -> None:
+        """Count one skipped row (and, with `read`, one row read: a line that never became a row); the first five
+        reasons are kept."""
+        self.rows += read
+        self.skipped += 1
+        if len(self.reasons) < 5:
+            self.reasons.append(reason)
 
     def where(self, index: int) -> str:
         """``"<source>: row <n>"`` for the `index`-th conversation returned."""
-        return f"{self.source}: row {self.kept[index]}" if index < len(self.kept) else f"conversation {index + 1}"
+        if index >= len(self.kept):
+            return f"conversation {index + 1}"
+        return f"{self.source}: {self.unit} {self.kept[index]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +115,17 @@ class HubDataset:
         return f"{self.repo}{subset}{revision}:{self.split}"
 
 
-def iter_rows(source: str | Path | Any) -> Iterator[Any]:
+def iter_rows(source: str | Path | Any, on_bad_line: Callable[[str], None] | None = None,
+              lines: list[int] | None = None) -> Iterator[Any]:
     """Rows of a data source, lazily: a local file or folder, a Hub dataset (see the module notes), or an
-    iterable of rows (a `datasets.Dataset`, a list of dicts)."""
+    iterable of rows (a `datasets.Dataset`, a list of dicts).
+
+    A JSONL line that is not valid JSON is an error naming the file and the line, or, with `on_bad_line`, passed
+    to it (that message) and skipped. From a JSONL file, the line number of each row is appended to `lines`."""
     if isinstance(source, (str, Path)):
         path, forced_hub = Path(source), str(source).startswith("hub:")
         if path.is_file() and not forced_hub:
-            return _file_rows(path)
+            return _file_rows(path, on_bad_line, lines)
         if path.is_dir() and not forced_hub:
             return _datasets_rows(str(path), path=str(path), split="train", streaming=True)
         looks_like_a_file = path.suffix.lower() in _OWN_SUFFIXES + _DATASETS_SUFFIXES
@@ -129,13 +144,14 @@ def read_rows(source: str | Path | Any) -> list[Any]:
     return list(iter_rows(source))
 
 
-def _file_rows(path: Path) -> Iterator[Any]:
+def _file_rows(path: Path, on_bad_line: Callable[[str], None] | None = None,
+               lines: list[int] | None = None) -> Iterator[Any]:
     suffix = path.suffix.lower()
     if (suffix in (".csv", ".tsv", ".parquet") and path.stat().st_size > STREAM_BYTES) or suffix in _DATASETS_SUFFIXES:
         return _datasets_rows(str(path), path="csv" if suffix == ".tsv" else suffix[1:], data_files=str(path),
                               split="train", streaming=True, **_csv_options(path))
     if suffix == ".jsonl":
-        return _jsonl_rows(path)
+        return _jsonl_rows(path, on_bad_line, lines)
     if suffix not in _OWN_SUFFIXES:
         raise PeftkitError(
             f"{path}: unsupported data format {suffix!r} (use .json, .jsonl, .csv, .tsv, .parquet or .arrow, "
@@ -167,14 +183,22 @@ def _file_rows(path: Path) -> Iterator[Any]:
         raise PeftkitError(f"cannot read {path}: {e}") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[Any]:
+def _jsonl_rows(path: Path, on_bad_line: Callable[[str], None] | None = None,
+                lines: list[int] | None = None) -> Iterator[Any]:
     with open(path) as f:
         for i, line in enumerate(f):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise PeftkitError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from None
+                    reason = f"{path}: line {i + 1} is not valid JSON ({e.msg})"
+                    if on_bad_line is None:
+                        raise PeftkitError(reason + " (set skip_bad_rows to skip such lines)") from None
+                    on_bad_line(reason)
+                    continue
+                if lines is not None:
+                    lines.append(i + 1)
+                yield row
 
 
 def _csv_options(path: Path) -> dict[str, Any]:
@@ -298,26 +322,27 @@ def read_conversations(
 ) -> list[Conversation]:
     """Read a data source into conversations.
 
-    A bad row (missing or non-string field, malformed turn) is an error naming the source and the row number
-    (1-based), or, with `skip_bad_rows`, skipped and counted in `stats`. With `limit`, reading stops after that
+    A bad row (missing or non-string field, malformed turn; in JSONL, a line that is not valid JSON) is an error
+    naming the source and the row number (1-based; a bad JSONL line by its line number), or, with `skip_bad_rows`,
+    skipped and counted in `stats`. With `limit`, reading stops after that
     many conversations (the rest of the source is never read).
     """
     stats = stats if stats is not None else ReadStats()
     name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
     stats.source = name
     out: list[Conversation] = []
-    for i, row in enumerate(iter_rows(source)):
+    lines: list[int] = []  # a JSONL file's rows are named by their line
+    for i, row in enumerate(iter_rows(source, stats.skip if skip_bad_rows else None, lines)):
         stats.rows += 1
+        stats.unit, number = ("line", lines[i]) if lines else ("row", i + 1)
         try:
             out.append(row_to_conversation(row, field_map))
-            stats.kept.append(i + 1)
+            stats.kept.append(number)
         except (KeyError, TypeError, ValueError) as e:
-            reason = f"{name}: row {i + 1}: {e.args[0] if e.args else e}"
+            reason = f"{name}: {stats.unit} {number}: {e.args[0] if e.args else e}"
             if not skip_bad_rows:
                 raise PeftkitError(reason + " (set skip_bad_rows to skip such rows)") from None
-            stats.skipped += 1
-            if len(stats.reasons) < 5:
-                stats.reasons.append(reason)
+            stats.skip(reason, read=False)
         if len(out) == limit:
             break
     if not out:

@@ -75,12 +75,21 @@ class Example:
 
 @dataclasses.dataclass
 class TokenizeStats:
+    """What tokenizing did. `dropped` examples were longer than `max_length` (``overlong="drop"``) or lost every
+    answer token to truncation; `shortest_dropped` is the length in tokens of the shortest of them (with
+    truncation: of its prompt, the part that did not fit)."""
+
     examples: int = 0
     truncated: int = 0
     dropped: int = 0
     prompt_tokens: int = 0
     target_tokens: int = 0
     rejected: int = 0
+    shortest_dropped: int | None = None
+
+    def drop(self, length: int) -> None:
+        self.dropped += 1
+        self.shortest_dropped = length if self.shortest_dropped is None else min(self.shortest_dropped, length)
 
 
 def _template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> str | None:
@@ -161,15 +170,16 @@ def tokenize_conversations(
             continue
         except PeftkitError as e:
             raise PeftkitError(f"{where(n)}: {e}") from None
+        full_labels = labels
         if len(ids) > max_length:
             if overlong == "drop":
-                stats.dropped += 1
+                stats.drop(len(ids))
                 continue
             stats.truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
         example = Example(ids, labels)
-        if example.num_targets == 0:  # truncation ate the answer: nothing to learn from
-            stats.dropped += 1
+        if example.num_targets == 0:  # truncation ate the answer: nothing to learn from (counted by its prompt)
+            stats.drop(next((i for i, label in enumerate(full_labels) if label != IGNORE), len(full_labels)))
             continue
         stats.examples += 1
         stats.target_tokens += example.num_targets

@@ -121,7 +121,14 @@ class QuantState:
         shape = meta["shape"]
         if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise ValueError(f"quantization state shape must be a list of non-negative ints, got {shape!r}")
-        dq = bool(meta["double_quant"])
+        if not isinstance(meta["double_quant"], bool):
+            raise ValueError(f"quantization state double_quant must be true or false, got {meta['double_quant']!r}")
+        clip, clipped = meta.get("clip_threshold"), meta.get("clipped", 0)
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))):
+            raise ValueError(f"quantization state clip_threshold must be a number or null, got {clip!r}")
+        if isinstance(clipped, bool) or not isinstance(clipped, int) or clipped < 0:
+            raise ValueError(f"quantization state clipped must be a count (int >= 0), got {clipped!r}")
+        dq = meta["double_quant"]
         expected = {"absmax", "absmax_scale", "absmax_offset"} if dq else {"absmax"}
         if set(tensors) != expected:
             raise ValueError(
@@ -131,8 +138,7 @@ class QuantState:
         state = cls(
             format=meta["format"], block_size=meta["block_size"], shape=tuple(shape),
             dtype=_DTYPES[meta["dtype"]], absmax=tensors["absmax"], absmax_scale=tensors.get("absmax_scale"),
-            absmax_offset=tensors.get("absmax_offset"), clip_threshold=meta.get("clip_threshold"),
-            clipped=int(meta.get("clipped", 0)),
+            absmax_offset=tensors.get("absmax_offset"), clip_threshold=clip, clipped=clipped,
         )  # fmt: skip
         state.validate()
         return state

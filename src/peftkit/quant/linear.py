@@ -10,6 +10,7 @@ path repacks on an eval forward and silently drops gradients afterwards; see SPE
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -21,10 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blockwise import QuantState, dequantize, quantize
+from peftkit.errors import PeftkitError
+
+from .blockwise import FORMATS, QuantState, dequantize, quantize
+from .codebooks import codebook
+from .scaling import check_block_size
 
 STATE_KEYS: tuple[str, ...] = ("absmax", "absmax_scale", "absmax_offset")
 CONFIG_FILE, WEIGHTS_FILE = "quantization.json", "model.safetensors"
+FILE_VERSION = 2  # 2: every layer carries a fingerprint of its format's codebook and its stored tensors
+_LAYOUT_TYPES: dict[str, type] = {
+    "in_features": int, "out_features": int, "bias": bool, "format": str, "block_size": int, "double_quant": bool,
+    "compute_dtype": str, "weight_dtype": str, "fingerprint": str,
+}  # fmt: skip
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -295,12 +306,75 @@ def save_quantized(model: nn.Module, folder: str | Path) -> Path:
         raise ValueError("model has no QuantLinear layer; quantize it first with quantize_model")
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     _untie(tensors)
+    for name, layout in layers.items():
+        layout["fingerprint"] = _fingerprint(name, layout, tensors)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "peftkit": "quantized"})
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(folder)  # config.json, for load_quantized without a model
-    (folder / CONFIG_FILE).write_text(json.dumps({"version": 1, "layers": layers}, indent=1))
+    (folder / CONFIG_FILE).write_text(json.dumps({"version": FILE_VERSION, "layers": layers}, indent=1))
     return folder
+
+
+def _fingerprint(name: str, layout: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 (first 16 hex digits) of a layer's layout, its format's codebook and its stored quantized tensors.
+
+    Note:
+        NF4 and FP4 (and int4) codes are the same uint8 nibbles with the same block scales: nothing in the tensors
+        says which table they index, so a `quantization.json` edited from nf4 to fp4 would load and compute with
+        the wrong values. The fingerprint ties the recorded format to the codebook and to the exact tensors. The
+        compute dtype is left out: it is how to run the layer, not what was stored, and may be changed.
+    """
+    recorded = {k: v for k, v in layout.items() if k not in ("fingerprint", "compute_dtype")}  # compute: a choice
+    digest = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode())
+    digest.update(codebook(layout["format"]).values.float().numpy().tobytes())
+    for key in ("weight", *(f"weight_{k}" for k in STATE_KEYS)):
+        t = tensors.get(f"{name}.{key}")
+        if t is not None:
+            digest.update(key.encode())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def _check_file(path: Path, meta: Any) -> dict[str, dict[str, Any]]:
+    """The layers of a `quantization.json`, every field checked for presence, type and known values."""
+    if not isinstance(meta, dict):
+        raise PeftkitError(f"{path}: expected an object with version and layers, got a {type(meta).__name__}")
+    version = meta.get("version")
+    if version != FILE_VERSION:
+        older = isinstance(version, int) and not isinstance(version, bool) and 0 < version < FILE_VERSION
+        hint = (" (written by an older peftkit, without per-layer fingerprints: quantize and save the model again)"
+                if older else "")
+        raise PeftkitError(f"{path}: unsupported version {version!r}; this peftkit reads version {FILE_VERSION}"
+                           + hint)
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise PeftkitError(f"{path}: layers must be a non-empty object of layer name -> layout, got "
+                           f"{type(layers).__name__}")
+    for name, layout in layers.items():
+        where = f"{path}: layer {name!r}"
+        if not isinstance(layout, dict):
+            raise PeftkitError(f"{where}: the layout must be an object, got a {type(layout).__name__}")
+        missing, unknown = _LAYOUT_TYPES.keys() - layout.keys(), layout.keys() - _LAYOUT_TYPES.keys()
+        if missing or unknown:
+            problem = f"missing {sorted(missing)}" if missing else f"unknown keys {sorted(unknown)}"
+            raise PeftkitError(f"{where}: {problem}")
+        for key, kind in _LAYOUT_TYPES.items():
+            value = layout[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise PeftkitError(f"{where}: {key} must be of type {kind.__name__}, got {value!r}")
+        if layout["format"] not in FORMATS:
+            raise PeftkitError(f"{where}: unknown format {layout['format']!r}; expected one of {list(FORMATS)}")
+        for key in ("compute_dtype", "weight_dtype"):
+            if layout[key] not in _FLOAT_DTYPES:
+                raise PeftkitError(f"{where}: {key} {layout[key]!r} is not one of {list(_FLOAT_DTYPES)}")
+        if layout["in_features"] <= 0 or layout["out_features"] <= 0:
+            raise PeftkitError(f"{where}: in_features and out_features must be > 0")
+        try:
+            check_block_size(layout["block_size"])
+        except ValueError as e:
+            raise PeftkitError(f"{where}: {e}") from None
+    return layers
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> None:
@@ -336,13 +410,13 @@ def load_quantized(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
             raise ValueError(f"{folder} is not a saved quantized model: {f} is missing")
     try:
         meta = json.loads((folder / CONFIG_FILE).read_text())
-        layers = meta["layers"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{folder / CONFIG_FILE} is corrupt: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"{folder / CONFIG_FILE} is corrupt: {e}") from None
+    layers = _check_file(folder / CONFIG_FILE, meta)
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{folder / WEIGHTS_FILE} is corrupt: {e}") from e
+        raise PeftkitError(f"{folder / WEIGHTS_FILE} is corrupt: {e}") from None
     if model is None:
         model = _model_from_config(folder)
     for name, layout in layers.items():
@@ -363,12 +437,17 @@ def load_quantized(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
                 module.state.validate(module.weight)
             except ValueError as e:
                 raise ValueError(f"layer {name!r}: {e}") from e
+    for name, layout in layers.items():  # last: everything else fits, but do the codes mean what the file says?
+        if _fingerprint(name, layout, tensors) != layout["fingerprint"]:
+            raise PeftkitError(f"{folder / CONFIG_FILE}: layer {name!r} does not match its stored tensors (its "
+                               f"{layout['format']} layout or its tensors in {WEIGHTS_FILE} were changed, or the "
+                               "two files come from different saves); save the quantized model again")
     return model
 
 
 def _empty_layer(name: str, layout: dict[str, Any]) -> QuantLinear:
     try:
-        args = dict(layout)
+        args = {k: v for k, v in layout.items() if k != "fingerprint"}
         args["compute_dtype"] = getattr(torch, args["compute_dtype"])
         args["weight_dtype"] = getattr(torch, args["weight_dtype"])
         return QuantLinear(**args)

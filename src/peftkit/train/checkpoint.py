@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftkit.core.adapter_io import current_umask, write_atomic_dir
+from peftkit.core.adapter_io import current_umask, torch_save, write_atomic_dir, writing
 from peftkit.errors import PeftkitError
 
-__all__ = ["RunFolder", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["RunFolder", "latest_checkpoint", "load_checkpoint", "rng_file", "rng_state", "save_checkpoint",
+           "write_text_atomic"]
 
 # what a training run writes into its output folder (`RunFolder` owns exactly these)
 RUN_FILES = ("metrics.jsonl", "run.json", "loss.png", "latest", "adapter", "best", "best.json", "demo_results.json",
@@ -87,13 +88,17 @@ class RunFolder:
             self._lock.close()  # closing the file drops the lock
 
 
-def _rng_state() -> dict[str, Any]:
-    """The random generators' states as JSON (no pickle: a checkpoint file never runs code when loaded)."""
+def rng_state() -> dict[str, Any]:
+    """This process's random generators (Python, NumPy, torch CPU, and the current CUDA device's when one is in
+    use) as JSON (no pickle: a checkpoint file never runs code when loaded)."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state().tolist()}
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()  # dropout on the GPU draws from this one
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -102,14 +107,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def rng_file(rank: int) -> str:
+    """The RNG state file of process `rank` in a checkpoint (``rng.json`` for rank 0 and single-process runs)."""
+    return "rng.json" if rank == 0 else f"rng-rank{rank}.json"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step (a temporary file renamed over it; removed if the write fails)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600
-    os.replace(tmp, path)
+    try:
+        with writing(path), os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(
@@ -120,21 +137,33 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep: int = 2,
+    rng: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically, point ``latest`` at it, prune old ones."""
+    """Write ``output_dir/checkpoint-<step>`` atomically, point ``latest`` at it, prune old ones.
+
+    `rng` holds every process's `rng_state` by rank (default: this process's alone); each goes to its own
+    `rng_file`, so that a distributed run resumes with every rank's dropout exactly where it was.
+
+    A full disk is a `PeftkitError` naming the file ("no space left on device while writing ..."); the previous
+    checkpoints and ``latest`` are then left as they were, and no temporary file remains.
+    """
     folder = output_dir / f"checkpoint-{step}"
     tensors = {k: v.detach().contiguous() for k, v in trainable.items()}
     write_atomic_dir(
         folder,
         {
             "trainable.safetensors": lambda p: save_file(tensors, str(p)),
-            "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
-            "scheduler.pt": lambda p: torch.save(scheduler.state_dict(), p),
-            "rng.json": json.dumps(_rng_state()),
+            "optimizer.pt": lambda p: torch_save(optimizer.state_dict(), p),
+            "scheduler.pt": lambda p: torch_save(scheduler.state_dict(), p),
+            **{rng_file(rank): json.dumps(r) for rank, r in enumerate(rng or [rng_state()])},
             "trainer_state.json": json.dumps({**state, "step": step}, indent=2),
         },
     )
-    _write_text_atomic(output_dir / "latest", folder.name)
+    try:
+        write_text_atomic(output_dir / "latest", folder.name)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # `latest` still names the previous one: this one is not a state
+        raise
     old = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     for stale in old[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
@@ -150,16 +179,21 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def load_checkpoint(
-    folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
+    folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore a checkpoint into live objects and return the trainer state (step, data position...)."""
+    """Restore a checkpoint into live objects (and process `rank`'s random generators); return the trainer state
+    (step, data position...)."""
+    if not (folder / rng_file(rank)).is_file() and (folder / "trainer_state.json").is_file():
+        raise PeftkitError(f"checkpoint {folder} has no random generator state for rank {rank} ({rng_file(rank)}): "
+                           "it was written by fewer processes; resume with as many processes as the run had")
     try:
         tensors = load_file(str(folder / "trainable.safetensors"))
         state = json.loads((folder / "trainer_state.json").read_text())
         # weights_only: tensors and plain containers only; a crafted pickle is refused, never run
         optim_state = torch.load(folder / "optimizer.pt", weights_only=True)
         sched_state = torch.load(folder / "scheduler.pt", weights_only=True)
-        rng = json.loads((folder / "rng.json").read_text())
+        rng = json.loads((folder / rng_file(rank)).read_text())
     except Exception as e:  # noqa: BLE001 - any unreadable piece means the checkpoint is unusable
         raise PeftkitError(f"checkpoint {folder} is unreadable: {e}") from None
     if set(tensors) != set(trainable):

@@ -58,6 +58,10 @@ class TrainConfig(Config):
             ``<output_dir>/best`` (lower is better for losses, higher for the rest).
         report_to: experiment trackers (``tensorboard``, ``wandb``, ``mlflow``; several allowed; ``none`` by
             default), written under ``output_dir`` and offline (`peftkit.train.tracking`).
+        dist_timeout: seconds a process waits for the others in a collective operation (gradient all-reduce,
+            barriers) before the job stops with an error naming the cause: a process that died or hangs ends the
+            job within it. The default (600 s) leaves room for rank 0 writing a large checkpoint while the others
+            wait. Set when the process group starts (the first `Trainer` of a process).
         ewc_lambda / ewc_batches: elastic weight consolidation, a Fisher-weighted L2 pull of the trainable
             parameters towards their values at the start, added to the per-token loss (0 = off); the diagonal
             Fisher comes from ``ewc_batches`` micro-batches of the replay data (or of the task data without it).
@@ -123,6 +127,7 @@ class TrainConfig(Config):
     log_every: int = 1
     seed: int = 0
     progress: bool = True
+    dist_timeout: float = 600.0
 
     def validate(self) -> None:
         positive = {"max_length": self.max_length, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -148,6 +153,8 @@ class TrainConfig(Config):
             raise PeftkitError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
         if self.skip_bad_steps < 0:
             raise PeftkitError(f"skip_bad_steps must be >= 0, got {self.skip_bad_steps}")
+        if not self.dist_timeout > 0:
+            raise PeftkitError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.ewc_batches <= 0:
             raise PeftkitError(f"ewc_batches must be > 0, got {self.ewc_batches}")
         if isinstance(self.report_to, str):

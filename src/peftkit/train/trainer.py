@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import functools
 import itertools
 import json
@@ -24,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import gather_object
 from torch import nn
 
-from peftkit.core.adapter_io import apply_method, save_adapter, trainable_state_dict
+from peftkit.core.adapter_io import apply_method, save_adapter, trainable_state_dict, writing
 from peftkit.core.registry import get_method
 from peftkit.data.formats import Conversation, ReadStats, read_conversations
 from peftkit.data.sequences import IGNORE, Example, TokenizeStats, collate, make_rows, tokenize_conversations
@@ -35,7 +37,14 @@ from peftkit.errors import PeftkitError
 from peftkit.hardware import Precision, matmul_peak, resolve_precision, warn_if_slow
 from peftkit.optim import build_optimizer
 from peftkit.quant import QuantLinear
-from peftkit.train.checkpoint import RunFolder, latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.train.checkpoint import (
+    RunFolder,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    write_text_atomic,
+)
 from peftkit.train.config import TrainConfig
 from peftkit.train.evaluation import generation_scores, lower_is_better, resolve_metric
 from peftkit.train.flops import FlopCount, attention_pairs
@@ -238,6 +247,18 @@ def _tokenize(cfg: TrainConfig, tokenizer, convs: list[Conversation], stats: Tok
                                   skip_rejected=cfg.skip_bad_rows)
 
 
+def _check_some_left(examples: list[Example], stats: TokenizeStats, cfg: TrainConfig, path: str) -> None:
+    """The real reason when tokenizing left no example of `path`."""
+    if examples:
+        return
+    n, m, k = stats.dropped, cfg.max_length, stats.shortest_dropped
+    if cfg.overlong == "drop":
+        raise PeftkitError(f"{path}: all {n} examples are longer than max_length={m} tokens (shortest: {k}); "
+                           "raise max_length or set overlong=truncate")
+    raise PeftkitError(f"{path}: all {n} examples lose their whole answer when truncated to max_length={m} "
+                       f"tokens (shortest prompt: {k} tokens); raise max_length or shorten the prompts")
+
+
 def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
                   precision: Precision | None = None):
     """Load (or take) the model, quantize it if asked, adapt it with the method, set dtypes."""
@@ -343,6 +364,8 @@ class Trainer:
             # change between two trainers in one process (a comparison, a notebook, the test suite).
             mixed_precision="no",
             **self.tracking.accelerator_kwargs(),
+            # a rank that died or hangs ends the job within this (torch's defaults: 10 min NCCL, 30 min gloo)
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout))],
         )
         device = self.accelerator.device
         self.precision = resolve_precision(cfg.precision, device)
@@ -374,6 +397,7 @@ class Trainer:
         self.tok_stats = TokenizeStats()
         examples = _tokenize(cfg, self.tokenizer, [convs[i] for i in train], self.tok_stats,
                              lambda j: self.read_stats.where(train[j]))
+        _check_some_left(examples, self.tok_stats, cfg, cfg.data)
         if cfg.eval_data:
             self.eval_conversations, eval_stats = _read(cfg, cfg.eval_data)
             where = eval_stats.where
@@ -399,10 +423,11 @@ class Trainer:
         rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.micro_per_epoch = len(self.rows) // (cfg.batch_size * self.world)
         if self.micro_per_epoch < cfg.grad_accum:
-            raise PeftkitError(
-                f"{len(self.rows)} training rows cannot fill one step of {rows_per_step} rows "
-                f"(batch_size x grad_accum x processes); lower batch_size or grad_accum"
-            )
+            dropped = self.tok_stats.dropped
+            why = (f" ({dropped} examples were dropped as longer than max_length={cfg.max_length} tokens: raise "
+                   "max_length to keep them)") if dropped else ""
+            raise PeftkitError(f"{len(self.rows)} training rows cannot fill one step of {rows_per_step} rows "
+                               f"(batch_size x grad_accum x processes); lower batch_size or grad_accum{why}")
         self.steps_per_epoch = self.micro_per_epoch // cfg.grad_accum
         self.seen_rows: list[int] = []  # row indices this process trained on, in order
         self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
@@ -518,9 +543,26 @@ class Trainer:
         folder = RunFolder(self.output_dir, self.resume, self.overwrite) if self.is_main else None
         try:
             return self._run(until_step)
+        except RuntimeError as e:
+            if self.world > 1 and _is_distributed_failure(e):
+                raise PeftkitError(self._distributed_failure(e)) from None
+            raise
         finally:
             if folder is not None:
                 folder.release()
+
+    def _distributed_failure(self, error: BaseException) -> str:
+        text = str(error)
+        if "Timed out" in text or "timeout" in text.lower():
+            what = (f"no answer from another process within dist_timeout={self.cfg.dist_timeout:g} s (it hangs or "
+                    "died: its log says why)")
+        elif "Connection" in text or "closed" in text or "reset" in text:
+            what = "lost the connection to another process (it died: its log says why)"
+        else:
+            what = f"a collective operation failed ({text.splitlines()[0][:160] if text else type(error).__name__})"
+        last = latest_checkpoint(self.output_dir)
+        return (f"rank {self.rank} of {self.world}: {what}. Last checkpoint: {last or 'none (set save_every)'}; fix "
+                "the cause and train again with --resume")
 
     def _run(self, until_step: int | None) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
@@ -550,7 +592,7 @@ class Trainer:
             if ckpt is None:  # the other processes (the main one checked it when it claimed the folder)
                 raise PeftkitError(f"--resume: {self.output_dir} has no checkpoint to resume from")
             self._check_resumed_config(ckpt)  # before loading: a changed r would otherwise fail on shapes
-            state = load_checkpoint(ckpt, trainable, optimizer, scheduler)
+            state = load_checkpoint(ckpt, trainable, optimizer, scheduler, self.rank)
             step, epoch, micro = state["step"], state["epoch"], state["micro"]
             history = state.get("history", [])
             best = state.get("best")
@@ -648,7 +690,7 @@ class Trainer:
                     best = self._keep_best(best, scores, step)
                 eval_seconds += time.perf_counter() - t_eval
             if self.is_main and step % cfg.log_every == 0:
-                with log_path.open("a") as f:
+                with writing(log_path), log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             self.tracking.log(record, step)
             progress.update(1)
@@ -657,15 +699,19 @@ class Trainer:
             if peak:
                 postfix["mfu"] = f"{record['mfu']:.0%}"
             progress.set_postfix(postfix)
-            if cfg.save_every and step % cfg.save_every == 0 and self.is_main:
-                position = {"epoch": epoch, "micro": micro, "rank": self.rank, "history": history,
-                            "config": cfg.to_dict(), "best": best}
-                if scaler.is_enabled():
-                    position["grad_scaler"] = scaler.state_dict()
+            if cfg.save_every and step % cfg.save_every == 0:
                 weights = trainable_state_dict(acc.unwrap_model(model))
                 if not all(bool(torch.isfinite(t).all()) for t in weights.values()):  # never save a broken state
-                    guard.stop(step, "trainable weights are non-finite")
-                save_checkpoint(self.output_dir, step, weights, optimizer, scheduler, position, cfg.keep_checkpoints)
+                    guard.stop(step, "trainable weights are non-finite")  # on every rank: the weights are equal
+                # every rank's generators (dropout draws differ with each rank's batch shapes), gathered to rank 0
+                rng = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+                if self.is_main:
+                    position = {"epoch": epoch, "micro": micro, "rank": self.rank, "world": self.world,
+                                "history": history, "config": cfg.to_dict(), "best": best}
+                    if scaler.is_enabled():
+                        position["grad_scaler"] = scaler.state_dict()
+                    save_checkpoint(self.output_dir, step, weights, optimizer, scheduler, position,
+                                    cfg.keep_checkpoints, rng)
             acc.wait_for_everyone()
         progress.close()
         train_seconds = time.perf_counter() - t_start - eval_seconds
@@ -691,16 +737,21 @@ class Trainer:
     RESUME_MAY_CHANGE = frozenset({"lr", "scheduler", "warmup_ratio", "max_steps", "epochs", "eval_data",
                                    "eval_every", "eval_metric", "eval_samples", "eval_max_new_tokens", "save_best",
                                    "save_every", "keep_checkpoints", "log_every", "progress", "skip_bad_steps",
-                                   "report_to", "output_dir"})
+                                   "report_to", "output_dir", "dist_timeout"})
     """Keys a resumed run may change (they then take effect); any other change is refused."""
 
     def _check_resumed_config(self, ckpt: Path) -> None:
         try:
-            saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
-        except (OSError, ValueError) as e:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            saved, world = state.get("config"), state.get("world", self.world)
+        except (OSError, ValueError, AttributeError) as e:
             raise PeftkitError(f"checkpoint {ckpt} is unreadable: {e}") from None
         if saved is None:
             return  # written before checkpoints kept their config
+        if world != self.world:
+            raise PeftkitError(f"cannot resume {ckpt}: the run had {world} process(es), this one has {self.world} "
+                               "(the data order, the batch and each rank's random state depend on it); resume with "
+                               f"{world}, or start a new run")
         now = self.cfg.to_dict()
         changed = [k for k in now if k not in self.RESUME_MAY_CHANGE and saved.get(k, now[k]) != now[k]]
         if changed:
@@ -724,13 +775,22 @@ class Trainer:
                 "processes": self.world, "threads": torch.get_num_threads(),
                 "matmul_peak_flops_per_s": None if peak is None else _significant(peak),
                 "model_flops": dataclasses.asdict(self.flops)}
-        (self.output_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        with writing(self.output_dir / "run.json"):
+            (self.output_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
     def _global_sum_float(self, value: float) -> float:
         if self.world == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum").item())
+
+
+def _is_distributed_failure(error: BaseException) -> bool:
+    """A collective operation that failed because another process died, hung past the timeout or lost its link."""
+    if isinstance(error, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(error)
+    return any(word in text for word in ("gloo", "NCCL", "Timed out", "Connection reset", "Connection closed"))
 
 
 def _cut_log(path: Path, step: int) -> None:
@@ -743,7 +803,7 @@ def _cut_log(path: Path, step: int) -> None:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-    path.write_text("".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))  # a full disk then keeps the old log whole
 
 
 def _significant(x: float) -> float:
@@ -794,5 +854,8 @@ def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("loss (target tokens)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with writing(path):
+            fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
