@@ -8,6 +8,10 @@ targets. Recognised layouts:
 * chat: ``messages`` (a list of role/content dicts, as in OpenAI / HF chat datasets).
 
 Other field names are mapped with `field_map`, e.g. ``{"instruction": "question", "output": "answer"}``.
+
+An instruction row with an input becomes one user message, `INPUT_FORMAT` filled with both. When every row of a
+source shares its instruction (or every conversation its system message), `ReadStats` says so: a trained adapter
+records it, and generation puts it back in front of a bare user message (`peftkit.core.context`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 from peftkit.errors import PeftkitError
 
-__all__ = ["Conversation", "ReadStats", "read_conversations", "read_rows", "row_to_conversation"]
+__all__ = ["INPUT_FORMAT", "Conversation", "ReadStats", "read_conversations", "read_rows", "row_to_conversation"]
 
 Conversation = list[dict[str, str]]
 
@@ -28,6 +32,9 @@ _INSTRUCTION_KEYS = ("instruction",)
 _CONTEXT_KEYS = ("input", "context")
 _OUTPUT_KEYS = ("output", "response")
 _ROLES = ("system", "user", "assistant")
+
+INPUT_FORMAT = "{instruction}\n\n{input}"
+"""The user message of an instruction row with an input (Alpaca's ``input``, Dolly's ``context``)."""
 
 
 @dataclasses.dataclass
@@ -37,6 +44,10 @@ class ReadStats:
     rows: int = 0
     skipped: int = 0
     reasons: list[str] = dataclasses.field(default_factory=list)
+    instruction: str | None = None
+    """The instruction that every usable row shares, each row with an input (`INPUT_FORMAT`); else None."""
+    system: str | None = None
+    """The system message that every usable conversation starts with; else None."""
 
 
 def read_rows(source: str | Path | Any) -> list[dict[str, Any]]:
@@ -106,7 +117,11 @@ def _text(value: Any, key: str) -> str:
 
 def row_to_conversation(row: Mapping[str, Any], field_map: Mapping[str, str] | None = None) -> Conversation:
     """Turn one row into messages; raises KeyError/TypeError describing a bad row."""
-    field_map = field_map or {}
+    return _row_parts(row, field_map or {})[0]
+
+
+def _row_parts(row: Mapping[str, Any], field_map: Mapping[str, str]) -> tuple[Conversation, str | None]:
+    """The row's messages, and its instruction when the row is an instruction with an input (else None)."""
     if not isinstance(row, Mapping):
         raise TypeError(f"row is a {type(row).__name__}, not an object")
     messages_key = field_map.get("messages", "messages")
@@ -121,7 +136,7 @@ def row_to_conversation(row: Mapping[str, Any], field_map: Mapping[str, str] | N
             conv.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in conv):
             raise KeyError("conversation has no assistant message to learn from")
-        return conv
+        return conv, None
     instruction = _field(row, _INSTRUCTION_KEYS, field_map, "instruction")
     context = _field(row, _CONTEXT_KEYS, field_map, "input")
     output = _field(row, _OUTPUT_KEYS, field_map, "output")
@@ -129,8 +144,9 @@ def row_to_conversation(row: Mapping[str, Any], field_map: Mapping[str, str] | N
         raise KeyError(f"missing field 'instruction' (fields present: {', '.join(map(str, row))})")
     if output is None:
         raise KeyError(f"missing field 'output' or 'response' (fields present: {', '.join(map(str, row))})")
-    prompt = f"{instruction}\n\n{context}" if context else instruction
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    prompt = INPUT_FORMAT.format(instruction=instruction, input=context) if context else instruction
+    conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return conv, instruction if context else None
 
 
 def read_conversations(
@@ -142,15 +158,21 @@ def read_conversations(
     """Read a data source into conversations.
 
     A bad row (missing or non-string field) is an error naming the source and the row number (1-based), or,
-    with `skip_bad_rows`, skipped and counted in `stats`.
+    with `skip_bad_rows`, skipped and counted in `stats`. `stats` also gets the instruction and the system
+    message that all usable rows share.
     """
     stats = stats if stats is not None else ReadStats()
     name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
     out: list[Conversation] = []
+    instructions: set[str | None] = set()
+    systems: set[str | None] = set()
     for i, row in enumerate(read_rows(source)):
         stats.rows += 1
         try:
-            out.append(row_to_conversation(row, field_map))
+            conv, instruction = _row_parts(row, field_map or {})
+            out.append(conv)
+            instructions.add(instruction)
+            systems.add(conv[0]["content"] if conv[0]["role"] == "system" else None)
         except (KeyError, TypeError) as e:
             reason = f"{name}: row {i + 1}: {e.args[0] if e.args else e}"
             if not skip_bad_rows:
@@ -160,4 +182,6 @@ def read_conversations(
                 stats.reasons.append(reason)
     if not out:
         raise PeftkitError(f"{name}: no usable rows")
+    stats.instruction = instructions.pop() if len(instructions) == 1 else None
+    stats.system = systems.pop() if len(systems) == 1 else None
     return out
