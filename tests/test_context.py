@@ -235,3 +235,22 @@ def test_a_malformed_block_is_refused_before_touching_the_model(tmp_path):
         load_adapter(model, adapter)
     assert model.state_dict().keys() == before.keys() and not any(
         isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_compare_evaluates_in_the_template_it_trained_with(tmp_path, monkeypatch):
+    import peftkit.eval.generate as gen
+    from peftkit.data.sequences import TEMPLATES
+    from peftkit.eval.compare import COMMON_SETTINGS, DEFAULT_ENTRIES, CompareTask, run_entry
+
+    base = save_base(tmp_path / "base")
+    CompareTask(write_rows(tmp_path / "train.jsonl", n=16), [f"{INSTRUCTION}\n\n{MESSAGE}"], [["7"]]).save(
+        tmp_path / "task.json")
+    seen = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda *a, **kw: seen.append(kw.get("template")) or real(*a, **kw))
+    common = {**COMMON_SETTINGS, "precision": "fp32", "max_length": 256, "template": "alpaca"}
+    result = run_entry({"model": base, "task": str(tmp_path / "task.json"), "common": common, "metrics": "bleu-nist",
+                        "max_new_tokens": 4, "eval_batch_size": 4, "label": "lora", "entry": DEFAULT_ENTRIES["lora"],
+                        "output_dir": str(tmp_path / "lora")})
+    assert len(result["predictions"]) == 1
+    assert seen == [TEMPLATES["alpaca"]]  # not the model's own chatml template
