@@ -238,11 +238,13 @@ def _load_examples(cfg: TrainConfig, tokenizer, path: str) -> tuple[list[Example
 def _with_prompt(context: TrainingContext, cfg: TrainConfig, tokenizer, stats: ReadStats) -> TrainingContext:
     """The context completed with what the training data looked like: chat template, system message,
     shared instruction."""
-    named = cfg.template not in (None, "", "model")
-    text = template_text(tokenizer, cfg.template)
-    return dataclasses.replace(
-        context, template=(None if is_template_text(cfg.template) else cfg.template) if named else "model",
-        template_text=text if isinstance(text, str) else None, system=stats.system, instruction=stats.instruction)
+    if cfg.template in (None, "", "model"):
+        name = "model"  # the tokenizer's own
+    else:
+        name = None if is_template_text(cfg.template) else cfg.template  # None: given as Jinja text
+    text = template_text(tokenizer, cfg.template)  # a tokenizer may hold a dict of templates: not recorded then
+    return dataclasses.replace(context, template=name, template_text=text if isinstance(text, str) else None,
+                               system=stats.system, instruction=stats.instruction)
 
 
 def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
