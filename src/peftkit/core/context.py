@@ -111,6 +111,8 @@ class Quantization:
         q = cls(**{k: v for k, v in data.items() if k in known})
         if not isinstance(q.block_size, int) or q.block_size <= 0 or not isinstance(q.double_quant, bool):
             raise PeftkitError(f"{where}quantization: bad block_size or double_quant in {data!r}")
+        if not isinstance(q.skip, (list, tuple)) or not all(isinstance(x, str) for x in q.skip):
+            raise PeftkitError(f"{where}quantization: skip must be a list of module names, got {q.skip!r}")
         _dtype(q.source_dtype, f"{where}quantization: ")
         return dataclasses.replace(q, skip=tuple(q.skip))
 
