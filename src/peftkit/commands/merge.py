@@ -1,7 +1,10 @@
 """`peftkit merge`: fold an adapter into its base model and save a plain Hugging Face model folder.
 
-A 4-bit (QLoRA) base is dequantized before the merge. `--requantize nf4` quantizes the merged model again and
-prints what that costs (relative weight error, and the held-out loss change on `--eval-data`).
+The base is the one the adapter records (`peftkit.core.context`; ``--model`` overrides it). An adapter trained on a
+quantized base (QLoRA) is merged into the weights it trained on: the base is quantized as training quantized it,
+dequantized, and the update added (one line says so); ``--quantized-base none`` merges into the full-precision base
+instead. ``--requantize`` quantizes the merged model again (in the recorded format unless one is named) and prints
+what that costs (relative weight error, and the held-out loss change on ``--eval-data``).
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     p.add_argument("adapter", help="adapter folder")
     p.add_argument("output", help="folder for the merged model (written atomically)")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="the base model the adapter was trained on")
-    p.add_argument("--quantized-base", choices=["nf4", "fp4", "int4", "int8"],
-                   help="the adapter was trained on a base quantized to this format (QLoRA)")
+    p.add_argument("--model", help="the base model the adapter was trained on (default: the adapter's recorded "
+                                   "base, else smollm2-135m-instruct)")
+    p.add_argument("--quantized-base", choices=["none", "nf4", "fp4", "int4", "int8"],
+                   help="the format the base was stored in while training (default: as the adapter records; "
+                        "none = merge into the full-precision base)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--requantize", choices=["nf4", "fp4", "int4", "int8"],
-                   help="quantize the merged model again and report the error")
+    p.add_argument("--requantize", nargs="?", const="recorded", choices=["recorded", "nf4", "fp4", "int4", "int8"],
+                   help="quantize the merged model again (default format: the recorded one) and report the error")
     p.add_argument("--eval-data", help="instruction data to measure the held-out loss change of --requantize")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=run)
@@ -40,31 +45,43 @@ def check_output(adapter: str, output: str, overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
     from peftkit.core.adapter_io import atomic_dir, load_adapter
+    from peftkit.core.context import Quantization, load_base, read_context
     from peftkit.core.registry import get_method
     from peftkit.errors import PeftkitError
     from peftkit.methods.lora import merge_and_unload
-    from peftkit.models import load_model
-    from peftkit.quant import quantize_model, save_quantized
+    from peftkit.quant import dequantize_model, save_quantized
 
     check_output(args.adapter, args.output, args.overwrite)
     dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_model(args.model)
-    if args.quantized_base:
-        quantize_model(model, args.quantized_base, compute_dtype=torch.float32)
+    context = read_context(args.adapter)
+    recorded = context.quantization if context is not None else None
+    if args.requantize == "recorded" and (args.quantized_base == "none" or not (args.quantized_base or recorded)):
+        raise PeftkitError("--requantize: the adapter was not trained on a quantized base; name a format "
+                           "(--requantize nf4)")
+    model, tokenizer, quant = load_base(context, args.model, args.quantized_base)
+    print(_base_line(context, quant, args.quantized_base))
     load_adapter(model, args.adapter)
     name = model.peftkit_method[0]
     if not get_method(name).can_merge:
         raise PeftkitError(f"method {name!r} cannot be merged into the base weights")
     merged = merge_and_unload(model, dtype=torch.float32)
+    dequantize_model(merged, torch.float32)  # quantized layers the adapter did not change
     del merged.peftkit_method
     if args.requantize:
         from peftkit.quant.requantize import requantize_with_report
 
+        if args.requantize == "recorded":
+            target = quant
+        else:  # the named format, with the recorded block size and double quantization
+            target = dataclasses.replace(quant, format=args.requantize) if quant else Quantization(args.requantize)
         loss_fn = _held_out_loss(tokenizer, args.eval_data) if args.eval_data else None
-        report = requantize_with_report(merged, args.requantize, compute_dtype=dtype, loss_fn=loss_fn)
+        report = requantize_with_report(merged, target.format, block_size=target.block_size,
+                                        double_quant=target.double_quant, compute_dtype=dtype, loss_fn=loss_fn)
         print(report)
         with atomic_dir(args.output) as tmp:
             save_quantized(merged, tmp)
@@ -74,8 +91,25 @@ def run(args: argparse.Namespace) -> int:
         with atomic_dir(args.output) as tmp:
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    print(f"merged {name} adapter into {args.model}; saved to {args.output}")
+    print(f"merged {name} adapter into {args.model or (context and context.base) or 'smollm2-135m-instruct'}; "
+          f"saved to {args.output}")
     return 0
+
+
+def _base_line(context, quant, asked: str | None) -> str:
+    """One line: which base weights the update is added to, and why."""
+    recorded = context.quantization if context is not None else None
+    if quant is not None:
+        how = "as the adapter records" if asked is None else f"as asked (--quantized-base {asked})"
+        return (f"base: {quant.describe()}, {how}: merging into the dequantized weights the adapter trained on "
+                "(--requantize quantizes the result again)")
+    if recorded is not None:
+        return (f"base: full precision as asked (--quantized-base none), although the adapter trained on a "
+                f"{recorded.describe()} base")
+    if context is None:
+        return ("base: full precision (the adapter records no training context; --quantized-base FORMAT if it "
+                "was trained on a quantized base)")
+    return "base: full precision, as the adapter was trained"
 
 
 def _held_out_loss(tokenizer, path: str, n: int = 32):

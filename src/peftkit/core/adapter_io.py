@@ -11,6 +11,10 @@ sparse updates write values and indices). Configs may define ``peft_fields(model
 and ``for_loading()`` (the config to rebuild the adapter with before its weights are loaded, e.g. without an
 initialisation that needs a tokenizer).
 
+A model trained by `Trainer` carries a `TrainingContext` (``model.peftkit_context``: base, quantization, chat
+template, prompt); it is written under the ``peftkit`` key, which peft ignores, and its base name replaces the
+resolved (machine-local) path in ``base_model_name_or_path``. Loading an adapter sets it on the model again.
+
 Loading validates the file before touching the model, and restores the model if the adapter does not fit it.
 Saving writes to a temporary folder and renames it into place, so an interrupted save never leaves a
 half-written adapter.
@@ -34,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.core.config import Config
+from peftkit.core.context import CONTEXT_KEY, TrainingContext, read_context
 from peftkit.core.inject import InjectReport
 from peftkit.core.registry import MethodSpec, get_method, method_for_peft_type
 from peftkit.errors import PeftkitError
@@ -138,6 +143,11 @@ def _peft_config(spec: MethodSpec, config: Config, model: nn.Module) -> dict[str
     for key in getattr(config, "peftkit_only_fields", ()):  # fields peft does not know: left out when unset
         if data.get(key) is None:
             data.pop(key, None)
+    context: TrainingContext | None = getattr(model, "peftkit_context", None)
+    if context is not None:
+        data[CONTEXT_KEY] = context.to_json()
+        if context.base:
+            data["base_model_name_or_path"] = context.base
     return data
 
 
@@ -275,6 +285,8 @@ def read_adapter(
         raise PeftkitError(f"adapter in {folder} was saved for a {saved_for}, not a {type(model).__name__}")
     spec = get_method(raw["peftkit_method"]) if "peftkit_method" in raw else method_for_peft_type(raw["peft_type"])
     config = _config_from_json(spec, raw, cfg_path)
+    if raw.get(CONTEXT_KEY) is not None:  # validated before the weights are read: a bad block fails early
+        TrainingContext.from_json(raw[CONTEXT_KEY], where=f"{cfg_path}: ")
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -343,4 +355,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> InjectReport:
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
         raise
     model.peftkit_method = (spec.name, config)
+    context = read_context(folder)
+    if context is not None:
+        model.peftkit_context = context
     return report

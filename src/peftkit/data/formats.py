@@ -22,6 +22,10 @@ Where the rows come from (`read_rows`), for a string or path:
   ``datasets.load_dataset`` (its split downloaded whole, once, into the datasets cache, which later runs and
   offline runs reuse), split ``train`` unless given; e.g. ``HuggingFaceH4/no_robots:test``,
   ``openai/gsm8k/main@refs/convert/parquet``. ``hub:`` forces the Hub where a local path of that name exists.
+
+An instruction row with an input becomes one user message, `INPUT_FORMAT` filled with both. When every row of a
+source shares its instruction (or every conversation its system message), `ReadStats` says so: a trained adapter
+records it, and generation puts it back in front of a bare user message (`peftkit.core.context`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 from peftkit.errors import PeftkitError
 
 __all__ = [
+    "INPUT_FORMAT",
     "STREAM_BYTES",
     "Conversation",
     "HubDataset",
@@ -60,6 +65,9 @@ _DATASETS_SUFFIXES = (".arrow",)
 STREAM_BYTES = 64 << 20
 """CSV / TSV / Parquet files larger than this stream through `datasets` instead of being read whole by pandas."""
 
+INPUT_FORMAT = "{instruction}\n\n{input}"
+"""The user message of an instruction row with an input (Alpaca's ``input``, Dolly's ``context``)."""
+
 
 @dataclasses.dataclass
 class ReadStats:
@@ -69,6 +77,10 @@ class ReadStats:
     rows: int = 0
     skipped: int = 0
     reasons: list[str] = dataclasses.field(default_factory=list)
+    instruction: str | None = None
+    """The instruction that every usable row shares, each row with an input (`INPUT_FORMAT`); else None."""
+    system: str | None = None
+    """The system message that every usable conversation starts with; else None."""
     source: str = ""
     kept: list[int] = dataclasses.field(default_factory=list)
     unit: str = "row"  # what `kept` counts: rows, or lines of a JSONL file
@@ -295,13 +307,17 @@ def _turns(messages: Any, key: str, sharegpt: bool) -> Conversation:
 
 def row_to_conversation(row: Mapping[str, Any], field_map: Mapping[str, str] | None = None) -> Conversation:
     """Turn one row into messages; raises KeyError/TypeError/ValueError describing a bad row."""
-    field_map = field_map or {}
+    return _row_parts(row, field_map or {})[0]
+
+
+def _row_parts(row: Mapping[str, Any], field_map: Mapping[str, str]) -> tuple[Conversation, str | None]:
+    """The row's messages, and its instruction when the row is an instruction with an input (else None)."""
     if not isinstance(row, Mapping):
         raise TypeError(f"row is a {type(row).__name__}, not an object")
     for layout, sharegpt in (("messages", False), ("conversations", True)):
         key = field_map.get(layout, layout)
         if key in row:
-            return _turns(row[key], key, sharegpt)
+            return _turns(row[key], key, sharegpt), None
     instruction = _field(row, _INSTRUCTION_KEYS, field_map, "instruction")
     context = _field(row, _CONTEXT_KEYS, field_map, "input")
     output = _field(row, _OUTPUT_KEYS, field_map, "output")
@@ -309,8 +325,9 @@ def row_to_conversation(row: Mapping[str, Any], field_map: Mapping[str, str] | N
         raise KeyError(f"missing field 'instruction' (fields present: {', '.join(map(str, row))})")
     if output is None:
         raise KeyError(f"missing field 'output' or 'response' (fields present: {', '.join(map(str, row))})")
-    prompt = f"{instruction}\n\n{context}" if context else instruction
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    prompt = INPUT_FORMAT.format(instruction=instruction, input=context) if context else instruction
+    conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return conv, instruction if context else None
 
 
 def read_conversations(
@@ -324,19 +341,24 @@ def read_conversations(
 
     A bad row (missing or non-string field, malformed turn; in JSONL, a line that is not valid JSON) is an error
     naming the source and the row number (1-based; a bad JSONL line by its line number), or, with `skip_bad_rows`,
-    skipped and counted in `stats`. With `limit`, reading stops after that
-    many conversations (the rest of the source is never read).
+    skipped and counted in `stats`. With `limit`, reading stops after that many conversations (the rest of the
+    source is never read). `stats` also gets the instruction and the system message that all usable rows share.
     """
     stats = stats if stats is not None else ReadStats()
     name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
     stats.source = name
     out: list[Conversation] = []
     lines: list[int] = []  # a JSONL file's rows are named by their line
+    instructions: set[str | None] = set()
+    systems: set[str | None] = set()
     for i, row in enumerate(iter_rows(source, stats.skip if skip_bad_rows else None, lines)):
         stats.rows += 1
         stats.unit, number = ("line", lines[i]) if lines else ("row", i + 1)
         try:
-            out.append(row_to_conversation(row, field_map))
+            conv, instruction = _row_parts(row, field_map or {})
+            out.append(conv)
+            instructions.add(instruction)
+            systems.add(conv[0]["content"] if conv[0]["role"] == "system" else None)
             stats.kept.append(number)
         except (KeyError, TypeError, ValueError) as e:
             reason = f"{name}: {stats.unit} {number}: {e.args[0] if e.args else e}"
@@ -347,4 +369,6 @@ def read_conversations(
             break
     if not out:
         raise PeftkitError(f"{name}: no usable rows")
+    stats.instruction = instructions.pop() if len(instructions) == 1 else None
+    stats.system = systems.pop() if len(systems) == 1 else None
     return out

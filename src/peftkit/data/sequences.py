@@ -38,10 +38,12 @@ __all__ = [
     "Example",
     "TokenizeStats",
     "collate",
+    "is_template_text",
     "make_rows",
     "prompt_text",
     "row_length",
     "shared_prefix",
+    "template_text",
     "tokenize_conversations",
     "turn_end",
 ]
@@ -92,7 +94,16 @@ class TokenizeStats:
         self.shortest_dropped = length if self.shortest_dropped is None else min(self.shortest_dropped, length)
 
 
+def is_template_text(template: str) -> bool:
+    """Whether `template` is a Jinja chat template itself rather than a template's name."""
+    return "{{" in template or "{%" in template
+
+
 def _template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> str | None:
+    """The Jinja text to render with: None for the tokenizer's own, a named template's text, or `template` itself
+    when it is a Jinja text (an adapter's recorded template)."""
+    if template is not None and is_template_text(template):
+        return template
     if template in (None, "", "model"):
         if not tokenizer.chat_template:
             raise PeftkitError(
@@ -102,6 +113,12 @@ def _template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> str |
     if template not in TEMPLATES:
         raise PeftkitError(f"unknown template {template!r}; known: model, {', '.join(TEMPLATES)}")
     return TEMPLATES[template]
+
+
+def template_text(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> str | None:
+    """The Jinja text that conversations are rendered with: `template` (a name or a text), else the tokenizer's own
+    (which may be a dict of several templates, or None)."""
+    return _template(tokenizer, template) or tokenizer.chat_template
 
 
 def _render(tokenizer, messages: Conversation, template: str | None, generation_prompt: bool) -> str:

@@ -229,7 +229,8 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
         print(f"{spec['label']}: trained in {train.train_seconds:.0f} s, final loss {train.train_loss:.4f}", flush=True)
         model = trainer.model
         t_eval = time.perf_counter()
-        predictions = generate(model, tokenizer, task.prompts, **gen)
+        # the prompts are whole user messages (instruction included), rendered in the template training used
+        predictions = generate(model, tokenizer, task.prompts, template=trainer.context.chat_template, **gen)
         result.update(score(predictions, task.references))
         result.update(trainable_params=params["trainable"], base_params=base_params,
                       trainable_pct=100.0 * params["trainable"] / base_params,

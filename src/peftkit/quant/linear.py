@@ -291,6 +291,19 @@ def quantize_model(
     return report
 
 
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every QuantLinear of `model` by a dense `nn.Linear` with its dequantized weight, in place.
+
+    Returns the names of the replaced modules.
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, getattr(parent, child).to_linear(dtype))
+    return names
+
+
 def save_quantized(model: nn.Module, folder: str | Path) -> Path:
     """Save a model quantized with `quantize_model`: `model.safetensors` + `quantization.json`.
 

@@ -30,9 +30,19 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from peftkit.core.adapter_io import apply_method, save_adapter, trainable_state_dict, writing
+from peftkit.core.context import Quantization, TrainingContext, fingerprint
 from peftkit.core.registry import get_method
 from peftkit.data.formats import Conversation, ReadStats, read_conversations
-from peftkit.data.sequences import IGNORE, Example, TokenizeStats, collate, make_rows, tokenize_conversations
+from peftkit.data.sequences import (
+    IGNORE,
+    Example,
+    TokenizeStats,
+    collate,
+    is_template_text,
+    make_rows,
+    template_text,
+    tokenize_conversations,
+)
 from peftkit.errors import PeftkitError
 from peftkit.hardware import Precision, matmul_peak, resolve_precision, warn_if_slow
 from peftkit.optim import build_optimizer
@@ -259,6 +269,18 @@ def _check_some_left(examples: list[Example], stats: TokenizeStats, cfg: TrainCo
                        f"tokens (shortest prompt: {k} tokens); raise max_length or shorten the prompts")
 
 
+def _with_prompt(context: TrainingContext, cfg: TrainConfig, tokenizer, stats: ReadStats) -> TrainingContext:
+    """The context completed with what the training data looked like: chat template, system message,
+    shared instruction."""
+    if cfg.template in (None, "", "model"):
+        name = "model"  # the tokenizer's own
+    else:
+        name = None if is_template_text(cfg.template) else cfg.template  # None: given as Jinja text
+    text = template_text(tokenizer, cfg.template)  # a tokenizer may hold a dict of templates: not recorded then
+    return dataclasses.replace(context, template=name, template_text=text if isinstance(text, str) else None,
+                               system=stats.system, instruction=stats.instruction)
+
+
 def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
                   precision: Precision | None = None):
     """Load (or take) the model, quantize it if asked, adapt it with the method, set dtypes."""
@@ -267,13 +289,18 @@ def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=No
         from peftkit.models import load_model
 
         model, tokenizer = load_model(cfg.model, dtype=precision.weight_dtype)
+    quantization = None
     if cfg.quantize != "none":
-        from peftkit.quant import quantize_model
-
+        source = next((m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)), torch.float32)
+        quantization = Quantization(cfg.quantize, cfg.quant_block_size, cfg.double_quant,
+                                    str(source).removeprefix("torch."))
+    # what the adapter will remember of its base (before quantization and adaptation change the weights)
+    context = TrainingContext(base=cfg.model, fingerprint=fingerprint(model), quantization=quantization)
+    if quantization is not None:
         # the dequantized weight is in the compute dtype: bf16 (QLoRA as published), fp16, or fp32 activations
-        quantize_model(model, cfg.quantize, block_size=cfg.quant_block_size, double_quant=cfg.double_quant,
-                       compute_dtype=precision.compute_dtype)
+        quantization.apply(model, compute_dtype=precision.compute_dtype)
     report = apply_method(model, cfg.method, cfg.method_settings())
+    model.peftkit_context = context  # completed with the template and prompt by `Trainer`; save_adapter writes it
     # Frozen weights in 16 bits (bf16 / fp16) halve memory and run 16-bit matmuls; trainable weights are fp32
     # masters in every precision.
     for p in model.parameters():
@@ -398,6 +425,8 @@ class Trainer:
         examples = _tokenize(cfg, self.tokenizer, [convs[i] for i in train], self.tok_stats,
                              lambda j: self.read_stats.where(train[j]))
         _check_some_left(examples, self.tok_stats, cfg, cfg.data)
+        self.model.peftkit_context = self.context = _with_prompt(self.model.peftkit_context, cfg, self.tokenizer,
+                                                                 self.read_stats)
         if cfg.eval_data:
             self.eval_conversations, eval_stats = _read(cfg, cfg.eval_data)
             where = eval_stats.where
