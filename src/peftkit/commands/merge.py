@@ -1,5 +1,8 @@
 """`peftkit merge`: fold an adapter into its base model and save a plain Hugging Face model folder.
 
+Every method whose update folds into the base weights merges (LoRA, sparse updates, intrinsic SAID, and the
+methods that train base weights: full, top-k layers, BitFit, norms); adapters, prompt and prefix tuning are refused.
+
 A 4-bit (QLoRA) base is dequantized before the merge. `--requantize nf4` quantizes the merged model again and
 prints what that costs (relative weight error, and the held-out loss change on `--eval-data`).
 """
@@ -42,24 +45,20 @@ def check_output(adapter: str, output: str, overwrite: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from peftkit.core.adapter_io import atomic_dir, load_adapter
-    from peftkit.core.registry import get_method
-    from peftkit.errors import PeftkitError
-    from peftkit.methods.lora import merge_and_unload
+    from peftkit.core.adapter_io import atomic_dir, load_adapter, read_adapter
+    from peftkit.core.merging import merge_and_unload, method_merging
     from peftkit.models import load_model
     from peftkit.quant import quantize_model, save_quantized
 
     check_output(args.adapter, args.output, args.overwrite)
+    method_merging(read_adapter(args.adapter)[0].name)  # refuse a method that cannot merge before loading the model
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(args.model)
     if args.quantized_base:
         quantize_model(model, args.quantized_base, compute_dtype=torch.float32)
     load_adapter(model, args.adapter)
     name = model.peftkit_method[0]
-    if not get_method(name).can_merge:
-        raise PeftkitError(f"method {name!r} cannot be merged into the base weights")
     merged = merge_and_unload(model, dtype=torch.float32)
-    del merged.peftkit_method
     if args.requantize:
         from peftkit.quant.requantize import requantize_with_report
 
