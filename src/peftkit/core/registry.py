@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import pkgutil
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +29,6 @@ ApplyFn = Callable[["nn.Module", Any], "InjectReport"]
 CalibrateFn = Callable[["nn.Module", Any, Iterable[dict[str, Any]]], None]
 CountFn = Callable[["Arch", Any], list[tuple[str, int]]]
 
-# Modules imported on first lookup so that every method file has registered itself.
-_METHOD_MODULES = ("lora", "adapters", "prompt_tuning", "prefix_tuning", "selective", "intrinsic_said", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +114,12 @@ def register_method(
 
 
 def _load_all() -> None:
-    for mod in _METHOD_MODULES:
-        importlib.import_module(f"peftkit.methods.{mod}")
+    """Import every module of `peftkit.methods` (on first lookup), so that each method file has registered itself:
+    a new method is a new file there, nothing else."""
+    import peftkit.methods as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
 
 
 def list_methods() -> list[str]:
