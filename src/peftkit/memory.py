@@ -92,6 +92,7 @@ from peftkit.core.registry import get_method, list_methods
 from peftkit.errors import PeftkitError
 
 __all__ = [
+    "ALIASES",
     "LECTURE_LORA_TABLE",
     "METHODS",
     "PRESETS",
@@ -107,7 +108,9 @@ __all__ = [
     "generalized_lora_params",
     "load_arch",
     "lora_table",
+    "method_config",
     "parse_bytes",
+    "trainable_tensors",
 ]
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -775,7 +778,8 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
 
     Args:
         arch_or_name: an `Arch`, a preset name, a ``config.json`` path or model folder, or a config dict.
-        setup: the training setup (defaults: LoRA r=8 on q,v, mixed precision, AdamW, batch 1, 512 tokens).
+        setup: the training setup (defaults: LoRA with `LoRAConfig`'s defaults, mixed precision, AdamW, batch 1,
+            512 tokens).
 
     Returns:
         The `Breakdown`; ``total_bytes`` is the device total, ``optimizer_host`` what paged optimizers keep on the
@@ -795,8 +799,7 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
     e = 4 if prec == "fp32" else 2  # compute dtype (activations)
     w16 = 4 if prec in ("fp32", "autocast") else 2  # storage of frozen weights
     if n_trainable == 0:
-        bd.notes.append(f"{arch.name} has nothing to train with {method}"
-                        + (" (no bias terms; use 'norms' instead)" if method == "bitfit" else ""))
+        bd.notes.append(f"{arch.name} has nothing to train with {method}")
 
     # Frozen base weights: the base tensors that are not trained in place
     trained_base = {n for n, _ in trainable} & {n for n, _ in arch.param_tensors()}
