@@ -183,8 +183,7 @@ def setup_for(spec: dict):
     if spec["method"] == "full":
         return TrainSetup(method="full", precision="autocast", batch_size=spec["batch"], seq_len=SEQ,
                           gradient_checkpointing=spec["ckpt"])
-    args = {k: v for k, v in LORA.items() if k != "lora_alpha"}
-    return TrainSetup(method=spec["method"], method_args=args, precision="mixed", batch_size=spec["batch"],
+    return TrainSetup(method=spec["method"], method_args=LORA, precision="mixed", batch_size=spec["batch"],
                       seq_len=SEQ, gradient_checkpointing=spec["ckpt"])
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised Llama and GPT-2 models (fast, CPU)."""
+"""Shared fixtures: tiny randomly initialised Llama, GPT-2 and Qwen2 models (fast, CPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -29,6 +29,14 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    """Llama-shaped, with biases on q, k and v."""
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).eval()
 
 
 @pytest.fixture

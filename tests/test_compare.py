@@ -10,7 +10,7 @@ from conftest import tiny_llama, tiny_tokenizer
 
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
-from peftkit.eval.compare import CompareTask, file_task, markdown_table, run_compare
+from peftkit.eval.compare import DEFAULT_ENTRIES, CompareTask, check_entries, file_task, markdown_table, run_compare
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,23 @@ def test_markdown_row_for_a_failure_keeps_the_columns():
 def test_unknown_entry_is_an_error(tmp_path):
     with pytest.raises(PeftkitError, match="unknown compare entries"):
         run_compare(CompareTask("x", [], []), ["nope"], out_dir=tmp_path)
+
+
+def test_entries_speak_the_registry():
+    """Every registered method is an entry by its name; the short names are aliases of registered methods."""
+    from peftkit.core.registry import get_method, list_methods
+
+    entries, _ = check_entries(list_methods())
+    assert all(entries[m]["method"] == m for m in list_methods())
+    for entry in DEFAULT_ENTRIES.values():
+        if entry["method"] != "icl":
+            get_method(entry["method"])  # raises for a name the registry does not know
+    with pytest.raises(PeftkitError, match="compare entry 'mine': unknown key 'rank' for LoRAConfig"):
+        check_entries(["mine"], {"mine": {"method": "lora", "method_config": {"rank": 4}}})
+    with pytest.raises(PeftkitError, match="unknown method 'lorra'; did you mean lora"):
+        check_entries(["mine"], {"mine": {"method": "lorra"}})
+    with pytest.raises(PeftkitError, match="'sparse' is a method's name but trains 'lora'"):
+        check_entries(["sparse"], {"sparse": {"method": "lora"}})
 
 
 def test_forgetting_mitigations_need_replay_data(tmp_path):

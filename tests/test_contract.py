@@ -1,26 +1,36 @@
-"""The contract every registered method keeps, table-driven over `list_methods()` on a tiny Llama and a tiny GPT-2.
+"""The contract every registered method keeps, table-driven over `list_methods()` on a tiny Llama and a tiny GPT-2
+(and a tiny Qwen2 for the estimator and the merge).
 
-For each method: the trainable parameter count equals its formula; the adapted model equals the base model at
-init where the method promises it; only the method's parameters get gradients; a save/load round trip gives the
-same logits; merged == unmerged where the method can merge; a few AdamW steps on a fixed batch lower the loss;
+For each method: the trainable parameter count equals its formula, and the memory estimator's count (its registry
+entry's, from the architecture alone) equals what applying it trains, tensor by tensor; the adapted model equals
+the base model at init where the method promises it; only the method's parameters get gradients; a save/load round
+trip gives the same logits; where the method can merge, merged == unmerged through `peftkit.merge` and
+`peftkit.merge_and_unload`, and the model `peftkit merge` writes gives the adapted model's logits with exactly the
+base model's tensors; where it cannot, both refuse with one line; a few AdamW steps on a fixed batch lower the loss;
 ``model.generate`` works. A newly registered method fails here until it has a row in `CASES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama, tiny_qwen2, tiny_tokenizer
+from safetensors import safe_open
 
+import peftkit
+from peftkit.cli import main
 from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter
 from peftkit.core.inject import AdapterModule, adapter_parameters
 from peftkit.core.registry import get_method, list_methods
+from peftkit.errors import PeftkitError
+from peftkit.memory import arch_from_config, trainable_tensors
+from peftkit.models import load_model
 
 MAKE = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+MAKE3 = {**MAKE, "qwen2": tiny_qwen2}
 IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
@@ -96,8 +106,11 @@ CASES: dict[str, Case] = {
 }
 
 PARAMS = [pytest.param(m, a, id=f"{m}-{a}") for m in list_methods() for a in MAKE]
+PARAMS3 = [pytest.param(m, a, id=f"{m}-{a}") for m in list_methods() for a in MAKE3]
 IDENTITY = [p for p in PARAMS if p.values[0] in CASES and CASES[p.values[0]].identity]
 MERGEABLE = [p for p in PARAMS if get_method(p.values[0]).can_merge]
+MERGEABLE3 = [p for p in PARAMS3 if get_method(p.values[0]).can_merge]
+NOT_MERGEABLE = [m for m in list_methods() if not get_method(m).can_merge]
 
 
 def no_dropout(model):
@@ -109,7 +122,7 @@ def no_dropout(model):
 
 
 def adapted(method: str, arch: str):
-    model = no_dropout(MAKE[arch]())
+    model = no_dropout(MAKE3[arch]())
     apply_method(model, method, CASES[method].config(arch))
     return model
 
@@ -168,18 +181,101 @@ def test_save_load_round_trip(method, arch, tmp_path):
     assert fresh.peftkit_method[0] == method
 
 
-@pytest.mark.parametrize("method, arch", MERGEABLE)
-def test_merge_equals_unmerged(method, arch):
-    """Mergeable methods expose ``merge(model)`` / ``unmerge(model)`` in the module that registers them."""
-    module = importlib.import_module(get_method(method).apply.__module__)
+@pytest.mark.parametrize("settings", ["case", "defaults"])
+@pytest.mark.parametrize("method, arch", PARAMS3)
+def test_estimator_counts_what_apply_trains(method, arch, settings):
+    """The registry's count from the architecture alone == the tensors applying the method makes trainable."""
+    model = MAKE3[arch]()
+    config = CASES[method].config(arch) if settings == "case" else {}
+    geometry = arch_from_config(model.config.to_dict())
+    try:
+        apply_method(model, method, config)
+    except PeftkitError as refused:  # then the estimator refuses too, for the same reason
+        with pytest.raises(PeftkitError) as counted:
+            trainable_tensors(geometry, method, config)
+        assert str(counted.value).split(" ", 1)[1] == str(refused).split(" ", 1)[1]  # past the model's name
+        return
+    trained = sorted(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sorted(k for _, k in trainable_tensors(geometry, method, config)) == trained
+
+
+def test_the_estimator_trains_what_training_trains_on_the_bundled_geometry():
+    """LoRA's defaults are the config class's: all linear layers (2,442,240 on SmolLM2-135M), not q and v."""
+    from peftkit.memory import count_trainable
+
+    assert count_trainable("smollm2-135m-instruct", "lora") == 30 * 8 * (
+        (576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 2 + (1536 + 576)) == 2_442_240
+
+
+@pytest.mark.parametrize("method, arch", MERGEABLE3)
+def test_python_merge_equals_adapted(method, arch):
+    base_keys = set(MAKE3[arch]().state_dict())
     model = adapted(method, arch)
     perturb(model)
-    unmerged = logits(model)
-    module.merge(model)
-    module.merge(model)  # idempotent
-    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=1e-5)
-    module.unmerge(model)
-    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=1e-5)
+    expected = logits(model)
+    peftkit.merge(model)
+    peftkit.merge(model)  # idempotent
+    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=1e-5)
+    if get_method(method).merging.unmerge is not None:
+        peftkit.unmerge(model)
+        torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=1e-5)
+    else:  # the trained weights are the base weights: nothing separate to take out
+        with pytest.raises(PeftkitError, match="trains the base weights themselves"):
+            peftkit.unmerge(model)
+    plain = peftkit.merge_and_unload(model)
+    torch.testing.assert_close(logits(plain), expected, atol=1e-5, rtol=1e-5)
+    assert set(plain.state_dict()) == base_keys and not hasattr(plain, "peftkit_method")
+
+
+@pytest.fixture(scope="module")
+def base_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    for arch, make in MAKE3.items():
+        make().save_pretrained(root / arch)
+        tiny_tokenizer().save_pretrained(root / arch)
+    return {arch: root / arch for arch in MAKE3}
+
+
+def tensor_names(folder) -> set[str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("method, arch", MERGEABLE3)
+def test_cli_merge_equals_adapted(method, arch, base_folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = load_model(base_folders[arch])
+    apply_method(model, method, CASES[method].config(arch))
+    perturb(model)
+    expected = logits(model)
+    save_adapter(model, tmp_path / "adapter")
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--model", str(base_folders[arch])]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=1e-5)
+    assert tensor_names(tmp_path / "merged") == tensor_names(base_folders[arch])  # no adapter tensors left over
+
+
+@pytest.mark.parametrize("method", NOT_MERGEABLE)
+def test_methods_that_cannot_merge_say_so_in_one_line(method, base_folders, tmp_path, capsys):
+    model, _ = load_model(base_folders["llama"])
+    apply_method(model, method, CASES[method].config("llama"))
+    save_adapter(model, tmp_path / "adapter")
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--model",
+                 str(base_folders["llama"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"method {method!r} cannot be merged into the base weights" in err[0]
+    assert not (tmp_path / "merged").exists()
+    for fn in (peftkit.merge, peftkit.merge_and_unload):
+        with pytest.raises(PeftkitError, match=f"method {method!r} cannot be merged"):
+            fn(model)
+    assert hasattr(model, "peftkit_method")  # refused before anything changed
+
+
+def test_merging_a_model_without_an_adapter_is_refused():
+    with pytest.raises(PeftkitError, match="no peftkit adapter"):
+        peftkit.merge_and_unload(tiny_llama())
 
 
 @pytest.mark.parametrize("method, arch", PARAMS)

@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama, tiny_qwen2
 from torch import nn
-from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import memory as M
 from peftkit.core.adapter_io import apply_method
+from peftkit.errors import PeftkitError
 from peftkit.memory import TrainSetup, arch_from_config, count_trainable, estimate, load_arch
-
-
-def tiny_qwen2() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
 
 
 def tiny_falcon(new_arch: bool) -> FalconForCausalLM:
@@ -85,15 +79,20 @@ def test_lora_counts_against_module_shapes(model_and_arch, r):
     everything = sum(r * (i + o) for i, o in shapes.values())
     assert count_trainable(arch, "lora", r=r, target_modules="all-linear") == everything
     assert count_trainable(arch, "qlora", r=r, target_modules="all-linear") == everything
-    dora = count_trainable(arch, "lora", r=r, target_modules="all-linear", use_dora=True)
-    assert dora == everything + sum(o for _, o in shapes.values())
+    assert count_trainable(arch, "lora", r=r) == everything  # LoRAConfig's default: all linear layers
+    with pytest.raises(PeftkitError, match="unknown key 'use_dora'"):  # peftkit trains no DoRA: neither count it
+        count_trainable(arch, "lora", r=r, use_dora=True)
 
 
 def test_selective_methods_against_model(model_and_arch):
     model, arch = model_and_arch
     params = unique_params(model)
     biases = sum(p.numel() for n, p in params if n.endswith(".bias"))
-    assert count_trainable(arch, "bitfit") == biases
+    if biases:
+        assert count_trainable(arch, "bitfit") == biases
+    else:  # as apply refuses: nothing to train
+        with pytest.raises(PeftkitError, match="no bias terms"):
+            count_trainable(arch, "bitfit")
     norms = sum(p.numel() for mod in model.modules() if "Norm" in type(mod).__name__ for p in mod.parameters())
     assert count_trainable(arch, "norms") == norms
     # top-k: the last k blocks (+ final norm, + head)
@@ -133,9 +132,10 @@ def test_prompt_prefix_adapter_formulas(model_and_arch):
     else:
         kv_dim = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * (h // cfg.num_attention_heads)
     assert count_trainable(arch, "prompt_tuning", num_virtual_tokens=7) == 7 * h
-    assert count_trainable(arch, "prefix_tuning", num_virtual_tokens=5, folded=True) == 5 * n_layers * 2 * kv_dim
+    assert count_trainable(arch, "prefix_tuning", num_virtual_tokens=5, prefix_projection=False) == (
+        5 * n_layers * 2 * kv_dim)
     mlp = nn.Sequential(nn.Embedding(5, h), nn.Linear(h, 24), nn.Tanh(), nn.Linear(24, n_layers * 2 * kv_dim))
-    assert count_trainable(arch, "prefix_tuning", num_virtual_tokens=5, prefix_hidden=24) == sum(
+    assert count_trainable(arch, "prefix_tuning", num_virtual_tokens=5, encoder_hidden_size=24) == sum(
         p.numel() for p in mlp.parameters())
     for rf in (4, 8):
         m = h // rf
@@ -149,9 +149,11 @@ def test_bundled_preset_and_llama_has_no_biases():
     assert arch.num_params == 134_515_008
     assert (arch.vocab, arch.hidden, arch.intermediate, arch.layers, arch.heads, arch.kv_heads) == (
         49152, 576, 1536, 30, 9, 3)
-    assert count_trainable(arch, "bitfit") == 0
-    bd = estimate(arch, TrainSetup(method="bitfit"))
-    assert any("no bias terms" in n for n in bd.notes)
+    with pytest.raises(PeftkitError, match="no bias terms.*method 'norms'"):
+        estimate(arch, TrainSetup(method="bitfit"))
+    row = M.compare(arch, TrainSetup())["bitfit"]
+    assert row.params_trainable == 0 and row.notes[0].startswith("not applicable: ")
+    assert count_trainable(arch, "bitfit", include_norms=True) == count_trainable(arch, "norms")
 
 
 def test_presets_match_transformers_on_meta():
@@ -270,7 +272,8 @@ def saved_bytes(layers: int, dtype: torch.dtype, method: str, attn: str = "sdpa"
 
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "fp32"), (torch.bfloat16, "bf16")])
 @pytest.mark.parametrize("method,args,attn", [
-    ("full", {}, "sdpa"), ("lora", {"r": 4}, "sdpa"), ("full", {}, "eager"), ("top_k_layers", {"k": 1}, "sdpa"),
+    ("full", {}, "sdpa"), ("lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "sdpa"), ("full", {}, "eager"),
+    ("top_k_layers", {"k": 1}, "sdpa"),
 ])
 def test_hf_activation_model_is_exact_per_block(dtype, precision, method, args, attn):
     """One more block costs exactly what the model says (the difference of a 2- and a 1-block model)."""
@@ -344,9 +347,17 @@ def test_every_preset_method_and_setting_runs():
                       TrainSetup(precision="autocast", optimizer="paged_adamw_8bit", gradient_checkpointing=True),
                       TrainSetup(precision="bf16", attention="eager", activation_model="korthikanti")):
             for method, bd in M.compare(name, setup).items():
-                assert bd.total_bytes >= 0 and json.dumps(bd.as_dict()), (name, method)
-    qv = count_trainable("smollm2", "lora", r=8, target_modules="q_proj, v_proj")
+                biases = any(n.endswith(".bias") for n, _ in load_arch(name).param_tensors())
+                if method == "bitfit" and not biases:  # refused, and the row says why
+                    assert bd.params_trainable == 0 and bd.notes[0].startswith("not applicable: "), name
+                    continue
+                assert bd.params_trainable == count_trainable(name, method) > 0, (name, method)
+                assert 0 < bd.peak_bytes <= bd.total_bytes, (name, method)
+                assert json.loads(json.dumps(bd.as_dict()))["total_bytes"] == bd.total_bytes
+    qv = count_trainable("smollm2", "lora", r=8, target_modules=["q_proj", "v_proj"])
     assert qv == 30 * 8 * ((576 + 576) + (576 + 192))
+    # one regex over full module names, as inject() matches it: q and v of the first block only
+    assert count_trainable("smollm2", "lora", r=8, target_modules=r"model\.layers\.0\.self_attn\.[qv]_proj") == qv // 30
 
 
 # ------------------------------------------------------------------------------------------------ the lecture table
@@ -373,7 +384,7 @@ def test_real_lora_counts_in_table():
     # Llama-2 7B, q and v at r=8: 32 layers * 2 matrices * 8 * (4096 + 4096)
     assert t["llama-2-7b"]["q,v"][8] == 32 * 2 * 8 * 8192 == 4_194_304
     assert t["llama-2-7b"]["all-linear"][16] == 32 * 16 * (4 * 8192 + 3 * (4096 + 11008))
-    assert t["llama-2-7b"]["q,v"][8192] is None  # rank above the hidden size
+    assert t["llama-2-7b"]["q,v"][8192] is None  # rank above the layer sizes
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -381,14 +392,16 @@ def test_real_lora_counts_in_table():
 def test_errors():
     with pytest.raises(ValueError, match="known presets: .*llama-2-7b"):
         load_arch("gpt-5-enormous")
-    with pytest.raises(ValueError, match="larger than the hidden size"):
-        count_trainable("smollm2-135m-instruct", "lora", r=1024)
+    with pytest.raises(PeftkitError, match="r=193 is larger than the layer \\(576 -> 192\\)"):
+        count_trainable("smollm2-135m-instruct", "lora", r=193)  # as LoRA's apply says for k_proj
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         TrainSetup(batch_size=0)
-    with pytest.raises(ValueError, match="no setting 'rank'"):
+    with pytest.raises(PeftkitError, match="unknown key 'rank' for LoRAConfig"):
         count_trainable("llama-2-7b", "lora", rank=8)
-    with pytest.raises(ValueError, match="matches no layer"):
+    with pytest.raises(PeftkitError, match="target module 'q_proj' matches nothing in gpt2"):
         count_trainable("gpt2", "lora", target_modules=["q_proj"])
+    with pytest.raises(PeftkitError, match="unknown method 'lorra'; did you mean lora"):
+        TrainSetup(method="lorra")
     with pytest.raises(ValueError, match="quantized"):
         estimate("llama-2-7b", TrainSetup(method="full", quant="nf4"))
     with pytest.raises(ValueError, match="double_quant"):
@@ -422,4 +435,14 @@ def test_cli_table_json_plot(capsys, tmp_path):
     assert rc == 0 and "167K" in out and "1.4B" in out and "4,194,304" in out
     rc, _, err = run_cli(["no-such-model"], capsys)
     assert rc == 2 and "known presets" in err
-    assert math.isfinite(rc)
+
+
+def test_cli_settings_are_the_train_clis(capsys):
+    """``key=value`` after the options too, read with the train CLI's parser (YAML values: lists, numbers)."""
+    rc, out, _ = run_cli(["llama-2-7b", "--method", "lora", "r=16", "target_modules=[q_proj,v_proj]", "--json"],
+                         capsys)
+    setup = TrainSetup(method="lora", method_args={"r": 16, "target_modules": ["q_proj", "v_proj"]})
+    assert rc == 0 and json.loads(out)["params_trainable"] == estimate("llama-2-7b", setup).params_trainable == (
+        32 * 2 * 16 * 8192)
+    rc, _, err = run_cli(["llama-2-7b", "--method", "houlsby", "r=16"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "unknown key 'r' for HoulsbyConfig" in err

@@ -48,7 +48,8 @@ def test_table_structure(report):
     for r in rows:
         assert keys <= set(r)
         assert r["params"] == n_linear and r["tokens"] == rows[0]["tokens"] > 0
-        assert r["perplexity"] > 1 and r["perplexity"] == pytest.approx(r["perplexity"])  # finite
+        # a random model is close to uniform over its 128 tokens; a format's error moves that little
+        assert 64 < r["perplexity"] < 256 and r["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=0.01)
         assert 0 <= r["rel_error"] < 0.2 and 0 <= r["clipped"] < 0.01
     assert rows[0]["bits_per_param"] == 16 and rows[0]["rel_error"] == 0
     by = {r["label"]: r for r in rows}

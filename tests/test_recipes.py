@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from peftkit.demo import DEMO_CONFIG
+from peftkit.errors import PeftkitError
 from peftkit.hardware import resolve_precision
 from peftkit.train import load_recipe
 
@@ -21,9 +22,16 @@ def test_there_are_recipes():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_recipe_validates(recipe):
+def test_recipe_validates(recipe, tmp_path):
+    raw = yaml.safe_load(recipe.read_text())
     cfg = load_recipe(recipe)
-    assert cfg.to_dict().keys() >= yaml.safe_load(recipe.read_text()).keys()
+    assert {k: cfg.to_dict()[k] for k in raw} == raw  # every key arrives, with the recipe's value
+    settings = cfg.method_settings().to_dict()
+    assert {k: settings[k] for k in raw.get("method_config", {})} == raw.get("method_config", {})
+    misspelt = tmp_path / recipe.name  # and a key the config does not have is refused, by name
+    misspelt.write_text(recipe.read_text() + "\nlearning_rat: 1.0e-3\n")
+    with pytest.raises(PeftkitError, match="unknown key 'learning_rat' for TrainConfig"):
+        load_recipe(misspelt)
 
 
 def test_demo_recipe_matches_demo_config():

@@ -9,9 +9,9 @@ The public API in one place:
 """
 
 from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter
+from peftkit.core.merging import merge, merge_and_unload, unmerge
 from peftkit.core.registry import get_method, list_methods
 from peftkit.errors import PeftkitError
-from peftkit.methods.lora import merge, merge_and_unload, unmerge
 from peftkit.models import load_model
 from peftkit.quant import dequantize, quantize, quantize_model
 from peftkit.train import TrainConfig, Trainer, count_parameters, load_recipe

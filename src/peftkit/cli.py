@@ -33,9 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The positional that collects a command's ``key=value`` settings.
+_KEY_VALUE_DESTS = ("overrides", "settings")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parse_args`, except that ``key=value`` settings may also follow options (``memory llama-2-7b --method lora
+    r=16``): argparse fills a ``*`` positional only once, in the first run of positionals."""
+    args, extra = parser.parse_known_args(argv)
+    dest = next((d for d in _KEY_VALUE_DESTS if isinstance(getattr(args, d, None), list)), None)
+    if extra and dest and all("=" in item and not item.startswith("-") for item in extra):
+        getattr(args, dest).extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

@@ -9,22 +9,11 @@ Formulas and their sources
 Parameters (exact, per architecture): embeddings ``V*h`` (+ learned positions ``P*h``), per block the linear layers
 ``d_in*d_out (+ d_out bias)`` and norms ``h (+ h bias)``, a final norm, and an untied head ``V*h``.
 
-Trainable parameters by method (`count_trainable`):
-
-* ``full``: every parameter.
-* ``lora`` (Hu et al. 2021): ``r * (d_in + d_out)`` per adapted matrix (+ ``d_out`` magnitude per matrix for DoRA).
-  QLoRA (Dettmers et al. 2023) is LoRA over a frozen NF4 + double-quantized base (method name ``qlora``).
-* ``houlsby`` / ``pfeiffer`` adapters: bottleneck ``m = h // reduction_factor``; one adapter is
-  ``h*m + m + m*h + h``; Houlsby puts two per block, Pfeiffer one.
-* ``prompt_tuning``: ``n_virtual * h``.
-* ``prefix_tuning``: folded ``n * L * 2 * kv_dim`` (``kv_dim = kv_heads * head_dim``); trained through the MLP
-  reparameterisation: ``n*h + h*p + p + p*L*2*kv_dim + L*2*kv_dim`` (``p`` the MLP's hidden size, default 512
-  as in Li & Liang 2021; ``prefix_hidden=None`` uses ``h``).
-* ``bitfit``: all bias terms (Llama/Mistral have none: 0, and the breakdown says so; ``norms`` is the fallback).
-* ``norms``: every parameter of every RMSNorm/LayerNorm (weights, and biases for LayerNorm).
-* ``top_k_layers``: the last ``k`` blocks, + final norm, + the head optionally.
-* ``intrinsic_said`` (Aghajanyan et al. 2020): ``d`` (+ one scale per projected tensor for SAID: peftkit projects
-  the linear weights of the blocks).
+Trainable parameters by method (`count_trainable`): counted by the method's own registry entry
+(``MethodSpec.count``, in its file under ``peftkit/methods``) from its config class and defaults, so the estimate
+trains what `peftkit train` trains with the same settings (a contract test applies every method to tiny models and
+compares). The method names and settings are the registry's (``peftkit info --list-methods``); ``qlora`` is accepted
+as ``lora`` over an NF4 + double-quantized base (QLoRA, Dettmers et al. 2023).
 
 Bytes per parameter (SPECS section 4): fp32 4, fp16/bf16 2, int8 1, NF4/FP4/INT4 0.5; 4-bit quantization constants:
 one fp32 absmax per block of 64 = 0.5 bit/param, with double quantization ``8/64 + 32/(64*256)`` = 0.127 bit/param
@@ -98,7 +87,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from peftkit.core.config import Config
+from peftkit.core.registry import get_method, list_methods
+from peftkit.errors import PeftkitError
+
 __all__ = [
+    "ALIASES",
     "LECTURE_LORA_TABLE",
     "METHODS",
     "PRESETS",
@@ -114,7 +108,9 @@ __all__ = [
     "generalized_lora_params",
     "load_arch",
     "lora_table",
+    "method_config",
     "parse_bytes",
+    "trainable_tensors",
 ]
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -171,6 +167,8 @@ class Arch:
         linears: the block's linear layers.
         gated_mlp: SwiGLU-style MLP (gate * up) rather than a single activation.
         positions: learned position embeddings (GPT-2), 0 for rotary/ALiBi.
+        blocks_path: where the blocks sit in the transformers model: block i's linear ``lin`` is the module
+            ``f"{blocks_path}.{i}.{lin.name}"`` (what ``target_modules`` are matched against).
     """
 
     name: str
@@ -188,6 +186,7 @@ class Arch:
     linears: tuple[LinearSpec, ...]
     gated_mlp: bool
     positions: int = 0
+    blocks_path: str = "model.layers"
 
     @property
     def q_dim(self) -> int:
@@ -244,6 +243,39 @@ class Arch:
     def block_linear_params(self) -> int:
         """Weight elements of all linear layers inside the blocks (what 4-bit quantization covers)."""
         return self.layers * sum(lin.weight_numel for lin in self.linears)
+
+    def block_linears(self, target_modules: Sequence[str] | str) -> list[tuple[int, LinearSpec]]:
+        """The (block index, linear layer) pairs `target_modules` selects, as `peftkit.core.inject` matches them
+        in the model: ``"all-linear"`` (every linear layer in the blocks), module-name suffixes, or one regex over
+        full module names.
+
+        Raises:
+            PeftkitError: a target that selects nothing.
+        """
+        every = [(i, lin) for i in range(self.layers) for lin in self.linears]
+        if target_modules == "all-linear":
+            return every
+        full = {(i, lin.name): f"{self.blocks_path}.{i}.{lin.name}" for i, lin in every}
+        if isinstance(target_modules, str):
+            try:
+                pattern = re.compile(target_modules)
+            except re.error as e:
+                raise PeftkitError(f"target_modules regex {target_modules!r} is invalid: {e}") from None
+            found = [(i, lin) for i, lin in every if pattern.fullmatch(full[i, lin.name])]
+            if not found:
+                raise PeftkitError(f"target_modules regex {target_modules!r} matches no linear layer of {self.name}; "
+                                   f"their names look like {full[0, self.linears[0].name]}")
+            return found
+        if not target_modules:
+            raise PeftkitError("target_modules is empty")
+        chosen: set[tuple[int, str]] = set()
+        for target in target_modules:
+            hits = {key for key, name in full.items() if name == target or name.endswith("." + target)}
+            if not hits:
+                raise PeftkitError(f"target module {target!r} matches nothing in {self.name}; its block linears: "
+                                   f"{', '.join(self.target_names)}")
+            chosen |= hits
+        return [(i, lin) for i, lin in every if (i, lin.name) in chosen]
 
 
 def _get(cfg: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
@@ -311,7 +343,7 @@ def arch_from_config(cfg: Mapping[str, Any], name: str | None = None) -> Arch:
             layers = int(_get(cfg, "num_hidden_layers", "n_layer"))
             tied = bool(cfg.get("tie_word_embeddings", True))
             return Arch(name, "falcon", int(cfg["vocab_size"]), h, inter, layers, heads, kv, hd, tied, "layernorm",
-                        norms, linears, False)
+                        norms, linears, False, blocks_path="transformer.h")
         if mt == "gpt2":
             h = int(_get(cfg, "n_embd", "hidden_size"))
             heads = int(_get(cfg, "n_head", "num_attention_heads"))
@@ -326,7 +358,7 @@ def arch_from_config(cfg: Mapping[str, Any], name: str | None = None) -> Arch:
             tied = bool(cfg.get("tie_word_embeddings", True))
             positions = int(_get(cfg, "n_positions", "max_position_embeddings", default=1024))
             return Arch(name, "gpt2", int(cfg["vocab_size"]), h, inter, layers, heads, heads, h // heads, tied,
-                        "layernorm", 2, linears, False, positions=positions)
+                        "layernorm", 2, linears, False, positions=positions, blocks_path="transformer.h")
     except KeyError as e:
         raise ValueError(f"config for model_type {mt!r} lacks the field {e.args[0]!r}") from None
     raise ValueError(f"unsupported model_type {mt!r}; supported: llama, mistral, qwen2, falcon, gpt2")
@@ -411,116 +443,29 @@ def load_arch(name_or_path: str | Path | Mapping[str, Any] | Arch) -> Arch:
 # Trainable parameters by method
 # --------------------------------------------------------------------------------------------------------------------
 
-METHODS = ("full", "lora", "qlora", "houlsby", "pfeiffer", "prompt_tuning", "prefix_tuning", "bitfit", "norms",
-           "top_k_layers", "intrinsic_said")
+ALIASES = {"qlora": "lora"}
+"""Method names the estimator accepts besides the registry's: ``qlora`` is ``lora`` over an NF4 + double-quantized
+base (unless `TrainSetup.quant` says otherwise)."""
 
-# Settings each method accepts, with defaults.
-_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "lora": {"r": 8, "target_modules": ("q_proj", "v_proj"), "lora_dropout": 0.0, "use_dora": False},
-    "qlora": {"r": 64, "target_modules": "all-linear", "lora_dropout": 0.1, "use_dora": False},
-    "houlsby": {"reduction_factor": 16},
-    "pfeiffer": {"reduction_factor": 16},
-    "prompt_tuning": {"num_virtual_tokens": 20},
-    "prefix_tuning": {"num_virtual_tokens": 20, "prefix_projection": True, "prefix_hidden": 512, "folded": False},
-    "bitfit": {},
-    "norms": {},
-    "top_k_layers": {"k": 2, "include_norm": True, "include_head": False},
-    "intrinsic_said": {"d": 1000, "said": True},
-}
+METHODS = (*list_methods(), *ALIASES)
 
 
-def _settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    if method not in _METHOD_DEFAULTS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    defaults = _METHOD_DEFAULTS[method]
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        allowed = ", ".join(defaults) or "none"
-        raise ValueError(f"method {method!r} has no setting {unknown[0]!r} (allowed: {allowed})")
-    return {**defaults, **settings}
+def method_config(method: str, settings: Mapping[str, Any] | None = None) -> Config:
+    """The method's own config (its registry class, its defaults) with `settings` on top.
+
+    Raises:
+        PeftkitError: unknown method, or a key or value its config refuses (the message names it).
+    """
+    spec = get_method(ALIASES.get(method, method))
+    return spec.config_cls.from_dict(dict(settings or {}))
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _lora_targets(arch: Arch, target_modules: str | Sequence[str]) -> list[LinearSpec]:
-    if isinstance(target_modules, str):
-        targets = arch.target_names if target_modules == "all-linear" else tuple(
-            t.strip() for t in target_modules.split(",") if t.strip())
-    else:
-        targets = tuple(target_modules)
-    if not targets:
-        raise ValueError("target_modules is empty")
-    chosen = []
-    for t in targets:
-        hits = [lin for lin in arch.linears if lin.short == t or lin.name == t or lin.name.endswith("." + t)]
-        if not hits:
-            raise ValueError(f"target module {t!r} matches no layer of {arch.name}; "
-                             f"available: {', '.join(arch.target_names)} or 'all-linear'")
-        chosen += [h for h in hits if h not in chosen]
-    return chosen
-
-
-def _trainable_tensors(arch: Arch, method: str, settings: Mapping[str, Any]) -> list[tuple[str, int]]:
-    """(name, numel) of every trainable tensor; names are indicative (used for the 8-bit/paging thresholds)."""
-    s = _settings(method, settings)
-    L, h = arch.layers, arch.hidden
-    if method == "full":
-        return arch.param_tensors()
-    if method in ("lora", "qlora"):
-        r = _positive_int("r", s["r"])
-        if r > h:
-            raise ValueError(f"LoRA rank r={r} is larger than the hidden size {h} of {arch.name}")
-        out = []
-        for lin in _lora_targets(arch, s["target_modules"]):
-            out += [(f"{lin.name}.lora_A", r * lin.d_in), (f"{lin.name}.lora_B", lin.d_out * r)]
-            if s["use_dora"]:
-                out.append((f"{lin.name}.lora_magnitude", lin.d_out))
-        return [(f"layers.{i}.{n}", k) for i in range(L) for n, k in out]
-    if method in ("houlsby", "pfeiffer"):
-        rf = _positive_int("reduction_factor", s["reduction_factor"])
-        m = h // rf
-        if m < 1:
-            raise ValueError(f"reduction_factor {rf} leaves no bottleneck for hidden size {h}")
-        one = [("down.weight", h * m), ("down.bias", m), ("up.weight", m * h), ("up.bias", h)]
-        per = 2 if method == "houlsby" else 1
-        return [(f"layers.{i}.adapter{j}.{n}", k) for i in range(L) for j in range(per) for n, k in one]
-    if method == "prompt_tuning":
-        n = _positive_int("num_virtual_tokens", s["num_virtual_tokens"])
-        return [("prompt_embeddings", n * h)]
-    if method == "prefix_tuning":
-        n = _positive_int("num_virtual_tokens", s["num_virtual_tokens"])
-        width = L * 2 * arch.kv_dim
-        if s["folded"] or not s["prefix_projection"]:
-            return [("prefix", n * width)]
-        p = _positive_int("prefix_hidden", s["prefix_hidden"] if s["prefix_hidden"] is not None else h)
-        return [("prefix.embedding", n * h), ("prefix.mlp.0.weight", h * p), ("prefix.mlp.0.bias", p),
-                ("prefix.mlp.2.weight", p * width), ("prefix.mlp.2.bias", width)]
-    if method == "bitfit":
-        return [(n, k) for n, k in arch.param_tensors() if n.endswith(".bias")]
-    if method == "norms":
-        return [(n, k) for n, k in arch.param_tensors() if "norm" in n]
-    if method == "top_k_layers":
-        k = _positive_int("k", s["k"])
-        if k > L:
-            raise ValueError(f"k={k} exceeds the {L} blocks of {arch.name}")
-        out = [(f"layers.{i}.{n}", c) for i in range(L - k, L) for n, c in arch.block_tensors()]
-        if s["include_norm"]:
-            out += [(n, c) for n, c in arch.outer_tensors() if n.startswith("final_norm")]
-        if s["include_head"]:
-            out.append(("embed.weight" if arch.tied_embeddings else "lm_head.weight", arch.vocab * h))
-        return out
-    if method == "intrinsic_said":
-        d = _positive_int("d", s["d"])
-        out = [("theta_d", d)]
-        if s["said"]:  # peftkit projects the weights of the linear layers in the blocks ("all-linear")
-            out.append(("said_lambda", arch.layers * len(arch.linears)))
-        return out
-    raise AssertionError(method)  # unreachable: _settings validated the name
+def trainable_tensors(arch: Arch, method: str, settings: Mapping[str, Any] | Config | None = None
+                      ) -> list[tuple[str, int]]:
+    """(name, numel) of every tensor `method` trains on `arch`, counted by the method's registry entry; names follow
+    `Arch.param_tensors` (used for the 8-bit / paging thresholds and what trains in place)."""
+    config = settings if isinstance(settings, Config) else method_config(method, settings)
+    return get_method(ALIASES.get(method, method)).count(arch, config)
 
 
 def count_trainable(arch: Arch | str | Mapping[str, Any], method: str, **settings: Any) -> int:
@@ -529,13 +474,14 @@ def count_trainable(arch: Arch | str | Mapping[str, Any], method: str, **setting
     Args:
         arch: an `Arch`, or anything `load_arch` accepts.
         method: one of `METHODS`.
-        **settings: the method's settings (``r``, ``target_modules``, ``reduction_factor``, ``num_virtual_tokens``,
-            ``prefix_hidden``, ``k``, ``d``, ...); unknown keys are errors.
+        **settings: keys of the method's config class (``r``, ``target_modules``, ``reduction_factor``,
+            ``num_virtual_tokens``, ``encoder_hidden_size``, ``k``, ``d``, ...); its defaults fill the rest.
 
     Raises:
-        ValueError: unknown method or setting, impossible values (e.g. rank above the hidden size).
+        PeftkitError: unknown method or key, settings the method refuses on this model (a rank above a layer's
+            size, a target that matches nothing, BitFit without biases).
     """
-    return sum(k for _, k in _trainable_tensors(load_arch(arch), method, settings))
+    return sum(k for _, k in trainable_tensors(load_arch(arch), method, settings))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -586,9 +532,7 @@ class TrainSetup:
     activation_model: str = "hf"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        _settings(self.method, self.method_args)
+        method_config(self.method, self.method_args)  # an unknown method or key is an error naming it
         for fname, value, allowed in (("precision", self.precision, PRECISIONS), ("quant", self.quant, QUANTS),
                                       ("optimizer", self.optimizer, OPTIMIZERS),
                                       ("attention", self.attention, ("sdpa", "eager")),
@@ -601,6 +545,11 @@ class TrainSetup:
                 raise ValueError(f"{fname} must be a positive integer, got {value!r}")
         if self.double_quant and self.effective_quant not in ("nf4", "fp4", "int4"):
             raise ValueError("double_quant applies to the 4-bit formats nf4, fp4, int4")
+
+    @property
+    def config(self) -> Config:
+        """The method's config: its defaults with `method_args` on top."""
+        return method_config(self.method, self.method_args)
 
     @property
     def effective_quant(self) -> str | None:
@@ -735,7 +684,7 @@ def _state_bytes(numel: int, optimizer: str, state_dtype_bytes: int) -> int:
     return 2 * numel * (4 if optimizer.endswith("8bit") else state_dtype_bytes)
 
 
-def _activations(arch: Arch, setup: TrainSetup, s: Mapping[str, Any], trainable: list[tuple[str, int]],
+def _activations(arch: Arch, setup: TrainSetup, s: Any, trainable: list[tuple[str, int]],
                  e: int) -> tuple[int, int, int, int, list[str]]:
     """(no checkpointing, with checkpointing, Korthikanti, one block's) activation bytes, and notes.
 
@@ -743,7 +692,7 @@ def _activations(arch: Arch, setup: TrainSetup, s: Mapping[str, Any], trainable:
     checkpointing, the block being recomputed), Korthikanti's per-layer figure under that model.
     """
     method, b, h, L = setup.method, setup.batch_size, arch.hidden, arch.layers
-    n_virtual = s.get("num_virtual_tokens", 0)
+    n_virtual = getattr(s, "num_virtual_tokens", 0)
     seq = setup.seq_len + (n_virtual if method == "prompt_tuning" else 0)
     s_kv = seq + (n_virtual if method == "prefix_tuning" else 0)
     tokens = b * seq
@@ -751,8 +700,8 @@ def _activations(arch: Arch, setup: TrainSetup, s: Mapping[str, Any], trainable:
     if not trainable:
         return 0, 0, 0, 0, notes
     # Which blocks gradients flow through, and what in a block is trainable.
-    block_trainable = method in ("full", "top_k_layers", "intrinsic_said")
-    active = s["k"] if method == "top_k_layers" else L
+    block_trainable = method in ("full", "top_k_layers", "intrinsic_said", "sparse")
+    active = s.k if method == "top_k_layers" else L
     if method in ("bitfit", "norms"):
         names = {n.split(".", 2)[-1] for n, _ in trainable if n.startswith("layers.")}
         first = min((int(n.split(".")[1]) for n, _ in trainable if n.startswith("layers.")), default=L)
@@ -763,8 +712,9 @@ def _activations(arch: Arch, setup: TrainSetup, s: Mapping[str, Any], trainable:
     adapted: set[str] = set()
     lora_r = 0
     if method in ("lora", "qlora"):
-        adapted = {lin.name for lin in _lora_targets(arch, s["target_modules"])}
-        lora_r = s["r"]
+        a_names = [n for n, _ in trainable if n.endswith(".lora_A.weight")]  # layers.<i>.<linear>.lora_A.weight
+        adapted = {n.split(".", 2)[2].removesuffix(".lora_A.weight") for n in a_names}
+        lora_r = s.r
     saved_groups = set()
     for lin in arch.linears:
         if block_trainable or lin.name in adapted:  # a trainable bias alone needs no input
@@ -799,16 +749,17 @@ def _activations(arch: Arch, setup: TrainSetup, s: Mapping[str, Any], trainable:
     per_tok += sum(e * group_size[g] * consumers[g] for g in saved_groups)
     for lin in arch.linears:
         if lin.name in adapted:
-            per_tok += e * lora_r + ((e + 1) * lin.d_in if s["lora_dropout"] > 0 else 0)
-    if method in ("houlsby", "pfeiffer"):
-        m = h // s["reduction_factor"]
-        per_tok += (2 if method == "houlsby" else 1) * e * (h + 2 * m)
+            per_tok += e * lora_r + ((e + 1) * lin.d_in if s.lora_dropout > 0 else 0)
+    if method in ("houlsby", "pfeiffer"):  # per adapter: its input and the two bottleneck tensors
+        for n, k in trainable:
+            if n.startswith("layers.0.") and n.endswith(".adapter_down.bias"):
+                per_tok += e * (h + 2 * k)
     block = tokens * per_tok
 
     # Outside the blocks: the final norm and, if the head trains, its input.
     final_norm_cost = norm_cost if arch.norm == "rmsnorm" else e * h + 8
     outer = tokens * final_norm_cost
-    head_trainable = method == "full" or (method == "top_k_layers" and s["include_head"])
+    head_trainable = method == "full" or (method == "top_k_layers" and s.include_head)
     if head_trainable:
         outer += tokens * e * h
     no_ckpt = active * block + outer
@@ -827,7 +778,8 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
 
     Args:
         arch_or_name: an `Arch`, a preset name, a ``config.json`` path or model folder, or a config dict.
-        setup: the training setup (defaults: LoRA r=8 on q,v, mixed precision, AdamW, batch 1, 512 tokens).
+        setup: the training setup (defaults: LoRA with `LoRAConfig`'s defaults, mixed precision, AdamW, batch 1,
+            512 tokens).
 
     Returns:
         The `Breakdown`; ``total_bytes`` is the device total, ``optimizer_host`` what paged optimizers keep on the
@@ -839,21 +791,18 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
     arch = load_arch(arch_or_name)
     setup = setup or TrainSetup()
     method = setup.method
-    s = _settings(method, setup.method_args)
-    trainable = _trainable_tensors(arch, method, s)
+    s = setup.config
+    trainable = trainable_tensors(arch, method, s)
     n_trainable = sum(k for _, k in trainable)
     bd = Breakdown(arch.name, setup, arch.num_params, n_trainable)
     prec, quant = setup.precision, setup.effective_quant
     e = 4 if prec == "fp32" else 2  # compute dtype (activations)
     w16 = 4 if prec in ("fp32", "autocast") else 2  # storage of frozen weights
     if n_trainable == 0:
-        bd.notes.append(f"{arch.name} has nothing to train with {method}"
-                        + (" (no bias terms; use 'norms' instead)" if method == "bitfit" else ""))
+        bd.notes.append(f"{arch.name} has nothing to train with {method}")
 
-    # Frozen base weights: which base tensors are trained in place?
-    trained_base = {n for n, _ in trainable} if method in ("full", "bitfit", "norms", "top_k_layers") else set()
-    if method == "intrinsic_said":
-        trained_base = set()  # theta0 stays frozen; theta_d is the trainable vector
+    # Frozen base weights: the base tensors that are not trained in place
+    trained_base = {n for n, _ in trainable} & {n for n, _ in arch.param_tensors()}
     frozen = [(n, k) for n, k in arch.param_tensors() if n not in trained_base]
     if quant and method == "full":
         raise ValueError("full fine-tuning cannot train quantized weights; drop --quant or pick a PEFT method")
@@ -876,16 +825,19 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
     per_grad = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 2, "autocast": 4}[prec]
     bd.weights_trainable = n_trainable * per_weight
     bd.gradients = n_trainable * per_grad
-    if method == "intrinsic_said":
-        projected = arch.block_linear_params
+    if method in ("intrinsic_said", "sparse"):  # W0 + delta is rebuilt per layer; its gradient is full size
+        projected = sum(lin.weight_numel for _, lin in arch.block_linears(s.target_modules))
         bd.gradients += projected * (4 if prec in ("fp32", "autocast") else 2)
         bd.temp_weights += projected * e
+    if method == "intrinsic_said":
         # each projected matrix keeps its fixed Fastfood projection: Gaussian scales (fp32) and a permutation
         # (int32) over the matrix size rounded up to a power of two (the d signs are negligible)
-        buffers = arch.layers * sum(8 * (1 << (lin.weight_numel - 1).bit_length()) for lin in arch.linears)
+        buffers = sum(8 * (1 << (lin.weight_numel - 1).bit_length()) for _, lin in arch.block_linears(s.target_modules))
         bd.weights_frozen += buffers
         bd.notes.append("SAID: a full weight copy and full-size gradients pass through the projection; its fixed "
                         f"random projections ({buffers / 2**30:.2f} GiB) are counted with the frozen weights")
+    if method == "sparse":
+        bd.weights_frozen += 8 * n_trainable  # the int64 index of every trained entry
 
     # Optimizer states.
     # torch's AdamW keeps states in the parameter dtype; the *_32bit optimizers always keep fp32 states
@@ -909,7 +861,7 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
         bd.activations = korth
     else:
         bd.activations = ckpt if setup.gradient_checkpointing else no_ckpt
-    seq = setup.seq_len + (s["num_virtual_tokens"] if method == "prompt_tuning" else 0)
+    seq = setup.seq_len + (s.num_virtual_tokens if method == "prompt_tuning" else 0)
     if n_trainable:
         bd.logits_loss = setup.batch_size * seq * arch.vocab * (e + 4 + 8)
     else:
@@ -935,14 +887,15 @@ def compare(arch_or_name: Arch | str | Mapping[str, Any], base: TrainSetup | Non
             methods: Sequence[str] | None = None) -> dict[str, Breakdown]:
     """The same model and training setup under several methods, side by side.
 
-    Each method uses its own defaults, overridden by those keys of ``base.method_args`` it accepts; quantization
-    is applied only to the ``qlora`` row (and to ``lora`` rows if ``base.quant`` is set).
+    Each method uses its own config's defaults, overridden by those keys of ``base.method_args`` its config has;
+    quantization is applied only to the ``qlora`` row (and to ``lora`` rows if ``base.quant`` is set).
     """
     arch = load_arch(arch_or_name)
     base = base or TrainSetup()
     rows: dict[str, Breakdown] = {}
     for method in methods or METHODS:
-        args = {k: v for k, v in base.method_args.items() if k in _METHOD_DEFAULTS[method]}
+        keys = get_method(ALIASES.get(method, method)).config_cls.keys()
+        args = {k: v for k, v in base.method_args.items() if k in keys}
         quant = base.quant if method in ("lora", "qlora") else None
         dq = base.double_quant and quant is not None
         try:
@@ -1003,6 +956,16 @@ def format_count(n: float, truncate: bool = False) -> str:
     return f"{tenths // 10}B" if tenths % 10 == 0 else f"{tenths / 10:.1f}B"
 
 
+def _lora_count_or_none(arch: Arch, r: int, target_modules: list[str] | str) -> int | None:
+    """LoRA's trainable count, or None where the rank is above an adapted layer's size."""
+    try:
+        return count_trainable(arch, "lora", r=r, target_modules=target_modules)
+    except PeftkitError as e:
+        if "is larger than the layer" in str(e):
+            return None
+        raise
+
+
 def lora_table(lecture: bool = True) -> dict[str, Any]:
     """The generalised table and the real per-architecture LoRA counts for the same ranks.
 
@@ -1011,7 +974,7 @@ def lora_table(lecture: bool = True) -> dict[str, Any]:
 
     Returns:
         ``{"generalised": {rank: [str x4]}, "real": {model: {"q,v": {rank: int}, "all-linear": {rank: int}}},
-        "models": [...]}``; real counts skip ranks above the model's hidden size.
+        "models": [...]}``; real counts are None for ranks above an adapted layer's size (LoRA refuses them).
     """
     gen: dict[Any, list[str]] = {}
     for r in LECTURE_RANKS:
@@ -1025,9 +988,7 @@ def lora_table(lecture: bool = True) -> dict[str, Any]:
         qv = ("q_proj", "v_proj") if arch.family == "llama" else ("query_key_value",)
         real[name] = {
             "params": {0: arch.num_params},
-            "q,v": {r: count_trainable(arch, "lora", r=r, target_modules=qv) if r <= arch.hidden else None
-                    for r in LECTURE_RANKS},
-            "all-linear": {r: count_trainable(arch, "lora", r=r, target_modules="all-linear")
-                           if r <= arch.hidden else None for r in LECTURE_RANKS},
+            "q,v": {r: _lora_count_or_none(arch, r, list(qv)) for r in LECTURE_RANKS},
+            "all-linear": {r: _lora_count_or_none(arch, r, "all-linear") for r in LECTURE_RANKS},
         }
     return {"generalised": gen, "real": real, "models": list(models)}

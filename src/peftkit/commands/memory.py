@@ -2,7 +2,7 @@
 
 Examples::
 
-    peftkit memory smollm2-135m-instruct r=8 target_modules=all-linear --method lora --batch-size 8 --seq-len 512
+    peftkit memory smollm2-135m-instruct --method lora r=16 "target_modules=[q_proj,v_proj]" --batch-size 8
     peftkit memory llama-2-7b --method qlora --optimizer paged_adamw_32bit --gradient-checkpointing --device-memory 24GB
     peftkit memory path/to/config.json --compare --plot memory.png
     peftkit memory --lora-table
@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from peftkit import memory as M
+from peftkit.core.config import parse_override
 
 _LABELS = {
     "weights_frozen": "frozen weights",
@@ -34,8 +35,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     p.add_argument("model", nargs="?", help="preset name, config.json or model folder (see --list-presets)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="method settings right after the model, e.g. r=16 target_modules=q_proj,v_proj")
-    p.add_argument("--method", default="lora", choices=M.METHODS)
+                   help="keys of the method's config, as `peftkit train` reads them (values in YAML): r=16 "
+                        "target_modules=[q_proj,v_proj]")
+    p.add_argument("--method", default="lora", choices=M.METHODS,
+                   help="a registered method (peftkit info --list-methods), or qlora: lora over an NF4 + "
+                        "double-quantized base")
     p.add_argument("--precision", default="mixed", choices=M.PRECISIONS,
                    help="fp32; bf16/fp16: pure 16-bit (weights, grads, Adam states); mixed: 16-bit weights and grads, "
                         "fp32 master copy and states of the trainable parameters (what peftkit's `precision: bf16` "
@@ -57,31 +61,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--list-presets", action="store_true")
     p.set_defaults(func=run)
     return p
-
-
-def _value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["r=16", "target_modules=q_proj,v_proj"]`` -> ``{"r": 16, "target_modules": "q_proj,v_proj"}``."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected key=value, got {item!r}")
-        out[key.strip()] = _value(value.strip())
-    return out
 
 
 def human(n: float) -> str:
@@ -147,8 +126,8 @@ def _lora_table_text() -> str:
            "Rank".ljust(8) + "".join(c.rjust(8) for c in cols)]
     for r, cells in t["generalised"].items():
         out.append(str(r).ljust(8) + "".join(c.rjust(8) for c in cells))
-    out += ["", "Real per-architecture counts (LoRA r*(d_in+d_out) per adapted matrix; '-' = rank above hidden size;",
-            "Falcon's q,v = its fused query_key_value)"]
+    out += ["", "Real per-architecture counts (LoRA r*(d_in+d_out) per adapted matrix; '-' = rank above a layer's",
+            "size; Falcon's q,v = its fused query_key_value)"]
     header = "Rank".ljust(8) + "".join(f"{m} {k}".rjust(17) for m in t["models"] for k in ("q,v", "all"))
     out.append(header)
     for r in M.LECTURE_RANKS:
@@ -176,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise ValueError("name a model (preset, config.json or folder), or give --lora-table / --list-presets")
     arch = M.load_arch(args.model)
-    setup = M.TrainSetup(method=args.method, method_args=parse_overrides(args.overrides), precision=args.precision,
+    settings = dict(parse_override(o) for o in args.overrides)
+    setup = M.TrainSetup(method=args.method, method_args=settings, precision=args.precision,
                          quant=args.quant, double_quant=args.double_quant, optimizer=args.optimizer,
                          batch_size=args.batch_size, seq_len=args.seq_len,
                          gradient_checkpointing=args.gradient_checkpointing, attention=args.attention,

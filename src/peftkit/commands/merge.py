@@ -1,5 +1,8 @@
 """`peftkit merge`: fold an adapter into its base model and save a plain Hugging Face model folder.
 
+Every method whose update folds into the base weights merges (LoRA, sparse updates, intrinsic SAID, and the
+methods that train base weights: full, top-k layers, BitFit, norms); adapters, prompt and prefix tuning are refused.
+
 The base is the one the adapter records (`peftkit.core.context`; ``--model`` overrides it). An adapter trained on a
 quantized base (QLoRA) is merged into the weights it trained on: the base is quantized as training quantized it,
 dequantized, and the update added (one line says so); ``--quantized-base none`` merges into the full-precision base
@@ -49,14 +52,14 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from peftkit.core.adapter_io import atomic_dir, load_adapter
+    from peftkit.core.adapter_io import atomic_dir, load_adapter, read_adapter
     from peftkit.core.context import Quantization, load_base, read_context
-    from peftkit.core.registry import get_method
+    from peftkit.core.merging import merge_and_unload, method_merging
     from peftkit.errors import PeftkitError
-    from peftkit.methods.lora import merge_and_unload
     from peftkit.quant import dequantize_model, save_quantized
 
     check_output(args.adapter, args.output, args.overwrite)
+    method_merging(read_adapter(args.adapter)[0].name)  # refuse a method that cannot merge before loading the model
     dtype = getattr(torch, args.dtype)
     context = read_context(args.adapter)
     recorded = context.quantization if context is not None else None
@@ -67,11 +70,8 @@ def run(args: argparse.Namespace) -> int:
     print(_base_line(context, quant, args.quantized_base))
     load_adapter(model, args.adapter)
     name = model.peftkit_method[0]
-    if not get_method(name).can_merge:
-        raise PeftkitError(f"method {name!r} cannot be merged into the base weights")
     merged = merge_and_unload(model, dtype=torch.float32)
     dequantize_model(merged, torch.float32)  # quantized layers the adapter did not change
-    del merged.peftkit_method
     if args.requantize:
         from peftkit.quant.requantize import requantize_with_report
 

@@ -7,8 +7,9 @@ others use the same layout with ``peft_type`` set to peftkit's method name.
 
 Adapter modules whose file form differs from their trainable parameters implement `AdapterFileState`
 (prompt and prefix tuning write peft's single ``prompt_embeddings`` tensor, with the prefix MLP folded away;
-sparse updates write values and indices). Configs may define ``peft_fields(model)`` (extra peft config fields)
-and ``for_loading()`` (the config to rebuild the adapter with before its weights are loaded, e.g. without an
+sparse updates write values and indices). Configs may define ``peft_fields(model)`` (extra peft config fields),
+``peft_unsupported`` (peft options with their neutral values: a file setting one otherwise is refused) and
+``for_loading()`` (the config to rebuild the adapter with before its weights are loaded, e.g. without an
 initialisation that needs a tokenizer).
 
 A model trained by `Trainer` carries a `TrainingContext` (``model.peftkit_context``: base, quantization, chat
@@ -130,14 +131,6 @@ def _peft_config(spec: MethodSpec, config: Config, model: nn.Module) -> dict[str
     if spec.peft_type is None:
         data["peftkit_method"] = spec.name
     data.update(config.to_dict())
-    if spec.name == "lora":
-        from transformers.pytorch_utils import Conv1D
-
-        # peft's LoRA needs these; GPT-2 Conv1D layers store weights transposed (fan_in_fan_out).
-        data["fan_in_fan_out"] = any(isinstance(m, Conv1D) for m in model.modules())
-        data.update(bias="none", modules_to_save=None, init_lora_weights=True, use_dora=False)
-        if data["target_modules"] == "all-linear":
-            data["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in _lora_names(model)})
     if hasattr(config, "peft_fields"):
         data.update(config.peft_fields(model))
     for key in getattr(config, "peftkit_only_fields", ()):  # fields peft does not know: left out when unset
@@ -149,12 +142,6 @@ def _peft_config(spec: MethodSpec, config: Config, model: nn.Module) -> dict[str
         if context.base:
             data["base_model_name_or_path"] = context.base
     return data
-
-
-def _lora_names(model: nn.Module) -> list[str]:
-    from peftkit.methods.lora import lora_layers
-
-    return [n for n, _ in lora_layers(model)]
 
 
 def current_umask() -> int:
@@ -307,14 +294,9 @@ def _convert_command(pickled: Path) -> str:
 
 def _config_from_json(spec: MethodSpec, raw: dict[str, Any], where: Path) -> Config:
     """Keep the fields peftkit's config has; refuse peft features it does not implement."""
-    if spec.name == "lora":
-        unsupported = {
-            "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-            "layers_to_transform": None, "bias": "none", "lora_bias": False,
-        }
-        for key, neutral in unsupported.items():
-            if raw.get(key, neutral) not in (neutral, None, {}, False, "none"):
-                raise PeftkitError(f"{where}: peft option {key}={raw[key]!r} is not supported by peftkit")
+    for key, neutral in getattr(spec.config_cls, "peft_unsupported", {}).items():
+        if raw.get(key, neutral) not in (neutral, None, {}, False, "none"):
+            raise PeftkitError(f"{where}: peft option {key}={raw[key]!r} is not supported by peftkit")
     fields = {k: raw[k] for k in spec.config_cls.keys() if k in raw}
     return spec.config_cls.from_dict(fields, where=f"{where}: ")
 

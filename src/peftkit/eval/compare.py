@@ -78,6 +78,12 @@ DEFAULT_ENTRIES: dict[str, dict[str, Any]] = {
 Entries with ``replay_fraction`` or ``ewc_lambda`` train with `run_compare`'s ``replay_data`` (general instruction
 data, mixed into the batches or used for the Fisher).
 
+Every registered method is also an entry under its own name (``sparse``: its config's defaults), and the entries
+named after a method train that method. The other names are aliases for a setting of a registered method: ``qlora``
+(``lora`` on an NF4 base), ``prefix`` (``prefix_tuning``), ``prompt`` (``prompt_tuning``), ``top2``
+(``top_k_layers`` with ``k: 2``), ``said`` (``intrinsic_said``), ``full+replay`` and ``full+ewc``; ``icl`` and
+``zero_shot`` prompt the base model (k = 3 and 0 examples).
+
 The learning rates are the usual ones for each family, raised for short runs (tens of steps); those of ``top2`` and
 ``said`` come from `python bench/e2e_compare.py --lr-sweep` (E2E, 33 steps: top2 2e-4 / 5e-4 / 1e-3 -> BLEU 0.444 /
 0.448 / 0.494, said 1e-2 / 3e-2 / 1e-1 -> 0.441 / 0.566 / 0.494); prompt tuning (3e-2 / 1e-1 / 3e-1 -> 0.452 /
@@ -411,15 +417,27 @@ def check_entries(
     """Check `methods` before anything is written: all entries known, general data for the mitigations.
 
     Returns:
-        The entries (:data:`DEFAULT_ENTRIES` with `entries` on top) and the methods that need `replay_data`.
+        The entries (one per registered method, :data:`DEFAULT_ENTRIES`, then `entries` on top) and the methods
+        that need `replay_data`.
 
     Raises:
-        PeftkitError: an unknown entry, or a mitigation without (existing) replay data.
+        PeftkitError: an unknown entry, an entry whose method or method settings the registry refuses, or a
+            mitigation without (existing) replay data.
     """
-    entries = {**DEFAULT_ENTRIES, **(entries or {})}
+    from peftkit.core.registry import get_method, list_methods
+
+    registered = list_methods()
+    entries = {**{m: {"method": m} for m in registered}, **DEFAULT_ENTRIES, **(entries or {})}
     unknown = [m for m in methods if m not in entries]
     if unknown:
         raise PeftkitError(f"unknown compare entries {unknown}; known: {', '.join(entries)}")
+    for label in methods:
+        method = entries[label].get("method", "lora")
+        if label in registered and method != label:
+            raise PeftkitError(f"compare entry {label!r} is a method's name but trains {method!r}; rename it")
+        if method != "icl":
+            get_method(method).config_cls.from_dict(entries[label].get("method_config", {}),
+                                                    where=f"compare entry {label!r}: ")
     mitigations = [m for m in methods if entries[m].get("replay_fraction") or entries[m].get("ewc_lambda")]
     if mitigations and not (replay_data or (overrides or {}).get("replay_data")):
         raise PeftkitError(f"{', '.join(mitigations)} need general instruction data: pass --replay-data FILE")

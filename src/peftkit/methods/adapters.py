@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from peftkit.core.config import Config
 from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, inject, match_modules
 from peftkit.core.registry import register_method
 from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:
+    from peftkit.memory import Arch
 
 __all__ = ["BottleneckAdapterLayer", "HoulsbyConfig", "PfeifferConfig", "adapter_layers"]
 
@@ -146,9 +149,42 @@ def _find(model: nn.Module, given: list[str] | None, known: tuple[str, ...], wha
         return match_modules(model, given, candidate)
     names = [n for n, m in model.named_modules() if candidate(n, m) and n.endswith(tuple("." + k for k in known))]
     if not names:
-        raise PeftkitError(f"cannot find the {what} output projections of {type(model).__name__}; "
-                           f"name them with {what}_modules (e.g. {known[0]})")
+        raise _not_found(type(model).__name__, known, what)
     return names
+
+
+def _not_found(model_name: str, known: tuple[str, ...], what: str) -> PeftkitError:
+    return PeftkitError(f"cannot find the {what} output projections of {model_name}; "
+                        f"name them with {what}_modules (e.g. {known[0]})")
+
+
+def _count(arch: Arch, config: _BottleneckConfig, places: tuple[str, ...]) -> list[tuple[str, int]]:
+    """One adapter (down d -> m, up m -> d, with biases) on the output of each placed projection of `arch`."""
+    placed = []
+    for what, given, known in (("attn", config.attn_modules, ATTN_OUTPUTS), ("ffn", config.ffn_modules, FFN_OUTPUTS)):
+        if what not in places:
+            continue
+        if given is not None:
+            placed += arch.block_linears(given)
+            continue
+        found = [(i, lin) for i in range(arch.layers) for lin in arch.linears if lin.name.endswith(known)]
+        if not found:
+            raise _not_found(arch.name, known, what)
+        placed += found
+    out = []
+    for i, lin in sorted(placed, key=lambda item: item[0]):
+        d, m, name = lin.d_out, config.size(lin.d_out), f"layers.{i}.{lin.name}"
+        out += [(f"{name}.adapter_down.weight", d * m), (f"{name}.adapter_down.bias", m),
+                (f"{name}.adapter_up.weight", m * d), (f"{name}.adapter_up.bias", d)]
+    return out
+
+
+def count_houlsby(arch: Arch, config: HoulsbyConfig) -> list[tuple[str, int]]:
+    return _count(arch, config, ("attn", "ffn"))
+
+
+def count_pfeiffer(arch: Arch, config: PfeifferConfig) -> list[tuple[str, int]]:
+    return _count(arch, config, ("ffn",))
 
 
 def _apply(model: nn.Module, config: _BottleneckConfig, method: str, places: tuple[str, ...]) -> InjectReport:
@@ -167,13 +203,13 @@ def _apply(model: nn.Module, config: _BottleneckConfig, method: str, places: tup
     return report
 
 
-@register_method("houlsby", HoulsbyConfig)
+@register_method("houlsby", HoulsbyConfig, count=count_houlsby)
 def apply_houlsby(model: nn.Module, config: HoulsbyConfig) -> InjectReport:
     """Add an adapter after every attention output projection and every feed-forward block; freeze the rest."""
     return _apply(model, config, "houlsby", ("attn", "ffn"))
 
 
-@register_method("pfeiffer", PfeifferConfig)
+@register_method("pfeiffer", PfeifferConfig, count=count_pfeiffer)
 def apply_pfeiffer(model: nn.Module, config: PfeifferConfig) -> InjectReport:
     """Add an adapter after every feed-forward block; freeze the rest."""
     return _apply(model, config, "pfeiffer", ("ffn",))

@@ -9,12 +9,16 @@ section 4). The adapter file holds the whole model (its trainable parameters und
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from peftkit.core.config import Config
 from peftkit.core.inject import InjectReport
-from peftkit.core.registry import register_method
+from peftkit.core.registry import Merging, register_method
+
+if TYPE_CHECKING:
+    from peftkit.memory import Arch
 
 __all__ = ["FullConfig"]
 
@@ -24,7 +28,12 @@ class FullConfig(Config):
     """Full fine-tuning has no settings: everything trains."""
 
 
-@register_method("full", FullConfig)
+def count(arch: Arch, config: FullConfig) -> list[tuple[str, int]]:
+    """Every parameter (a tied head once)."""
+    return arch.param_tensors()
+
+
+@register_method("full", FullConfig, count=count, merging=Merging.in_place())
 def apply(model: nn.Module, config: FullConfig) -> InjectReport:
     """Mark every parameter of `model` trainable."""
     for p in model.parameters():

@@ -21,24 +21,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from peftkit.core.config import Config
 from peftkit.core.inject import AdapterModule, freeze_all, inject, match_modules
-from peftkit.core.registry import register_method
+from peftkit.core.registry import Merging, register_method
 from peftkit.errors import PeftkitError
+from peftkit.methods import selective
 from peftkit.methods.prompt_tuning import HookReport
-from peftkit.methods.selective import (
-    DeltaWeightLayer,
-    is_plain_linear,
-    linear_targets,
-    merge,
-    merge_and_unload,
-    unmerge,
-)
+from peftkit.methods.selective import DeltaWeightLayer, is_plain_linear, linear_targets, merge, unmerge
+
+if TYPE_CHECKING:
+    from peftkit.memory import Arch
 
 __all__ = ["Fastfood", "IntrinsicSAID", "IntrinsicSAIDConfig", "SAIDLayer", "fwht", "merge", "merge_and_unload",
            "unmerge"]
@@ -199,7 +196,23 @@ class SAIDLayer(DeltaWeightLayer):
         return plain
 
 
-@register_method("intrinsic_said", IntrinsicSAIDConfig, can_merge=True)
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fold every projected update into its base weight; return the model with plain layers and without theta_d."""
+    selective.merge_and_unload(model, dtype)
+    if ATTRIBUTE in model._modules:
+        delattr(model, ATTRIBUTE)
+    return model
+
+
+def count(arch: Arch, config: IntrinsicSAIDConfig) -> list[tuple[str, int]]:
+    """theta_d (d), + one lambda per projected weight for SAID."""
+    projected = arch.block_linears(config.target_modules)
+    lambdas = [(f"{ATTRIBUTE}.said_lambda", len(projected))] if config.said else []
+    return [(f"{ATTRIBUTE}.theta_d", config.d), *lambdas]
+
+
+@register_method("intrinsic_said", IntrinsicSAIDConfig, count=count,
+                 merging=Merging(merge_and_unload, merge=merge, unmerge=unmerge))
 def apply(model: nn.Module, config: IntrinsicSAIDConfig) -> HookReport:
     """Project the target weights from one shared d-dimensional theta_d; freeze everything else."""
     if ATTRIBUTE in model._modules:

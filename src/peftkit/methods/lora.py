@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,12 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.core.config import Config
 from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, get_submodule_parent, inject
-from peftkit.core.registry import register_method
+from peftkit.core.registry import Merging, register_method
 from peftkit.errors import PeftkitError
 from peftkit.quant import QuantLinear
+
+if TYPE_CHECKING:
+    from peftkit.memory import Arch
 
 __all__ = ["Dropout", "LoRAConfig", "LoRALayer", "lora_layers", "merge", "merge_and_unload", "unmerge"]
 
@@ -48,6 +52,12 @@ class LoRAConfig(Config):
         target_modules: module-name suffixes, one regex over full names, or ``"all-linear"`` (every linear
             layer except the output head).
     """
+
+    # peft options peftkit does not implement, with their neutral values: a file setting one otherwise is refused
+    peft_unsupported: ClassVar[dict[str, Any]] = {
+        "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+        "layers_to_transform": None, "bias": "none", "lora_bias": False,
+    }
 
     r: int = 8
     lora_alpha: float = 16.0
@@ -68,6 +78,21 @@ class LoRAConfig(Config):
     @property
     def scale(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def peft_fields(self, model: nn.Module) -> dict[str, Any]:
+        """The fields peft's LoRA needs; GPT-2 Conv1D layers store weights transposed (fan_in_fan_out)."""
+        fields: dict[str, Any] = {
+            "fan_in_fan_out": any(isinstance(m, Conv1D) for m in model.modules()),
+            "bias": "none", "modules_to_save": None, "init_lora_weights": True, "use_dora": False,
+        }
+        if self.target_modules == "all-linear":
+            fields["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)})
+        return fields
+
+
+def _check_rank(r: int, d_in: int, d_out: int) -> None:
+    if r > min(d_in, d_out):
+        raise PeftkitError(f"r={r} is larger than the layer ({d_in} -> {d_out}); use r <= {min(d_in, d_out)}")
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
@@ -158,10 +183,7 @@ class LoRALayer(AdapterModule):
             `base`'s. Its module dicts are copies, so adding the LoRA submodules does not touch `base`.
         """
         d_in, d_out = _features(base)
-        if config.r > min(d_in, d_out):
-            raise PeftkitError(
-                f"r={config.r} is larger than the layer ({d_in} -> {d_out}); use r <= {min(d_in, d_out)}"
-            )
+        _check_rank(config.r, d_in, d_out)
         layer = object.__new__(cls._class_for(type(base)))
         layer.__dict__.update(base.__dict__)
         for attr in ("_parameters", "_buffers", "_modules"):
@@ -284,7 +306,18 @@ def _is_target_candidate(name: str, module: nn.Module) -> bool:
     return is_linear(module) and not isinstance(module, LoRALayer)
 
 
-@register_method("lora", LoRAConfig, peft_type="LORA", can_merge=True)
+def count(arch: Arch, config: LoRAConfig) -> list[tuple[str, int]]:
+    """A (r x d_in) and B (d_out x r) per adapted linear layer of `arch`."""
+    out = []
+    for i, lin in arch.block_linears(config.target_modules):
+        _check_rank(config.r, lin.d_in, lin.d_out)
+        name = f"layers.{i}.{lin.name}"
+        out += [(f"{name}.lora_A.weight", config.r * lin.d_in), (f"{name}.lora_B.weight", lin.d_out * config.r)]
+    return out
+
+
+@register_method("lora", LoRAConfig, count=count, peft_type="LORA",
+                 merging=Merging(merge_and_unload, merge=merge, unmerge=unmerge))
 def apply(model: nn.Module, config: LoRAConfig) -> InjectReport:
     """Add LoRA to the target layers of `model` and freeze everything else."""
     targets = config.target_modules

@@ -25,7 +25,7 @@ The model stays a normal Hugging Face model: a forward pre-hook puts the prefixe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ from peftkit.core.registry import register_method
 from peftkit.errors import PeftkitError
 from peftkit.methods.prompt_tuning import HookReport, model_geometry, split_call
 from peftkit.methods.virtual_tokens import prepend_to_mask
+
+if TYPE_CHECKING:
+    from peftkit.memory import Arch
 
 __all__ = ["FrozenPrefixCache", "PrefixEncoder", "PrefixTuningConfig", "fold"]
 
@@ -265,7 +268,18 @@ def fold(model: nn.Module) -> None:
     encoder.fold()
 
 
-@register_method("prefix_tuning", PrefixTuningConfig, peft_type="PREFIX_TUNING")
+def count(arch: Arch, config: PrefixTuningConfig) -> list[tuple[str, int]]:
+    """The prefixes (m x L*2*kv_dim), or, through the MLP, the embedding (m x h) and the MLP's two layers."""
+    n, h, p = config.num_virtual_tokens, arch.hidden, config.encoder_hidden_size
+    width = arch.layers * 2 * arch.kv_dim
+    if not config.prefix_projection:
+        return [(f"{ATTRIBUTE}.embedding.weight", n * width)]
+    return [(f"{ATTRIBUTE}.embedding.weight", n * h), (f"{ATTRIBUTE}.transform.0.weight", h * p),
+            (f"{ATTRIBUTE}.transform.0.bias", p), (f"{ATTRIBUTE}.transform.2.weight", p * width),
+            (f"{ATTRIBUTE}.transform.2.bias", width)]
+
+
+@register_method("prefix_tuning", PrefixTuningConfig, count=count, peft_type="PREFIX_TUNING")
 def apply(model: nn.Module, config: PrefixTuningConfig) -> HookReport:
     """Attach trainable key/value prefixes to every layer of `model` and freeze everything else."""
     if ATTRIBUTE in model._modules:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ from peftkit.core.inject import AdapterModule, InjectReport, freeze_all
 from peftkit.core.registry import register_method
 from peftkit.errors import PeftkitError
 from peftkit.methods.virtual_tokens import prepend_to_mask
+
+if TYPE_CHECKING:
+    from peftkit.memory import Arch
 
 __all__ = ["HookReport", "PromptEncoder", "PromptTuningConfig", "model_geometry", "split_call"]
 
@@ -242,7 +245,12 @@ def _tokenize(config: PromptTuningConfig, model: nn.Module) -> list[int]:
     return tokenizer(config.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
 
 
-@register_method("prompt_tuning", PromptTuningConfig, peft_type="PROMPT_TUNING")
+def count(arch: Arch, config: PromptTuningConfig) -> list[tuple[str, int]]:
+    """m virtual-token embeddings of the model width."""
+    return [(f"{ATTRIBUTE}.embedding.weight", config.num_virtual_tokens * arch.hidden)]
+
+
+@register_method("prompt_tuning", PromptTuningConfig, count=count, peft_type="PROMPT_TUNING")
 def apply(model: nn.Module, config: PromptTuningConfig) -> HookReport:
     """Attach m trainable virtual tokens to `model` and freeze everything else."""
     if ATTRIBUTE in model._modules:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,11 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.core.config import Config
 from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, get_submodule_parent, inject
-from peftkit.core.registry import register_method
+from peftkit.core.registry import Merging, register_method
 from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:
+    from peftkit.memory import Arch
 
 __all__ = [
     "BitFitConfig",
@@ -127,7 +130,19 @@ class TopKLayersConfig(Config):
             raise PeftkitError(f"k must be a positive integer, got {self.k}")
 
 
-@register_method("top_k_layers", TopKLayersConfig)
+def count_top_k(arch: Arch, config: TopKLayersConfig) -> list[tuple[str, int]]:
+    """Every tensor of the last k blocks, + the final norm, + the head (the embedding when tied)."""
+    if config.k > arch.layers:
+        raise PeftkitError(f"k={config.k} but {arch.name} has only {arch.layers} blocks")
+    out = [(f"layers.{i}.{n}", c) for i in range(arch.layers - config.k, arch.layers) for n, c in arch.block_tensors()]
+    if config.include_norm:
+        out += [(n, c) for n, c in arch.outer_tensors() if n.startswith("final_norm")]
+    if config.include_head:
+        out.append(("embed.weight" if arch.tied_embeddings else "lm_head.weight", arch.vocab * arch.hidden))
+    return out
+
+
+@register_method("top_k_layers", TopKLayersConfig, count=count_top_k, merging=Merging.in_place())
 def apply_top_k(model: nn.Module, config: TopKLayersConfig) -> InjectReport:
     """Freeze everything except the last `k` blocks (and the final norm / head by option)."""
     blocks_name, blocks = decoder_blocks(model)
@@ -186,22 +201,43 @@ def _norm_param_names(model: nn.Module) -> list[str]:
     return [f"{n}.{p}" for n, m in norm_modules(model) for p, _ in m.named_parameters(recurse=False)]
 
 
-@register_method("bitfit", BitFitConfig)
+def _no_biases(model_name: str) -> PeftkitError:
+    return PeftkitError(
+        f"{model_name} has no bias terms, so BitFit has nothing to train. The documented "
+        "alternative is to train the norm weights: use method 'norms', or bitfit with include_norms=true"
+    )
+
+
+def _norm_tensors(arch: Arch) -> list[tuple[str, int]]:
+    return [(n, k) for n, k in arch.param_tensors() if "norm" in n]
+
+
+def count_bitfit(arch: Arch, config: BitFitConfig) -> list[tuple[str, int]]:
+    """Every bias (LayerNorm biases included), + the norm weights with ``include_norms``."""
+    biases = [(n, k) for n, k in arch.param_tensors() if n.endswith(".bias")]
+    if not biases and not config.include_norms:
+        raise _no_biases(arch.name)
+    return biases + ([t for t in _norm_tensors(arch) if t not in biases] if config.include_norms else [])
+
+
+def count_norms(arch: Arch, config: NormsConfig) -> list[tuple[str, int]]:
+    """Every parameter of every normalisation layer."""
+    return _norm_tensors(arch)
+
+
+@register_method("bitfit", BitFitConfig, count=count_bitfit, merging=Merging.in_place())
 def apply_bitfit(model: nn.Module, config: BitFitConfig) -> InjectReport:
     """Freeze everything except the bias terms (and the norm weights with ``include_norms``)."""
     biases = _bias_names(model)
     if not biases and not config.include_norms:
-        raise PeftkitError(
-            f"{type(model).__name__} has no bias terms, so BitFit has nothing to train. The documented "
-            "alternative is to train the norm weights: use method 'norms', or bitfit with include_norms=true"
-        )
+        raise _no_biases(type(model).__name__)
     names = biases + ([n for n in _norm_param_names(model) if n not in biases] if config.include_norms else [])
     freeze_all(model)
     _train(model, names)
     return InjectReport("bitfit", adapted=names, notes=[f"{len(biases)} bias tensors"])
 
 
-@register_method("norms", NormsConfig)
+@register_method("norms", NormsConfig, count=count_norms, merging=Merging.in_place())
 def apply_norms(model: nn.Module, config: NormsConfig) -> InjectReport:
     """Freeze everything except the normalisation layers."""
     names = _norm_param_names(model)
@@ -328,11 +364,13 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every weight delta (sparse or intrinsic SAID) into its base weight; return the model with plain layers."""
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fold every weight delta (sparse or intrinsic SAID) into its base weight; return the model with plain layers
+    (in `dtype` if given)."""
     for name, layer in list(delta_layers(model)):
         parent, child = get_submodule_parent(model, name)
-        setattr(parent, child, layer.to_base())
+        plain = layer.to_base()
+        setattr(parent, child, plain if dtype is None else plain.to(dtype))
     return model
 
 
@@ -376,7 +414,7 @@ class SparseDeltaLayer(DeltaWeightLayer):
     def from_module(cls, base: nn.Module, config: SparseConfig, generator: torch.Generator) -> SparseDeltaLayer:
         layer = cls.wrap(base)
         n = base.weight.numel()
-        k = max(1, round(config.density * n))
+        k = sparse_size(n, config.density)
         # until calibrate() chooses by score, a seeded random subset (so an uncalibrated adapter still reloads)
         index = torch.randperm(n, generator=generator)[:k].sort().values.to(base.weight.device)
         layer.register_buffer("sparse_index", index)
@@ -478,7 +516,19 @@ def calibrate_sparse(model: nn.Module, config: SparseConfig, batches: Iterable[d
         layer.select(s)
 
 
-@register_method("sparse", SparseConfig, can_merge=True, calibrate=calibrate_sparse)
+def sparse_size(numel: int, density: float) -> int:
+    """Entries of a weight of `numel` elements that train (at least one)."""
+    return max(1, round(density * numel))
+
+
+def count_sparse(arch: Arch, config: SparseConfig) -> list[tuple[str, int]]:
+    """``density`` of the entries of each target weight."""
+    return [(f"layers.{i}.{lin.name}.sparse_values", sparse_size(lin.weight_numel, config.density))
+            for i, lin in arch.block_linears(config.target_modules)]
+
+
+@register_method("sparse", SparseConfig, count=count_sparse, calibrate=calibrate_sparse,
+                 merging=Merging(merge_and_unload, merge=merge, unmerge=unmerge))
 def apply_sparse(model: nn.Module, config: SparseConfig) -> InjectReport:
     """Wrap the target linear layers with sparse deltas (random subset until `calibrate` picks by score)."""
     targets = linear_targets(model, config.target_modules)
