@@ -218,6 +218,24 @@ def test_cli_exports_a_merged_adapter(lora_setup, tok, capsys):
     torch.testing.assert_close(logits(reload(out), ids), expected, atol=2e-5, rtol=1e-5)
 
 
+def test_cli_merges_a_qlora_adapter_on_its_quantized_base(lora_setup, tok):
+    from peftkit import quantize_model
+
+    tmp_path, _ = lora_setup
+    model, _ = models.load_model(tmp_path / "base")
+    quantize_model(model, "nf4", compute_dtype=torch.float32)
+    apply_method(model, "lora", {"r": 4})
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.1)
+    save_adapter(model, tmp_path / "qlora")
+    out = tmp_path / "q.gguf"
+    args = ["export", str(tmp_path / "qlora"), str(out), "--model", str(tmp_path / "base"), "--dtype", "f32"]
+    assert main([*args, "--quantized-base", "nf4"]) == 0
+    ids = torch.tensor([tok(TEXT)["input_ids"]])
+    torch.testing.assert_close(logits(reload(out), ids), logits(model, ids), atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_lora_adapter_gguf(lora_setup, rslora):
     """The adapter's tensors, in llama.cpp's layout; base + (alpha / r) B A from the files equals the merged model."""
