@@ -17,6 +17,7 @@ COMMANDS: tuple[str, ...] = (
     "info",
     "generate",
     "merge",
+    "export",
     "memory",
     "quantize_report",
     "compare",

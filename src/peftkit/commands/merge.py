@@ -52,26 +52,19 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from peftkit.core.adapter_io import atomic_dir, load_adapter, read_adapter
-    from peftkit.core.context import Quantization, load_base, read_context
-    from peftkit.core.merging import merge_and_unload, method_merging
+    from peftkit.core.adapter_io import atomic_dir
+    from peftkit.core.context import Quantization, read_context
     from peftkit.errors import PeftkitError
-    from peftkit.quant import dequantize_model, save_quantized
+    from peftkit.quant import save_quantized
 
     check_output(args.adapter, args.output, args.overwrite)
-    method_merging(read_adapter(args.adapter)[0].name)  # refuse a method that cannot merge before loading the model
     dtype = getattr(torch, args.dtype)
     context = read_context(args.adapter)
     recorded = context.quantization if context is not None else None
     if args.requantize == "recorded" and (args.quantized_base == "none" or not (args.quantized_base or recorded)):
         raise PeftkitError("--requantize: the adapter was not trained on a quantized base; name a format "
                            "(--requantize nf4)")
-    model, tokenizer, quant = load_base(context, args.model, args.quantized_base)
-    print(_base_line(context, quant, args.quantized_base))
-    load_adapter(model, args.adapter)
-    name = model.peftkit_method[0]
-    merged = merge_and_unload(model, dtype=torch.float32)
-    dequantize_model(merged, torch.float32)  # quantized layers the adapter did not change
+    merged, tokenizer, name, quant = merge_adapter(args.adapter, args.model, args.quantized_base)
     if args.requantize:
         from peftkit.quant.requantize import requantize_with_report
 
@@ -94,6 +87,29 @@ def run(args: argparse.Namespace) -> int:
     print(f"merged {name} adapter into {args.model or (context and context.base) or 'smollm2-135m-instruct'}; "
           f"saved to {args.output}")
     return 0
+
+
+def merge_adapter(adapter, model: str | None = None, quantized_base: str | None = None):
+    """`adapter` folded into its base, as `peftkit merge` (and `peftkit export`) do: the merged model (fp32, every
+    layer plain), its tokenizer, the method's name, and the quantization of the base it was merged into (None: full
+    precision). The base is the recorded one unless `model` names another; `quantized_base` overrides the recorded
+    quantization ("none": the full-precision base). One line says which base weights the update went into."""
+    import torch
+
+    from peftkit.core.adapter_io import load_adapter, read_adapter
+    from peftkit.core.context import load_base, read_context
+    from peftkit.core.merging import merge_and_unload, method_merging
+    from peftkit.quant import dequantize_model
+
+    method_merging(read_adapter(adapter)[0].name)  # refuse a method that cannot merge before loading the model
+    context = read_context(adapter)
+    base, tokenizer, quant = load_base(context, model, quantized_base)
+    print(_base_line(context, quant, quantized_base))
+    load_adapter(base, adapter)
+    name = base.peftkit_method[0]
+    merged = merge_and_unload(base, dtype=torch.float32)
+    dequantize_model(merged, torch.float32)  # quantized layers the adapter did not change
+    return merged, tokenizer, name, quant
 
 
 def _base_line(context, quant, asked: str | None) -> str:
