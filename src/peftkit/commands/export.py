@@ -57,9 +57,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         if is_adapter:
             from peftkit.commands.merge import merge_adapter
+            from peftkit.core.context import read_context
 
             model, tokenizer, method, _ = merge_adapter(source, args.model, args.quantized_base)
             what = f"{args.source} ({method}) merged into its base"
+            context = read_context(source)
+            if context is not None and context.template_text:
+                tokenizer.chat_template = context.template_text  # the template the adapter was trained with
+            if context is not None and (context.instruction or context.system):
+                shown = ", ".join(f"{k} {v[:60]!r}" for k, v in (("instruction", context.instruction),
+                                                              ("system message", context.system)) if v)
+                print(f"note: the adapter was trained with a shared {shown}; llama.cpp and Ollama do not add it: "
+                      f"put it in each prompt (as {context.input_format!r}) or in Ollama's SYSTEM/TEMPLATE")
         else:
             from peftkit.models import load_model
 
