@@ -17,6 +17,7 @@ from peftkit import memory as M
 from peftkit.core.adapter_io import apply_method
 from peftkit.errors import PeftkitError
 from peftkit.memory import TrainSetup, arch_from_config, count_trainable, estimate, load_arch
+from peftkit.memory.estimator import _quant_bytes
 
 
 def tiny_falcon(new_arch: bool) -> FalconForCausalLM:
@@ -195,9 +196,9 @@ def test_full_finetuning_16_bytes_per_param():
 
 def test_nf4_double_quant_bits_per_param():
     n = 4096 * 4096
-    data, const = M._quant_bytes(n, "nf4", 64, True, 4096)
+    data, const = _quant_bytes(n, "nf4", 64, True, 4096)
     assert 8 * (data + const) / n == pytest.approx(4.127, abs=5e-4)  # SPECS: 4.127 (bitsandbytes: 4.1274)
-    data, const = M._quant_bytes(n, "nf4", 64, False, 4096)
+    data, const = _quant_bytes(n, "nf4", 64, False, 4096)
     assert 8 * (data + const) / n == 4.5
 
 
