@@ -23,10 +23,9 @@ The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc): every tensor above
 returned to the OS when freed, so the RSS follows live tensors instead of the allocator's high-water heap (glibc's
 adaptive threshold otherwise serves freed multi-MB tensors again from the heap, which it does not shrink).
 
-The mapping to the estimator's precisions: full fine-tuning under peftkit's bf16 is the estimator's ``autocast``
-(fp32 weights, grads and Adam states; autocast keeps a bf16 copy of every matmul weight for backward); LoRA / QLoRA
-under peftkit's bf16 is ``mixed`` (frozen weights in bf16, bf16 activations; the few trainable weights are fp32 in
-peftkit, which the ``mixed`` accounting of 16 bytes per trainable parameter covers within 2 bytes per parameter).
+The estimator takes the training's precision names: every row is estimated with ``precision="bf16"``, as trained
+(full fine-tuning: every weight trains, fp32, autocast keeps a bf16 copy of every matmul weight for backward; LoRA /
+QLoRA: frozen weights in bf16, bf16 activations, the trainable weights fp32).
 
 Run: ``python bench/memory_validation.py`` (about 10 minutes on 2 CPU cores); ``--quick`` runs batch 2 only.
 """
@@ -177,13 +176,11 @@ def worker(spec: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 def setup_for(spec: dict):
-    """The estimator's `TrainSetup` for one configuration (see the module docstring for the precision mapping)."""
+    """The estimator's `TrainSetup` for one configuration (the training's precision, bf16)."""
     from peftkit.memory import TrainSetup
 
-    if spec["method"] == "full":
-        return TrainSetup(method="full", precision="autocast", batch_size=spec["batch"], seq_len=SEQ,
-                          gradient_checkpointing=spec["ckpt"])
-    return TrainSetup(method=spec["method"], method_args=LORA, precision="mixed", batch_size=spec["batch"],
+    args = {} if spec["method"] == "full" else LORA
+    return TrainSetup(method=spec["method"], method_args=args, precision="bf16", batch_size=spec["batch"],
                       seq_len=SEQ, gradient_checkpointing=spec["ckpt"])
 
 
@@ -214,8 +211,8 @@ def report(results: list[dict], wall: float) -> str:
         f"fresh process, {results[0]['threads']} thread.",
         "",
         "*measured* = peak RSS over the steps minus the RSS before the model was loaded (weights + everything "
-        "training adds); *peak est.* = `estimate(...).peak_bytes` for the same setup (precision `autocast` for "
-        "full FT, `mixed` for LoRA/QLoRA: see the script's docstring), *sum* = `total_bytes`, the sum of all "
+        "training adds); *peak est.* = `estimate(...).peak_bytes` for the same setup (precision `bf16`, as "
+        "trained), *sum* = `total_bytes`, the sum of all "
         "components (an upper bound). *weights* = RSS after loading and preparing minus before (measured) vs the "
         "estimator's weight components; *growth* = peak minus RSS after loading vs the rest of `peak_bytes`.",
         "",
@@ -258,8 +255,8 @@ FINDINGS = """What the validation changed in `peftkit/memory.py`, and what remai
   full FT + checkpointing at batch 8 at 1.20x. New `Breakdown.peak_bytes`: weights + optimizer states + temporary
   weights + max(activations kept at the loss backward + logits/loss buffers, all gradients + one block's
   activations). `total_bytes` is unchanged (the upper bound `fits()` uses).
-- **Autocast activations.** Under `torch.autocast` with fp32 weights (full FT in peftkit's bf16 = the estimator's
-  `autocast`), the RMSNorm outputs stay fp32 and autocast casts a norm output separately for q, k and v (and for
+- **Autocast activations.** Under `torch.autocast` with fp32 weights (full FT in `bf16`, any method in
+  `bf16-autocast`), the RMSNorm outputs stay fp32 and autocast casts a norm output separately for q, k and v (and for
   gate and up): 30,380 bytes per token and block measured with saved-tensor hooks vs 24,620 modelled before; the
   model now gives 30,380.
 - **Left in (why some rows read 1.05-1.14):** the logits term counts `e + 4 + 8` bytes per logit (the model's

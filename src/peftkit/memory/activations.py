@@ -76,13 +76,13 @@ def activation_bytes(arch: Arch, setup: TrainSetup, s: Any, trainable: list[tupl
         saved_groups.discard("attn_out")  # SDPA keeps its output anyway, and it is the o_proj input
 
     # Per token of one block.
-    # Note: under torch.autocast with fp32 weights (precision "autocast") the RMSNorm output stays fp32 (kept in
-    # fp32 when the norm weight trains), and autocast casts an fp32 input to 16 bits separately for every linear
-    # that reads it (it caches casts of parameters only): q, k and v keep one copy each, as do gate and up. Measured
-    # with saved-tensor hooks on the bundled model, full fine-tuning, bf16 autocast: 30,380 bytes per token and
-    # block, which this now gives exactly (24,620 before: peaks underestimated by 6%); LoRA r=8 (no dropout) under
-    # autocast: 26,202 measured, 25,884 modelled.
-    autocast = setup.precision == "autocast"
+    # Note: with an fp32 residual stream under torch.autocast (every weight fp32: bf16-autocast, or the embedding
+    # trains under bf16 / fp16) the RMSNorm output stays fp32 (kept in fp32 when the norm weight trains), and
+    # autocast casts an fp32 input to 16 bits separately for every linear that reads it (it caches casts of
+    # parameters only): q, k and v keep one copy each, as do gate and up. Measured with saved-tensor hooks on the
+    # bundled model, full fine-tuning, bf16 autocast: 30,380 bytes per token and block, as modelled; LoRA r=8 (no
+    # dropout) under bf16-autocast: 26,202 measured, 25,884 modelled.
+    autocast = e < 4 and (setup.precision == "bf16-autocast" or any(n == "embed.weight" for n, _ in trainable))
     if arch.norm == "rmsnorm":
         norm_cost = 4 * h + 4 + ((4 if autocast else e) * h if norm_trainable else 0)
     else:

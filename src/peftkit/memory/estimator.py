@@ -10,14 +10,18 @@ as ``lora`` over an NF4 + double-quantized base (QLoRA, Dettmers et al. 2023).
 Bytes per parameter (SPECS section 4): fp32 4, fp16/bf16 2, int8 1, NF4/FP4/INT4 0.5; 4-bit quantization constants:
 one fp32 absmax per block of 64 = 0.5 bit/param, with double quantization ``8/64 + 32/(64*256)`` = 0.127 bit/param
 (4.127 bits/param in all). Only the linear layers inside the blocks are quantized; embeddings, the head, norms and
-biases stay in the 16-bit compute dtype, as bitsandbytes/QLoRA do. Mixed precision (``precision="mixed"``) follows the
-ZeRO accounting (Rajbhandari et al. 2020): a trainable parameter costs 2 (16-bit weight) + 2 (16-bit grad) + 4 (fp32
-master) + 4 + 4 (Adam m, v) = 16 bytes.
+biases stay in the 16-bit compute dtype, as bitsandbytes/QLoRA do.
 
-Optimizer states: AdamW keeps two states per trainable element (fp32, or the parameter dtype in pure 16-bit
-training). 8-bit AdamW (Dettmers et al. 2022): 1 byte per state + an fp32 absmax per block of 256; tensors under 4096
-elements keep 32-bit states. Paged optimizers (bitsandbytes) page tensors of >= 1e5 elements: their states are
-counted as host memory, with the largest paged tensor's states as the device working set.
+Precisions are those of training (``TrainConfig.precision``, `peftkit.hardware.PRECISIONS`), accounted as
+`peftkit.train.trainer.prepare_model` stores the weights: trainable parameters are fp32 in every precision (weight 4
++ gradient 4 + AdamW m, v 4 + 4 = 16 bytes, the mixed-precision figure of Rajbhandari et al. 2020); frozen weights
+are 16-bit in ``bf16`` / ``fp16`` and fp32 in ``fp32`` / ``bf16-autocast``; activations are in the compute dtype (16
+bits but in ``fp32``). ``auto`` is what `peftkit.hardware.resolve_precision` picks on this machine.
+
+Optimizer states: AdamW keeps two fp32 states per trainable element. 8-bit AdamW (Dettmers et al. 2022): 1 byte per
+state + an fp32 absmax per block of 256; tensors under 4096 elements keep 32-bit states. Paged optimizers
+(bitsandbytes) page tensors of >= 1e5 elements: their states are counted as host memory, with the largest paged
+tensor's states as the device working set.
 
 Activations: see `peftkit.memory.activations`.
 
@@ -27,7 +31,8 @@ the fp32 log-softmax kept for the loss backward (transformers upcasts logits to 
 item.
 
 Temporary weights: a quantized base dequantizes one linear at a time (the largest block weight, 16-bit); autocast
-keeps a 16-bit cast of every matmul weight for backward; SAID materialises a full copy of the weights.
+keeps a 16-bit cast of every fp32 matmul weight for backward (all of them in ``bf16-autocast``, the trainable ones in
+``bf16`` / ``fp16``); SAID materialises a full copy of the weights.
 
 The total (``total_bytes``) is the sum of all device components: an upper bound of the true peak, since not all of
 them coexist. ``peak_bytes`` models when they do (validated against measured peaks on the bundled model by
@@ -39,9 +44,9 @@ of them the larger of two moments of the backward pass:
 * the block backward: all weight gradients (an upper bound: the last ones appear as the first blocks' activations
   are freed) plus one block's activations (with checkpointing: the block inputs and the recomputed block).
 
-Without that overlap model, full fine-tuning of the bundled model at batch 2 x 256 (weight gradients as large as
-the activations plus the logits) was overestimated by 16%, and checkpointed runs by up to 20% (a recomputed block
-counted at the loss backward). What ``peak_bytes`` still leaves in: the logits term keeps the model's ``e`` bytes
+Summing instead overestimates full fine-tuning of the bundled model at batch 2 x 256 (weight gradients as large as
+the activations plus the logits) by 16%, and checkpointed runs by up to 20% (a recomputed block counted at the loss
+backward). What ``peak_bytes`` still leaves in: the logits term keeps the model's ``e`` bytes
 of logits through the loss backward, as a loop holding the model output does (Hugging Face's Trainer); peftkit's
 `sequence_loss` drops them first, so its peak is ``12 * b*s*V`` there (measured), ``e`` bytes per logit less.
 """
@@ -54,8 +59,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from peftkit import hardware
 from peftkit.core.config import Config
 from peftkit.core.registry import get_method, list_methods
+from peftkit.errors import PeftkitError
 from peftkit.memory.activations import activation_bytes
 from peftkit.memory.arch import Arch, load_arch
 
@@ -104,7 +111,8 @@ def count_trainable(arch: Arch | str | Mapping[str, Any], method: str, **setting
     return sum(k for _, k in trainable_tensors(load_arch(arch), method, settings))
 
 
-PRECISIONS = ("fp32", "bf16", "fp16", "mixed", "autocast")
+PRECISIONS = hardware.PRECISIONS  # the training names
+_RENAMED = {"mixed": "bf16", "autocast": "bf16-autocast"}  # names the estimator does not use, and the training name
 QUANTS = (None, "nf4", "fp4", "int4", "int8")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "sgd")
 _PAGE_MIN = 100_000  # bitsandbytes pages buffers of >= 1e5 elements
@@ -119,10 +127,9 @@ class TrainSetup:
         method: one of `METHODS`; ``"qlora"`` is LoRA over an NF4 + double-quantized base unless ``quant`` says
             otherwise.
         method_args: the method's settings (see `count_trainable`).
-        precision: ``fp32``; ``bf16``/``fp16`` (pure 16-bit: weights, grads and ``adamw`` states in 16 bits;
-            ``paged_adamw_32bit`` keeps fp32 states); ``mixed``
-            (16-bit weights and grads, fp32 master copy and states of the trainable parameters: the ZeRO
-            accounting); ``autocast`` (fp32 weights, grads and states, 16-bit compute via ``torch.autocast``).
+        precision: a training precision (`peftkit.hardware.PRECISIONS`): ``bf16`` / ``fp16`` (frozen weights 16-bit,
+            trainable ones fp32, 16-bit autocast), ``bf16-autocast`` (every weight fp32, bf16 autocast), ``fp32``, or
+            ``auto`` (resolved on construction by `peftkit.hardware.resolve_precision` for this machine).
         quant: base weight format of the frozen block linears: None, ``nf4``, ``fp4``, ``int4``, ``int8``.
         double_quant: quantize the 4-bit formats' absmax constants (QLoRA).
         quant_block: block size of the 4-bit formats.
@@ -136,7 +143,7 @@ class TrainSetup:
 
     method: str = "lora"
     method_args: Mapping[str, Any] = field(default_factory=dict)
-    precision: str = "mixed"
+    precision: str = "bf16"
     quant: str | None = None
     double_quant: bool = False
     quant_block: int = 64
@@ -149,6 +156,11 @@ class TrainSetup:
 
     def __post_init__(self) -> None:
         method_config(self.method, self.method_args)  # an unknown method or key is an error naming it
+        if self.precision in _RENAMED:
+            raise PeftkitError(f"precision {self.precision!r} is not a training precision: use "
+                               f"{_RENAMED[self.precision]!r} (precisions: {', '.join(PRECISIONS)})")
+        if self.precision == "auto":
+            object.__setattr__(self, "precision", hardware.resolve_precision("auto").name)
         for fname, value, allowed in (("precision", self.precision, PRECISIONS), ("quant", self.quant, QUANTS),
                                       ("optimizer", self.optimizer, OPTIMIZERS),
                                       ("attention", self.attention, ("sdpa", "eager")),
@@ -191,7 +203,7 @@ class Breakdown:
         params_trainable: trainable parameters.
         weights_frozen: frozen weights (quantized data for quantized layers).
         quant_constants: absmax / scale constants of quantized weights.
-        weights_trainable: trainable weights, incl. fp32 master copies in mixed precision.
+        weights_trainable: trainable weights (fp32 in every precision).
         gradients: weight gradients (+ the full-size gradient SAID routes through).
         optimizer_device: optimizer states on the device (for paged optimizers: the working set).
         optimizer_host: optimizer states paged out to host memory (not in ``total_bytes``).
@@ -296,12 +308,19 @@ def _state_bytes(numel: int, optimizer: str, state_dtype_bytes: int) -> int:
     return 2 * numel * (4 if optimizer.endswith("8bit") else state_dtype_bytes)
 
 
+def _matmul_weights(arch: Arch, tensors: list[tuple[str, int]]) -> int:
+    """Elements of the weight matrices among `tensors` that a matmul reads (not norms, not embedding lookups)."""
+    lookups = {"pos_embed.weight"} | (set() if arch.tied_embeddings else {"embed.weight"})
+    return sum(k for n, k in tensors if n.endswith(".weight") and "norm" not in n and n not in lookups
+               and not n.endswith("embedding.weight"))
+
+
 def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | None = None) -> Breakdown:
     """Estimate the memory of one training step.
 
     Args:
         arch_or_name: an `Arch`, a preset name, a ``config.json`` path or model folder, or a config dict.
-        setup: the training setup (defaults: LoRA with `LoRAConfig`'s defaults, mixed precision, AdamW, batch 1,
+        setup: the training setup (defaults: LoRA with `LoRAConfig`'s defaults, bf16, AdamW, batch 1,
             512 tokens).
 
     Returns:
@@ -320,7 +339,7 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
     bd = Breakdown(arch.name, setup, arch.num_params, n_trainable)
     prec, quant = setup.precision, setup.effective_quant
     e = 4 if prec == "fp32" else 2  # compute dtype (activations)
-    w16 = 4 if prec in ("fp32", "autocast") else 2  # storage of frozen weights
+    w16 = 2 if prec in ("bf16", "fp16") else 4  # storage of frozen weights
     if n_trainable == 0:
         bd.notes.append(f"{arch.name} has nothing to train with {method}")
 
@@ -344,13 +363,11 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
         bd.temp_weights += max(lin.weight_numel for lin in arch.linears) * 2  # one dequantized 16-bit weight
 
     # Trainable weights and gradients.
-    per_weight = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 6, "autocast": 4}[prec]
-    per_grad = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 2, "autocast": 4}[prec]
-    bd.weights_trainable = n_trainable * per_weight
-    bd.gradients = n_trainable * per_grad
+    bd.weights_trainable = 4 * n_trainable  # fp32 in every precision, and so are their gradients
+    bd.gradients = 4 * n_trainable
     if method in ("intrinsic_said", "sparse"):  # W0 + delta is rebuilt per layer; its gradient is full size
         projected = sum(lin.weight_numel for _, lin in arch.block_linears(s.target_modules))
-        bd.gradients += projected * (4 if prec in ("fp32", "autocast") else 2)
+        bd.gradients += projected * w16
         bd.temp_weights += projected * e
     if method == "intrinsic_said":
         # each projected matrix keeps its fixed Fastfood projection: Gaussian scales (fp32) and a permutation
@@ -363,12 +380,11 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
         bd.weights_frozen += 8 * n_trainable  # the int64 index of every trained entry
 
     # Optimizer states.
-    # torch's AdamW keeps states in the parameter dtype; the *_32bit optimizers always keep fp32 states
-    state_dtype = 2 if prec in ("bf16", "fp16") and not setup.optimizer.endswith("_32bit") else 4
+    # torch's AdamW keeps states in the parameter dtype: fp32
     paged = setup.optimizer.startswith("paged")
     working = 0
     for _, k in trainable:
-        st = _state_bytes(k, setup.optimizer.replace("paged_", "").replace("_32bit", ""), state_dtype)
+        st = _state_bytes(k, setup.optimizer.replace("paged_", "").replace("_32bit", ""), 4)
         if paged and k >= _PAGE_MIN:
             bd.optimizer_host += st
             working = max(working, st)
@@ -389,9 +405,11 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
         bd.logits_loss = setup.batch_size * seq * arch.vocab * (e + 4 + 8)
     else:
         bd.logits_loss = setup.batch_size * seq * arch.vocab * (e + 4)
-    if prec == "autocast" and n_trainable:
-        # torch.autocast keeps the 16-bit cast of each matmul weight for backward (all linears + head)
+    if prec == "bf16-autocast" and n_trainable:
+        # torch.autocast keeps the 16-bit cast of each fp32 matmul weight for backward (all linears + head)
         bd.temp_weights += 2 * (arch.block_linear_params + arch.vocab * arch.hidden)
+    elif prec in ("bf16", "fp16"):  # only the trainable weights are fp32
+        bd.temp_weights += 2 * _matmul_weights(arch, trainable)
 
     # Modelled peak: what coexists (module docstring). The sum above counted the weight gradients together with
     # every activation and the logits buffers, and, with checkpointing, a recomputed block during the loss
