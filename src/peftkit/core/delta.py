@@ -98,7 +98,7 @@ class DeltaWeightLayer(AdapterModule):
         """`effective_weight`, computed once while no gradient is taken and reused until an input changes.
 
         Generation calls every layer once per token; recomputing the update each time (a Fastfood transform of the
-        whole weight for SAID) made decoding hundreds of times slower. The key is the in-place version counter of
+        whole weight for SAID) makes decoding hundreds of times slower. The key is the in-place version counter of
         every input (an optimizer step, `load_adapter` or `merge` bumps it). Costs one weight-sized tensor per
         layer while cached; a forward with gradients drops it.
         """

@@ -834,7 +834,7 @@ class Trainer:
         except (OSError, ValueError, AttributeError) as e:
             raise PeftkitError(f"checkpoint {ckpt} is unreadable: {e}") from None
         if saved is None:
-            return  # written before checkpoints kept their config
+            return  # a checkpoint without its run's config: nothing to compare
         if world != self.world:
             raise PeftkitError(f"cannot resume {ckpt}: the run had {world} process(es), this one has {self.world} "
                                "(the data order, the batch and each rank's random state depend on it); resume with "
