@@ -23,10 +23,9 @@ The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc): every tensor above
 returned to the OS when freed, so the RSS follows live tensors instead of the allocator's high-water heap (glibc's
 adaptive threshold otherwise serves freed multi-MB tensors again from the heap, which it does not shrink).
 
-The mapping to the estimator's precisions: full fine-tuning under peftkit's bf16 is the estimator's ``autocast``
-(fp32 weights, grads and Adam states; autocast keeps a bf16 copy of every matmul weight for backward); LoRA / QLoRA
-under peftkit's bf16 is ``mixed`` (frozen weights in bf16, bf16 activations; the few trainable weights are fp32 in
-peftkit, which the ``mixed`` accounting of 16 bytes per trainable parameter covers within 2 bytes per parameter).
+The estimator takes the training's precision names: every row is estimated with ``precision="bf16"``, as trained
+(full fine-tuning: every weight trains, fp32, autocast keeps a bf16 copy of every matmul weight for backward; LoRA /
+QLoRA: frozen weights in bf16, bf16 activations, the trainable weights fp32).
 
 Run: ``python bench/memory_validation.py`` (about 10 minutes on 2 CPU cores); ``--quick`` runs batch 2 only.
 """
@@ -177,13 +176,11 @@ def worker(spec: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 def setup_for(spec: dict):
-    """The estimator's `TrainSetup` for one configuration (see the module docstring for the precision mapping)."""
+    """The estimator's `TrainSetup` for one configuration (the training's precision, bf16)."""
     from peftkit.memory import TrainSetup
 
-    if spec["method"] == "full":
-        return TrainSetup(method="full", precision="autocast", batch_size=spec["batch"], seq_len=SEQ,
-                          gradient_checkpointing=spec["ckpt"])
-    return TrainSetup(method=spec["method"], method_args=LORA, precision="mixed", batch_size=spec["batch"],
+    args = {} if spec["method"] == "full" else LORA
+    return TrainSetup(method=spec["method"], method_args=args, precision="bf16", batch_size=spec["batch"],
                       seq_len=SEQ, gradient_checkpointing=spec["ckpt"])
 
 
@@ -214,8 +211,8 @@ def report(results: list[dict], wall: float) -> str:
         f"fresh process, {results[0]['threads']} thread.",
         "",
         "*measured* = peak RSS over the steps minus the RSS before the model was loaded (weights + everything "
-        "training adds); *peak est.* = `estimate(...).peak_bytes` for the same setup (precision `autocast` for "
-        "full FT, `mixed` for LoRA/QLoRA: see the script's docstring), *sum* = `total_bytes`, the sum of all "
+        "training adds); *peak est.* = `estimate(...).peak_bytes` for the same setup (precision `bf16`, as "
+        "trained), *sum* = `total_bytes`, the sum of all "
         "components (an upper bound). *weights* = RSS after loading and preparing minus before (measured) vs the "
         "estimator's weight components; *growth* = peak minus RSS after loading vs the rest of `peak_bytes`.",
         "",
@@ -250,25 +247,22 @@ def report(results: list[dict], wall: float) -> str:
     return "\n".join(lines + ["", "Per row: measured phase peaks and the estimator's components:", ""] + details)
 
 
-FINDINGS = """What the validation changed in `peftkit/memory.py`, and what remains:
+FINDINGS = """What the validation found in the estimator (`peftkit.memory`), and what remains:
 
 - **Coexistence.** `total_bytes` sums every component; weight gradients do not coexist with the activations and
   the logits buffers (they appear as blocks' activations are freed), and with checkpointing no block is being
   recomputed while the logits buffers are alive. Summed, full FT at batch 2 came out at 1.16x the measured peak and
-  full FT + checkpointing at batch 8 at 1.20x. New `Breakdown.peak_bytes`: weights + optimizer states + temporary
-  weights + max(activations kept at the loss backward + logits/loss buffers, all gradients + one block's
-  activations). `total_bytes` is unchanged (the upper bound `fits()` uses).
-- **Autocast activations.** Under `torch.autocast` with fp32 weights (full FT in peftkit's bf16 = the estimator's
-  `autocast`), the RMSNorm outputs stay fp32 and autocast casts a norm output separately for q, k and v (and for
-  gate and up): 30,380 bytes per token and block measured with saved-tensor hooks vs 24,620 modelled before; the
-  model now gives 30,380.
+  full FT + checkpointing at batch 8 at 1.20x. `Breakdown.peak_bytes` models the overlap: weights + optimizer
+  states + temporary weights + max(activations kept at the loss backward + logits/loss buffers, all gradients +
+  one block's activations). `total_bytes` stays the sum (the upper bound `fits()` uses).
+- **Autocast activations.** Under `torch.autocast` with fp32 weights (full FT in `bf16`, any method in
+  `bf16-autocast`), the RMSNorm outputs stay fp32 and autocast casts a norm output separately for q, k and v (and for
+  gate and up): 30,380 bytes per token and block measured with saved-tensor hooks, as modelled.
 - **Left in (why some rows read 1.05-1.14):** the logits term counts `e + 4 + 8` bytes per logit (the model's
   16-bit logits kept through the loss backward, as a Hugging Face loop holding `outputs` does); peftkit's
   `sequence_loss` drops them before backward, and the measured loss-backward peak is exactly `12 * b*s*V` bytes
-  (+192 MiB in the estimate at batch 8). `tests/test_memory.py` pins `e + 4 + 8`, so it stays. Since the
-  trainer's per-example attention (no k/v repeat) and the 1-byte LoRA dropout masks (`nn.Dropout` kept a
-  16-bit mask), LoRA/QLoRA at batch 8 measure ~0.35 GB less than before; ~0.2 GB of the estimate's excess there
-  is not attributed yet (all rows stay within the 15% target).
+  (+192 MiB in the estimate at batch 8). `tests/test_memory.py` pins `e + 4 + 8`, so it stays. At batch 8,
+  ~0.2 GB of the estimate's excess for LoRA/QLoRA is not attributed (all rows stay within the 15% target).
 - **Not modelled (below 5% here):** ~50 MiB of process overhead after the first step (allocator, thread pools);
   the RoPE cos/sin. (With an attention mask, transformers' SDPA path repeats k and v to all heads; peftkit's
   training attention, `peftkit.train.packed_attention`, runs per example without a mask and keeps k and v at

@@ -17,6 +17,7 @@ from peftkit import memory as M
 from peftkit.core.adapter_io import apply_method
 from peftkit.errors import PeftkitError
 from peftkit.memory import TrainSetup, arch_from_config, count_trainable, estimate, load_arch
+from peftkit.memory.estimator import _quant_bytes
 
 
 def tiny_falcon(new_arch: bool) -> FalconForCausalLM:
@@ -183,21 +184,21 @@ def test_config_file_and_folder(tmp_path):
 # ------------------------------------------------------------------------------------------------ anchors
 
 def test_full_finetuning_16_bytes_per_param():
-    bd = estimate("llama-2-7b", TrainSetup(method="full", precision="mixed", optimizer="adamw"))
+    bd = estimate("llama-2-7b", TrainSetup(method="full", precision="bf16", optimizer="adamw"))
     per_param = (bd.weights_trainable + bd.gradients + bd.optimizer_device + bd.weights_frozen) / bd.params_total
     assert per_param == 16
     bd32 = estimate("llama-2-7b", TrainSetup(method="full", precision="fp32"))
     assert (bd32.weights_trainable + bd32.gradients + bd32.optimizer_device) / bd32.params_total == 16
-    bd8 = estimate("llama-2-7b", TrainSetup(method="full", precision="mixed", optimizer="adamw_8bit"))
+    bd8 = estimate("llama-2-7b", TrainSetup(method="full", precision="bf16", optimizer="adamw_8bit"))
     assert (bd8.weights_trainable + bd8.gradients + bd8.optimizer_device) / bd8.params_total == pytest.approx(
         10 + 2 * 4 / 256, abs=1e-3)
 
 
 def test_nf4_double_quant_bits_per_param():
     n = 4096 * 4096
-    data, const = M._quant_bytes(n, "nf4", 64, True, 4096)
+    data, const = _quant_bytes(n, "nf4", 64, True, 4096)
     assert 8 * (data + const) / n == pytest.approx(4.127, abs=5e-4)  # SPECS: 4.127 (bitsandbytes: 4.1274)
-    data, const = M._quant_bytes(n, "nf4", 64, False, 4096)
+    data, const = _quant_bytes(n, "nf4", 64, False, 4096)
     assert 8 * (data + const) / n == 4.5
 
 
@@ -239,45 +240,52 @@ class _Lora(nn.Module):
         return self.base(x) + self.b(self.a(x))
 
 
-def saved_bytes(layers: int, dtype: torch.dtype, method: str, attn: str = "sdpa", b: int = 2, s: int = 24) -> int:
-    """Bytes autograd keeps for backward (unique storages, parameters excluded) for one tiny-Llama forward."""
+def saved_bytes(layers: int, precision: str, method: str, attn: str = "sdpa", b: int = 2, s: int = 24) -> int:
+    """Bytes autograd keeps for backward (unique storages; parameters and autocast's casts of them excluded) for one
+    tiny-Llama forward, its weights stored as training stores them in `precision`."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                       attn_implementation=attn)
-    model = LlamaForCausalLM(cfg).to(dtype).train()
+    model = LlamaForCausalLM(cfg).train()
     for p in model.parameters():
         p.requires_grad_(method == "full")
     if method == "lora":
         for layer in model.model.layers:
             for t in ("q_proj", "v_proj"):
-                setattr(layer.self_attn, t, _Lora(getattr(layer.self_attn, t), 4).to(dtype))
+                setattr(layer.self_attn, t, _Lora(getattr(layer.self_attn, t), 4))
     elif method == "top_k_layers":
         for p in model.model.layers[-1].parameters():
             p.requires_grad_(True)
+    frozen = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}[precision]
+    for p in model.parameters():  # as prepare_model stores them: trainable fp32, frozen in the weight dtype
+        p.data = p.data.to(torch.float32 if p.requires_grad else frozen)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    fp32_weights = {tuple(p.shape) for p in model.parameters() if p.dim() == 2 and p.dtype == torch.float32}
     seen: dict[int, int] = {}
 
     def pack(t):
         st = t.untyped_storage()
-        if st.data_ptr() not in params:
+        cast = t.dtype == torch.bfloat16 and t.dim() == 2 and {tuple(t.shape), tuple(t.shape)[::-1]} & fp32_weights
+        if st.data_ptr() not in params and not cast:  # a cast weight (saved transposed) is a temporary weight
             seen.setdefault(st.data_ptr(), st.nbytes())
         return t
 
     ids = torch.randint(0, 96, (b, s))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision != "fp32"), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, labels=ids)
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("dtype,precision", [(torch.float32, "fp32"), (torch.bfloat16, "bf16")])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-autocast"])
 @pytest.mark.parametrize("method,args,attn", [
     ("full", {}, "sdpa"), ("lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "sdpa"), ("full", {}, "eager"),
     ("top_k_layers", {"k": 1}, "sdpa"),
 ])
-def test_hf_activation_model_is_exact_per_block(dtype, precision, method, args, attn):
+def test_hf_activation_model_is_exact_per_block(precision, method, args, attn):
     """One more block costs exactly what the model says (the difference of a 2- and a 1-block model)."""
-    measured = saved_bytes(2, dtype, method, attn) - saved_bytes(1, dtype, method, attn)
+    measured = saved_bytes(2, precision, method, attn) - saved_bytes(1, precision, method, attn)
     cfg = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 160,
            "num_attention_heads": 4, "num_key_value_heads": 2}
     setup = TrainSetup(method=method, method_args=args, precision=precision, batch_size=2, seq_len=24,
@@ -296,7 +304,7 @@ def test_activation_outside_blocks_close():
            "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2}
     bd = estimate(arch_from_config(cfg), TrainSetup(method="full", precision="fp32", batch_size=2, seq_len=24))
     logsoftmax = 2 * 24 * 96 * 4
-    assert bd.activations + logsoftmax == pytest.approx(saved_bytes(2, torch.float32, "full"), rel=0.05)
+    assert bd.activations + logsoftmax == pytest.approx(saved_bytes(2, "fp32", "full"), rel=0.05)
 
 
 def test_checkpointing_and_korthikanti():
@@ -324,7 +332,7 @@ def test_logits_dominate_small_model():
 def test_paged_and_8bit_optimizers():
     arch = load_arch("llama-2-7b")
     # r=64: every LoRA tensor has >= 1e5 elements, so all are paged (at r=16 q/k/v/o's 65,536 would stay)
-    base = dict(method="lora", method_args={"r": 64, "target_modules": "all-linear"}, precision="mixed")
+    base = dict(method="lora", method_args={"r": 64, "target_modules": "all-linear"}, precision="bf16")
     plain = estimate(arch, TrainSetup(optimizer="adamw", **base))
     paged = estimate(arch, TrainSetup(optimizer="paged_adamw_32bit", **base))
     assert paged.optimizer_host + paged.optimizer_device > plain.optimizer_device  # + working set
@@ -344,7 +352,7 @@ def test_compare_rows():
 def test_every_preset_method_and_setting_runs():
     for name in M.PRESETS:
         for setup in (TrainSetup(precision="fp32", optimizer="adamw_8bit"),
-                      TrainSetup(precision="autocast", optimizer="paged_adamw_8bit", gradient_checkpointing=True),
+                      TrainSetup(precision="bf16-autocast", optimizer="paged_adamw_8bit", gradient_checkpointing=True),
                       TrainSetup(precision="bf16", attention="eager", activation_model="korthikanti")):
             for method, bd in M.compare(name, setup).items():
                 biases = any(n.endswith(".bias") for n, _ in load_arch(name).param_tensors())
@@ -411,6 +419,25 @@ def test_errors():
     assert M.parse_bytes("24GB") == 24 * 10**9 and M.parse_bytes("24GiB") == 24 * 2**30
 
 
+def test_precisions_are_the_training_names(monkeypatch):
+    assert M.PRECISIONS == ("auto", "fp32", "bf16", "bf16-autocast", "fp16")
+    for old, new in (("mixed", "bf16"), ("autocast", "bf16-autocast")):
+        with pytest.raises(PeftkitError, match=f"precision '{old}' is not a training precision: use '{new}'"):
+            TrainSetup(precision=old)
+    for forced, resolved in (("1", "bf16"), ("0", "fp32")):  # auto: what resolve_precision picks here
+        monkeypatch.setenv("PEFTKIT_NATIVE_BF16", forced)
+        assert TrainSetup(precision="auto").precision == resolved
+    # full fine-tuning trains every weight (fp32 masters): bf16 stores the same tensors as bf16-autocast
+    full = {p: estimate("smollm2", TrainSetup(method="full", precision=p)) for p in ("bf16", "bf16-autocast")}
+    assert full["bf16"].as_dict() | {"setup": None} == full["bf16-autocast"].as_dict() | {"setup": None}
+    # LoRA: frozen weights in 16 bits under bf16 and fp32 under bf16-autocast; trainable ones fp32 in both
+    lora = {p: estimate("smollm2", TrainSetup(method="lora", precision=p)) for p in ("bf16", "bf16-autocast")}
+    assert lora["bf16-autocast"].weights_frozen == 2 * lora["bf16"].weights_frozen
+    n = lora["bf16"].params_trainable
+    assert lora["bf16"].weights_trainable == lora["bf16"].gradients == 4 * n
+    assert lora["bf16"].temp_weights == 2 * n  # autocast's bf16 casts of the fp32 LoRA matrices
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 def run_cli(argv, capsys):
@@ -435,6 +462,8 @@ def test_cli_table_json_plot(capsys, tmp_path):
     assert rc == 0 and "167K" in out and "1.4B" in out and "4,194,304" in out
     rc, _, err = run_cli(["no-such-model"], capsys)
     assert rc == 2 and "known presets" in err
+    rc, _, err = run_cli(["llama-2-7b", "--precision", "mixed"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "use 'bf16'" in err
 
 
 def test_cli_settings_are_the_train_clis(capsys):

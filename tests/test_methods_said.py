@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_llama
 
 from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter
+from peftkit.core.delta import merge_and_unload
 from peftkit.methods.intrinsic_said import Fastfood, SAIDLayer, fwht
-from peftkit.methods.selective import merge_and_unload
 
 
 def hadamard(n: int) -> torch.Tensor:

@@ -40,11 +40,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", default="lora", choices=M.METHODS,
                    help="a registered method (peftkit info --list-methods), or qlora: lora over an NF4 + "
                         "double-quantized base")
-    p.add_argument("--precision", default="mixed", choices=M.PRECISIONS,
-                   help="fp32; bf16/fp16: pure 16-bit (weights, grads, Adam states); mixed: 16-bit weights and grads, "
-                        "fp32 master copy and states of the trainable parameters (what peftkit's `precision: bf16` "
-                        "amounts to for PEFT methods); autocast: fp32 weights, grads and states, 16-bit compute "
-                        "(peftkit's bf16 for full fine-tuning). Default: mixed")
+    p.add_argument("--precision", default="bf16", metavar="{" + ",".join(M.PRECISIONS) + "}",
+                   help="the training precision (TrainConfig.precision): bf16/fp16: frozen weights 16-bit, trainable "
+                        "ones fp32, 16-bit autocast; bf16-autocast: every weight fp32, bf16 autocast; fp32; auto: "
+                        "what training would pick on this machine. Default: bf16")
     p.add_argument("--quant", default=None, choices=[q for q in M.QUANTS if q])
     p.add_argument("--double-quant", action="store_true")
     p.add_argument("--optimizer", default="adamw", choices=M.OPTIMIZERS)

@@ -13,7 +13,7 @@ ignores keys it does not know, with a warning), and ``peftkit generate`` / ``pef
 * ``prompt``: the system message and the instruction that all training rows shared (null when they differ), and
   how an instruction and the user's input were joined (`peftkit.data.formats.INPUT_FORMAT`).
 
-Adapters without the block (older peftkit, peft) load as before: nothing is applied.
+Adapters without the block (peft's own, or saved without a training context) load with nothing applied.
 """
 
 from __future__ import annotations

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peftkit.core import delta
 from peftkit.core.config import Config
+from peftkit.core.delta import DeltaWeightLayer, is_plain_linear, linear_targets, merge, unmerge
+from peftkit.core.hooks import HookReport
 from peftkit.core.inject import AdapterModule, freeze_all, inject, match_modules
 from peftkit.core.registry import Merging, register_method
 from peftkit.errors import PeftkitError
-from peftkit.methods import selective
-from peftkit.methods.prompt_tuning import HookReport
-from peftkit.methods.selective import DeltaWeightLayer, is_plain_linear, linear_targets, merge, unmerge
 
 if TYPE_CHECKING:
     from peftkit.memory import Arch
@@ -198,7 +198,7 @@ class SAIDLayer(DeltaWeightLayer):
 
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Fold every projected update into its base weight; return the model with plain layers and without theta_d."""
-    selective.merge_and_unload(model, dtype)
+    delta.merge_and_unload(model, dtype)
     if ATTRIBUTE in model._modules:
         delattr(model, ATTRIBUTE)
     return model

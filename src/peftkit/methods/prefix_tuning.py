@@ -34,11 +34,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from peftkit.core.config import Config
+from peftkit.core.hooks import HookReport, model_geometry, prepend_to_mask, split_call
 from peftkit.core.inject import AdapterModule, freeze_all
 from peftkit.core.registry import register_method
 from peftkit.errors import PeftkitError
-from peftkit.methods.prompt_tuning import HookReport, model_geometry, split_call
-from peftkit.methods.virtual_tokens import prepend_to_mask
 
 if TYPE_CHECKING:
     from peftkit.memory import Arch

@@ -27,19 +27,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 from transformers import DynamicCache
 
 from peftkit.core.config import Config
-from peftkit.core.inject import AdapterModule, InjectReport, freeze_all
+from peftkit.core.hooks import HookReport, model_geometry, prepend_to_mask, split_call
+from peftkit.core.inject import AdapterModule, freeze_all
 from peftkit.core.registry import register_method
 from peftkit.errors import PeftkitError
-from peftkit.methods.virtual_tokens import prepend_to_mask
 
 if TYPE_CHECKING:
     from peftkit.memory import Arch
 
-__all__ = ["HookReport", "PromptEncoder", "PromptTuningConfig", "model_geometry", "split_call"]
+__all__ = ["PromptEncoder", "PromptTuningConfig"]
 
 ATTRIBUTE = "peftkit_prompt"
 SAMPLE_VOCAB_SIZE = 5000  # the paper samples from the 5000 most common tokens; we take the first 5000 ids
@@ -87,47 +86,6 @@ class PromptTuningConfig(Config):
         if self.prompt_tuning_init == "TEXT" and not self.tokenizer_name_or_path:
             fields["tokenizer_name_or_path"] = _model_folder(model)  # peft's config requires one for TEXT
         return fields
-
-
-def model_geometry(model: nn.Module) -> dict[str, int]:
-    """Layers, hidden size, attention heads, key/value heads and head size from a transformers config."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "num_hidden_layers"):
-        raise PeftkitError(f"{type(model).__name__} has no transformers config (num_hidden_layers, hidden_size)")
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": heads, "kv_heads": kv_heads,
-            "head_dim": head_dim}
-
-
-@dataclasses.dataclass
-class HookReport(InjectReport):
-    """An `InjectReport` for methods that add a module and hooks to the model; `restore` takes both away."""
-
-    attribute: str = ""
-    handles: list[RemovableHandle] = dataclasses.field(default_factory=list, repr=False)
-
-    def restore(self, model: nn.Module) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        if self.attribute and self.attribute in model._modules:
-            delattr(model, self.attribute)
-        super().restore(model)
-
-
-def split_call(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call's arguments as one dict, with the cache under ``cache`` (transformers' current name)."""
-    kwargs = dict(kwargs)
-    if len(args) > 1:
-        raise PeftkitError("call a prompt-learning model with keyword arguments (input_ids=..., attention_mask=...)")
-    if args:
-        kwargs["input_ids"] = args[0]
-    if "past_key_values" in kwargs:
-        kwargs["cache"] = kwargs.pop("past_key_values")
-    return kwargs
 
 
 class PromptEncoder(nn.Module, AdapterModule):

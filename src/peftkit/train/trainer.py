@@ -369,6 +369,35 @@ class DivergenceGuard:
                            f"saved): {last or 'none (set save_every)'}; {advice}.")
 
 
+@dataclasses.dataclass
+class _RunState:
+    """What one training run carries from step to step: built by `Trainer._start`, advanced by `Trainer._step`."""
+
+    model: nn.Module  # as prepared by Accelerate (DDP-wrapped with several processes)
+    optimizer: Any
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    trainable: dict[str, nn.Parameter]
+    ewc: EWCAnchor | None
+    guard: DivergenceGuard
+    batches: Iterator[tuple[int, int, dict[str, torch.Tensor]]]
+    step: int  # optimizer steps taken
+    epoch: int  # data position: the next micro-batch is number `micro` of `epoch`
+    micro: int
+    history: list[dict[str, Any]]
+    best: dict[str, Any] | None  # the save_best metric's best evaluation so far
+    log_path: Path
+    peak: float | None
+    progress: Any
+    t_start: float
+    tokens: int = 0
+    target_tokens: int = 0
+    loss_value: float = float("nan")
+    total_flops: float = 0.0
+    eval_loss: float | None = None
+    eval_seconds: float = 0.0  # time spent evaluating is not training time (throughput, MFU)
+
+
 class Trainer:
     """Fine-tune a model with one method, as `cfg` says.
 
@@ -594,6 +623,21 @@ class Trainer:
                 "the cause and train again with --resume")
 
     def _run(self, until_step: int | None) -> TrainResult:
+        state = self._start()
+        stop = min(until_step or self.total_steps, self.total_steps)
+        while state.step < stop:
+            record = self._step(state)
+            if self.cfg.eval_every and state.step % self.cfg.eval_every == 0:
+                self._evaluate_during(state, record)
+            self._log(state, record)
+            if self.cfg.save_every and state.step % self.cfg.save_every == 0:
+                self._save_checkpoint(state)
+            self.accelerator.wait_for_everyone()
+        return self._finish(state)
+
+    def _start(self) -> _RunState:
+        """Optimizer, scheduler and scaler; calibration and the EWC anchor; on resume, the checkpoint's weights,
+        optimizer state and data position. Then the model is prepared for (distributed) training."""
         cfg, acc = self.cfg, self.accelerator
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if not trainable:
@@ -602,11 +646,10 @@ class Trainer:
         scheduler = self._scheduler(optimizer)
         # fp16 gradients are scaled against underflow (a pass-through in every other precision)
         scaler = torch.amp.GradScaler(acc.device.type, enabled=self.precision.grad_scaler)
-        spec = get_method(cfg.method)
-        calibrate = getattr(spec, "calibrate", None)
+        calibrate = get_method(cfg.method).calibrate
         step, epoch, micro = 0, 0, 0
         history: list[dict[str, Any]] = []
-        best: dict[str, Any] | None = None  # the save_best metric's best evaluation so far
+        best: dict[str, Any] | None = None
         if calibrate is not None:  # before resuming too: same batches + untouched base = same selection
             calibrate(self.model, cfg.method_settings(), list(itertools.islice(self._micro_batches(0, 0), 4)))
         ewc = None
@@ -621,17 +664,17 @@ class Trainer:
             if ckpt is None:  # the other processes (the main one checked it when it claimed the folder)
                 raise PeftkitError(f"--resume: {self.output_dir} has no checkpoint to resume from")
             self._check_resumed_config(ckpt)  # before loading: a changed r would otherwise fail on shapes
-            state = load_checkpoint(ckpt, trainable, optimizer, scheduler, self.rank)
-            step, epoch, micro = state["step"], state["epoch"], state["micro"]
-            history = state.get("history", [])
-            best = state.get("best")
+            saved = load_checkpoint(ckpt, trainable, optimizer, scheduler, self.rank)
+            step, epoch, micro = saved["step"], saved["epoch"], saved["micro"]
+            history = saved.get("history", [])
+            best = saved.get("best")
             # the restored schedule keeps its step; lr and the schedule's shape come from this run's config
             scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
             for group, value in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
                 group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * value(scheduler.last_epoch)
             scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-            if "grad_scaler" in state:
-                scaler.load_state_dict(state["grad_scaler"])
+            if "grad_scaler" in saved:
+                scaler.load_state_dict(saved["grad_scaler"])
             if self.is_main:
                 print(f"peftkit: resumed from {ckpt} at step {step}", file=sys.stderr)
         model, optimizer = acc.prepare(self.model, optimizer)
@@ -644,124 +687,139 @@ class Trainer:
         if self.is_main:
             self._write_run_info(peak)
         self.tracking.start(acc, cfg.to_dict())
-        stop = min(until_step or self.total_steps, self.total_steps)
-        batches = self._batches(epoch, micro)
-        progress = _progress(self.total_steps, step, cfg.progress and self.is_main)
-        guard = DivergenceGuard(cfg.skip_bad_steps, self.output_dir, self.precision.name, history)
-        t_start, tokens, target_tokens, loss_value = time.perf_counter(), 0, 0, float("nan")
-        total_flops = 0.0
-        eval_loss, eval_seconds = None, 0.0  # time spent evaluating is not training time (throughput, MFU)
-        while step < stop:
-            t0 = time.perf_counter()
-            group = [next(batches) for _ in range(cfg.grad_accum)]
-            epoch, micro = group[-1][0], group[-1][1] + 1
-            n_targets = self._global_sum(sum(int(b["labels"][:, 1:].ne(IGNORE).sum()) for _, _, b in group))
-            step_loss, penalty_value, step_flops = 0.0, None, 0.0
-            for i, (_, _, batch) in enumerate(group):
-                last = i == len(group) - 1
-                sync = contextlib.nullcontext() if last else acc.no_sync(model)
-                with sync, self.autocast():
-                    loss_sum, _ = sequence_loss(model, batch)
-                    # sum over this micro-batch / targets in the whole step, x world: DDP averages over ranks
-                    loss = loss_sum * (self.world / max(n_targets, 1))
-                    if ewc is not None and last:  # once per step, on every rank (the DDP average keeps it whole)
-                        penalty = ewc.penalty(trainable)
-                        loss = loss + penalty
-                        penalty_value = penalty.item()
-                    acc.backward(scaler.scale(loss))
-                step_loss += loss_sum.item()
-                real = int(batch["segment_ids"].ge(0).sum())
-                tokens += real
-                step_flops += self.flops.step(real, int(batch["labels"][:, 1:].ne(IGNORE).sum()),
-                                              attention_pairs(batch["segment_ids"], batch.get("prefix_lengths")))
-            step_loss = self._global_sum_float(step_loss) / max(n_targets, 1)  # the task loss, without the penalty
-            scaler.unscale_(optimizer)
-            # the norm before clipping (clipping to inf only measures it)
-            grad_norm = float(acc.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm or math.inf))
-            fault = guard.check(step + 1, step_loss, grad_norm, scaler.is_enabled())
-            if fault == "skip":
-                optimizer.zero_grad(set_to_none=True)  # this step's update is dropped: weights and state untouched
-            else:
-                scale = scaler.get_scale()
-                scaler.step(optimizer)  # skipped by the fp16 scaler when a gradient overflowed
-                scaler.update()
-                if scaler.get_scale() >= scale:  # the scaler lowers its scale exactly when it skipped the step
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if not all(bool(torch.isfinite(p).all()) for p in trainable.values()):
-                    guard.stop(step + 1, "an update made trainable weights non-finite (the learning rate is far "
-                                         "too high)")
-            step += 1
-            target_tokens += n_targets
-            loss_value = step_loss
-            dt = time.perf_counter() - t0
-            step_flops = self._global_sum_float(step_flops)
-            total_flops += step_flops
-            flops_per_s = step_flops / dt
-            record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else str(grad_norm),
-                      "target_tokens_per_s": round(n_targets / dt, 1), "epoch": epoch,
-                      "model_flops_per_s": _significant(flops_per_s)}
-            if peak:
-                record["mfu"] = _significant(flops_per_s / (peak * self.world))
-            if penalty_value is not None:
-                record["ewc_penalty"] = round(penalty_value, 6)
-            if fault == "skip":
-                record["skipped"] = True
-            history.append({"step": step, "loss": step_loss})
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                t_eval = time.perf_counter()
-                eval_loss = self.evaluate()
-                scores = {"eval_loss": eval_loss, **self.evaluate_generation()}
-                record.update(scores)
-                history[-1].update(scores)
-                if cfg.save_best and eval_loss is not None and self.is_main:
-                    best = self._keep_best(best, scores, step)
-                eval_seconds += time.perf_counter() - t_eval
-            if self.is_main and step % cfg.log_every == 0:
-                with writing(log_path), log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            self.tracking.log(record, step)
-            progress.update(1)
-            postfix = {"loss": f"{step_loss:.4f}", "tok_s": f"{n_targets / dt:.0f}",
-                       "GFLOP/s": f"{flops_per_s / 1e9:.0f}"}
-            if peak:
-                postfix["mfu"] = f"{record['mfu']:.0%}"
-            progress.set_postfix(postfix)
-            if cfg.save_every and step % cfg.save_every == 0:
-                weights = trainable_state_dict(acc.unwrap_model(model))
-                if not all(bool(torch.isfinite(t).all()) for t in weights.values()):  # never save a broken state
-                    guard.stop(step, "trainable weights are non-finite")  # on every rank: the weights are equal
-                # every rank's generators (dropout draws differ with each rank's batch shapes), gathered to rank 0
-                rng = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
-                if self.is_main:
-                    position = {"epoch": epoch, "micro": micro, "rank": self.rank, "world": self.world,
-                                "history": history, "config": cfg.to_dict(), "best": best}
-                    if scaler.is_enabled():
-                        position["grad_scaler"] = scaler.state_dict()
-                    save_checkpoint(self.output_dir, step, weights, optimizer, scheduler, position,
-                                    cfg.keep_checkpoints, rng)
-            acc.wait_for_everyone()
-        progress.close()
-        train_seconds = time.perf_counter() - t_start - eval_seconds
-        self.history = history
+        return _RunState(
+            model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, trainable=trainable, ewc=ewc,
+            guard=DivergenceGuard(cfg.skip_bad_steps, self.output_dir, self.precision.name, history),
+            batches=self._batches(epoch, micro), step=step, epoch=epoch, micro=micro, history=history, best=best,
+            log_path=log_path, peak=peak, progress=_progress(self.total_steps, step, cfg.progress and self.is_main),
+            t_start=time.perf_counter())
+
+    def _step(self, state: _RunState) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches; the step's metrics record."""
+        cfg, acc = self.cfg, self.accelerator
+        optimizer, scheduler, scaler, trainable = state.optimizer, state.scheduler, state.scaler, state.trainable
+        t0 = time.perf_counter()
+        group = [next(state.batches) for _ in range(cfg.grad_accum)]
+        state.epoch, state.micro = group[-1][0], group[-1][1] + 1
+        n_targets = self._global_sum(sum(int(b["labels"][:, 1:].ne(IGNORE).sum()) for _, _, b in group))
+        step_loss, penalty_value, step_flops = 0.0, None, 0.0
+        for i, (_, _, batch) in enumerate(group):
+            last = i == len(group) - 1
+            sync = contextlib.nullcontext() if last else acc.no_sync(state.model)
+            with sync, self.autocast():
+                loss_sum, _ = sequence_loss(state.model, batch)
+                # sum over this micro-batch / targets in the whole step, x world: DDP averages over ranks
+                loss = loss_sum * (self.world / max(n_targets, 1))
+                if state.ewc is not None and last:  # once per step, on every rank (the DDP average keeps it whole)
+                    penalty = state.ewc.penalty(trainable)
+                    loss = loss + penalty
+                    penalty_value = penalty.item()
+                acc.backward(scaler.scale(loss))
+            step_loss += loss_sum.item()
+            real = int(batch["segment_ids"].ge(0).sum())
+            state.tokens += real
+            step_flops += self.flops.step(real, int(batch["labels"][:, 1:].ne(IGNORE).sum()),
+                                          attention_pairs(batch["segment_ids"], batch.get("prefix_lengths")))
+        step_loss = self._global_sum_float(step_loss) / max(n_targets, 1)  # the task loss, without the penalty
+        scaler.unscale_(optimizer)
+        # the norm before clipping (clipping to inf only measures it)
+        grad_norm = float(acc.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm or math.inf))
+        fault = state.guard.check(state.step + 1, step_loss, grad_norm, scaler.is_enabled())
+        if fault == "skip":
+            optimizer.zero_grad(set_to_none=True)  # this step's update is dropped: weights and state untouched
+        else:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped by the fp16 scaler when a gradient overflowed
+            scaler.update()
+            if scaler.get_scale() >= scale:  # the scaler lowers its scale exactly when it skipped the step
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not all(bool(torch.isfinite(p).all()) for p in trainable.values()):
+                state.guard.stop(state.step + 1, "an update made trainable weights non-finite (the learning rate "
+                                                 "is far too high)")
+        state.step += 1
+        state.target_tokens += n_targets
+        state.loss_value = step_loss
+        dt = time.perf_counter() - t0
+        step_flops = self._global_sum_float(step_flops)
+        state.total_flops += step_flops
+        flops_per_s = step_flops / dt
+        record = {"step": state.step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else str(grad_norm),
+                  "target_tokens_per_s": round(n_targets / dt, 1), "epoch": state.epoch,
+                  "model_flops_per_s": _significant(flops_per_s)}
+        if state.peak:
+            record["mfu"] = _significant(flops_per_s / (state.peak * self.world))
+        if penalty_value is not None:
+            record["ewc_penalty"] = round(penalty_value, 6)
+        if fault == "skip":
+            record["skipped"] = True
+        state.history.append({"step": state.step, "loss": step_loss})
+        return record
+
+    def _evaluate_during(self, state: _RunState, record: dict[str, Any]) -> None:
+        """Eval loss and `eval_metric` scores into the record and the history; the best adapter with `save_best`."""
+        t_eval = time.perf_counter()
+        state.eval_loss = self.evaluate()
+        scores = {"eval_loss": state.eval_loss, **self.evaluate_generation()}
+        record.update(scores)
+        state.history[-1].update(scores)
+        if self.cfg.save_best and state.eval_loss is not None and self.is_main:
+            state.best = self._keep_best(state.best, scores, state.step)
+        state.eval_seconds += time.perf_counter() - t_eval
+
+    def _log(self, state: _RunState, record: dict[str, Any]) -> None:
+        """The record to ``metrics.jsonl`` (every `log_every` steps), the trackers and the progress bar."""
+        if self.is_main and state.step % self.cfg.log_every == 0:
+            with writing(state.log_path), state.log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.tracking.log(record, state.step)
+        state.progress.update(1)
+        postfix = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['target_tokens_per_s']:.0f}",
+                   "GFLOP/s": f"{record['model_flops_per_s'] / 1e9:.0f}"}
+        if state.peak:
+            postfix["mfu"] = f"{record['mfu']:.0%}"
+        state.progress.set_postfix(postfix)
+
+    def _save_checkpoint(self, state: _RunState) -> None:
+        """Trainable weights, optimizer, scheduler, every rank's RNG and the data position (main process writes)."""
+        weights = trainable_state_dict(self.accelerator.unwrap_model(state.model))
+        if not all(bool(torch.isfinite(t).all()) for t in weights.values()):  # never save a broken state
+            state.guard.stop(state.step, "trainable weights are non-finite")  # on every rank: the weights are equal
+        # every rank's generators (dropout draws differ with each rank's batch shapes), gathered to rank 0
+        rng = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        if self.is_main:
+            position = {"epoch": state.epoch, "micro": state.micro, "rank": self.rank, "world": self.world,
+                        "history": state.history, "config": self.cfg.to_dict(), "best": state.best}
+            if state.scaler.is_enabled():
+                position["grad_scaler"] = state.scaler.state_dict()
+            save_checkpoint(self.output_dir, state.step, weights, state.optimizer, state.scheduler, position,
+                            self.cfg.keep_checkpoints, rng)
+
+    def _finish(self, state: _RunState) -> TrainResult:
+        """At the end of training: final evaluation, the adapter, the loss plot; then free the optimizer."""
+        acc = self.accelerator
+        state.progress.close()
+        train_seconds = time.perf_counter() - state.t_start - state.eval_seconds
+        self.history = state.history
         adapter_dir = None
-        if step >= self.total_steps:
-            eval_loss = self.evaluate()
-            final = {"eval_loss": eval_loss, **self.evaluate_generation()} if eval_loss is not None else {}
+        if state.step >= self.total_steps:
+            state.eval_loss = self.evaluate()
+            final = {"eval_loss": state.eval_loss, **self.evaluate_generation()} if state.eval_loss is not None else {}
             self.final_scores = final
             if self.is_main:
-                adapter_dir = save_adapter(acc.unwrap_model(model), self.output_dir / "adapter")
-                _plot_loss(history, self.output_dir / "loss.png")
-                self.tracking.log({f"final/{k}": v for k, v in final.items()}, step)
-                self.tracking.log_plot(self.output_dir / "loss.png", step)
+                adapter_dir = save_adapter(acc.unwrap_model(state.model), self.output_dir / "adapter")
+                _plot_loss(state.history, self.output_dir / "loss.png")
+                self.tracking.log({f"final/{k}": v for k, v in final.items()}, state.step)
+                self.tracking.log_plot(self.output_dir / "loss.png", state.step)
             acc.wait_for_everyone()
         self.tracking.finish()
-        del optimizer, scheduler, ewc
+        state.optimizer = state.scheduler = state.ewc = None
         acc.free_memory()  # the accelerator's references to the optimizer, then gc
         _trim_host_memory()
-        return TrainResult(self.output_dir, adapter_dir, step, loss_value, eval_loss, train_seconds,
-                           target_tokens, tokens, self.params, self.precision.name, total_flops, peak, self.world)
+        return TrainResult(self.output_dir, adapter_dir, state.step, state.loss_value, state.eval_loss, train_seconds,
+                           state.target_tokens, state.tokens, self.params, self.precision.name, state.total_flops,
+                           state.peak, self.world)
 
     RESUME_MAY_CHANGE = frozenset({"lr", "scheduler", "warmup_ratio", "max_steps", "epochs", "eval_data",
                                    "eval_every", "eval_metric", "eval_samples", "eval_max_new_tokens", "save_best",
@@ -776,7 +834,7 @@ class Trainer:
         except (OSError, ValueError, AttributeError) as e:
             raise PeftkitError(f"checkpoint {ckpt} is unreadable: {e}") from None
         if saved is None:
-            return  # written before checkpoints kept their config
+            return  # a checkpoint without its run's config: nothing to compare
         if world != self.world:
             raise PeftkitError(f"cannot resume {ckpt}: the run had {world} process(es), this one has {self.world} "
                                "(the data order, the batch and each rank's random state depend on it); resume with "
