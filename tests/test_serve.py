@@ -487,8 +487,8 @@ def test_requests_admitted_together_are_prefilled_together_as_each_alone(base, t
     ids = [tok(prompt_text(tok, [{"role": "user", "content": p}]), add_special_tokens=False)["input_ids"]
            for _, p, _ in jobs]
 
-    def serve(max_batch: int, batch_prefill: bool, together: bool) -> tuple[list[str], dict]:
-        engine = Engine(model, tok, "base", max_batch=max_batch, batch_prefill=batch_prefill)
+    def serve(max_batch: int, max_prefill_tokens: int, together: bool) -> tuple[list[str], dict]:
+        engine = Engine(model, tok, "base", max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
         for name, folder in folders.items():
             engine.add_adapter(name, read_lora(folder, model))
         done: dict[int, Finished] = {}
@@ -512,14 +512,22 @@ def test_requests_admitted_together_are_prefilled_together_as_each_alone(base, t
         assert [done[i].completion_tokens for i in range(len(jobs))] == [n for _, _, n in jobs]
         return [done[i].text for i in range(len(jobs))], dict(engine.stats)
 
-    alone, stats = serve(1, True, together=False)
+    alone, stats = serve(1, 8192, together=False)
     assert stats["max_prefill_rows"] == 1 and stats["max_rows"] == 1
     assert len(set(alone)) == len(alone)
-    together, stats = serve(4, True, together=True)
+    together, stats = serve(4, 8192, together=True)
     assert together == alone
     assert stats["prefills"] == 2 and stats["max_prefill_rows"] == 4 and stats["joined_running_batch"] == 2
-    one_by_one, stats = serve(4, False, together=True)  # what bench/serve.py compares against
+    # a budget of padded tokens per pass splits the groups, shortest prompts together
+    lengths = sorted(len(x) for x in ids[:4])
+    assert lengths[1] < lengths[2]
+    split, stats = serve(4, 2 * lengths[1], together=True)
+    assert split == alone and stats["max_prefill_rows"] == 2
+    assert stats["prefills"] == 3 + 2  # the two shortest together, the others alone; then the two long ones alone
+    one_by_one, stats = serve(4, 1, together=True)  # what bench/serve.py compares against
     assert one_by_one == alone and stats["prefills"] == len(jobs)
+
+
 
 
 # ---- adapters trained by `Trainer` answer in their recorded training context

@@ -46,6 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", help="named chat template for models without one (chatml, alpaca)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192,
+                   help="padded prompt tokens (requests x longest prompt) prefilled in one forward pass at most")
     p.add_argument("--max-model-len", type=int, help="prompt + new tokens at most (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens of a chat request that sets none")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -112,7 +114,8 @@ def build_engine(args: argparse.Namespace):
     if base_name in names:
         raise PeftkitError(f"adapter name {base_name!r} is the base model's name; choose another")
     engine = Engine(model, tokenizer, base_name, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_model_len=args.max_model_len, base_fingerprint=base_fingerprint,
+                    max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
+                    base_fingerprint=base_fingerprint,
                     allow_base_mismatch=args.allow_base_mismatch)
     for name, path in args.adapter:  # all read and checked before the port opens
         engine.add_adapter(name, read_lora(path, model))

@@ -4,8 +4,8 @@ Each iteration of the loop (`Engine._loop`):
 
 1. runs the adapter loads and unloads asked for since the last one (never during a forward pass);
 2. admits waiting requests up to `max_batch` and prefills them together: their prompts left-padded into one
-   forward pass, each row with its own adapter, each with the positions it has alone; their KV cache rows then
-   join the batch's;
+   forward pass (several when they hold more than `max_prefill_tokens` padded tokens), each row with its own
+   adapter and the positions it has alone; their KV cache rows then join the batch's;
 3. runs one decode step for every row (one forward pass, each row with its own adapter, `LoRABatch`), then
    drops the rows that finished, were cancelled, or hit a stop string.
 
@@ -158,15 +158,17 @@ class Engine:
         base_fingerprint: `fingerprint` of the base before it was quantized (default: computed from `model`; a
             quantized `model` has none, and then adapters cannot be checked against it).
         allow_base_mismatch: serve adapters trained on another base (with a warning) instead of refusing them.
-        batch_prefill: prefill the requests admitted together in one forward pass (False: one at a time, to
-            measure what batching them saves).
+        max_prefill_tokens: padded prompt tokens (rows x longest prompt) in one prefill forward pass at most: the
+            requests admitted together are prefilled in as few passes as that allows, each at least in its own
+            (it bounds the memory of the attention scores, which grows with rows x length^2; 1: one at a time).
     """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_name: str, max_batch: int = 16,
                  max_queue: int = 64, max_model_len: int | None = None, base_fingerprint: str | None = None,
-                 allow_base_mismatch: bool = False, batch_prefill: bool = True) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise PeftkitError(f"max_batch must be >= 1 and max_queue >= 0; got {max_batch} and {max_queue}")
+                 allow_base_mismatch: bool = False, max_prefill_tokens: int = 8192) -> None:
+        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
+            raise PeftkitError(f"max_batch and max_prefill_tokens must be >= 1 and max_queue >= 0; got {max_batch}, "
+                               f"{max_prefill_tokens} and {max_queue}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.base_name = base_name
@@ -183,7 +185,7 @@ class Engine:
         self.base_fingerprint = base_fingerprint or fingerprint(model)
         self.quantization = _quantization(model)
         self.allow_base_mismatch = allow_base_mismatch
-        self.batch_prefill = batch_prefill
+        self.max_prefill_tokens = max_prefill_tokens
         self.lora = LoRABatch(model)
         self.folders: dict[str, str] = {}
         self.contexts: dict[str, TrainingContext | None] = {}
@@ -463,9 +465,8 @@ class Engine:
         fresh = [g for g in admitted if not g.done]
         if self._rows:
             self.stats["joined_running_batch"] += len(fresh)
-        for group in [fresh] if self.batch_prefill else [[g] for g in fresh]:
-            if group:
-                self._prefill(group)
+        for group in _prefill_groups(fresh, self.max_prefill_tokens):
+            self._prefill(group)
         self._keep([g for g in self._rows if not g.done])
         if self._rows:
             self._decode()
@@ -614,6 +615,18 @@ class Engine:
             layer.keys = layer.keys.index_select(0, keep)[:, :, first:]
             layer.values = layer.values.index_select(0, keep)[:, :, first:]
         self._rows = rows
+
+
+def _prefill_groups(gens: list[Generation], budget: int) -> list[list[Generation]]:
+    """`gens` in groups of rows x longest prompt <= `budget` tokens (a longer prompt alone), shortest prompts first:
+    prompts of similar lengths go together, with little padding."""
+    groups: list[list[Generation]] = []
+    for gen in sorted(gens, key=lambda g: len(g.prompt_ids)):
+        if groups and (len(groups[-1]) + 1) * len(gen.prompt_ids) <= budget:
+            groups[-1].append(gen)
+        else:
+            groups.append([gen])
+    return groups
 
 
 def _quantization(model: nn.Module) -> Quantization | None:
