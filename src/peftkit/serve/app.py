@@ -5,7 +5,9 @@ Routes (all under an optional API key, ``Authorization: Bearer KEY``, except ``/
 * ``POST /v1/chat/completions`` and ``POST /v1/completions``: the ``model`` field names the base model or an
   adapter; ``stream: true`` sends server-sent events ending with ``data: [DONE]``;
 * ``GET /v1/models`` (and ``/v1/models/{name}``): what can be asked for;
-* ``POST /v1/adapters`` ``{"name": ..., "path": ...}`` loads a LoRA adapter folder (a path on the server),
+* ``POST /v1/adapters`` ``{"name": ..., "path": ...}`` loads a LoRA adapter folder (a path on the server; one
+  trained on other base weights gets 400 ``base_mismatch`` unless ``"allow_base_mismatch": true``; the reply's
+  ``warnings`` say what else differs from its training, e.g. a QLoRA adapter on a full-precision base),
   ``DELETE /v1/adapters/{name}`` unloads one once its requests in flight have finished;
 * ``GET /health``: whether the server takes requests, and how many are decoding and waiting.
 
