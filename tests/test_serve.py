@@ -526,6 +526,8 @@ def test_requests_admitted_together_are_prefilled_together_as_each_alone(base, t
     assert stats["prefills"] == 3 + 2  # the two shortest together, the others alone; then the two long ones alone
     one_by_one, stats = serve(4, 1, together=True)  # what bench/serve.py compares against
     assert one_by_one == alone and stats["prefills"] == len(jobs)
+    with pytest.raises(PeftkitError, match="max_prefill_tokens must be >= 1"):
+        Engine(model, tok, "base", max_prefill_tokens=0)
 
 
 
@@ -745,6 +747,12 @@ def test_qlora_adapter_is_served_on_the_base_quantized_as_trained(trained, capsy
             assert h.get("/v1/models/q2").json()["warnings"] == r.json()["warnings"]
     finally:
         server.stop()
+    # a base quantized before the engine got it has no fingerprint left: the adapter is served, unchecked
+    model, tok = load_model(trained["base"])
+    read_context(qlora).quantization.apply(model)
+    engine = Engine(model, tok, "nf4-base")
+    [warning] = engine.check_adapter("q", read_lora(qlora, model))  # stored as trained: no other warning
+    assert "was quantized before its fingerprint was taken: it cannot be checked" in warning
     assert main(["serve", "--adapter", f"q={qlora}", "--adapter", f"o={orders}"]) == 2
     assert ("different base formats (q: NF4 + double quant (block 64), o: full precision); choose one with "
             "--quantize") in capsys.readouterr().err
