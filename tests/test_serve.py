@@ -1,11 +1,15 @@
 """`peftkit serve`: a live server on loopback answering the real `openai` client, mixed-adapter batches equal to
-serving each request alone (and to `peftkit generate`), and the paths off the happy one."""
+serving each request alone (and to `peftkit generate`), requests prefilled together, adapters trained by `Trainer`
+answering in their recorded training context, and the paths off the happy one."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import copy
+import dataclasses
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,16 +28,20 @@ uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from peftkit.cli import main  # noqa: E402
+from peftkit.cli import build_parser, main  # noqa: E402
+from peftkit.commands.serve import build_engine  # noqa: E402
 from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter  # noqa: E402
+from peftkit.core.context import TrainingContext, read_context  # noqa: E402
 from peftkit.data.sequences import prompt_text  # noqa: E402
 from peftkit.errors import PeftkitError  # noqa: E402
 from peftkit.eval.generate import generate  # noqa: E402
 from peftkit.methods.lora import lora_layers  # noqa: E402
 from peftkit.models import load_model  # noqa: E402
-from peftkit.serve.app import create_app  # noqa: E402
+from peftkit.quant import QuantLinear  # noqa: E402
+from peftkit.serve.app import as_trained, create_app  # noqa: E402
 from peftkit.serve.engine import Engine, Finished, SamplingParams  # noqa: E402
 from peftkit.serve.lora_batch import LoRABatch, read_lora  # noqa: E402
+from peftkit.train import TrainConfig, Trainer  # noqa: E402
 
 KEY = "sk-test-key"
 PROMPTS = ["Which colour is the sky?", "Name a fruit, please.", "2+2="]
@@ -129,11 +137,16 @@ def http(live) -> httpx.Client:
 
 def cli_generate(files, adapter: str | None, prompts: list[str], new_tokens: int, capsys) -> list[str]:
     """The answers `peftkit generate` prints."""
-    args = ["generate", "--model", str(files["model"]), "--precision", "fp32", "--max-new-tokens", str(new_tokens)]
+    args = ["--model", str(files["model"]), "--max-new-tokens", str(new_tokens)]
     if adapter:
         args += ["--adapter", str(files[adapter])]
+    return cli_answers(capsys, args, prompts)
+
+
+def cli_answers(capsys, args: list[str], prompts: list[str]) -> list[str]:
+    """The answers `peftkit generate ARGS PROMPTS` prints."""
     capsys.readouterr()
-    assert main(args + prompts) == 0
+    assert main(["generate", "--precision", "fp32", *args, *prompts]) == 0
     out = capsys.readouterr().out
     answers = []
     for prompt in prompts:
@@ -451,3 +464,295 @@ def test_cli_server_finishes_requests_in_flight_on_sigterm(files):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- prefilling the requests admitted together in one forward pass
+
+
+@pytest.mark.parametrize("base", ["llama", "gpt2", "llama-nf4"])
+def test_requests_admitted_together_are_prefilled_together_as_each_alone(base, tmp_path):
+    from peftkit.quant import quantize_model
+
+    model = tiny_gpt2() if base == "gpt2" else long_llama()
+    if base == "llama-nf4":
+        quantize_model(model, "nf4", compute_dtype=torch.float32)
+    tok = tiny_tokenizer()
+    folders = {"a": save_lora(model, tmp_path / "a", 1, {"r": 4}),
+               "b": save_lora(model, tmp_path / "b", 2, {"r": 2, "target_modules": "all-linear"})}
+    long = "Please write a long answer about the colour of the sky at noon, at dusk and at night."
+    # four rows start together; the first two end together (same length), then the last two join the other two,
+    # longer prompts than theirs in a shorter batch (both sides get padded)
+    jobs = [("a", "x", 4), ("base", PROMPTS[0], 4), ("b", "yz", 10), ("a", PROMPTS[2], 12), ("b", long, 6),
+            ("base", long[:50], 5)]
+    ids = [tok(prompt_text(tok, [{"role": "user", "content": p}]), add_special_tokens=False)["input_ids"]
+           for _, p, _ in jobs]
+
+    def serve(max_batch: int, max_prefill_tokens: int, together: bool) -> tuple[list[str], dict]:
+        engine = Engine(model, tok, "base", max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
+        for name, folder in folders.items():
+            engine.add_adapter(name, read_lora(folder, model))
+        done: dict[int, Finished] = {}
+
+        def submit(i: int) -> None:
+            name, _, n = jobs[i]
+            engine.submit(name, ids[i], SamplingParams(max_tokens=n, ignore_eos=True),
+                          lambda e: isinstance(e, Finished) and done.__setitem__(i, e))
+
+        engine.start()
+        if together:
+            with engine.hold():  # all wait, then start together
+                for i in range(len(jobs)):
+                    submit(i)
+        else:
+            for i in range(len(jobs)):
+                submit(i)
+                wait_for(lambda i=i: i in done)
+        wait_for(lambda: len(done) == len(jobs))
+        engine.shutdown()  # removes its hooks: the next engine gets the plain model
+        assert [done[i].completion_tokens for i in range(len(jobs))] == [n for _, _, n in jobs]
+        return [done[i].text for i in range(len(jobs))], dict(engine.stats)
+
+    alone, stats = serve(1, 8192, together=False)
+    assert stats["max_prefill_rows"] == 1 and stats["max_rows"] == 1
+    assert len(set(alone)) == len(alone)
+    together, stats = serve(4, 8192, together=True)
+    assert together == alone
+    assert stats["prefills"] == 2 and stats["max_prefill_rows"] == 4 and stats["joined_running_batch"] == 2
+    # a budget of padded tokens per pass splits the groups, shortest prompts together
+    lengths = sorted(len(x) for x in ids[:4])
+    assert lengths[1] < lengths[2]
+    split, stats = serve(4, 2 * lengths[1], together=True)
+    assert split == alone and stats["max_prefill_rows"] == 2
+    assert stats["prefills"] == 3 + 2  # the two shortest together, the others alone; then the two long ones alone
+    one_by_one, stats = serve(4, 1, together=True)  # what bench/serve.py compares against
+    assert one_by_one == alone and stats["prefills"] == len(jobs)
+    with pytest.raises(PeftkitError, match="max_prefill_tokens must be >= 1"):
+        Engine(model, tok, "base", max_prefill_tokens=0)
+
+
+
+
+# ---- adapters trained by `Trainer` answer in their recorded training context
+
+INSTRUCTION = "Write the number in the message as digits."
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+ORDERS = ["I would like seven, please.", "Send me two of them."]
+SYSTEM = "You greet people by their name."
+NAMES = ["Hello, I am Ana.", "Hi there, this is Bo."]
+
+
+def sharp_base(folder: Path, seed: int) -> str:
+    """conftest's tiny Llama with a sharper head, whose greedy answers are text (special tokens are never the argmax):
+    they depend on the prompt, and run for max_tokens."""
+    model = long_llama(seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+        model.lm_head.weight[:5] = 0
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def train(base: str, rows: list[dict], folder: Path, **settings) -> str:
+    """A LoRA adapter trained for a few steps by `Trainer` on `rows` (it records its training context)."""
+    folder.mkdir()
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig.from_dict({
+        "model": base, "data": str(data), "output_dir": str(folder / "run"), "precision": "fp32", "batch_size": 4,
+        "lr": 1e-2, "method": "lora", "method_config": {"r": 4}, "max_length": 160, "packing": False,
+        "progress": False, "warmup_ratio": 0.0, "max_steps": 2, **settings})
+    return str(Trainer(cfg).run().adapter_dir)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("trained")
+    base, other = sharp_base(root / "base", 0), sharp_base(root / "other", 1)
+    orders = [{"instruction": INSTRUCTION, "input": f"I would like {WORDS[i % 10]}, please.", "output": str(i % 10)}
+              for i in range(12)]
+    greetings = [{"messages": [{"role": "system", "content": SYSTEM},
+                               {"role": "user", "content": f"Hello, I am {name}."},
+                               {"role": "assistant", "content": f"Hi {name}!"}]}
+                 for name in ["Ana", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal"]]
+    return {
+        "base": base, "other": other,  # the same architecture, other weights
+        "orders": train(base, orders, root / "orders", lr=3e-3),
+        "greeter": train(base, greetings, root / "greeter", template="alpaca", lr=3e-3),
+        "qlora": train(base, orders, root / "qlora", quantize="nf4"),
+    }
+
+
+def serve_args(*argv: str):
+    return build_parser().parse_args(["serve", "--precision", "fp32", *argv])
+
+
+def ask_all(client, engine, jobs: list[tuple[str, list[dict], dict]], max_tokens: int = 8) -> list:
+    """Send every chat request at once (one batch) and return the replies."""
+    def ask(job):
+        model, messages, extra = job
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                              extra_body=extra)
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        with engine.hold():
+            futures = [pool.submit(ask, job) for job in jobs]
+            wait_for(lambda: engine.load()["waiting"] == len(jobs))
+        return [f.result() for f in futures]
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_trained_adapters_answer_in_their_training_context_as_peftkit_generate(trained, capsys):
+    orders, greeter, base = trained["orders"], trained["greeter"], trained["base"]
+    expected = {
+        "orders": cli_answers(capsys, ["--adapter", orders, "--max-new-tokens", "8"], ORDERS),
+        "greeter": cli_answers(capsys, ["--adapter", greeter, "--max-new-tokens", "8"], NAMES),
+        "base": cli_answers(capsys, ["--model", base, "--max-new-tokens", "8"], ORDERS),
+        "raw": cli_answers(capsys, ["--adapter", orders, "--no-context", "--model", base, "--max-new-tokens", "8"],
+                           ORDERS),
+        "own system": cli_answers(capsys, ["--adapter", greeter, "--system", "Be brief.", "--max-new-tokens", "8"],
+                                  NAMES),
+    }
+    engine = build_engine(serve_args("--adapter", f"orders={orders}", "--adapter", f"greeter={greeter}"))
+    assert engine.base_name == base  # the base the adapters were trained on, as they name it
+    assert "peftkit serve: warning" not in capsys.readouterr().err
+    server = LiveServer(create_app(engine))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        jobs = {
+            "orders": [("orders", user(m), {}) for m in ORDERS],
+            "greeter": [("greeter", user(m), {}) for m in NAMES],
+            "base": [(base, user(m), {}) for m in ORDERS],
+            "raw": [("orders", user(m), {"peftkit_raw": True}) for m in ORDERS],
+            "own system": [("greeter", [{"role": "system", "content": "Be brief."}, *user(m)], {}) for m in NAMES],
+        }
+        flat = [job for group in jobs.values() for job in group]
+        prefills = engine.stats["prefills"]
+        replies = iter(ask_all(client, engine, flat))
+        got = {kind: [next(replies) for _ in group] for kind, group in jobs.items()}
+        assert engine.stats["prefills"] == prefills + 1  # all ten in one forward pass
+        assert {kind: [r.choices[0].message.content.strip() for r in got[kind]] for kind in got} == expected
+        assert expected["orders"] != expected["raw"]  # the wrapping changes the answers: leaving it out is caught
+        # the prompts are the ones `peftkit generate` renders (the system message given, the recorded template)
+        tok = engine.tokenizer
+        recorded = {"orders": read_context(orders), "greeter": read_context(greeter), "base": TrainingContext(),
+                    "raw": TrainingContext()}
+        recorded["own system"] = dataclasses.replace(recorded["greeter"], system="Be brief.")
+        for kind, context in recorded.items():
+            texts = [prompt_text(tok, context.conversation(m[-1]["content"]), context.chat_template)
+                     for _, m, _ in jobs[kind]]
+            assert [r.usage.prompt_tokens for r in got[kind]] == [len(tok(t)["input_ids"]) for t in texts], kind
+        assert got["greeter"][0].usage.prompt_tokens != got["own system"][0].usage.prompt_tokens
+        assert recorded["greeter"].template == "alpaca" and recorded["greeter"].system == SYSTEM
+        card = client.models.retrieve("orders").model_dump()
+        assert "instruction 'Write the number" in card["training_context"] and card["warnings"] == []
+        assert "system message" in client.models.retrieve("greeter").model_dump()["training_context"]
+        assert client.models.retrieve(base).model_dump()["training_context"] is None
+    finally:
+        server.stop()
+        engine.shutdown()
+
+
+def test_as_trained_wraps_every_user_turn_and_keeps_a_system_message_given():
+    context = TrainingContext(system="Be kind.", instruction="Answer.")
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert as_trained(context, chat) == [
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Answer.\n\na"},
+        {"role": "assistant", "content": "b"}, {"role": "user", "content": "Answer.\n\nc"}]
+    own = [{"role": "system", "content": "Be short."}, chat[0]]
+    assert as_trained(context, own) == [own[0], {"role": "user", "content": "Answer.\n\na"}]
+    assert as_trained(TrainingContext(), chat) == chat
+
+
+def test_chat_answers_end_at_the_templates_end_of_turn(files):
+    """As `peftkit generate` stops: at the end-of-turn token, or at its text when it is several tokens."""
+    seen = []
+    for tok, template, stop, ids in [(tiny_tokenizer(), None, (), {2}),
+                                     (tiny_tokenizer(chatml_tokens=False), None, ("<|im_end|>",), set()),
+                                     (tiny_tokenizer(chatml_tokens=False), "alpaca", (), {2})]:  # alpaca: EOS
+        engine = Engine(long_llama(), tok, "base")
+        engine.submit = lambda *a, submit=engine.submit, **kw: seen.append(a[2]) or submit(*a, **kw)
+        server = LiveServer(create_app(engine, template=template))
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=60)
+        try:
+            client.chat.completions.create(model="base", messages=user("hi"), max_tokens=2, stop=["zz"])
+            assert (seen[-1].stop, seen[-1].stop_token_ids) == (("zz", *stop), ids)
+            client.completions.create(model="base", prompt="hi", max_tokens=2)  # a plain prompt: no template
+            assert (seen[-1].stop, seen[-1].stop_token_ids) == ((), set())
+        finally:
+            server.stop()
+
+
+def test_adapter_trained_on_another_base_is_refused(trained, capsys, tmp_path):
+    base, other, orders = trained["base"], trained["other"], trained["orders"]
+    assert main(["serve", "--model", other, "--adapter", f"o={orders}"]) == 2
+    [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("peftkit")]  # not HF's bars
+    assert err.startswith("peftkit serve: error: ServeError: adapter 'o' (")
+    assert f"was trained on {base} (fingerprint {read_context(orders).fingerprint}), not on the served base" in err
+    assert "--allow-base-mismatch" in err
+    engine = build_engine(serve_args("--model", other, "--adapter", f"o={orders}", "--allow-base-mismatch"))
+    assert "was trained on" in capsys.readouterr().err and "served as asked" in engine.warnings["o"][0]
+    engine.shutdown()
+    shutil.copytree(base, tmp_path / "copy")  # the same weights elsewhere: fine
+    engine = build_engine(serve_args("--model", str(tmp_path / "copy"), "--adapter", f"o={orders}"))
+    assert engine.warnings == {"o": []} and "warning" not in capsys.readouterr().err
+    engine.shutdown()
+
+    model, tok = load_model(other)
+    engine = Engine(model, tok, "other")
+    server = LiveServer(create_app(engine))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as h:
+            r = h.post("/v1/adapters", json={"name": "o", "path": orders})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "base_mismatch"
+            assert "its answers would be garbage" in r.json()["error"]["message"]
+            assert engine.models() == ["other"]
+            r = h.post("/v1/adapters", json={"name": "o", "path": orders, "allow_base_mismatch": True})
+            assert r.status_code == 200 and "served as asked" in r.json()["warnings"][0]
+            assert engine.models() == ["other", "o"]
+    finally:
+        server.stop()
+
+
+def test_qlora_adapter_is_served_on_the_base_quantized_as_trained(trained, capsys, caplog):
+    qlora, orders = trained["qlora"], trained["orders"]
+    expected = cli_answers(capsys, ["--adapter", qlora, "--max-new-tokens", "8"], ORDERS)
+    engine = build_engine(serve_args("--adapter", f"q={qlora}"))
+    err = capsys.readouterr().err
+    assert "base stored NF4 + double quant (block 64), as the adapters were trained" in err
+    assert any(isinstance(m, QuantLinear) for m in engine.model.modules()) and engine.warnings == {"q": []}
+    server = LiveServer(create_app(engine))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=60)
+    try:
+        replies = ask_all(client, engine, [("q", user(m), {}) for m in ORDERS])
+        assert [r.choices[0].message.content.strip() for r in replies] == expected
+    finally:
+        server.stop()
+    # full precision asked for: served, with one warning; adapters that disagree need a choice
+    engine = build_engine(serve_args("--adapter", f"q={qlora}", "--quantize", "none"))
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert "'q' was trained on a NF4 + double quant (block 64) base and is served on a full-precision one" in warning
+    assert not any(isinstance(m, QuantLinear) for m in engine.model.modules())
+    server = LiveServer(create_app(engine))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as h:  # loaded at run time: the same warning, once
+            r = h.post("/v1/adapters", json={"name": "q2", "path": qlora})
+            same = warning.split("warning: ", 1)[1].replace("'q'", "'q2'")
+            assert r.status_code == 200 and r.json()["warnings"] == [same]
+            assert [rec.getMessage() for rec in caplog.records if rec.name == "peftkit.serve"] == [
+                f"peftkit serve: warning: {same}"]
+            assert h.get("/v1/models/q2").json()["warnings"] == r.json()["warnings"]
+    finally:
+        server.stop()
+    # a base quantized before the engine got it has no fingerprint left: the adapter is served, unchecked
+    model, tok = load_model(trained["base"])
+    read_context(qlora).quantization.apply(model)
+    engine = Engine(model, tok, "nf4-base")
+    [warning] = engine.check_adapter("q", read_lora(qlora, model))  # stored as trained: no other warning
+    assert "was quantized before its fingerprint was taken: it cannot be checked" in warning
+    assert main(["serve", "--adapter", f"q={qlora}", "--adapter", f"o={orders}"]) == 2
+    assert ("different base formats (q: NF4 + double quant (block 64), o: full precision); choose one with "
+            "--quantize") in capsys.readouterr().err

@@ -2,6 +2,10 @@
 
 Requests for different adapters share one forward pass (continuous batching; see `peftkit.serve`). Needs the
 ``serve`` extra: ``pip install 'peftkit[serve]'`` (FastAPI and uvicorn).
+
+The adapters' recorded training context (`peftkit.core.context`) decides the defaults, as in ``peftkit generate``:
+the base is the one they were trained on and is stored as they were trained (a QLoRA adapter's NF4), and an adapter
+trained on other base weights is refused. Adapters that disagree on the base need --model / --quantize.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 
 def _adapter(text: str) -> tuple[str, str]:
@@ -21,7 +27,8 @@ def _adapter(text: str) -> tuple[str, str]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model and its LoRA adapters over an OpenAI-compatible HTTP API",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="model folder, hub id, .gguf or bundled name")
+    p.add_argument("--model", help="model folder, hub id, .gguf or bundled name (default: the base the adapters "
+                                   "were trained on, else smollm2-135m-instruct)")
     p.add_argument("--adapter", action="append", default=[], type=_adapter, metavar="NAME=PATH",
                    help="a LoRA adapter folder, asked for as model NAME (repeatable)")
     p.add_argument("--served-name", help="the name of the base model in requests (default: --model)")
@@ -29,18 +36,92 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("PEFTKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $PEFTKIT_API_KEY; unset: no key)")
-    p.add_argument("--quantize", choices=["nf4", "fp4", "int4", "int8"],
-                   help="quantize the base model's linear layers (a QLoRA adapter's base)")
+    p.add_argument("--quantize", choices=["none", "nf4", "fp4", "int4", "int8"],
+                   help="store the base's linear layers in this format (default: as the adapters were trained, e.g. "
+                        "a QLoRA adapter's NF4; none = full precision)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="serve adapters trained on other base weights (with a warning) instead of refusing them")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weights and compute (auto: bf16 where the hardware computes it natively, else fp32)")
     p.add_argument("--template", help="named chat template for models without one (chatml, alpaca)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192,
+                   help="padded prompt tokens (requests x longest prompt) prefilled in one forward pass at most")
     p.add_argument("--max-model-len", type=int, help="prompt + new tokens at most (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens of a chat request that sets none")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight may take to finish after Ctrl-C / SIGTERM")
     p.set_defaults(func=run)
+
+
+def _agreed(recorded: dict[str, Any], what: str, flag: str, show: Callable[[Any], str] = str) -> Any:
+    """The one value the adapters recorded for `what` (None when none recorded it); an error when they differ."""
+    values = list(dict.fromkeys(recorded.values()))
+    if len(values) > 1:
+        from peftkit.errors import PeftkitError
+
+        each = ", ".join(f"{name}: {show(value)}" for name, value in recorded.items())
+        raise PeftkitError(f"the adapters were trained on different {what} ({each}); choose one with {flag}")
+    return values[0] if values else None
+
+
+def build_engine(args: argparse.Namespace):
+    """The `Engine` `peftkit serve` runs: the base loaded and stored as the adapters were trained (unless the flags
+    say otherwise), every adapter read and checked against it. Notes and warnings go to stderr."""
+    import dataclasses
+
+    import torch
+
+    from peftkit.core.context import Quantization, fingerprint, read_context
+    from peftkit.errors import PeftkitError
+    from peftkit.hardware import resolve_precision, warn_if_slow
+    from peftkit.models import BUNDLED_NAME, load_model
+    from peftkit.serve.engine import Engine
+    from peftkit.serve.lora_batch import read_lora
+
+    names = [name for name, _ in args.adapter]
+    if len(set(names)) != len(names):
+        raise PeftkitError(f"--adapter names must differ; got {', '.join(names)}")
+    contexts = {name: read_context(path) for name, path in args.adapter}  # a bad block fails before any loading
+    contexts = {name: c for name, c in contexts.items() if c is not None}
+    model_name = args.model or _agreed({n: c.base for n, c in contexts.items() if c.base}, "bases", "--model")
+    model_name = model_name or BUNDLED_NAME
+    quant = None
+    if args.quantize is None:
+        quant = _agreed({n: c.quantization for n, c in contexts.items()}, "base formats", "--quantize none|nf4|...",
+                        lambda q: "full precision" if q is None else q.describe())
+    elif args.quantize != "none":  # the format asked for, with the block size and source dtype the adapters recorded
+        agreed = {c.quantization for c in contexts.values() if c.quantization is not None}
+        quant = Quantization(args.quantize)
+        if len(agreed) == 1:
+            quant = dataclasses.replace(agreed.pop(), format=args.quantize)
+    precision = resolve_precision(args.precision)
+    warn_if_slow(precision)
+    # as `load_base`: a quantized base is quantized from the weights (dtype) training quantized
+    load_dtype = getattr(torch, quant.source_dtype) if quant is not None else precision.weight_dtype
+    model, tokenizer = load_model(model_name, dtype=load_dtype)
+    base_fingerprint = fingerprint(model)  # before quantizing: the adapters' records were taken on these weights
+    if quant is not None:
+        quant.apply(model, precision.compute_dtype)
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(precision.weight_dtype)
+        why = "as the adapters were trained" if args.quantize is None else "as asked"
+        print(f"peftkit serve: base stored {quant.describe()}, {why}"
+              + (" (--quantize none: full precision)" if args.quantize is None else ""), file=sys.stderr)
+    base_name = args.served_name or model_name
+    if base_name in names:
+        raise PeftkitError(f"adapter name {base_name!r} is the base model's name; choose another")
+    engine = Engine(model, tokenizer, base_name, max_batch=args.max_batch, max_queue=args.max_queue,
+                    max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
+                    base_fingerprint=base_fingerprint,
+                    allow_base_mismatch=args.allow_base_mismatch)
+    for name, path in args.adapter:  # all read and checked before the port opens
+        engine.add_adapter(name, read_lora(path, model))
+        for warning in engine.warnings[name]:
+            print(f"peftkit serve: warning: {warning}", file=sys.stderr)
+    return engine
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,29 +132,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ImportError(f"peftkit serve needs FastAPI and uvicorn ({e.name} is missing): "
                           "pip install 'peftkit[serve]'") from None
-    from peftkit.errors import PeftkitError
-    from peftkit.hardware import resolve_precision, warn_if_slow
-    from peftkit.models import load_model
-    from peftkit.serve.engine import Engine
-    from peftkit.serve.lora_batch import read_lora
 
-    names = [name for name, _ in args.adapter]
-    if len(set(names)) != len(names):
-        raise PeftkitError(f"--adapter names must differ; got {', '.join(names)}")
-    precision = resolve_precision(args.precision)
-    warn_if_slow(precision)
-    model, tokenizer = load_model(args.model, dtype=precision.weight_dtype)
-    if args.quantize:
-        from peftkit.quant import quantize_model
-
-        quantize_model(model, args.quantize, compute_dtype=precision.compute_dtype)
-    base_name = args.served_name or args.model
-    if base_name in names:
-        raise PeftkitError(f"adapter name {base_name!r} is the base model's name; choose another")
-    engine = Engine(model, tokenizer, base_name, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_model_len=args.max_model_len)
-    for name, path in args.adapter:  # all read and checked before the port opens
-        engine.add_adapter(name, read_lora(path, model))
+    engine = build_engine(args)
     app = create_app(engine, api_key=args.api_key, template=args.template, default_max_tokens=args.max_tokens,
                      shutdown_timeout=args.shutdown_timeout)
 

@@ -5,9 +5,18 @@ Routes (all under an optional API key, ``Authorization: Bearer KEY``, except ``/
 * ``POST /v1/chat/completions`` and ``POST /v1/completions``: the ``model`` field names the base model or an
   adapter; ``stream: true`` sends server-sent events ending with ``data: [DONE]``;
 * ``GET /v1/models`` (and ``/v1/models/{name}``): what can be asked for;
-* ``POST /v1/adapters`` ``{"name": ..., "path": ...}`` loads a LoRA adapter folder (a path on the server),
+* ``POST /v1/adapters`` ``{"name": ..., "path": ...}`` loads a LoRA adapter folder (a path on the server; one
+  trained on other base weights gets 400 ``base_mismatch`` unless ``"allow_base_mismatch": true``; the reply's
+  ``warnings`` say what else differs from its training, e.g. a QLoRA adapter on a full-precision base),
   ``DELETE /v1/adapters/{name}`` unloads one once its requests in flight have finished;
 * ``GET /health``: whether the server takes requests, and how many are decoding and waiting.
+
+A chat request for an adapter goes in as the adapter's training saw its prompts, as ``peftkit generate`` sends
+them (`peftkit.core.context`): each user message put after the instruction its training rows shared, the system
+message they started with (unless the request brings its own), in the chat template they were rendered with; the
+base model and adapters without a record use the model's template (or ``template``). The answer ends at that
+template's end of turn. ``"peftkit_raw": true`` sends the messages as they are, in the model's template.
+``/v1/completions`` prompts always go in as they are.
 
 Decoding is greedy unless ``temperature`` > 0 (then ``top_p`` and ``seed`` apply). Errors are OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``, with the status saying whose fault it is: 400 bad request,
@@ -19,8 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,12 +44,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from peftkit.data.sequences import prompt_text
+from peftkit.core.context import TrainingContext
+from peftkit.data.sequences import prompt_text, turn_end
 from peftkit.errors import PeftkitError
 from peftkit.serve.engine import Delta, Engine, Failed, Finished, Generation, SamplingParams, ServeError
 from peftkit.serve.lora_batch import read_lora
 
-__all__ = ["create_app"]
+__all__ = ["as_trained", "create_app"]
+
+log = logging.getLogger("peftkit.serve")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
           429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
@@ -88,6 +103,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    peftkit_raw: bool = False  # the messages as sent, in the model's template: no recorded training context
 
 
 class CompletionRequest(_Sampling):
@@ -99,6 +115,7 @@ class CompletionRequest(_Sampling):
 class AdapterRequest(BaseModel):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     path: str = Field(min_length=1)
+    allow_base_mismatch: bool | None = None  # None: as the server was started (--allow-base-mismatch)
 
 
 def _unsupported(body: _Sampling) -> str | None:
@@ -132,7 +149,7 @@ def create_app(engine: Engine, api_key: str | None = None, template: str | None 
 
     Args:
         api_key: if set, every ``/v1`` route wants ``Authorization: Bearer <api_key>``.
-        template: named chat template for tokenizers without one (as in ``peftkit generate``).
+        template: named chat template for the base model and adapters that record none (as in ``peftkit generate``).
         default_max_tokens: new tokens of a chat completion that gives no max_tokens (capped by the context).
         shutdown_timeout: seconds the engine lets accepted requests finish when the application stops.
     """
@@ -145,6 +162,8 @@ def create_app(engine: Engine, api_key: str | None = None, template: str | None 
 
     app = FastAPI(title="peftkit serve", lifespan=lifespan)
     app.state.engine = engine
+    plain = TrainingContext(template=template)  # the base model's prompts, and --raw ones
+    end_of_turn = functools.lru_cache(maxsize=64)(functools.partial(_end_of_turn, engine.tokenizer))
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -199,7 +218,9 @@ def create_app(engine: Engine, api_key: str | None = None, template: str | None 
         if body.name in engine.models():
             raise ServeError(f"a model named {body.name!r} is already served", status=409, code="model_exists")
         weights = await asyncio.to_thread(read_lora, body.path, engine.model)
-        await asyncio.wrap_future(engine.add_adapter(body.name, weights))
+        await asyncio.wrap_future(engine.add_adapter(body.name, weights, body.allow_base_mismatch))
+        for warning in engine.warnings.get(body.name, []):
+            log.warning("peftkit serve: warning: %s", warning)
         return _model_card(engine, body.name)
 
     @v1.delete("/adapters/{name:path}")
@@ -209,10 +230,12 @@ def create_app(engine: Engine, api_key: str | None = None, template: str | None 
 
     @v1.post("/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
-        messages = [m.as_dict() for m in body.messages]
-        text = prompt_text(engine.tokenizer, messages, template)
+        context = (None if body.peftkit_raw else engine.context(body.model)) or plain
+        messages = as_trained(context, [m.as_dict() for m in body.messages])
+        text = prompt_text(engine.tokenizer, messages, context.chat_template)
         ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return await _complete(engine, body, ids, request, "chat.completion", default_max_tokens)
+        stop = end_of_turn(context.chat_template)
+        return await _complete(engine, body, ids, request, "chat.completion", default_max_tokens, stop)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -229,6 +252,27 @@ def create_app(engine: Engine, api_key: str | None = None, template: str | None 
     return app
 
 
+def as_trained(context: TrainingContext, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`messages` as the adapter's training built them (`TrainingContext.conversation`, as ``peftkit generate``):
+    every user message put after the recorded instruction, and the recorded system message first unless the
+    request starts with its own."""
+    out = [m for m in context.conversation("")[:-1] if messages[0]["role"] != "system"]
+    for m in messages:
+        content = context.conversation(m["content"])[-1]["content"] if m["role"] == "user" else m["content"]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _end_of_turn(tokenizer: Any, template: str | None) -> tuple[tuple[str, ...], frozenset[int]]:
+    """How an answer in `template` ends, as ``peftkit generate`` stops it (`peftkit.eval.generate._stopping`):
+    (stop strings, stop tokens): its end-of-turn token when the end of turn is one token, else its text."""
+    end = turn_end(tokenizer, template)
+    ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+    if len(ids) == 1:
+        return (), frozenset(ids)
+    return ((end,) if ids else ()), frozenset()
+
+
 def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
@@ -237,8 +281,11 @@ def _error(status: int, message: str, code: str, param: str | None = None) -> JS
 
 def _model_card(engine: Engine, name: str) -> dict[str, Any]:
     parent = None if name == engine.base_name else engine.base_name
+    context = engine.contexts.get(name)
     return {"id": name, "object": "model", "created": 0, "owned_by": "peftkit", "parent": parent,
-            "root": engine.folders.get(name, engine.base_name)}
+            "root": engine.folders.get(name, engine.base_name),
+            "training_context": None if context is None else context.describe(),
+            "warnings": engine.warnings.get(name, [])}
 
 
 def _sampling(body: _Sampling, n_prompt: int, room: int, default: int) -> SamplingParams:
@@ -260,8 +307,10 @@ def _sampling(body: _Sampling, n_prompt: int, room: int, default: int) -> Sampli
 
 
 async def _complete(engine: Engine, body: _Sampling, ids: list[int], request: Request, kind: str,
-                    default_max_tokens: int) -> Any:
+                    default_max_tokens: int,
+                    end: tuple[tuple[str, ...], frozenset[int]] = ((), frozenset())) -> Any:
     params = _sampling(body, len(ids), engine.max_model_len - len(ids), default_max_tokens)
+    params = dataclasses.replace(params, stop=params.stop + end[0], stop_token_ids=end[1])
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 

@@ -3,8 +3,9 @@
 Each iteration of the loop (`Engine._loop`):
 
 1. runs the adapter loads and unloads asked for since the last one (never during a forward pass);
-2. admits waiting requests up to `max_batch`, prefills each one alone (batch 1: its prompt, its adapter) and
-   joins its KV cache to the batch's;
+2. admits waiting requests up to `max_batch` and prefills them together: their prompts left-padded into one
+   forward pass (several when they hold more than `max_prefill_tokens` padded tokens), each row with its own
+   adapter and the positions it has alone; their KV cache rows then join the batch's;
 3. runs one decode step for every row (one forward pass, each row with its own adapter, `LoRABatch`), then
    drops the rows that finished, were cancelled, or hit a stop string.
 
@@ -12,6 +13,11 @@ The batch's KV cache is one `DynamicCache` whose rows are left-padded to the lon
 shorter side with zeros on the left, and the attention mask masks them; each row keeps its own positions, so it
 sees what it would see alone. Dropping rows also drops the columns no remaining row uses. Greedy decoding gives the
 tokens the request gets alone (the test suite checks it against `peftkit generate`).
+
+Adapters are checked against the served base when they are added (`Engine.check_adapter`): one whose training
+recorded another base (weights fingerprint, `peftkit.core.context.fingerprint`) is refused, since it would answer
+garbage without saying so; one trained on a base stored differently (QLoRA's NF4 base served in full precision, or
+the other way round) is served with a warning, kept in `Engine.warnings`.
 
 The engine talks to callers through `Event` callbacks, made from the engine thread: `Delta` (new text), then one
 `Finished` or `Failed`. Callers in an event loop pass a callback that hands the event over thread-safely.
@@ -35,6 +41,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from peftkit.core.context import Quantization, TrainingContext, fingerprint
 from peftkit.errors import PeftkitError
 from peftkit.serve.lora_batch import LoRABatch, LoRAWeights
 
@@ -69,7 +76,8 @@ class SamplingParams:
         top_p: nucleus sampling: keep the most likely tokens whose probabilities sum to `top_p`.
         seed: seed of this request's sampler (sampling only).
         stop: strings that end the answer (not included in it).
-        ignore_eos: keep going past the end-of-sequence token (benchmarks).
+        stop_token_ids: tokens that end the answer like the end-of-sequence token (a chat template's end of turn).
+        ignore_eos: keep going past the end-of-sequence token and `stop_token_ids` (benchmarks).
     """
 
     max_tokens: int
@@ -77,6 +85,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
 
 
@@ -146,12 +155,20 @@ class Engine:
         max_batch: rows decoded together at most.
         max_queue: requests waiting for a row at most; more are refused (`ServeError`, 429).
         max_model_len: prompt + new tokens at most (default: the model's maximum positions).
+        base_fingerprint: `fingerprint` of the base before it was quantized (default: computed from `model`; a
+            quantized `model` has none, and then adapters cannot be checked against it).
+        allow_base_mismatch: serve adapters trained on another base (with a warning) instead of refusing them.
+        max_prefill_tokens: padded prompt tokens (rows x longest prompt) in one prefill forward pass at most: the
+            requests admitted together are prefilled in as few passes as that allows, each at least in its own
+            (it bounds the memory of the attention scores, which grows with rows x length^2; 1: one at a time).
     """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_name: str, max_batch: int = 16,
-                 max_queue: int = 64, max_model_len: int | None = None) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise PeftkitError(f"max_batch must be >= 1 and max_queue >= 0; got {max_batch} and {max_queue}")
+                 max_queue: int = 64, max_model_len: int | None = None, base_fingerprint: str | None = None,
+                 allow_base_mismatch: bool = False, max_prefill_tokens: int = 8192) -> None:
+        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
+            raise PeftkitError(f"max_batch and max_prefill_tokens must be >= 1 and max_queue >= 0; got {max_batch}, "
+                               f"{max_prefill_tokens} and {max_queue}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.base_name = base_name
@@ -163,8 +180,16 @@ class Engine:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos = {e for e in eos if e is not None}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._pad = pad if pad is not None else 0  # any token: padded positions are masked
+        self.base_fingerprint = base_fingerprint or fingerprint(model)
+        self.quantization = _quantization(model)
+        self.allow_base_mismatch = allow_base_mismatch
+        self.max_prefill_tokens = max_prefill_tokens
         self.lora = LoRABatch(model)
         self.folders: dict[str, str] = {}
+        self.contexts: dict[str, TrainingContext | None] = {}
+        self.warnings: dict[str, list[str]] = {}  # adapter name -> what `check_adapter` said when it was added
         self.stats = collections.Counter()
         self._device = next(model.parameters()).device
         self._bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -225,8 +250,7 @@ class Engine:
             if not self._accepting:
                 raise ServeError("the server is shutting down", status=503, code="shutting_down")
             if model != self.base_name and (model not in self.lora.names or model in self._draining):
-                raise ServeError(f"model {model!r} does not exist; available: {', '.join(self.models())}",
-                                 status=404, code="model_not_found", param="model")
+                raise self._unknown(model)
             free_rows = self.max_batch - len(self._rows)
             if len(self._waiting) - free_rows >= self.max_queue:
                 self.stats["rejected"] += 1
@@ -238,6 +262,52 @@ class Engine:
             self._cv.notify_all()
         return gen
 
+    def context(self, model: str) -> TrainingContext | None:
+        """What adapter `model`'s training recorded (None for the base model and adapters without a record).
+
+        Raises:
+            ServeError: no such model (404).
+        """
+        with self._cv:
+            if model == self.base_name:
+                return None
+            if model not in self.lora.names or model in self._draining:
+                raise self._unknown(model)
+            return self.contexts.get(model)
+
+    def _unknown(self, model: str) -> ServeError:
+        return ServeError(f"model {model!r} does not exist; available: {', '.join(self.models())}", status=404,
+                          code="model_not_found", param="model")
+
+    def check_adapter(self, name: str, weights: LoRAWeights, allow_base_mismatch: bool | None = None) -> list[str]:
+        """Check an adapter's recorded training context against the served base; returns the warnings.
+
+        Raises:
+            ServeError: its training recorded a base with other weights (400), unless `allow_base_mismatch` (default:
+                the engine's) turns that into a warning.
+        """
+        context = weights.context
+        if context is None:
+            return []
+        warnings = []
+        trained = f"{context.base or 'a base'} (fingerprint {context.fingerprint})"
+        if context.fingerprint is not None and self.base_fingerprint is None:
+            warnings.append(f"adapter {name!r} records the base it was trained on, {trained}, but the served base "
+                            "was quantized before its fingerprint was taken: it cannot be checked")
+        elif context.fingerprint is not None and context.fingerprint != self.base_fingerprint:
+            problem = (f"adapter {name!r} ({weights.folder}) was trained on {trained}, not on the served base "
+                       f"{self.base_name} (fingerprint {self.base_fingerprint}): its answers would be garbage")
+            allow = self.allow_base_mismatch if allow_base_mismatch is None else allow_base_mismatch
+            if not allow:
+                raise ServeError(problem + "; serve it on its own base, or allow it (--allow-base-mismatch, or "
+                                 '"allow_base_mismatch": true when loading it)', code="base_mismatch", param="path")
+            warnings.append(problem + " (served as asked)")
+        if not _same_storage(context.quantization, self.quantization):
+            warnings.append(f"adapter {name!r} was trained on a {_storage(context.quantization)} base and is served on "
+                            f"a {_storage(self.quantization)} one: its answers differ from `peftkit generate`'s "
+                            "(start the server with the --quantize it was trained with)")
+        return warnings
+
     def cancel(self, gen: Generation) -> None:
         """Stop a request (its client went away); the engine drops it before its next step."""
         if not gen.done:
@@ -245,10 +315,20 @@ class Engine:
             with self._cv:
                 self._cv.notify_all()
 
-    def add_adapter(self, name: str, weights: LoRAWeights) -> concurrent.futures.Future:
-        """Attach an adapter between two steps; the future resolves once requests can use it."""
+    def add_adapter(self, name: str, weights: LoRAWeights,
+                    allow_base_mismatch: bool | None = None) -> concurrent.futures.Future:
+        """Check an adapter (`check_adapter`: its warnings go to ``warnings[name]``) and attach it between two
+        steps; the future resolves once requests can use it.
+
+        Raises:
+            ServeError: the name is taken (409), or the adapter was trained on another base (400).
+        """
         with self._cv:
             if name == self.base_name or name in self.lora.names or name in self._reserved:
+                raise ServeError(f"a model named {name!r} is already served", status=409, code="model_exists")
+        warnings = self.check_adapter(name, weights, allow_base_mismatch)
+        with self._cv:
+            if name in self.lora.names or name in self._reserved:
                 raise ServeError(f"a model named {name!r} is already served", status=409, code="model_exists")
             self._reserved.add(name)
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -257,6 +337,8 @@ class Engine:
             try:
                 self.lora.add(name, weights)
                 self.folders[name] = weights.folder
+                self.contexts[name] = weights.context
+                self.warnings[name] = warnings
                 future.set_result(name)
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 future.set_exception(e)
@@ -368,7 +450,8 @@ class Engine:
         for name in [n for n in self._draining if self._refs[n] == 0]:
             future = self._draining.pop(name)
             self.lora.remove(name)
-            self.folders.pop(name, None)
+            for facts in (self.folders, self.contexts, self.warnings):
+                facts.pop(name, None)
             future.set_result(name)
 
     def _step(self, admitted: list[Generation]) -> None:
@@ -379,28 +462,47 @@ class Engine:
         for gen in admitted:
             if gen.cancelled:
                 self._finish(gen, "cancelled")
-                continue
-            if self._rows:
-                self.stats["joined_running_batch"] += 1
-            self._prefill(gen)
+        fresh = [g for g in admitted if not g.done]
+        if self._rows:
+            self.stats["joined_running_batch"] += len(fresh)
+        for group in _prefill_groups(fresh, self.max_prefill_tokens):
+            self._prefill(group)
         self._keep([g for g in self._rows if not g.done])
         if self._rows:
             self._decode()
             self._keep([g for g in self._rows if not g.done])
 
-    def _prefill(self, gen: Generation) -> None:
-        """Run the prompt alone, pick the first token, and join the row to the batch."""
-        gen.slot = 0 if gen.model == self.base_name else self.lora.slot(gen.model)
-        self.lora.select([gen.slot])
+    def _prefill(self, gens: list[Generation]) -> None:
+        """Run the prompts of `gens` in one forward pass, pick each one's first token, and join the rows to the batch.
+
+        The prompts are left-padded to the longest, so that every row's last token is the last column; the mask
+        hides the padding and each row gets the positions it has alone (0, 1, ... from its first token).
+        """
+        started = time.perf_counter()
+        width = max(len(g.prompt_ids) for g in gens)
+        ids = torch.full((len(gens), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(gens), width), dtype=torch.long)
+        for i, gen in enumerate(gens):
+            gen.slot = 0 if gen.model == self.base_name else self.lora.slot(gen.model)
+            ids[i, width - len(gen.prompt_ids):] = torch.tensor(gen.prompt_ids)
+            mask[i, width - len(gen.prompt_ids):] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.lora.select([g.slot for g in gens])
         cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([gen.prompt_ids], device=self._device)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        self.stats["prompt_tokens"] += len(gen.prompt_ids)
-        gen.pos = len(gen.prompt_ids)
-        self._join(gen, out.cache)
-        self._push(gen, self._sample(out.logits[:, -1], [gen])[0])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        self.stats["prefills"] += 1
+        self.stats["max_prefill_rows"] = max(self.stats["max_prefill_rows"], len(gens))
+        self.stats["prompt_tokens"] += int(mask.sum())
+        self._join(gens, out.cache, mask)
+        for gen, token in zip(gens, self._sample(out.logits[:, -1], gens), strict=True):
+            gen.pos = len(gen.prompt_ids)
+            self._push(gen, token)
+        self.stats["prefill_s"] += time.perf_counter() - started
 
     def _decode(self) -> None:
+        started = time.perf_counter()
         rows = self._rows
         ids = torch.tensor([[g.last] for g in rows], device=self._device)
         positions = torch.tensor([[g.pos] for g in rows], device=self._device)
@@ -415,6 +517,7 @@ class Engine:
         for gen, token in zip(rows, self._sample(out.logits[:, -1], rows), strict=True):
             gen.pos += 1
             self._push(gen, token)
+        self.stats["decode_s"] += time.perf_counter() - started
 
     def _sample(self, logits: torch.Tensor, rows: list[Generation]) -> list[int]:
         tokens = logits.argmax(-1).tolist()
@@ -434,7 +537,7 @@ class Engine:
         gen.generated += 1
         gen.last = token
         self.stats["completion_tokens"] += 1
-        if token in self.eos and not gen.params.ignore_eos:
+        if (token in self.eos or token in gen.params.stop_token_ids) and not gen.params.ignore_eos:
             return self._finish(gen, "stop")
         gen.tokens.append(token)
         text = self.tokenizer.decode(gen.tokens, skip_special_tokens=True)
@@ -481,21 +584,20 @@ class Engine:
             raise PeftkitError(f"peftkit serve needs a full-attention KV cache in every layer; "
                                f"{type(self.model).__name__} uses {', '.join(sorted(odd))}")
 
-    def _join(self, gen: Generation, cache: DynamicCache) -> None:
-        """Add `gen`'s prefilled cache as a new row, left-padding the batch or the row to the longer one."""
-        length = len(gen.prompt_ids)
-        row_mask = torch.ones(1, length, dtype=torch.long, device=self._device)
+    def _join(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add the prefilled rows of `gens` (their cache and mask) to the batch, left-padding the batch or the new
+        rows to the longer one."""
         if not self._rows:
-            self._cache, self._mask, self._rows = cache, row_mask, [gen]
+            self._cache, self._mask, self._rows = cache, mask, list(gens)
             return
-        width = self._mask.shape[1]
-        pad_batch, pad_row = max(length - width, 0), max(width - length, 0)
+        width, length = self._mask.shape[1], mask.shape[1]
+        pad_batch, pad_new = max(length - width, 0), max(width - length, 0)
         for mine, new in zip(self._cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_batch, 0)), F.pad(new.keys, (0, 0, pad_row, 0))])
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_batch, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
             mine.values = torch.cat([F.pad(mine.values, (0, 0, pad_batch, 0)),
-                                     F.pad(new.values, (0, 0, pad_row, 0))])
-        self._mask = torch.cat([F.pad(self._mask, (pad_batch, 0)), F.pad(row_mask, (pad_row, 0))])
-        self._rows.append(gen)
+                                     F.pad(new.values, (0, 0, pad_new, 0))])
+        self._mask = torch.cat([F.pad(self._mask, (pad_batch, 0)), F.pad(mask, (pad_new, 0))])
+        self._rows.extend(gens)
 
     def _keep(self, rows: list[Generation]) -> None:
         """Keep only `rows` (a subsequence of the batch) and the cache columns they use."""
@@ -513,6 +615,37 @@ class Engine:
             layer.keys = layer.keys.index_select(0, keep)[:, :, first:]
             layer.values = layer.values.index_select(0, keep)[:, :, first:]
         self._rows = rows
+
+
+def _prefill_groups(gens: list[Generation], budget: int) -> list[list[Generation]]:
+    """`gens` in groups of rows x longest prompt <= `budget` tokens (a longer prompt alone), shortest prompts first:
+    prompts of similar lengths go together, with little padding."""
+    groups: list[list[Generation]] = []
+    for gen in sorted(gens, key=lambda g: len(g.prompt_ids)):
+        if groups and (len(groups[-1]) + 1) * len(gen.prompt_ids) <= budget:
+            groups[-1].append(gen)
+        else:
+            groups.append([gen])
+    return groups
+
+
+def _quantization(model: nn.Module) -> Quantization | None:
+    """How the base's linear layers are stored (the first quantized layer's format), None for full precision."""
+    from peftkit.quant import QuantLinear
+
+    layer = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
+    return None if layer is None else Quantization(layer.format, layer.block_size, layer.double_quant)
+
+
+def _same_storage(a: Quantization | None, b: Quantization | None) -> bool:
+    """Whether two bases store their weights alike (format, block size and double quantization)."""
+    if a is None or b is None:
+        return a is b
+    return (a.format, a.block_size, a.double_quant) == (b.format, b.block_size, b.double_quant)
+
+
+def _storage(q: Quantization | None) -> str:
+    return "full-precision" if q is None else q.describe()
 
 
 def _safe_end(text: str, stops: tuple[str, ...]) -> int:

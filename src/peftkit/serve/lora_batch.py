@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.adapter_io import read_adapter
+from peftkit.core.context import TrainingContext, read_context
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora import _features, is_linear
 
@@ -44,12 +45,14 @@ class LoRAWeights:
         r: its rank.
         scale: alpha / r (alpha / sqrt(r) with rsLoRA).
         layers: module name -> (A (r x d_in), B (d_out x r)), in the dtype the layer computes in.
+        context: what its training recorded (`peftkit.core.context`), None for adapters without a record.
     """
 
     folder: str
     r: int
     scale: float
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    context: TrainingContext | None = None
 
 
 def _compute_dtype(module: nn.Module) -> torch.dtype:
@@ -100,7 +103,7 @@ def read_lora(folder: str | os.PathLike, model: nn.Module) -> LoRAWeights:
             )
         dtype, device = _compute_dtype(module), next(itertools.chain(module.parameters(), module.buffers())).device
         layers[name] = (a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous())
-    return LoRAWeights(str(folder), config.r, config.scale, layers)
+    return LoRAWeights(str(folder), config.r, config.scale, layers, read_context(folder))
 
 
 @dataclasses.dataclass
