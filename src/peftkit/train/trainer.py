@@ -57,7 +57,7 @@ from peftkit.train.checkpoint import (
 )
 from peftkit.train.config import TrainConfig
 from peftkit.train.evaluation import generation_scores, lower_is_better, resolve_metric
-from peftkit.train.flops import FlopCount, attention_pairs
+from peftkit.train.flops import FlopCount
 from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
 from peftkit.train.packed_attention import packing_problem, segment_bounds, use_packed_attention
 from peftkit.train.tracking import Tracking
@@ -673,7 +673,7 @@ class Trainer:
                 real = int(batch["segment_ids"].ge(0).sum())
                 tokens += real
                 step_flops += self.flops.step(real, int(batch["labels"][:, 1:].ne(IGNORE).sum()),
-                                              attention_pairs(batch["segment_ids"], batch.get("prefix_lengths")))
+                                              self.flops.pairs(batch["segment_ids"], batch.get("prefix_lengths")))
             step_loss = self._global_sum_float(step_loss) / max(n_targets, 1)  # the task loss, without the penalty
             scaler.unscale_(optimizer)
             # the norm before clipping (clipping to inf only measures it)
