@@ -252,10 +252,15 @@ def _grouped(pieces: list[tuple[int, int, int, int]], heads: int) -> list[list[t
     return groups
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def _plan(segments: Segments, heads: int, kv_heads: int, window: int | None,
           device: torch.device) -> tuple[_Group, ...]:
-    """The groups of a packed batch for one layer's attention (one per batch and window: cached, 30 layers ask)."""
+    """The groups of a packed batch for one layer's attention.
+
+    Cached: every layer with the same window asks again, in forward and backward. Only the last few are kept (a
+    batch under at most two windows, and the one before): the masks of one long example are large, and a later batch
+    never has the same boundaries.
+    """
     width = segments[0]
     group_size = heads // kv_heads
     plan = []
