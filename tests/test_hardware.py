@@ -194,3 +194,81 @@ def test_attention_pairs_are_causal_within_each_packed_example():
 def test_attention_pairs_count_each_example_against_the_shared_prefix():
     segments = torch.tensor([[0, 0, 0, 1, 1, 2, -1]])  # prefix of 3, then examples of 2 and 1 tokens
     assert attention_pairs(segments, torch.tensor([3])) == (6 + 3 + 1) + 3 * 3
+
+
+def brute_force_pairs(segment_ids: torch.Tensor, prefix_lengths: torch.Tensor, window: int | None) -> int:
+    """Every (query, key) pair packed attention computes, one by one: keys of the query's example and of its row's
+    shared prefix, no later than the query and (with a window) less than `window` positions back."""
+    total = 0
+    for ids, prefix in zip(segment_ids.tolist(), prefix_lengths.tolist(), strict=True):
+        for s in set(ids) - {-1}:
+            first = prefix if prefix and s > 0 else 0  # segment 0 of a row with a prefix is the prefix
+            for i in range(ids.count(s)):
+                total += sum(1 for key in range(first + i + 1) if window is None or first + i - key < window)
+    return total
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 3, 5, 50])
+def test_attention_pairs_within_a_sliding_window(window):
+    ids = torch.full((3, 30), -1)
+    for r, lengths in enumerate(([4, 7, 1, 9], [12, 3], [2, 2, 6, 5, 8])):
+        start = 0
+        for s, n in enumerate(lengths):
+            ids[r, start:start + n] = s
+            start += n
+    for prefixes in (torch.tensor([4, 0, 2]), torch.zeros(3, dtype=torch.long)):
+        assert attention_pairs(ids, prefixes, window) == brute_force_pairs(ids, prefixes, window)
+    assert attention_pairs(ids, None, window) == brute_force_pairs(ids, torch.zeros(3, dtype=torch.long), window)
+    # a prefix of 3, then examples of 2 and 1 tokens, window 2: 1 + 2 + 2 for the prefix, 2 + 2, 2
+    assert attention_pairs(torch.tensor([[0, 0, 0, 1, 1, 2, -1]]), torch.tensor([3]), 2) == 11
+
+
+def attend_seen_pairs_only(query, key, value, segments, scale, window):
+    """Packed attention with each query against exactly the keys it sees: its matmul FLOPs are those of the
+    attended pairs, so torch's counter measures what `attention_pairs` counts."""
+    from peftkit.train.packed_attention import PackedCausalAttention
+
+    batch, heads, length, d = query.shape
+    groups = heads // key.shape[1]
+    out = [[query.new_zeros(heads, value.shape[-1]) for _ in range(length)] for _ in range(batch)]
+    for r, start, end, prefix in PackedCausalAttention._pieces(segments):
+        tokens = list(range(prefix)) + list(range(start, end))  # key j is the token at position j of the example
+        for i in range(end - start):
+            position = prefix + i
+            seen = torch.tensor(tokens[0 if window is None else max(0, position - window + 1):position + 1])
+            k, v = (t[r][:, seen].repeat_interleave(groups, 0) for t in (key, value))
+            weights = torch.softmax((query[r, :, start + i, None] @ k.transpose(1, 2)) * scale, dim=-1)
+            out[r][start + i] = (weights @ v)[:, 0]
+    return torch.stack([torch.stack(row) for row in out])
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gemma3", "tiny_mistral"])
+def test_windowed_flop_count_equals_torch_flop_counter(model_name, monkeypatch):
+    """Sliding-window layers count only the pairs in their window: against torch's FLOP counter on a real forward
+    + backward of packed rows with shared prefixes, attention computing exactly the attended pairs."""
+    import test_packed_attention as tpa
+
+    import peftkit.train.packed_attention as pa
+
+    model = getattr(tpa, model_name)()
+    apply_method(model, "lora", {"r": 4})
+    assert pa.use_packed_attention(model)
+    batch = tpa.batches(True, True, tpa.SHARED)
+    assert batch["prefix_lengths"].max() > tpa.WINDOW
+    expected, _ = sequence_loss(model, batch)
+    monkeypatch.setattr(pa.PackedCausalAttention, "apply", staticmethod(attend_seen_pairs_only))
+    loss, _ = sequence_loss(model, batch)
+    torch.testing.assert_close(loss, expected)  # the pair-by-pair attention is the same attention
+    count = FlopCount.of(model)
+    windows = pa.attention_windows(model.config)
+    assert sorted(count.windows, key=str) == sorted(set(windows), key=str)
+    positions, targets = batch["input_ids"].numel(), int(batch["labels"][:, 1:].ne(-100).sum())
+    pairs = count.pairs(batch["segment_ids"], batch["prefix_lengths"])
+    assert pairs[tpa.WINDOW] < attention_pairs(batch["segment_ids"], batch["prefix_lengths"])  # the window matters
+    attn = model.model.layers[0].self_attn  # q, k, v input gradients autograd skips (see the test above)
+    skipped = 2 * positions * sum(p.numel() for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+                                  for name, p in proj.named_parameters() if p.ndim == 2 and "lora_B" not in name)
+    counted = flops_counted(model, batch)
+    assert count.step(positions, targets, pairs) - skipped == pytest.approx(counted, rel=1e-9)
+    unwindowed = count.step(positions, targets, attention_pairs(batch["segment_ids"], batch["prefix_lengths"]))
+    assert unwindowed - skipped > counted * (1 + 1e-6)  # counting every layer as full would overstate it

@@ -85,6 +85,72 @@ def test_packed_attention_gradients_with_a_shared_prefix_and_padding(window):
     assert out[0, 8].abs().sum() == 0 and out[1, 7:].abs().sum() == 0
 
 
+def many_examples(seed: int = 2):
+    """Three rows of examples from 1 to 17 tokens, two of them with a shared prefix (their first segment), padding
+    at the ends."""
+    g = torch.Generator().manual_seed(seed)
+    width, ids = 60, torch.full((3, 60), -1)
+    for r in range(3):
+        start = s = 0
+        while True:
+            n = int(torch.randint(1, 18, (1,), generator=g))
+            if start + n > width - 2:
+                break
+            ids[r, start:start + n] = s
+            start, s = start + n, s + 1
+    return ids, ids.eq(0).sum(1) * torch.tensor([1, 0, 1])
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("slack, max_scores", [(0.5, 2**24), (1.5, 2**24), (1e9, 2**24), (1e9, 4000)])
+def test_packed_attention_equals_each_example_alone_however_it_groups(window, slack, max_scores, monkeypatch):
+    """Each example (and its shared prefix) attended alone = the grouped kernel, from one example per group to
+    all in one, forward and backward; padding rows of the output and gradients are zero."""
+    import peftkit.train.packed_attention as pa
+
+    ids, prefixes = many_examples()
+    segments = segment_bounds(ids, prefixes)
+    monkeypatch.setattr(pa, "SLACK", slack)
+    monkeypatch.setattr(pa, "MAX_SCORES", max_scores)
+    pa._plan.cache_clear()
+    groups = pa._plan(segments, 6, 2, window, torch.device("cpu"))
+    pieces = list(PackedCausalAttention._pieces(segments))
+    assert sum(group.bias.shape[0] for group in groups) == len(pieces) > 20
+    assert len(groups) == len(pieces) if slack < 1 else len(groups) < len(pieces)  # < 1: none join
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 6, 60, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, 2, 60, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = PackedCausalAttention.apply(q, k, v, segments, 0.3, window)
+    expected = torch.zeros_like(out)
+    for r, start, end, prefix in pieces:
+        keys = [torch.cat([t[r, :, :prefix], t[r, :, start:end]], 1) for t in (k, v)]
+        expected[r, start:end] = reference(q[r, :, start:end], *keys, 0.3, window).transpose(0, 1)
+    torch.testing.assert_close(out, expected)
+    assert out[ids < 0].abs().sum() == 0
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    mine = torch.autograd.grad(out, (q, k, v), grad)
+    for a, b in zip(mine, torch.autograd.grad(expected, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(a, b)
+    for t in mine:
+        assert t.transpose(1, 2)[ids < 0].abs().sum() == 0
+
+
+def test_groups_hold_every_example_once_within_the_padding_bound():
+    import peftkit.train.packed_attention as pa
+
+    ids, prefixes = many_examples(5)
+    pieces = list(PackedCausalAttention._pieces(segment_bounds(ids, prefixes)))
+    groups = pa._grouped(pieces, heads=4)
+    assert sorted(p for group in groups for p in group) == sorted(pieces)
+    for group in groups:
+        n = [end - start for _, start, end, _ in group]
+        m = [end - start + prefix for _, start, end, prefix in group]
+        padded = len(group) * max(n) * max(m)
+        assert len(group) == 1 or (padded <= pa.SLACK * sum(a * b for a, b in zip(n, m, strict=True))
+                                   and 4 * padded <= pa.MAX_SCORES)
+    assert len(groups) < len(pieces)
+
+
 def test_segment_bounds():
     ids = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 2, 3, -1, -1, -1, -1]])
     assert segment_bounds(ids) == (8, (((0, 3), (3, 5), (5, 6)), ((0, 8),), ((0, 1), (1, 2), (2, 3), (3, 4))),
@@ -181,13 +247,19 @@ def test_fast_path_is_taken_and_other_calls_are_unchanged(monkeypatch):
     use_packed_attention(model)
     torch.testing.assert_close(model(input_ids=ids).logits, before)  # no boundaries given: sdpa
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), generated)
+    import peftkit.train.packed_attention as pa
+
     calls = []
-    attend = CausalAttention.attend
-    monkeypatch.setattr(CausalAttention, "attend", lambda *a: calls.append(a[0].shape) or attend(*a))
+    attend = pa._attend
+    monkeypatch.setattr(pa, "_attend", lambda *a: calls.append(a[3].shape) or attend(*a))
+    batch = batches(True)
     with torch.no_grad():
-        sequence_loss(model, batches(True))
-    assert calls  # one call per example per layer, never the whole row
-    assert max(shape[1] for shape in calls) < batches(True)["input_ids"].shape[1]
+        sequence_loss(model, batch)
+    examples = int(batch["segment_ids"].max(1).values.add(1).sum())
+    layers = model.config.num_hidden_layers
+    # one call per group of similar examples per layer (fewer than one per example), never the whole row
+    assert calls and len(calls) % layers == 0 and len(calls) < layers * examples
+    assert max(shape[-1] for shape in calls) < batch["input_ids"].shape[1]
 
 
 def test_gpt2_attention_dropout_in_training_runs():
@@ -265,9 +337,8 @@ def test_packed_rows_honour_sliding_windows(make, method, share_prefix, monkeypa
     expected, n, expected_grads = alone(model, examples)
     assert use_packed_attention(model)
     fast, masked = [], []  # the windows each path applied
-    kernel_mask, window_mask = pa._masked, pa._window_mask
-    monkeypatch.setattr(pa, "_masked", lambda n_, m, window, device: fast.append(window) or kernel_mask(n_, m, window,
-                                                                                                      device))
+    plan, window_mask = pa._plan, pa._window_mask
+    monkeypatch.setattr(pa, "_plan", lambda *a: fast.append(a[3]) or plan(*a))
     monkeypatch.setattr(pa, "_window_mask", lambda *a: masked.append(a[2]) or window_mask(*a))
     for batch in (packed, unpacked):
         loss, count, grads = loss_and_grads(model, batch)

@@ -198,3 +198,24 @@ def test_summed_cross_entropy_equals_torch(rows):
     (mine * 3).backward()
     (ref * 3).backward()
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_summed_cross_entropy_of_16_bit_logits_is_the_fp32_one_rounded(dtype):
+    """16-bit logits (the head's output under autocast) go in without an fp32 copy: the loss is the fp32 loss of the
+    same values, the gradient the fp32 gradient rounded to the logits' dtype, over several chunks."""
+    from peftkit.train.trainer import SummedCrossEntropy
+
+    g = torch.Generator().manual_seed(1)
+    rows = 3 * SummedCrossEntropy.CHUNK + 5
+    base = (torch.randn(rows, 300, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 300, (rows,), generator=g)
+    a, b = base.clone().requires_grad_(), base.float().requires_grad_()
+    mine = SummedCrossEntropy.apply(a * 1.0, targets)
+    ref = torch.nn.functional.cross_entropy(b, targets, reduction="sum")
+    assert mine.dtype == torch.float32
+    torch.testing.assert_close(mine, ref)
+    (mine * 0.7).backward()
+    (ref * 0.7).backward()
+    assert a.grad.dtype == dtype
+    torch.testing.assert_close(a.grad, b.grad.to(dtype), atol=0, rtol=2**-7)  # one rounding at most

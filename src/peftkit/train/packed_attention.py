@@ -1,10 +1,12 @@
-"""Attention for packed training rows: each example attends causally to itself, one example at a time.
+"""Attention for packed training rows: each example attends causally to itself (and its row's shared prefix).
 
 A packed row holds several examples; the block-diagonal mask keeps them apart, but a masked attention kernel still
 computes every (query, key) pair of the row. Here the row is cut at the example boundaries and each example runs
-its own causal attention, so the cost is sum(n_i^2) instead of L^2, and padding costs nothing. On CPU the
-per-example attention is plain matmuls + softmax (`CausalAttention`), which runs faster than PyTorch's CPU flash
-kernel at these lengths and, like it, keeps no n x n weights for backward; elsewhere (CUDA) it is
+its own causal attention, so the cost is sum(n_i^2) instead of L^2, and padding costs nothing. On CPU the examples
+of a batch are gathered into a few groups of similar length, each padded to one size and attended with plain
+batched matmuls + softmax (`PackedCausalAttention`): one call per product and group rather than per example (a
+row of short examples made hundreds of small calls per layer). That runs faster than PyTorch's CPU flash kernel at
+these lengths and, like it, keeps no n x n weights for backward; elsewhere (CUDA) it is
 ``scaled_dot_product_attention(is_causal=True)`` per example.
 
 It is a transformers attention implementation (`NAME`), switched on by `use_packed_attention` for models that
@@ -20,6 +22,9 @@ recurrent, bidirectional layers) are named by `packing_problem`, and the trainer
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +147,40 @@ def _masked(n: int, m: int, window: int | None, device: torch.device) -> torch.T
     return hidden
 
 
+def _bias(hidden: torch.Tensor) -> torch.Tensor:
+    """An additive mask from a boolean one: -inf where hidden, else 0 (fp32: exact in every dtype it meets)."""
+    return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))
+
+
+def _weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) in fp32 (fp64 for fp64 inputs) for a stack of attention problems.
+
+    q is (batch, rows, d) and k (batch, m, d): batch = examples x kv_heads, rows = the query heads sharing one
+    key/value head x queries. `bias` (examples, 1, 1, queries, m) is broadcast over heads.
+    """
+    scores = torch.bmm(q, k.transpose(1, 2))
+    shape = (bias.shape[0], k.shape[0] // bias.shape[0], -1, *bias.shape[-2:])
+    # one op: scaled in the wider dtype, masked (a -inf bias), as `scores.float() * scale` + mask would be
+    return torch.softmax(torch.add(bias, scores.view(shape), alpha=scale), dim=-1).view(scores.shape)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """The attention output (batch, rows, d) of `_weights`'s stacked problems, in v's dtype."""
+    return torch.bmm(_weights(q, k, bias, scale).to(v.dtype), v)
+
+
+def _gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad: torch.Tensor,
+               bias: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of `_attend` given the output gradient, the weights recomputed (never stored)."""
+    p = _weights(q, k, bias, scale)
+    grad = grad.to(v.dtype)
+    dv = torch.bmm(p.to(v.dtype).transpose(1, 2), grad)
+    dp = torch.bmm(grad, v.transpose(1, 2)).to(p.dtype)
+    rowdot = (grad.to(p.dtype) * out.to(p.dtype)).sum(-1, keepdim=True)  # sum_j p_ij dp_ij
+    ds = p.mul_(dp.sub_(rowdot)).mul_(scale).to(q.dtype)
+    return torch.bmm(ds, k), torch.bmm(ds.transpose(1, 2), q), dv
+
+
 class CausalAttention(torch.autograd.Function):
     """softmax(q k^T * scale + causal mask) v for one example, recomputing the weights in backward.
 
@@ -149,59 +188,113 @@ class CausalAttention(torch.autograd.Function):
     query head h reads key/value head h // (heads / kv_heads)) and m >= n: the last n keys are the queries' own,
     the first m - n a shared prefix that every query sees (query i sees keys up to m - n + i). With a sliding
     `window`, query i sees only the keys after m - n + i - window. Saves q, k, v and the output, not the n x m
-    weights. The softmax runs in fp32 (or fp64 for fp64 inputs).
+    weights. The softmax runs in fp32 (or fp64 for fp64 inputs). The same arithmetic as `PackedCausalAttention`
+    (`_attend`, `_gradients`), for a single example.
     """
-
-    @staticmethod
-    def _weights(q: torch.Tensor, k: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
-        kv_heads, m, d = k.shape
-        n = q.shape[1]
-        qg = q.view(kv_heads, -1, n, d)  # (kv_heads, group, n, d): no copy
-        scores = torch.matmul(qg, k.unsqueeze(1).transpose(-1, -2))
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).mul_(scale)
-        hidden = _masked(n, m, window, q.device)
-        return torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)  # (kv_heads, group, n, m)
-
-    @staticmethod
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-               window: int | None = None) -> torch.Tensor:
-        p = CausalAttention._weights(q, k, scale, window).to(v.dtype)
-        return torch.matmul(p, v.unsqueeze(1)).view(q.shape[0], q.shape[1], v.shape[-1])
-
-    @staticmethod
-    def gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad: torch.Tensor,
-                  scale: float, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        kv_heads, d, n = k.shape[0], k.shape[2], q.shape[1]
-        p = CausalAttention._weights(q, k, scale, window)
-        g = grad.to(v.dtype).reshape(kv_heads, -1, n, v.shape[-1])
-        dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), g).sum(1)
-        dp = torch.matmul(g, v.unsqueeze(1).transpose(-1, -2)).to(p.dtype)
-        rowdot = (g.to(p.dtype) * out.reshape(g.shape).to(p.dtype)).sum(-1, keepdim=True)  # sum_j p_ij dp_ij
-        ds = p.mul_(dp.sub_(rowdot)).mul_(scale).to(q.dtype)
-        dq = torch.matmul(ds, k.unsqueeze(1)).view(q.shape)
-        dk = torch.matmul(ds.transpose(-1, -2), q.view(kv_heads, -1, n, d)).sum(1)
-        return dq, dk, dv
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 window: int | None = None) -> torch.Tensor:
-        out = CausalAttention.attend(q, k, v, scale, window)
-        ctx.save_for_backward(q, k, v, out)
-        ctx.scale, ctx.window = scale, window
+        heads, n, _ = q.shape
+        bias = _bias(_masked(n, k.shape[1], window, q.device))[None, None, None]
+        out = _attend(q.reshape(k.shape[0], -1, q.shape[-1]), k, v, bias, scale).view(heads, n, v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, bias)
+        ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return (*CausalAttention.gradients(*ctx.saved_tensors, grad, ctx.scale, ctx.window), None, None)
+        q, k, v, out, bias = ctx.saved_tensors
+        rows = (k.shape[0], -1, v.shape[-1])
+        dq, dk, dv = _gradients(q.reshape(k.shape[0], -1, q.shape[-1]), k, v, out.reshape(rows), grad.reshape(rows),
+                                bias, ctx.scale)
+        return dq.view(q.shape), dk, dv, None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """Examples of a packed batch padded to one size, attended with one batched matmul per product.
+
+    Slots run over (example, kv head, query head of that kv head, query): `queries` is the row of the flattened
+    (batch x length x heads, d) queries each slot reads (0 on padding slots, whose gradient is zeroed), `keys` the
+    row of the flattened (batch x length x kv_heads, d) keys and values (0 on padding slots: masked, so their
+    gradients are exact zeros). `bias` (examples, 1, 1, queries, keys) is the additive mask: causal within the
+    example and its shared prefix, the window, -inf on padding keys; a padding query reads key 0 (a finite softmax).
+    """
+
+    bias: torch.Tensor
+    queries: torch.Tensor
+    padding: torch.Tensor  # the slots of `queries` that hold no query
+    keys: torch.Tensor
+
+
+# Examples join a group while its padded (query, key) pairs stay within this factor of their own pairs; a group
+# holds at most this many scores (fp32: 64 MiB) unless one example alone needs more.
+SLACK = 1.5
+MAX_SCORES = 2**24
+
+
+def _grouped(pieces: list[tuple[int, int, int, int]], heads: int) -> list[list[tuple[int, int, int, int]]]:
+    """`pieces` (row, start, end, prefix) in groups of similar size, longest keys first."""
+    groups: list[list[tuple[int, int, int, int]]] = []
+    real = rows = 0
+    for piece in sorted(pieces, key=lambda p: (p[2] - p[1] + p[3], p[2] - p[1]), reverse=True):
+        n, m = piece[2] - piece[1], piece[2] - piece[1] + piece[3]
+        if groups:
+            first = groups[-1][0]
+            padded = (len(groups[-1]) + 1) * max(rows, n) * (first[2] - first[1] + first[3])
+            if padded <= SLACK * (real + n * m) and padded * heads <= MAX_SCORES:
+                groups[-1].append(piece)
+                real, rows = real + n * m, max(rows, n)
+                continue
+        groups.append([piece])
+        real, rows = n * m, n
+    return groups
+
+
+@functools.lru_cache(maxsize=4)
+def _plan(segments: Segments, heads: int, kv_heads: int, window: int | None,
+          device: torch.device) -> tuple[_Group, ...]:
+    """The groups of a packed batch for one layer's attention.
+
+    Cached: every layer with the same window asks again, in forward and backward. Only the last few are kept (a
+    batch under at most two windows, and the one before): the masks of one long example are large, and a later batch
+    never has the same boundaries.
+    """
+    width = segments[0]
+    group_size = heads // kv_heads
+    plan = []
+    for pieces in _grouped(list(PackedCausalAttention._pieces(segments)), heads):
+        row, start, end, prefix = (torch.tensor(c)[:, None] for c in zip(*pieces, strict=True))
+        n, p = end - start, prefix
+        i, j = torch.arange(int(n.max())), torch.arange(int((n + p).max()))
+        real = i < n  # (examples, queries)
+        pos = p + i  # each query's position as the example has alone; key j has position j
+        visible = (j <= pos[..., None]) & real[..., None]
+        if window is not None:
+            visible &= pos[..., None] - j < window
+        visible |= ~real[..., None] & (j == 0)
+        token = (row * width + start + i) * heads  # the first query head's row of each query
+        head = torch.arange(heads).view(1, kv_heads, group_size, 1)
+        queries = torch.where(real[:, None, None], token[:, None, None] + head, 0).flatten()
+        key_token = row * width + torch.where(j < p, j, start + j - p)
+        keys = torch.where(j < n + p, key_token, 0)[:, None] * kv_heads + torch.arange(kv_heads)[:, None]
+        plan.append(_Group(bias=_bias(~visible)[:, None, None].to(device), queries=queries.to(device),
+                           padding=(~real[:, None, None].expand(-1, kv_heads, group_size, -1)).flatten()
+                           .nonzero().flatten().to(device), keys=keys.flatten().to(device)))
+    return tuple(plan)
 
 
 class PackedCausalAttention(torch.autograd.Function):
-    """`CausalAttention` for every example of a packed batch in one autograd node.
+    """Causal attention for every example of a packed batch in one autograd node, a few batched matmuls in all.
 
     query (batch, heads, L, d), key and value (batch, kv_heads, L, d); the output (batch, L, heads, d), the
-    layout transformers expects back, is zero on padding. One node instead of one per example: autograd would
-    otherwise give every example's slice of q, k and v a backward that zero-fills and adds a tensor of the whole
-    batch's size (quadratic in the examples per row).
+    layout transformers expects back, is zero on padding. The examples are gathered into groups of similar length
+    (`_plan`), each padded to one size and masked, so that a layer runs one matmul per product and group instead of
+    one per example (a packed row holds many short examples: per-example calls cost more than their arithmetic). One
+    node instead of one per example: autograd would otherwise give every example's slice of q, k and v a backward
+    that zero-fills and adds a tensor of the whole batch's size (quadratic in the examples per row). Saves q, k, v
+    and the output, never the weights (recomputed per group in backward).
     """
 
     @staticmethod
@@ -212,18 +305,23 @@ class PackedCausalAttention(torch.autograd.Function):
                 yield r, start, end, prefix if prefix and start >= prefix else 0
 
     @staticmethod
-    def _keys(t: torch.Tensor, r: int, start: int, end: int, prefix: int) -> torch.Tensor:
-        own = t[r, :, start:end]
-        return torch.cat([t[r, :, :prefix], own], dim=1) if prefix else own
+    def _gather(group: _Group, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int):
+        """The group's queries (examples x kv_heads, rows, d), keys and values (examples x kv_heads, keys, d)."""
+        stack, keys = group.bias.shape[0] * kv_heads, group.bias.shape[-1]
+        return (q.index_select(0, group.queries).view(stack, -1, q.shape[-1]),
+                *(t.index_select(0, group.keys).view(stack, keys, t.shape[-1]) for t in (k, v)))
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
                 scale: float, window: int | None = None) -> torch.Tensor:
-        batch, heads, length, _ = query.shape
-        out = query.new_zeros(batch, length, heads, value.shape[-1])
-        for r, start, end, prefix in PackedCausalAttention._pieces(segments):
-            k, v = (PackedCausalAttention._keys(t, r, start, end, prefix) for t in (key, value))
-            out[r, start:end] = CausalAttention.attend(query[r, :, start:end], k, v, scale, window).transpose(0, 1)
+        batch, heads, length, d = query.shape
+        kv_heads = key.shape[1]
+        rows = [t.transpose(1, 2).reshape(-1, t.shape[-1]) for t in (query, key, value)]  # (batch x L x heads, d)
+        out = value.new_zeros(batch * length * heads, value.shape[-1])
+        for group in _plan(segments, heads, kv_heads, window, query.device):
+            o = _attend(*PackedCausalAttention._gather(group, *rows, kv_heads), group.bias, scale)
+            out.index_add_(0, group.queries, o.view(-1, out.shape[1]).index_fill_(0, group.padding, 0))
+        out = out.view(batch, length, heads, value.shape[-1])
         ctx.save_for_backward(query, key, value, out)
         ctx.segments, ctx.scale, ctx.window = segments, scale, window
         return out
@@ -231,19 +329,21 @@ class PackedCausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         query, key, value, out = ctx.saved_tensors
-        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        for r, start, end, prefix in PackedCausalAttention._pieces(ctx.segments):
-            k, v = (PackedCausalAttention._keys(t, r, start, end, prefix) for t in (key, value))
-            q_grad, k_grad, v_grad = CausalAttention.gradients(query[r, :, start:end], k, v,
-                                                               out[r, start:end].transpose(0, 1),
-                                                               grad[r, start:end].transpose(0, 1), ctx.scale,
-                                                               ctx.window)
-            dq[r, :, start:end] = q_grad
-            for total, part in ((dk, k_grad), (dv, v_grad)):
-                total[r, :, start:end] += part[:, prefix:]
-                if prefix:
-                    total[r, :, :prefix] += part[:, :prefix]
-        return dq, dk, dv, None, None, None
+        batch, heads, length, d = query.shape
+        kv_heads = key.shape[1]
+        rows = [t.transpose(1, 2).reshape(-1, t.shape[-1]) for t in (query, key, value)]
+        out, grad = out.view(-1, out.shape[-1]), grad.reshape(-1, out.shape[-1])
+        dq, dk, dv = (torch.zeros_like(t) for t in rows)
+        for group in _plan(ctx.segments, heads, kv_heads, ctx.window, query.device):
+            q, k, v = PackedCausalAttention._gather(group, *rows, kv_heads)
+            o = out.index_select(0, group.queries).view(q.shape[0], -1, out.shape[-1])
+            g = grad.index_select(0, group.queries).index_fill_(0, group.padding, 0).view(o.shape)
+            q_grad, k_grad, v_grad = _gradients(q, k, v, o, g, group.bias, ctx.scale)
+            # padding slots add exact zeros (zero output gradient, masked keys); a shared prefix's keys add up
+            dq.index_add_(0, group.queries, q_grad.view(-1, d))
+            dk.index_add_(0, group.keys, k_grad.view(-1, d))
+            dv.index_add_(0, group.keys, v_grad.view(-1, v.shape[-1]))
+        return (*(t.view(batch, length, -1, t.shape[-1]).transpose(1, 2) for t in (dq, dk, dv)), None, None, None)
 
 
 def _one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float,

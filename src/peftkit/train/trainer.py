@@ -57,7 +57,7 @@ from peftkit.train.checkpoint import (
 )
 from peftkit.train.config import TrainConfig
 from peftkit.train.evaluation import generation_scores, lower_is_better, resolve_metric
-from peftkit.train.flops import FlopCount, attention_pairs
+from peftkit.train.flops import FlopCount
 from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
 from peftkit.train.packed_attention import packing_problem, segment_bounds, use_packed_attention
 from peftkit.train.tracking import Tracking
@@ -115,35 +115,51 @@ def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
         logits = model(**inputs, use_cache=False).logits.flatten(0, 1)  # a view: no batch-sized zeros in backward
     finally:
         handle.remove()
-    return SummedCrossEntropy.apply(logits.float(), tgt), tgt.numel()
+    # 16-bit logits go in as they are (the loss widens them a chunk at a time); others as an fp32 copy
+    low = logits.dtype in (torch.bfloat16, torch.float16)
+    return SummedCrossEntropy.apply(logits if low else logits.float(), tgt), tgt.numel()
 
 
 class SummedCrossEntropy(torch.autograd.Function):
     """``F.cross_entropy(logits, targets, reduction="sum")`` without vocabulary-sized temporaries.
 
-    Row chunks of at most `CHUNK` rows keep every temporary small, and backward turns the saved logits into the
-    gradient in place (``softmax - onehot``): against PyTorch's log_softmax + nll_loss this saves three
-    (targets x vocabulary) fp32 buffers per step (the bundled model: 194 MB each for 1,000 targets, 49,152 words),
-    and the time of writing them. The logits are consumed: the backward runs once (no ``retain_graph``).
+    Row chunks of `CHUNK` rows: each chunk's fp32 softmax is small enough to stay in cache between its passes
+    (3 MiB for the bundled model's 49,152 words), forward keeps only each row's log-probability of its target, and
+    backward recomputes the chunk's softmax and writes ``(softmax - onehot) * grad`` straight into the gradient.
+    fp32 (or fp64) logits, the caller's own copy, become their gradient in place; 16-bit logits are saved as they are
+    and get a 16-bit gradient, rounded once from fp32 (as autograd's cast back would). Against PyTorch's log_softmax +
+    nll_loss this saves three (targets x vocabulary) fp32 buffers per step (the bundled model: 194 MB each for 1,000
+    targets), and for 16-bit logits the fp32 copy and its cast back too. The logits are consumed: the backward runs
+    once (no ``retain_graph``).
     """
 
-    CHUNK = 128
+    CHUNK = 16
+
+    @staticmethod
+    def _chunks(*tensors: torch.Tensor):
+        return zip(*(t.split(SummedCrossEntropy.CHUNK) for t in tensors), strict=True)
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast(logits.device.type, enabled=False):
-            lse = torch.cat([torch.logsumexp(c, dim=-1) for c in logits.split(SummedCrossEntropy.CHUNK)])
-            picked = logits.gather(1, targets[:, None]).squeeze(1)
-        ctx.save_for_backward(logits, lse, targets)
-        return (lse - picked).sum()
+            wide = torch.promote_types(logits.dtype, torch.float32)
+            picked = torch.cat([torch.log_softmax(c, -1, dtype=wide).gather(1, t[:, None])
+                                for c, t in SummedCrossEntropy._chunks(logits, targets)])
+        ctx.save_for_backward(logits, targets)
+        return -picked.sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        logits, lse, targets = ctx.saved_tensors
-        for c, m in zip(logits.split(SummedCrossEntropy.CHUNK), lse.split(SummedCrossEntropy.CHUNK), strict=True):
-            c.sub_(m[:, None]).exp_()
-        logits.scatter_add_(1, targets[:, None], logits.new_full((len(targets), 1), -1.0))
-        return logits.mul_(grad), None
+        logits, targets = ctx.saved_tensors
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        out = logits if logits.dtype == wide else torch.empty_like(logits)
+        rows = torch.arange(SummedCrossEntropy.CHUNK, device=logits.device)
+        with torch.autocast(logits.device.type, enabled=False):
+            for c, t, o in SummedCrossEntropy._chunks(logits, targets, out):
+                p = torch.softmax(c, -1, dtype=wide)
+                p[rows[:len(t)], t] -= 1.0
+                torch.mul(p, grad, out=o)
+        return out, None
 
 
 def replay_rows_per_batch(batch_size: int, fraction: float) -> int:
@@ -719,7 +735,7 @@ class Trainer:
             real = int(batch["segment_ids"].ge(0).sum())
             state.tokens += real
             step_flops += self.flops.step(real, int(batch["labels"][:, 1:].ne(IGNORE).sum()),
-                                          attention_pairs(batch["segment_ids"], batch.get("prefix_lengths")))
+                                          self.flops.pairs(batch["segment_ids"], batch.get("prefix_lengths")))
         step_loss = self._global_sum_float(step_loss) / max(n_targets, 1)  # the task loss, without the penalty
         scaler.unscale_(optimizer)
         # the norm before clipping (clipping to inf only measures it)
