@@ -193,22 +193,31 @@ def worker_peftkit(setting: str, warmup: int, steps: int, examples: int) -> dict
 
 
 def alpaca_examples(tokenizer, n: int) -> list[dict]:
-    """Alpaca rows as input_ids/labels with the model's chat template, -100 on the prompt (a peft user's code)."""
+    """Alpaca rows as input_ids/labels with the model's chat template, -100 on the prompt and after the answer's
+    end-of-turn token (as TRL's assistant-only loss masks it; a peft user's code)."""
+    from peftkit.data.sequences import turn_end
+
+    end = turn_end(tokenizer)
     rows = json.loads(Path(DATA).read_text())[:n]
-    out = []
+    examples: list[dict | None] = []
     for row in rows:
         user = f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
         prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages, tokenize=False)
+        answer = full[len(prompt):]
+        cut = answer.rindex(end) + len(end) if end else len(answer)
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        ids, labels = (p + a)[:MAX_LENGTH], ([-100] * len(p) + a)[:MAX_LENGTH]
-        if any(x != -100 for x in labels):
-            out.append({"input_ids": ids, "labels": labels})
-    # peftkit's batch order for seed 0 without packing (examples shuffled, then rows shuffled), so that both
-    # libraries train on exactly the same batches; the parent checks the per-step target counts agree.
-    random.Random(0).shuffle(out)
+        a = tokenizer(answer[:cut], add_special_tokens=False)["input_ids"]
+        tail = tokenizer(answer[cut:], add_special_tokens=False)["input_ids"] if answer[cut:] else []
+        ids, labels = (p + a + tail)[:MAX_LENGTH], ([-100] * len(p) + a + [-100] * len(tail))[:MAX_LENGTH]
+        examples.append({"input_ids": ids, "labels": labels} if any(x != -100 for x in labels) else None)
+    # peftkit's batch order for seed 0 without packing (rows shuffled, then the examples left after truncation
+    # shuffled as training rows), so that both libraries train on exactly the same batches; the parent checks the
+    # per-step target counts agree.
+    shuffled = list(range(len(examples)))
+    random.Random(0).shuffle(shuffled)
+    out = [examples[i] for i in shuffled if examples[i] is not None]
     order = list(range(len(out)))
     random.Random(0).shuffle(order)
     return [out[i] for i in order]
