@@ -340,9 +340,10 @@ class PackedCausalAttention(torch.autograd.Function):
             g = grad.index_select(0, group.queries).index_fill_(0, group.padding, 0).view(o.shape)
             q_grad, k_grad, v_grad = _gradients(q, k, v, o, g, group.bias, ctx.scale)
             # padding slots add exact zeros (zero output gradient, masked keys); a shared prefix's keys add up
-            dq.index_add_(0, group.queries, q_grad.view(-1, d))
-            dk.index_add_(0, group.keys, k_grad.view(-1, d))
-            dv.index_add_(0, group.keys, v_grad.view(-1, v.shape[-1]))
+            # (under autocast q and k may be fp32 after RoPE while v is bf16: each gradient takes its input's dtype)
+            dq.index_add_(0, group.queries, q_grad.view(-1, d).to(dq.dtype))
+            dk.index_add_(0, group.keys, k_grad.view(-1, d).to(dk.dtype))
+            dv.index_add_(0, group.keys, v_grad.view(-1, v.shape[-1]).to(dv.dtype))
         return (*(t.view(batch, length, -1, t.shape[-1]).transpose(1, 2) for t in (dq, dk, dv)), None, None, None)
 
 
