@@ -25,10 +25,10 @@ tensor's states as the device working set.
 
 Activations: see `peftkit.memory.activations`.
 
-Logits / loss buffers: ``b*s*V * (e + 4 + 8)`` bytes: the model's logits (compute dtype, returned to the caller),
-the fp32 log-softmax kept for the loss backward (transformers upcasts logits to fp32 for the loss), and two fp32
-``b*s*V`` gradient buffers during the loss backward. For a 135M model with a 49k vocabulary this is often the largest
-item.
+Logits / loss buffers: ``b*s*V * e`` bytes for the logits in the compute dtype, twice that when they are 16-bit and
+trained through (their 16-bit gradient beside them): peftkit's loss (`peftkit.train.trainer.SummedCrossEntropy`)
+keeps no vocabulary-sized fp32 temporary, and fp32 logits become their own gradient in place. For a 135M model with
+a 49k vocabulary this is often the largest item.
 
 Temporary weights: a quantized base dequantizes one linear at a time (the largest block weight, 16-bit); autocast
 keeps a 16-bit cast of every fp32 matmul weight for backward (all of them in ``bf16-autocast``, the trainable ones in
@@ -401,10 +401,10 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
     else:
         bd.activations = ckpt if setup.gradient_checkpointing else no_ckpt
     seq = setup.seq_len + (s.num_virtual_tokens if method == "prompt_tuning" else 0)
-    if n_trainable:
-        bd.logits_loss = setup.batch_size * seq * arch.vocab * (e + 4 + 8)
-    else:
-        bd.logits_loss = setup.batch_size * seq * arch.vocab * (e + 4)
+    # peftkit's loss (`SummedCrossEntropy`) keeps the logits as they come out of the head and no vocabulary-sized
+    # temporary: fp32 logits become their own gradient in place, 16-bit ones get a 16-bit gradient beside them
+    logits = setup.batch_size * seq * arch.vocab * e
+    bd.logits_loss = logits * (2 if n_trainable and e < 4 else 1)
     if prec == "bf16-autocast" and n_trainable:
         # torch.autocast keeps the 16-bit cast of each fp32 matmul weight for backward (all linears + head)
         bd.temp_weights += 2 * (arch.block_linear_params + arch.vocab * arch.hidden)
