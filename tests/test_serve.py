@@ -358,16 +358,21 @@ def test_client_that_disconnects_cancels_its_request(live):
 # ---- the engine and the batched LoRA directly
 
 
-@pytest.mark.parametrize("base", ["llama", "gpt2", "llama-nf4"])
-def test_rows_joining_and_leaving_a_mixed_batch_equal_each_request_alone(base, tmp_path):
+def base_and_two_adapters(base: str, tmp_path):
+    """A tiny base ("llama", "gpt2" or "llama-nf4"), its tokenizer, and two LoRA adapters "a" and "b" saved for it."""
     from peftkit.quant import quantize_model
 
     model = tiny_gpt2() if base == "gpt2" else long_llama()
     if base == "llama-nf4":
         quantize_model(model, "nf4", compute_dtype=torch.float32)
-    tok = tiny_tokenizer()
     folders = {"a": save_lora(model, tmp_path / "a", 1, {"r": 4}),
                "b": save_lora(model, tmp_path / "b", 2, {"r": 2, "target_modules": "all-linear"})}
+    return model, tiny_tokenizer(), folders
+
+
+@pytest.mark.parametrize("base", ["llama", "gpt2", "llama-nf4"])
+def test_rows_joining_and_leaving_a_mixed_batch_equal_each_request_alone(base, tmp_path):
+    model, tok, folders = base_and_two_adapters(base, tmp_path)
     jobs = [("a", PROMPTS[0], 9), ("base", PROMPTS[1], 5), ("b", PROMPTS[2], 12), ("a", "x", 3), ("b", "yz", 7)]
     expected = []
     for name, prompt, n in jobs:  # peftkit generate's function, on its own copy of the model
@@ -471,14 +476,7 @@ def test_cli_server_finishes_requests_in_flight_on_sigterm(files):
 
 @pytest.mark.parametrize("base", ["llama", "gpt2", "llama-nf4"])
 def test_requests_admitted_together_are_prefilled_together_as_each_alone(base, tmp_path):
-    from peftkit.quant import quantize_model
-
-    model = tiny_gpt2() if base == "gpt2" else long_llama()
-    if base == "llama-nf4":
-        quantize_model(model, "nf4", compute_dtype=torch.float32)
-    tok = tiny_tokenizer()
-    folders = {"a": save_lora(model, tmp_path / "a", 1, {"r": 4}),
-               "b": save_lora(model, tmp_path / "b", 2, {"r": 2, "target_modules": "all-linear"})}
+    model, tok, folders = base_and_two_adapters(base, tmp_path)
     long = "Please write a long answer about the colour of the sky at noon, at dusk and at night."
     # four rows start together; the first two end together (same length), then the last two join the other two,
     # longer prompts than theirs in a shorter batch (both sides get padded)

@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
             from peftkit.commands.merge import merge_adapter
             from peftkit.core.context import read_context
 
-            model, tokenizer, method, _ = merge_adapter(source, args.model, args.quantized_base)
-            what = f"{args.source} ({method}) merged into its base"
             context = read_context(source)
+            model, tokenizer, method, _ = merge_adapter(source, context, args.model, args.quantized_base)
+            what = f"{args.source} ({method}) merged into its base"
             if context is not None and context.template_text:
                 tokenizer.chat_template = context.template_text  # the template the adapter was trained with
             if context is not None and (context.instruction or context.system):

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.requantize == "recorded" and (args.quantized_base == "none" or not (args.quantized_base or recorded)):
         raise PeftkitError("--requantize: the adapter was not trained on a quantized base; name a format "
                            "(--requantize nf4)")
-    merged, tokenizer, name, quant = merge_adapter(args.adapter, args.model, args.quantized_base)
+    merged, tokenizer, name, quant = merge_adapter(args.adapter, context, args.model, args.quantized_base)
     if args.requantize:
         from peftkit.quant.requantize import requantize_with_report
 
@@ -89,20 +89,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def merge_adapter(adapter, model: str | None = None, quantized_base: str | None = None):
+def merge_adapter(adapter, context, model: str | None = None, quantized_base: str | None = None):
     """`adapter` folded into its base, as `peftkit merge` (and `peftkit export`) do: the merged model (fp32, every
     layer plain), its tokenizer, the method's name, and the quantization of the base it was merged into (None: full
-    precision). The base is the recorded one unless `model` names another; `quantized_base` overrides the recorded
-    quantization ("none": the full-precision base). One line says which base weights the update went into."""
+    precision). `context` is the adapter's `read_context`; the base is the recorded one unless `model` names
+    another; `quantized_base` overrides the recorded quantization ("none": the full-precision base). One line says
+    which base weights the update went into."""
     import torch
 
     from peftkit.core.adapter_io import load_adapter, read_adapter
-    from peftkit.core.context import load_base, read_context
+    from peftkit.core.context import load_base
     from peftkit.core.merging import merge_and_unload, method_merging
     from peftkit.quant import dequantize_model
 
     method_merging(read_adapter(adapter)[0].name)  # refuse a method that cannot merge before loading the model
-    context = read_context(adapter)
     base, tokenizer, quant = load_base(context, model, quantized_base)
     print(_base_line(context, quant, quantized_base))
     load_adapter(base, adapter)

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.core.config import Config
-from peftkit.core.context import CONTEXT_KEY, TrainingContext, read_context
+from peftkit.core.context import CONTEXT_KEY, TrainingContext, read_config_json, read_context
 from peftkit.core.inject import InjectReport
 from peftkit.core.registry import MethodSpec, get_method, method_for_peft_type
 from peftkit.errors import PeftkitError
@@ -261,10 +261,7 @@ def read_adapter(
     for path in (cfg_path, w_path):
         if not path.is_file():
             raise PeftkitError(f"adapter file missing: {path}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeftkitError(f"{cfg_path} is not valid JSON: {e}") from None
+    raw = read_config_json(cfg_path)
     if not isinstance(raw, dict) or "peft_type" not in raw:
         raise PeftkitError(f"{cfg_path} has no peft_type")
     saved_for = (raw.get("auto_mapping") or {}).get("base_model_class")

@@ -220,15 +220,20 @@ def _short(text: str, n: int = 40) -> str:
     return repr(line if len(line) <= n else line[:n - 1] + "…")
 
 
-def read_context(folder: str | os.PathLike) -> TrainingContext | None:
-    """The training context recorded in an adapter folder, None when it has none (older peftkit, peft)."""
-    path = Path(folder) / "adapter_config.json"
+def read_config_json(path: Path) -> Any:
+    """An adapter folder's ``adapter_config.json``, parsed; a missing or unreadable file is a one-line error."""
     if not path.is_file():
         raise PeftkitError(f"adapter file missing: {path}")
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PeftkitError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_context(folder: str | os.PathLike) -> TrainingContext | None:
+    """The training context recorded in an adapter folder, None when it has none (older peftkit, peft)."""
+    path = Path(folder) / "adapter_config.json"
+    raw = read_config_json(path)
     if not isinstance(raw, dict) or raw.get(CONTEXT_KEY) is None:
         return None
     return TrainingContext.from_json(raw[CONTEXT_KEY], where=f"{path}: ")
