@@ -223,3 +223,61 @@ def test_dropped_linear_gives_the_gradients_of_dropout_then_linear(autocast):
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "linear-bias", "linear-bf16", "nf4", "nf4-bf16"])
+def test_fused_lora_linear_matches_the_formula_and_its_gradients(base_kind):
+    """The fused node (dense or 4-bit base) gives the output and gradients of x W0^T + b + s (x A^T) B^T."""
+    from peftkit.methods.lora import LoRALayer, _FusedLoRALinear
+    from peftkit.quant import QuantLinear
+
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if base_kind.endswith("bf16") else torch.float32
+    dense = torch.nn.Linear(24, 40, bias=base_kind == "linear-bias")
+    base = QuantLinear.from_linear(dense, compute_dtype=dtype) if base_kind.startswith("nf4") else dense.to(dtype)
+    base.requires_grad_(False)
+    layer = LoRALayer.from_module(base, LoRAConfig(r=4, lora_alpha=8))
+    with torch.no_grad():  # the trainer keeps LoRA weights in fp32 whatever the base dtype
+        layer.lora_A.weight.copy_(torch.randn(4, 24, generator=g))
+        layer.lora_B.weight.copy_(torch.randn(40, 4, generator=g) * 0.1)
+    layer.lora_A.float(), layer.lora_B.float()
+    x = torch.randn(2, 7, 24, generator=g).to(dtype).requires_grad_(True)
+    calls = []
+    original = _FusedLoRALinear.forward
+    _FusedLoRALinear.forward = staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a))
+    try:
+        out = layer(x)
+    finally:
+        _FusedLoRALinear.forward = staticmethod(original)
+    assert calls, "the fused path did not run"
+    w0 = layer.dequantize_weight(dtype) if isinstance(base, QuantLinear) else base.weight
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    ref = torch.nn.functional.linear(x, w0, base.bias) + 2.0 * ((x.float() @ a.T) @ b.T).to(dtype)
+    assert out.dtype == dtype and out.shape == (2, 7, 40)
+    tol = {"atol": 3e-2, "rtol": 3e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(out, ref, **tol)
+    grad = torch.randn(out.shape, generator=g).to(dtype)
+    got = torch.autograd.grad(out, (x, a, b), grad)
+    want = torch.autograd.grad(ref, (x, a, b), grad)
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine.dtype == theirs.dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(mine, theirs, **tol)
+        else:  # bf16 sums (B's product as on the autograd path): compare as a whole, not element by element
+            assert ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item() < 1e-2
+
+
+def test_fused_path_is_skipped_where_it_does_not_apply():
+    """Active dropout, autocast and a trainable base weight take the autograd path (same numbers)."""
+    from peftkit.methods.lora import LoRALayer
+
+    base = torch.nn.Linear(16, 8).requires_grad_(False)
+    layer = LoRALayer.from_module(base, LoRAConfig(r=2, lora_dropout=0.2))
+    x = torch.randn(3, 16)
+    assert layer._fused_base(x) is None  # training with dropout
+    layer.eval()
+    assert layer._fused_base(x) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._fused_base(x) is None
+    base.weight.requires_grad_(True)
+    assert LoRALayer.from_module(base, LoRAConfig(r=2))._fused_base(x) is None
