@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.core.config import Config
 from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, get_submodule_parent, inject
+from peftkit.core.matmul import frozen_product, onednn_linear_enabled
 from peftkit.core.registry import Merging, register_method
 from peftkit.errors import PeftkitError
 from peftkit.quant import QuantLinear, dequantize
@@ -174,10 +175,10 @@ class _FusedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float, state: Any) -> torch.Tensor:
+                lora_b: torch.Tensor, scale: float, state: Any, onednn: bool) -> torch.Tensor:
         dense = weight if state is None else dequantize(weight, state, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        out = x2 @ dense.t() if bias is None else torch.addmm(bias, x2, dense.t())
+        out = frozen_product(x2, dense, bias, onednn)  # oneDNN while training in fp32 on CPU (peftkit.core.matmul)
         h = (x2.to(lora_a.dtype) @ lora_a.t()).mul_(scale)
         out.addmm_(h.to(out.dtype), lora_b.t().to(out.dtype))
         ctx.save_for_backward(x2, weight, lora_a, lora_b, h)
@@ -204,7 +205,7 @@ class _FusedLoRALinear(torch.autograd.Function):
             grad_a = grad_h.t() @ x2.to(lora_a.dtype)
         if needs[4]:
             grad_b = (h.to(g2.dtype).t() @ g2).t().to(lora_b.dtype).contiguous()
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
 class LoRALayer(AdapterModule):
@@ -278,7 +279,10 @@ class LoRALayer(AdapterModule):
             weight, bias, state = base
             if state is not None:
                 x = x.to(self.compute_dtype)
-            return _FusedLoRALinear.apply(x, weight, bias, self.lora_A.weight, self.lora_B.weight, self.scale, state)
+            # (a 4-bit weight is dequantized to x's dtype)
+            onednn = onednn_linear_enabled(x, self.weight if state is None else x, bias)
+            return _FusedLoRALinear.apply(x, weight, bias, self.lora_A.weight, self.lora_B.weight, self.scale, state,
+                                          onednn)
         out = self._base_cls.forward(self, x)
         if self.merged or not self.lora_enabled:
             return out

@@ -31,6 +31,7 @@ from torch import nn
 
 from peftkit.core.adapter_io import apply_method, save_adapter, trainable_state_dict, writing
 from peftkit.core.context import Quantization, TrainingContext, fingerprint
+from peftkit.core.matmul import frozen_linear
 from peftkit.core.registry import get_method
 from peftkit.data.formats import Conversation, ReadStats, read_conversations
 from peftkit.data.sequences import (
@@ -111,13 +112,23 @@ def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     if head is None:
         raise PeftkitError(f"{type(core).__name__} has no output head (get_output_embeddings): not a causal LM")
     handle = head.register_forward_pre_hook(gather)
+    # a frozen plain head (every method but full fine-tuning): its product by `frozen_linear` (oneDNN on CPU fp32)
+    fast_head = type(head).forward is nn.Linear.forward and not head.weight.requires_grad
+    if fast_head:
+        head.forward = functools.partial(_frozen_head, head)
     try:
         logits = model(**inputs, use_cache=False).logits.flatten(0, 1)  # a view: no batch-sized zeros in backward
     finally:
         handle.remove()
+        if fast_head:
+            del head.forward
     # 16-bit logits go in as they are (the loss widens them a chunk at a time); others as an fp32 copy
     low = logits.dtype in (torch.bfloat16, torch.float16)
     return SummedCrossEntropy.apply(logits if low else logits.float(), tgt), tgt.numel()
+
+
+def _frozen_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    return frozen_linear(hidden, head.weight, head.bias)
 
 
 class SummedCrossEntropy(torch.autograd.Function):
