@@ -1,8 +1,8 @@
 """``x @ W^T`` for a weight that does not train, by oneDNN's linear primitive on CPU in fp32.
 
-For fp32 ``F.linear`` torch calls MKL's sgemm, whose ``x @ W^T`` layout ran 10-35% below oneDNN's linear primitive
-on the bundled model's shapes (2-core AVX2 EPYC; the output head's 480 x 576 @ 576 x 49,152 the most), while the
-backward product ``g @ W`` runs as fast in MKL. So the forward product of a frozen weight goes to oneDNN (already
+For fp32 ``F.linear`` torch calls MKL's sgemm, whose ``x @ W^T`` layout ran below oneDNN's linear primitive on the
+bundled model's shapes (2-core AVX2 EPYC; the output head's the most), while the backward product ``g @ W`` runs as
+fast in MKL. So the forward product of a frozen weight goes to oneDNN (already
 in torch: ``torch.ops.mkldnn._linear_pointwise`` takes the plain dense tensors, no weight copy) and everything else
 stays as it was. Only with autograd recording (training): inference keeps ``F.linear``, so that a LoRA layer at init
 or a merged model gives the base model's logits bit for bit. Other dtypes and devices, and builds without oneDNN,
@@ -26,10 +26,11 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def onednn_linear_enabled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether a frozen product of these tensors goes to oneDNN here (call it outside a Function's forward)."""
+def onednn_linear_enabled(x: torch.Tensor, weight_dtype: torch.dtype, bias: torch.Tensor | None = None) -> bool:
+    """Whether a frozen product of `x` with a weight of `weight_dtype` goes to oneDNN here (call it outside a
+    Function's forward: autograd is off inside one)."""
     return (torch.is_grad_enabled() and x.device.type == "cpu" and _onednn_available()
-            and x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and x.dtype == weight_dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
             and os.environ.get("PEFTKIT_ONEDNN_LINEAR", "1") != "0")
 
 
@@ -53,11 +54,12 @@ class FrozenLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None, None
+        return grad @ weight, None, None
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through `FrozenLinear` where that is faster; the weight must not train."""
-    if weight.requires_grad or (bias is not None and bias.requires_grad) or not onednn_linear_enabled(x, weight, bias):
+    trains = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if trains or not onednn_linear_enabled(x, weight.dtype, bias):
         return F.linear(x, weight, bias)
     return FrozenLinear.apply(x, weight, bias)

@@ -113,7 +113,9 @@ def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
         raise PeftkitError(f"{type(core).__name__} has no output head (get_output_embeddings): not a causal LM")
     handle = head.register_forward_pre_hook(gather)
     # a frozen plain head (every method but full fine-tuning): its product by `frozen_linear` (oneDNN on CPU fp32)
-    fast_head = type(head).forward is nn.Linear.forward and not head.weight.requires_grad
+    # (not over a forward set on the instance, e.g. accelerate's device hooks)
+    fast_head = (type(head).forward is nn.Linear.forward and "forward" not in head.__dict__
+                 and not head.weight.requires_grad)
     if fast_head:
         head.forward = functools.partial(_frozen_head, head)
     try:
