@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -175,7 +176,7 @@ def test_unwritable_cache_and_damaged_library(tmp_path, monkeypatch, rebuild):
     blocker.write_text("not a folder")
     monkeypatch.setenv("PEFTKIT_CACHE", str(blocker / "cache"))  # mkdir fails under a regular file
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(native.tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
     assert native.dequant4_kernel() is not None
     (built,) = tmp_path.glob("peftkit-kernels-*/dequant4-*.so")
     data, state = quantize(randn(4096), "nf4")

@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.core.config import parse_override
     from peftkit.core.registry import get_method, list_methods
     from peftkit.hardware import describe, matmul_peak, resolve_precision
+    from peftkit.methods import lora_native
     from peftkit.models import load_model
     from peftkit.quant import native
     from peftkit.train import count_parameters
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  layers {getattr(cfg, 'num_hidden_layers', '?')}, hidden {getattr(cfg, 'hidden_size', '?')}, "
           f"vocab {getattr(cfg, 'vocab_size', '?')}, chat template: {'yes' if tokenizer.chat_template else 'no'}")
     print(f"4-bit dequantization on CPU: {native.describe()}")
+    print(f"LoRA's rank <= {lora_native.MAX_RANK} products on CPU in fp32: {lora_native.describe()}")
     print(f"this machine: {describe()}")
     print(f"training and generation {resolve_precision('auto').line()}")
     if not torch.cuda.is_available():

@@ -31,6 +31,7 @@ from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, get_sub
 from peftkit.core.matmul import frozen_product, onednn_linear_enabled
 from peftkit.core.registry import Merging, register_method
 from peftkit.errors import PeftkitError
+from peftkit.methods import lora_native
 from peftkit.quant import QuantLinear, dequantize
 
 if TYPE_CHECKING:
@@ -179,10 +180,16 @@ class _FusedLoRALinear(torch.autograd.Function):
         dense = weight if state is None else dequantize(weight, state, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         out = frozen_product(x2, dense, bias, onednn)  # oneDNN while training in fp32 on CPU (peftkit.core.matmul)
-        h = (x2.to(lora_a.dtype) @ lora_a.t()).mul_(scale)
-        out.addmm_(h.to(out.dtype), lora_b.t().to(out.dtype))
+        # fp32 on CPU, small rank: the skinny products by the compiled kernel (peftkit.methods.lora_native)
+        native = lora_native.usable(lora_a.shape[0], x2, out, lora_a, lora_b)
+        if native:
+            h = lora_native.down(x2, lora_a, scale)
+            lora_native.up_add(out, h, lora_b.t().contiguous())
+        else:
+            h = (x2.to(lora_a.dtype) @ lora_a.t()).mul_(scale)
+            out.addmm_(h.to(out.dtype), lora_b.t().to(out.dtype))
         ctx.save_for_backward(x2, weight, lora_a, lora_b, h)
-        ctx.scale, ctx.state, ctx.in_shape = scale, state, x.shape
+        ctx.scale, ctx.state, ctx.in_shape, ctx.native = scale, state, x.shape, native
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -190,6 +197,8 @@ class _FusedLoRALinear(torch.autograd.Function):
         x2, weight, lora_a, lora_b, h = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])
+        if ctx.native and lora_native.usable(lora_a.shape[0], g2):
+            return _FusedLoRALinear._native_backward(ctx, g2, x2, weight, lora_a, lora_b, h)
         # d loss / d (x A^T), r wide, in A's dtype. The skinny products read the T x d_out gradient with both
         # operands walked along d_out (B as a transposed r x d_out copy, B's gradient as (h^T g)^T): 2-6x faster
         # on CPU than the layouts autograd picks (timed at the bundled model's 1000 x 1536 gradients, r=8).
@@ -204,6 +213,22 @@ class _FusedLoRALinear(torch.autograd.Function):
         if needs[4]:
             grad_b = (h.to(g2.dtype).t() @ g2).t().to(lora_b.dtype).contiguous()
         return grad_x, None, None, grad_a, grad_b, None, None, None
+
+    @staticmethod
+    def _native_backward(ctx, g2, x2, weight, lora_a, lora_b, h):
+        """`backward` by `lora_native` (all fp32): one pass over g for B's gradient and g B, one over x and the input
+        gradient for A's gradient and (g B) A; the base's product g W0 stays with BLAS."""
+        needs = ctx.needs_input_grad
+        grad_h, grad_bt = lora_native.grad_out(g2, lora_b.t().contiguous(), h, ctx.scale)
+        grad_x = grad_a = None
+        if needs[0]:
+            dense = weight if ctx.state is None else dequantize(weight, ctx.state, g2.dtype)
+            grad_x = g2 @ dense
+        if needs[0] or needs[3]:
+            grad_a = lora_native.grad_in(grad_x, x2, grad_h, lora_a)
+        grad_x = None if grad_x is None else grad_x.view(ctx.in_shape)
+        grad_b = grad_bt.t().contiguous() if needs[4] else None
+        return grad_x, None, None, grad_a if needs[3] else None, grad_b, None, None, None
 
 
 class LoRALayer(AdapterModule):

@@ -8,29 +8,21 @@ on two halves and `vpshufb`, or a scalar loop, whichever the CPU has; `describe`
 results are bit-identical to the PyTorch path, which stays the reference and the fallback (tests run both, and
 `build_kernel` builds each instruction-set path this CPU can run).
 
-The file is plain C (no PyTorch headers): the system C compiler builds it in well under a second, once per
-source, compiler and CPU, into `$PEFTKIT_CACHE/kernels` (or a folder in the temp dir if that is not writable;
-written to a temporary name, then renamed: concurrent processes never load a half-written library; a cached file
-that does not load is built again). It is built with `-march=native` for this CPU and `-fopenmp`, and
-its parallel loop runs on the OpenMP runtime PyTorch has already loaded (same soname), so it follows
-`torch.set_num_threads`. Without a compiler, off Linux, or with `PEFTKIT_NATIVE=0`, peftkit uses the PyTorch path.
+The file is plain C, built on first use by `peftkit.core.native` (cached per source, compiler and CPU), with
+`-march=native` for this CPU and `-fopenmp`; its parallel loop follows `torch.set_num_threads`. Without a compiler,
+off Linux, or with `PEFTKIT_NATIVE=0`, peftkit uses the PyTorch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import warnings
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from peftkit.core import native as builder
 
 from .codebooks import codebook
 
@@ -38,56 +30,12 @@ if TYPE_CHECKING:
     from .blockwise import QuantState
 
 SOURCE = Path(__file__).with_name("kernels") / "dequant4.c"
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
-OPENMP = "-fopenmp"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")  # no FMA: bit-identical to PyTorch
 COMPILE_TIMEOUT_S = 120
 
 __all__ = ["dequant4_kernel", "dequantize_4bit_blocks", "describe"]
 
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (part of the cache key: the library is built for this CPU)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def _compile(compiler: str, target: Path, extra: tuple[str, ...] = ()) -> None:
-    """Build the shared library at `target` (`extra` flags after the usual ones), atomically: with OpenMP if the
-    compiler has it, and without `-march=native` as the last resort (a compiler that refuses it gets the portable
-    scalar loop)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
-    os.close(fd)
-    portable = [f for f in FLAGS if f != "-march=native"]
-    try:
-        errors = ""
-        for flags in ([*FLAGS, OPENMP], [*FLAGS], [*portable, OPENMP], portable):
-            cmd = [compiler, *flags, *extra, str(SOURCE), "-o", tmp]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-            if done.returncode == 0:
-                os.replace(tmp, target)
-                return
-            errors = done.stderr.strip()
-        raise RuntimeError(f"{compiler} failed: {errors[-500:]}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _load(compiler: str, target: Path, extra: tuple[str, ...] = ()) -> Any:
-    """The kernel function from the library at `target`, built first if it is missing or does not load."""
-    if target.exists():
-        try:
-            return _function(ctypes.CDLL(str(target)))
-        except (OSError, AttributeError):
-            pass  # a damaged or foreign file under our name: build it again
-    _compile(compiler, target, extra)
-    return _function(ctypes.CDLL(str(target)))
+_cpu_flags = builder.cpu_flags
 
 
 def _function(library: ctypes.CDLL) -> Any:
@@ -110,8 +58,7 @@ def build_kernel(folder: Path, extra: tuple[str, ...] = ()) -> Any:
     Raises:
         RuntimeError: the build failed.
     """
-    name = hashlib.sha256("\0".join(extra).encode()).hexdigest()[:16]
-    return _load(os.environ.get("CC", "cc"), folder / f"dequant4-{name}.so", extra)
+    return builder.build_kernel(folder, "dequant4", SOURCE, FLAGS, _function, extra, COMPILE_TIMEOUT_S)
 
 
 def dequant4_kernel() -> Any | None:
@@ -128,32 +75,7 @@ def describe() -> str:
 @cache
 def _kernel() -> tuple[Any | None, str]:
     """Build (once) and load the kernel: its C function or None, and why (the library's path, or the reason)."""
-    if os.environ.get("PEFTKIT_NATIVE", "1") == "0":
-        return None, "PEFTKIT_NATIVE=0"
-    if not sys.platform.startswith("linux"):
-        return None, f"built on Linux only, this is {sys.platform}"
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None, f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH"
-    from peftkit.models import cache_dir
-
-    key = hashlib.sha256(b"\0".join(s.encode() for s in (SOURCE.read_text(), compiler, *FLAGS, _cpu_flags())))
-    name = f"dequant4-{key.hexdigest()[:16]}.so"
-    # the cache, or where it cannot be written (a read-only home), a folder of this user's in the temp dir
-    folders = (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"peftkit-kernels-{os.getuid()}")
-    error: Exception | None = None
-    for folder in folders:
-        try:
-            fn = _load(compiler, folder / name)
-        except OSError as err:
-            error = err
-            continue
-        except (RuntimeError, AttributeError, subprocess.SubprocessError) as err:
-            error = err
-            break  # the build itself failed: another folder will not help
-        return fn, str(folder / name)
-    warnings.warn(f"peftkit: 4-bit dequantization kernel unavailable, using the PyTorch path ({error})", stacklevel=3)
-    return None, f"the build failed: {error}"
+    return builder.cached_kernel("dequant4", SOURCE, FLAGS, _function, "4-bit dequantization", COMPILE_TIMEOUT_S)
 
 
 def dequantize_4bit_blocks(packed: torch.Tensor, state: QuantState, out: torch.Tensor) -> bool:

@@ -1,0 +1,126 @@
+"""Benchmark: LoRA's skinny products on CPU, the compiled kernel (`peftkit.methods.lora_native`) vs PyTorch matmuls.
+
+Two parts, both fp32, the two paths called alternately, medians over rounds:
+  * the products alone, per rank: for the bundled model's seven projection shapes (q, k, v, o, gate, up, down) at
+    T = 960 rows (a default batch), the forward's two products and the backward's four (what `_FusedLoRALinear`
+    computes besides the base matmul), the sum over one block;
+  * a default LoRA training step on the bundled model (r = 8 on every projection, real batches of the orders
+    task): forward + backward with the kernel and with PyTorch's matmuls (`lora_kernel` switched off in process).
+Writes section "lora_kernel" of BENCHMARKS.md (per CPU class).
+
+    python bench/lora_kernel.py            # ~3 minutes on a 2-core CPU
+    python bench/lora_kernel.py --quick    # fewer rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, alternate, machine, write_section  # noqa: E402
+
+from peftkit.methods import lora_native  # noqa: E402
+
+warnings.filterwarnings("ignore")
+ROWS = 960
+# the bundled model's projections (d_in, d_out): q, k, v, o, gate, up, down
+BLOCK = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+RANKS = (4, 8, 16, 32)
+
+
+def chain(native: bool, x, g, out, gx, a, b, scale=2.0):
+    """The six products of one LoRA layer's forward and backward, by the kernel or as the PyTorch path writes them."""
+    bt = b.t().contiguous()
+    if native:
+        h = lora_native.down(x, a, scale)
+        lora_native.up_add(out, h, bt)
+        gh, gbt = lora_native.grad_out(g, bt, h, scale)
+        return lora_native.grad_in(gx, x, gh, a), gbt
+    h = (x @ a.t()).mul_(scale)
+    out.addmm_(h, b.t())
+    gh = (g @ bt.t()).mul_(scale)
+    gx.addmm_(gh, a)
+    return gh.t() @ x, (h.t() @ g).t().contiguous()
+
+
+def products(rounds: int) -> list[str]:
+    gen = torch.Generator().manual_seed(0)
+    lines = ["| rank | PyTorch matmuls (ms / block) | kernel (ms / block) | speed-up |", "|---|---|---|---|"]
+    for r in RANKS:
+        layers = []
+        for d_in, d_out in BLOCK:
+            t = [torch.randn(s, generator=gen) for s in ((ROWS, d_in), (ROWS, d_out), (ROWS, d_out), (ROWS, d_in))]
+            layers.append((*t, torch.randn(r, d_in, generator=gen) * 0.02, torch.randn(d_out, r, generator=gen) * 0.02))
+        times = alternate({kind: (lambda kind=kind, layers=layers: [chain(kind == "kernel", *t) for t in layers])
+                           for kind in ("torch", "kernel")}, rounds)
+        torch_ms, kernel_ms = (statistics.median(times[k]) * 1e3 for k in ("torch", "kernel"))
+        lines.append(f"| {r} | {torch_ms:.1f} | {kernel_ms:.1f} | {torch_ms / kernel_ms:.2f}x |")
+    return lines
+
+
+def training_step(rounds: int) -> list[str]:
+    from peftkit.train import TrainConfig, Trainer
+    from peftkit.train.trainer import sequence_loss
+
+    cfg = TrainConfig.from_dict({"data": str(ROOT / "src/peftkit/data/tasks/orders_train.jsonl"), "max_steps": 1,
+                                 "output_dir": "/tmp/peftkit-bench-lora-kernel", "progress": False,
+                                 "precision": "fp32"})
+    trainer = Trainer(cfg, overwrite=True)
+    model = trainer.model.train()
+    batches = iter(trainer._batches(0, 0))
+    batches = [next(batches)[2] for _ in range(3)]
+    kernel = lora_native.lora_kernel
+    state = {"round": 0}
+
+    def step(on: bool):
+        lora_native.lora_kernel = kernel if on else (lambda: None)
+        try:
+            loss, _ = sequence_loss(model, batches[state["round"] % len(batches)])
+            loss.backward()
+        finally:
+            lora_native.lora_kernel = kernel
+        model.zero_grad(set_to_none=True)
+
+    def advance():
+        state["round"] += 1
+
+    times = alternate({"torch": lambda: step(False), "kernel": lambda: (step(True), advance())}, rounds)
+    torch_s, kernel_s = (statistics.median(times[k]) for k in ("torch", "kernel"))
+    tokens = statistics.median(int((b["segment_ids"] >= 0).sum()) if "segment_ids" in b else b["input_ids"].numel()
+                               for b in batches)
+    return [f"| forward + backward, default LoRA (r=8), ~{tokens} tokens | PyTorch matmuls | kernel | speed-up |",
+            "|---|---|---|---|",
+            f"| median over {rounds} rounds (s) | {torch_s:.2f} | {kernel_s:.2f} | {torch_s / kernel_s:.2f}x |"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if lora_native.lora_kernel() is None:
+        sys.exit(f"no LoRA kernel here: {lora_native.describe()}")
+    product_lines = products(5 if args.quick else 15)
+    print("\n".join(product_lines))
+    step_lines = training_step(3 if args.quick else 8)
+    print("\n".join(step_lines))
+    body = "\n".join([
+        "## LoRA's skinny products on CPU: compiled kernel vs PyTorch matmuls (`python bench/lora_kernel.py`)", "",
+        f"Machine: {machine()}; {torch.get_num_threads()} threads. fp32. Alternating, medians.", "",
+        f"The six r-wide products of one block's seven projections (forward 2, backward 4), T = {ROWS} rows; "
+        f"the kernel is used up to rank {lora_native.MAX_RANK} (`MAX_RANK`):", "", *product_lines, "",
+        "In a training step on the bundled model (same batches both ways; the base matmuls, attention and the rest "
+        "are the same code):", "", *step_lines])
+    write_section("lora_kernel", body, per_cpu_class=True)
+
+
+if __name__ == "__main__":
+    main()
