@@ -135,3 +135,26 @@ def test_describe_and_switch_off(monkeypatch):
     if lora_native.lora_kernel() is not None:
         assert lora_native.describe().startswith("compiled kernel (") and lora_native.describe().endswith(".so)")
 
+
+
+def test_a_build_without_openmp_runs_serially_and_equals_pytorch(tmp_path, monkeypatch):
+    """A compiler without OpenMP gets the serial loops (the pragmas are ignored, one partial sum)."""
+    import shutil
+    import sys
+
+    from peftkit.core import native as builder
+
+    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
+        pytest.skip("needs a C compiler (the kernel is built on Linux only)")
+    serial = builder.build_kernel(tmp_path, "lora", lora_native.SOURCE, lora_native.FLAGS, lora_native._Kernel,
+                                  extra=("-fno-openmp",))
+    monkeypatch.setattr(lora_native, "lora_kernel", lambda: serial)
+    monkeypatch.setattr(lora_native, "_threads", lambda: 2)
+    x, w, h = strided(45, 37, 0), randn(5, 37, seed=1), randn(45, 5, seed=2)
+    gh, gbt = lora_native.grad_out(x, w, h, 2.0)
+    torch.testing.assert_close(gh, 2.0 * x @ w.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gbt, h.t() @ x, atol=1e-5, rtol=1e-5)
+    gx = strided(45, 37, 4)
+    want = gx + h @ w
+    torch.testing.assert_close(lora_native.grad_in(gx, x, h, w), h.t() @ x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, want, atol=1e-5, rtol=1e-5)
