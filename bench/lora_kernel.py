@@ -4,8 +4,9 @@ Two parts, both fp32, the two paths called alternately, medians over rounds:
   * the products alone, per rank: for the bundled model's seven projection shapes (q, k, v, o, gate, up, down) at
     T = 960 rows (a default batch), the forward's two products and the backward's four (what `_FusedLoRALinear`
     computes besides the base matmul), the sum over one block;
-  * a default LoRA training step on the bundled model (r = 8 on every projection, real batches of the orders
-    task): forward + backward with the kernel and with PyTorch's matmuls (`lora_kernel` switched off in process).
+  * training steps on the bundled model, real batches of the orders task: the default LoRA (r = 8 on every
+    projection) and the demo's QLoRA (r = 16 on an NF4 base), forward + backward with the kernel and with PyTorch's
+    matmuls (`lora_kernel` switched off in process).
 Writes section "lora_kernel" of BENCHMARKS.md (per CPU class).
 
     python bench/lora_kernel.py            # ~3 minutes on a 2-core CPU
@@ -39,7 +40,10 @@ def chain(native: bool, x, g, out, gx, a, b, scale=2.0):
     bt = b.t().contiguous()
     if native:
         h = lora_native.down(x, a, scale)
-        lora_native.up_add(out, h, bt)
+        if a.shape[0] <= lora_native.UP_ADD_MAX_RANK:  # as `_FusedLoRALinear` does
+            lora_native.up_add(out, h, bt)
+        else:
+            out.addmm_(h, b.t())
         gh, gbt = lora_native.grad_out(g, bt, h, scale)
         return lora_native.grad_in(gx, x, gh, a), gbt
     h = (x @ a.t()).mul_(scale)
@@ -64,12 +68,12 @@ def products(rounds: int) -> list[str]:
     return lines
 
 
-def training_step(rounds: int) -> list[str]:
+def training_step(rounds: int, label: str, settings: dict) -> str:
     from peftkit.train import TrainConfig, Trainer
     from peftkit.train.trainer import sequence_loss
 
-    cfg = TrainConfig.from_dict({"data": str(ROOT / "src/peftkit/data/tasks/orders_train.jsonl"), "max_steps": 1,
-                                 "output_dir": "/tmp/peftkit-bench-lora-kernel", "progress": False,
+    cfg = TrainConfig.from_dict({**settings, "data": str(ROOT / "src/peftkit/data/tasks/orders_train.jsonl"),
+                                 "max_steps": 1, "output_dir": "/tmp/peftkit-bench-lora-kernel", "progress": False,
                                  "precision": "fp32"})
     trainer = Trainer(cfg, overwrite=True)
     model = trainer.model.train()
@@ -94,9 +98,7 @@ def training_step(rounds: int) -> list[str]:
     torch_s, kernel_s = (statistics.median(times[k]) for k in ("torch", "kernel"))
     tokens = statistics.median(int((b["segment_ids"] >= 0).sum()) if "segment_ids" in b else b["input_ids"].numel()
                                for b in batches)
-    return [f"| forward + backward, default LoRA (r=8), ~{tokens} tokens | PyTorch matmuls | kernel | speed-up |",
-            "|---|---|---|---|",
-            f"| median over {rounds} rounds (s) | {torch_s:.2f} | {kernel_s:.2f} | {torch_s / kernel_s:.2f}x |"]
+    return f"| {label}, ~{tokens:.0f} tokens | {rounds} | {torch_s:.2f} | {kernel_s:.2f} | {torch_s / kernel_s:.2f}x |"
 
 
 def main() -> None:
@@ -110,13 +112,20 @@ def main() -> None:
         sys.exit(f"no LoRA kernel here: {lora_native.describe()}")
     product_lines = products(5 if args.quick else 15)
     print("\n".join(product_lines))
-    step_lines = training_step(3 if args.quick else 8)
+    from peftkit.demo import DEMO_CONFIG
+
+    step_lines = ["| forward + backward of | rounds | PyTorch matmuls (s) | kernel (s) | speed-up |",
+                  "|---|---|---|---|---|"]
+    for label, settings in (("default LoRA (r=8)", {}), ("the demo's QLoRA (r=16, NF4)", DEMO_CONFIG)):
+        step_lines.append(training_step(3 if args.quick else 8, label, settings))
     print("\n".join(step_lines))
     body = "\n".join([
         "## LoRA's skinny products on CPU: compiled kernel vs PyTorch matmuls (`python bench/lora_kernel.py`)", "",
         f"Machine: {machine()}; {torch.get_num_threads()} threads. fp32. Alternating, medians.", "",
         f"The six r-wide products of one block's seven projections (forward 2, backward 4), T = {ROWS} rows; "
-        f"the kernel is used up to rank {lora_native.MAX_RANK} (`MAX_RANK`):", "", *product_lines, "",
+        f"the kernel is used up to rank {lora_native.MAX_RANK} (`MAX_RANK`; the forward's out += h B^T up to rank "
+        f"{lora_native.UP_ADD_MAX_RANK}, BLAS above, in both columns as in `_FusedLoRALinear`):", "", *product_lines,
+        "",
         "In a training step on the bundled model (same batches both ways; the base matmuls, attention and the rest "
         "are the same code):", "", *step_lines])
     write_section("lora_kernel", body, per_cpu_class=True)

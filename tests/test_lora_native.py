@@ -53,7 +53,7 @@ def test_each_product_equals_pytorch(kernel, rows, d, r, threads, monkeypatch):
 
 def test_usable_only_where_the_kernel_applies(kernel):
     x = torch.randn(4, 16)
-    assert lora_native.usable(8, x)
+    assert lora_native.usable(8, x) and lora_native.usable(lora_native.MAX_RANK, x)
     assert not lora_native.usable(lora_native.MAX_RANK + 1, x)  # BLAS is faster there
     assert not lora_native.usable(8, x.bfloat16())
     assert not lora_native.usable(8, x.t())  # columns, not rows, contiguous
@@ -75,9 +75,11 @@ def run(layer, x, grad):
     return (out, *torch.autograd.grad(out, (x, layer.lora_A.weight, layer.lora_B.weight), grad))
 
 
-def test_fused_node_with_and_without_the_kernel(kernel, monkeypatch):
-    """The same output and gradients both ways, and the kernel really ran (forward and backward)."""
-    layer = fused_layer()
+@pytest.mark.parametrize("r", [8, 16])
+def test_fused_node_with_and_without_the_kernel(kernel, monkeypatch, r):
+    """The same output and gradients both ways, and the kernel really ran (forward and backward; above
+    UP_ADD_MAX_RANK the forward's out += h B^T is BLAS's)."""
+    layer = fused_layer(r=r)
     x = randn(3, 11, 40, seed=5).requires_grad_(True)
     grad = randn(3, 11, 72, seed=6)
     calls = []
@@ -85,7 +87,7 @@ def test_fused_node_with_and_without_the_kernel(kernel, monkeypatch):
         fn = getattr(lora_native, name)
         monkeypatch.setattr(lora_native, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     with_kernel = run(layer, x, grad)
-    assert calls == ["down", "up_add", "grad_out", "grad_in"]
+    assert calls == ["down", *(["up_add"] if r <= lora_native.UP_ADD_MAX_RANK else []), "grad_out", "grad_in"]
     monkeypatch.setattr(lora_native, "lora_kernel", lambda: None)
     calls.clear()
     without = run(layer, x, grad)

@@ -184,7 +184,10 @@ class _FusedLoRALinear(torch.autograd.Function):
         native = lora_native.usable(lora_a.shape[0], x2, out, lora_a, lora_b)
         if native:
             h = lora_native.down(x2, lora_a, scale)
-            lora_native.up_add(out, h, lora_b.t().contiguous())
+            if lora_a.shape[0] <= lora_native.UP_ADD_MAX_RANK:
+                lora_native.up_add(out, h, lora_b.t().contiguous())
+            else:  # a pass over the d_out-wide output: BLAS does it as fast at wider ranks
+                out.addmm_(h, lora_b.t())
         else:
             h = (x2.to(lora_a.dtype) @ lora_a.t()).mul_(scale)
             out.addmm_(h.to(out.dtype), lora_b.t().to(out.dtype))

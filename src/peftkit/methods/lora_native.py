@@ -9,8 +9,9 @@ thread, and sums the reductions per thread (``PEFTKIT_NATIVE=0 peftkit train ...
 it saves on a machine; ``python bench/lora_kernel.py`` times the products alone). Results equal PyTorch's within
 fp32 rounding (another summation order): tests check both paths against each other.
 
-Used for fp32 CPU tensors whose rows are contiguous, up to rank `MAX_RANK`; everything else (bf16, CUDA, wider ranks,
-no compiler, ``PEFTKIT_NATIVE=0``) takes the PyTorch path. Threads: ``torch.get_num_threads()``.
+Used for fp32 CPU tensors whose rows are contiguous, up to rank `MAX_RANK` (the forward's ``out += h B^T``, a pass
+over the d_out-wide output that BLAS does as fast at wider ranks, up to `UP_ADD_MAX_RANK`); everything else (bf16,
+CUDA, wider ranks, no compiler, ``PEFTKIT_NATIVE=0``) takes the PyTorch path. Threads: ``torch.get_num_threads()``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import torch
 
 from peftkit.core import native as builder
 
-__all__ = ["MAX_RANK", "describe", "down", "grad_in", "grad_out", "lora_kernel", "up_add", "usable"]
+__all__ = ["MAX_RANK", "UP_ADD_MAX_RANK", "describe", "down", "grad_in", "grad_out", "lora_kernel", "up_add", "usable"]
 
 SOURCE = Path(__file__).with_name("kernels") / "lora.c"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")  # FMA contraction on: sums need not match BLAS bit for bit
 # Above this rank the products are wide enough for BLAS to run them faster (`bench/lora_kernel.py` times ranks)
-MAX_RANK = 8
+MAX_RANK = 16
+UP_ADD_MAX_RANK = 8  # forward's out += h B^T: the kernel only up to this rank
 
 
 class _Kernel:
