@@ -123,9 +123,9 @@ def main() -> None:
         "## LoRA's skinny products on CPU: compiled kernel vs PyTorch matmuls (`python bench/lora_kernel.py`)", "",
         f"Machine: {machine()}; {torch.get_num_threads()} threads. fp32. Alternating, medians.", "",
         f"The six r-wide products of one block's seven projections (forward 2, backward 4), T = {ROWS} rows; "
-        f"the kernel is used up to rank {lora_native.MAX_RANK} (`MAX_RANK`; the forward's out += h B^T up to rank "
-        f"{lora_native.UP_ADD_MAX_RANK}, BLAS above, in both columns as in `_FusedLoRALinear`):", "", *product_lines,
-        "",
+        f"peftkit uses the kernel up to rank {lora_native.MAX_RANK} (`MAX_RANK`), where it is faster (the kernel "
+        f"column does the forward's out += h B^T by BLAS above rank {lora_native.UP_ADD_MAX_RANK}, as "
+        "`_FusedLoRALinear` does):", "", *product_lines, "",
         "In a training step on the bundled model (same batches both ways; the base matmuls, attention and the rest "
         "are the same code):", "", *step_lines])
     write_section("lora_kernel", body, per_cpu_class=True)
