@@ -160,6 +160,11 @@ class _DroppedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+def _dense(weight: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight as a dense matrix: itself, or a 4-bit one (`state` not None) dequantized to `dtype`."""
+    return weight if state is None else dequantize(weight, state, dtype)
+
+
 class _FusedLoRALinear(torch.autograd.Function):
     """``x W0^T + b + s (x A^T) B^T`` for a frozen dense or 4-bit base, as one autograd node.
 
@@ -177,7 +182,7 @@ class _FusedLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, state: Any, onednn: bool) -> torch.Tensor:
-        dense = weight if state is None else dequantize(weight, state, x.dtype)
+        dense = _dense(weight, state, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         out = frozen_product(x2, dense, bias, onednn)  # oneDNN while training in fp32 on CPU (peftkit.core.matmul)
         # fp32 on CPU, small rank: the skinny products by the compiled kernel (peftkit.methods.lora_native)
@@ -208,7 +213,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         grad_h = (g2 @ lora_b.t().to(g2.dtype).contiguous().t()).to(lora_a.dtype).mul_(ctx.scale)
         grad_x = grad_a = grad_b = None  # the base's weight and bias are frozen (`LoRALayer._fused_base`)
         if needs[0]:
-            dense = weight if ctx.state is None else dequantize(weight, ctx.state, g2.dtype)
+            dense = _dense(weight, ctx.state, g2.dtype)
             grad_x = (g2 @ dense.to(g2.dtype)).addmm_(grad_h.to(g2.dtype), lora_a.to(g2.dtype))
             grad_x = grad_x.view(ctx.in_shape).to(x2.dtype)
         if needs[3]:
@@ -225,7 +230,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         grad_h, grad_bt = lora_native.grad_out(g2, lora_b.t().contiguous(), h, ctx.scale)
         grad_x = grad_a = None
         if needs[0]:
-            dense = weight if ctx.state is None else dequantize(weight, ctx.state, g2.dtype)
+            dense = _dense(weight, ctx.state, g2.dtype)
             grad_x = g2 @ dense
         if needs[0] or needs[3]:
             grad_a = lora_native.grad_in(grad_x, x2, grad_h, lora_a)

@@ -139,59 +139,64 @@ void peftkit_lora_up_add(float *out, int64_t ldo, const float *h, const float *w
     for (int64_t t = 0; t < T; t++) row_up_add(out + t * ldo, h + t * r, w, d, r);
 }
 
-/* gh (T, r) = scale * g B (bt = B^T, (r, d)) and gbt (r, d) = h^T g, reading g (rows ldg apart) once */
-int peftkit_lora_grad_out(const float *g, int64_t ldg, const float *bt, const float *h, float *gh, float *gbt,
-                          int64_t T, int64_t d, int64_t r, float scale, int threads) {
+/* The backward passes, for every row t: the row-wise product (grad_out: gh[t] = scale * g[t] B; grad_in:
+ * gx[t] += gh[t] A, unless gx is NULL) and sums += c[t]^T v[t] (c = h or gh, v = g or x), two rows per pass over a
+ * thread's own (r, d) sums, added up into `sums` at the end. One function for both (a flag, not a function pointer,
+ * so that the compiler inlines both row products). */
+struct pass {
+    int grad_in;           /* 0: grad_out, 1: grad_in */
+    const float *w;        /* bt (grad_out) or a (grad_in), (r, d) */
+    float *rows;           /* gh (grad_out, T x r) or gx (grad_in, rows ldrows apart, may be NULL) */
+    int64_t ldrows;
+    float scale;
+    const float *c, *v;    /* sums += c^T v: h and g (grad_out), gh and x (grad_in) */
+    int64_t ldv;
+};
+
+static inline void pass_row(const struct pass *p, int64_t t, int64_t d, int64_t r) {
+    if (!p->grad_in)
+        row_down(p->v + t * p->ldv, p->w, p->rows + t * r, d, r, p->scale);
+    else if (p->rows)
+        row_up_add(p->rows + t * p->ldrows, p->c + t * r, p->w, d, r);
+}
+
+static int rows_and_sums(const struct pass *p, float *sums, int64_t T, int64_t d, int64_t r, int threads) {
     int nt = clamp_threads(threads, T);
     float *part = calloc((size_t)nt * (size_t)(r * d), sizeof(float));
     if (!part) return -1;
+    const float *c = p->c, *v = p->v;
+    int64_t ldv = p->ldv;
     #pragma omp parallel num_threads(nt)
     {
         int id = thread_id(), n = thread_count();
         int64_t t = T * id / n, hi = T * (id + 1) / n;
         float *acc = part + (int64_t)id * r * d;
         for (; t + 2 <= hi; t += 2) {
-            const float *g0 = g + t * ldg, *g1 = g0 + ldg;
-            row_down(g0, bt, gh + t * r, d, r, scale);
-            row_down(g1, bt, gh + (t + 1) * r, d, r, scale);
-            rows_outer(acc, h + t * r, g0, h + (t + 1) * r, g1, d, r);
+            pass_row(p, t, d, r);
+            pass_row(p, t + 1, d, r);
+            rows_outer(acc, c + t * r, v + t * ldv, c + (t + 1) * r, v + (t + 1) * ldv, d, r);
         }
         for (; t < hi; t++) {
-            row_down(g + t * ldg, bt, gh + t * r, d, r, scale);
-            rows_outer(acc, h + t * r, g + t * ldg, h, NULL, d, r);
+            pass_row(p, t, d, r);
+            rows_outer(acc, c + t * r, v + t * ldv, c, NULL, d, r);
         }
         #pragma omp barrier
-        add_parts(gbt, part, n, r * d);
+        add_parts(sums, part, n, r * d);
     }
     free(part);
     return 0;
 }
 
+/* gh (T, r) = scale * g B (bt = B^T, (r, d)) and gbt (r, d) = h^T g, reading g (rows ldg apart) once */
+int peftkit_lora_grad_out(const float *g, int64_t ldg, const float *bt, const float *h, float *gh, float *gbt,
+                          int64_t T, int64_t d, int64_t r, float scale, int threads) {
+    struct pass p = {0, bt, gh, r, scale, h, g, ldg};
+    return rows_and_sums(&p, gbt, T, d, r, threads);
+}
+
 /* gx (T, d) += gh A (skipped if gx is NULL) and ga (r, d) = gh^T x, reading x (rows ldx apart) and gx (ldgx) once */
 int peftkit_lora_grad_in(float *gx, int64_t ldgx, const float *x, int64_t ldx, const float *gh, const float *a,
                          float *ga, int64_t T, int64_t d, int64_t r, int threads) {
-    int nt = clamp_threads(threads, T);
-    float *part = calloc((size_t)nt * (size_t)(r * d), sizeof(float));
-    if (!part) return -1;
-    #pragma omp parallel num_threads(nt)
-    {
-        int id = thread_id(), n = thread_count();
-        int64_t t = T * id / n, hi = T * (id + 1) / n;
-        float *acc = part + (int64_t)id * r * d;
-        for (; t + 2 <= hi; t += 2) {
-            if (gx) {
-                row_up_add(gx + t * ldgx, gh + t * r, a, d, r);
-                row_up_add(gx + (t + 1) * ldgx, gh + (t + 1) * r, a, d, r);
-            }
-            rows_outer(acc, gh + t * r, x + t * ldx, gh + (t + 1) * r, x + (t + 1) * ldx, d, r);
-        }
-        for (; t < hi; t++) {
-            if (gx) row_up_add(gx + t * ldgx, gh + t * r, a, d, r);
-            rows_outer(acc, gh + t * r, x + t * ldx, gh, NULL, d, r);
-        }
-        #pragma omp barrier
-        add_parts(ga, part, n, r * d);
-    }
-    free(part);
-    return 0;
+    struct pass p = {1, a, gx, ldgx, 1.0f, gh, x, ldx};
+    return rows_and_sums(&p, ga, T, d, r, threads);
 }
