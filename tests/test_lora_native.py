@@ -160,3 +160,16 @@ def test_a_build_without_openmp_runs_serially_and_equals_pytorch(tmp_path, monke
     want = gx + h @ w
     torch.testing.assert_close(lora_native.grad_in(gx, x, h, w), h.t() @ x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, want, atol=1e-5, rtol=1e-5)
+
+
+def test_mismatched_or_strided_operands_are_refused(kernel):
+    """The C code trusts sizes and layouts: a wrong one is a clear error before it runs, not a crash."""
+    x, a = torch.randn(5, 16), torch.randn(4, 16)
+    with pytest.raises(ValueError, match=r"down: a must be a \(4, 16\)"):
+        lora_native.down(x, torch.randn(4, 12), 1.0)
+    with pytest.raises(ValueError, match="bt must be .* contiguous"):
+        lora_native.grad_out(x, torch.randn(16, 4).t(), torch.randn(5, 4), 1.0)
+    with pytest.raises(ValueError, match="gx must be"):
+        lora_native.grad_in(torch.randn(5, 15), x, torch.randn(5, 4), a)
+    with pytest.raises(ValueError, match="h must be a"):
+        lora_native.up_add(torch.randn(5, 16), torch.randn(5, 4).double(), a)

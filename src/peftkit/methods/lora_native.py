@@ -76,12 +76,26 @@ def usable(rank: int, *tensors: torch.Tensor) -> bool:
                     for t in tensors))
 
 
+def _validate(name: str, rows: dict[str, tuple[torch.Tensor, int, int]],
+           dense: dict[str, tuple[torch.Tensor, int, int]]) -> None:
+    """The C code trusts sizes and layouts: `rows` tensors need contiguous rows, `dense` ones full contiguity, all
+    fp32 on CPU with the (rows, columns) given."""
+    for label, (t, n, m) in {**rows, **dense}.items():
+        ok = (t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and tuple(t.shape) == (n, m)
+              and (t.is_contiguous() if label in dense else _rows(t)))
+        if not ok:
+            layout = "contiguous" if label in dense else "with contiguous rows"
+            raise ValueError(f"lora_native.{name}: {label} must be a ({n}, {m}) fp32 CPU tensor {layout}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device} with strides {t.stride()}")
+
+
 def _threads() -> int:
     return torch.get_num_threads()
 
 
 def down(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * x @ a^T``: x (T, d), a (r, d) contiguous; a new (T, r) tensor."""
+    _validate("down", {"x": (x, x.shape[0], x.shape[1])}, {"a": (a, a.shape[0], x.shape[1])})
     h = torch.empty(x.shape[0], a.shape[0])
     lora_kernel().down(x.data_ptr(), x.stride(0), a.data_ptr(), h.data_ptr(), x.shape[0], x.shape[1], a.shape[0],
                        scale, _threads())
@@ -90,6 +104,8 @@ def down(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
 
 def up_add(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
     """``out += h @ w`` in place: out (T, d), h (T, r), w (r, d) contiguous."""
+    rows, d, r = out.shape[0], out.shape[1], w.shape[0]
+    _validate("up_add", {"out": (out, rows, d)}, {"h": (h, rows, r), "w": (w, r, d)})
     lora_kernel().up_add(out.data_ptr(), out.stride(0), h.data_ptr(), w.data_ptr(), out.shape[0], out.shape[1],
                          w.shape[0], _threads())
 
@@ -102,6 +118,7 @@ def _check(status: int, what: str) -> None:
 def grad_out(g: torch.Tensor, bt: torch.Tensor, h: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale * g @ bt^T, h^T @ g)`` in one pass over g: g (T, d), bt = B^T (r, d) and h (T, r) contiguous."""
     rows, d, r = g.shape[0], g.shape[1], bt.shape[0]
+    _validate("grad_out", {"g": (g, rows, d)}, {"bt": (bt, r, d), "h": (h, rows, r)})
     gh, gbt = torch.empty(rows, r), torch.empty(r, d)
     _check(lora_kernel().grad_out(g.data_ptr(), g.stride(0), bt.data_ptr(), h.data_ptr(), gh.data_ptr(),
                                   gbt.data_ptr(), rows, d, r, scale, _threads()), "B's gradient")
@@ -112,6 +129,8 @@ def grad_in(gx: torch.Tensor | None, x: torch.Tensor, gh: torch.Tensor, a: torch
     """``gx += gh @ a`` in place (unless gx is None) and ``gh^T @ x``, in one pass over x and gx: x (T, d),
     gh (T, r) and a (r, d) contiguous."""
     rows, d, r = x.shape[0], x.shape[1], a.shape[0]
+    _validate("grad_in", {"x": (x, rows, d), **({} if gx is None else {"gx": (gx, rows, d)})},
+              {"gh": (gh, rows, r), "a": (a, r, d)})
     ga = torch.empty(r, d)
     _check(lora_kernel().grad_in(None if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
                                  x.data_ptr(), x.stride(0), gh.data_ptr(), a.data_ptr(), ga.data_ptr(), rows, d, r,
