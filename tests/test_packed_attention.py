@@ -249,6 +249,8 @@ def test_fast_path_is_taken_and_other_calls_are_unchanged(monkeypatch):
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), generated)
     import peftkit.train.packed_attention as pa
 
+    # the PyTorch path (the compiled kernel off): a few batched products per layer
+    monkeypatch.setattr(pa.attention_native, "attention_kernel", lambda: None)
     calls = []
     attend = pa._attend
     monkeypatch.setattr(pa, "_attend", lambda *a: calls.append(a[3].shape) or attend(*a))
@@ -340,6 +342,8 @@ def test_packed_rows_honour_sliding_windows(make, method, share_prefix, monkeypa
     plan, window_mask = pa._plan, pa._window_mask
     monkeypatch.setattr(pa, "_plan", lambda *a: fast.append(a[3]) or plan(*a))
     monkeypatch.setattr(pa, "_window_mask", lambda *a: masked.append(a[2]) or window_mask(*a))
+    native = pa.attention_native.forward  # full-attention layers go to the compiled kernel where it is built
+    monkeypatch.setattr(pa.attention_native, "forward", lambda *a: fast.append(None) or native(*a))
     for batch in (packed, unpacked):
         loss, count, grads = loss_and_grads(model, batch)
         assert count == n

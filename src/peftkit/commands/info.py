@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.methods import lora_native
     from peftkit.models import load_model
     from peftkit.quant import native
-    from peftkit.train import count_parameters
+    from peftkit.train import attention_native, count_parameters
 
     if args.list_methods:
         for name in list_methods():
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
           f"vocab {getattr(cfg, 'vocab_size', '?')}, chat template: {'yes' if tokenizer.chat_template else 'no'}")
     print(f"4-bit dequantization on CPU: {native.describe()}")
     print(f"LoRA's rank <= {lora_native.MAX_RANK} products on CPU in fp32: {lora_native.describe()}")
+    print(f"packed training attention on CPU in fp32: {attention_native.describe()}")
     print(f"this machine: {describe()}")
     print(f"training and generation {resolve_precision('auto').line()}")
     if not torch.cuda.is_available():

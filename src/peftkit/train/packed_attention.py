@@ -34,6 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from peftkit.errors import PeftkitError
+from peftkit.train import attention_native
 
 __all__ = ["NAME", "CausalAttention", "PackedCausalAttention", "attention_windows", "packed_attention",
            "packing_problem", "segment_bounds", "use_packed_attention"]
@@ -285,6 +286,13 @@ def _plan(segments: Segments, heads: int, kv_heads: int, window: int | None,
     return tuple(plan)
 
 
+@functools.lru_cache(maxsize=4)
+def _pieces(segments: Segments) -> torch.Tensor:
+    """The examples of a packed batch as the kernel reads them (`attention_native.pieces_tensor`); cached as
+    `_plan` is: every layer asks again, in forward and backward."""
+    return attention_native.pieces_tensor(list(PackedCausalAttention._pieces(segments)))
+
+
 class PackedCausalAttention(torch.autograd.Function):
     """Causal attention for every example of a packed batch in one autograd node, a few batched matmuls in all.
 
@@ -317,21 +325,33 @@ class PackedCausalAttention(torch.autograd.Function):
         batch, heads, length, d = query.shape
         kv_heads = key.shape[1]
         rows = [t.transpose(1, 2).reshape(-1, t.shape[-1]) for t in (query, key, value)]  # (batch x L x heads, d)
+        ctx.segments, ctx.scale, ctx.window = segments, scale, window
+        ctx.native = attention_native.usable(window, query, key, value)
+        if ctx.native:  # fp32 on CPU: each example's own pairs by the compiled kernel
+            rows = [t.contiguous() for t in rows]
+            out, lse = attention_native.forward(*rows, _pieces(segments), length, heads, kv_heads, scale)
+            out = out.view(batch, length, heads, d)
+            ctx.save_for_backward(query, key, value, out, lse)
+            return out
         out = value.new_zeros(batch * length * heads, value.shape[-1])
         for group in _plan(segments, heads, kv_heads, window, query.device):
             o = _attend(*PackedCausalAttention._gather(group, *rows, kv_heads), group.bias, scale)
             out.index_add_(0, group.queries, o.view(-1, out.shape[1]).index_fill_(0, group.padding, 0))
         out = out.view(batch, length, heads, value.shape[-1])
         ctx.save_for_backward(query, key, value, out)
-        ctx.segments, ctx.scale, ctx.window = segments, scale, window
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        query, key, value, out = ctx.saved_tensors
+        query, key, value, out, *lse = ctx.saved_tensors
         batch, heads, length, d = query.shape
         kv_heads = key.shape[1]
         rows = [t.transpose(1, 2).reshape(-1, t.shape[-1]) for t in (query, key, value)]
+        if ctx.native:
+            rows = [t.contiguous() for t in rows]
+            dq, dk, dv = attention_native.backward(*rows, out.view(-1, d), grad.reshape(-1, d).contiguous(), lse[0],
+                                                   _pieces(ctx.segments), length, heads, kv_heads, ctx.scale)
+            return (*(t.view(batch, length, -1, d).transpose(1, 2) for t in (dq, dk, dv)), None, None, None)
         out, grad = out.view(-1, out.shape[-1]), grad.reshape(-1, out.shape[-1])
         dq, dk, dv = (torch.zeros_like(t) for t in rows)
         for group in _plan(ctx.segments, heads, kv_heads, ctx.window, query.device):
