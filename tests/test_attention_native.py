@@ -84,6 +84,8 @@ def test_kernel_only_where_it_applies(kernel, monkeypatch):
     assert not attention_native.usable(16, *qkv(segments, 4, 2, 8))  # a sliding window
     assert not attention_native.usable(None, *qkv(segments, 4, 2, 12))  # head size not a multiple of 8
     assert not attention_native.usable(None, *qkv(segments, 4, 2, 8, torch.bfloat16))
+    q, k, _ = qkv(segments, 4, 2, 8)
+    assert not attention_native.usable(None, q, k, torch.randn(2, 2, 40, 16))  # values of another head size
     # where it does not apply, the PyTorch path runs (and a window is honoured)
     monkeypatch.setattr(attention_native, "forward", lambda *a: pytest.fail("kernel called"))
     for window, d, dtype in ((16, 8, torch.float32), (None, 12, torch.float32), (None, 8, torch.bfloat16)):

@@ -57,8 +57,9 @@ def describe() -> str:
 
 
 def usable(window: int | None, *tensors: torch.Tensor) -> bool:
-    """Whether the kernel takes this attention: no window, fp32 CPU tensors, head size a multiple of 8, built."""
-    return (window is None and attention_kernel() is not None
+    """Whether the kernel takes this attention: no window, fp32 CPU tensors, one head size (a multiple of 8) for
+    all, built."""
+    return (window is None and attention_kernel() is not None and len({t.shape[-1] for t in tensors}) == 1
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.shape[-1] % 8 == 0 for t in tensors))
 
 

@@ -6,8 +6,9 @@ its own causal attention, so the cost is sum(n_i^2) instead of L^2, and padding 
 of a batch are gathered into a few groups of similar length, each padded to one size and attended with plain
 batched matmuls + softmax (`PackedCausalAttention`): one call per product and group rather than per example (a
 row of short examples made hundreds of small calls per layer). That runs faster than PyTorch's CPU flash kernel at
-these lengths and, like it, keeps no n x n weights for backward; elsewhere (CUDA) it is
-``scaled_dot_product_attention(is_causal=True)`` per example.
+these lengths and, like it, keeps no n x n weights for backward. In fp32 without a window a compiled kernel
+(`peftkit.train.attention_native`) replaces the groups: it visits each example's own causal pairs only. Elsewhere
+(CUDA) it is ``scaled_dot_product_attention(is_causal=True)`` per example.
 
 It is a transformers attention implementation (`NAME`), switched on by `use_packed_attention` for models that
 use ``sdpa`` or ``eager``. It takes the fast path only when the forward call carries the example boundaries
