@@ -83,3 +83,39 @@ def write_section(name: str, body: str, per_cpu_class: bool = False) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, BENCHMARKS)
+
+
+def kernel_step_row(module, attr: str, label: str, settings: dict, rounds: int) -> str:
+    """A table row: forward + backward of a training step on the bundled model with `module.attr` (a compiled
+    kernel's getter) as it is and switched off (returning None), alternating over the same three real batches of
+    the orders task; fp32, medians."""
+    from peftkit.train import TrainConfig, Trainer
+    from peftkit.train.trainer import sequence_loss
+
+    cfg = TrainConfig.from_dict({**settings, "data": str(ROOT / "src/peftkit/data/tasks/orders_train.jsonl"),
+                                 "max_steps": 1, "output_dir": f"/tmp/peftkit-bench-{attr}", "progress": False,
+                                 "precision": "fp32"})
+    trainer = Trainer(cfg, overwrite=True)
+    model = trainer.model.train()
+    batches = iter(trainer._batches(0, 0))
+    batches = [next(batches)[2] for _ in range(3)]
+    kernel = getattr(module, attr)
+    state = {"round": 0}
+
+    def step(on: bool):
+        setattr(module, attr, kernel if on else (lambda: None))
+        try:
+            loss, _ = sequence_loss(model, batches[state["round"] % len(batches)])
+            loss.backward()
+        finally:
+            setattr(module, attr, kernel)
+        model.zero_grad(set_to_none=True)
+
+    def advance():
+        state["round"] += 1
+
+    times = alternate({"torch": lambda: step(False), "kernel": lambda: (step(True), advance())}, rounds)
+    torch_s, kernel_s = (statistics.median(times[k]) for k in ("torch", "kernel"))
+    tokens = statistics.median(int((b["segment_ids"] >= 0).sum()) if "segment_ids" in b else b["input_ids"].numel()
+                               for b in batches)
+    return f"| {label}, ~{tokens:.0f} tokens | {rounds} | {torch_s:.2f} | {kernel_s:.2f} | {torch_s / kernel_s:.2f}x |"

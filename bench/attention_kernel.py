@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, alternate, machine, write_section  # noqa: E402
+from _common import ROOT, alternate, kernel_step_row, machine, write_section  # noqa: E402
 
 from peftkit.train import attention_native  # noqa: E402
 from peftkit.train import packed_attention as pa  # noqa: E402
@@ -94,32 +94,6 @@ def layer(rounds: int) -> list[str]:
             f"{segments[0][0]} tokens, ~{examples:.0f} examples each)"]
 
 
-def training_step(rounds: int, label: str, settings: dict) -> str:
-    from peftkit.train.trainer import sequence_loss
-
-    trainer, batches = _trainer(settings)
-    model = trainer.model.train()
-    kernel = attention_native.attention_kernel
-    state = {"round": 0}
-
-    def step(on: bool):
-        attention_native.attention_kernel = kernel if on else (lambda: None)
-        try:
-            loss, _ = sequence_loss(model, batches[state["round"] % len(batches)])
-            loss.backward()
-        finally:
-            attention_native.attention_kernel = kernel
-        model.zero_grad(set_to_none=True)
-
-    def advance():
-        state["round"] += 1
-
-    times = alternate({"torch": lambda: step(False), "kernel": lambda: (step(True), advance())}, rounds)
-    torch_s, kernel_s = (statistics.median(times[k]) for k in ("torch", "kernel"))
-    tokens = statistics.median(int((b["segment_ids"] >= 0).sum()) for b in batches)
-    return f"| {label}, ~{tokens:.0f} tokens | {rounds} | {torch_s:.2f} | {kernel_s:.2f} | {torch_s / kernel_s:.2f}x |"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
@@ -135,8 +109,9 @@ def main() -> None:
 
     step_lines = ["| forward + backward of | rounds | PyTorch path (s) | kernel (s) | speed-up |",
                   "|---|---|---|---|---|"]
+    rounds = 3 if args.quick else 8
     for label, settings in (("default LoRA (r=8)", {}), ("the demo's QLoRA (r=16, NF4)", DEMO_CONFIG)):
-        step_lines.append(training_step(3 if args.quick else 8, label, settings))
+        step_lines.append(kernel_step_row(attention_native, "attention_kernel", label, settings, rounds))
     print("\n".join(step_lines))
     body = "\n".join([
         "## Packed training attention on CPU: compiled kernel vs PyTorch (`python bench/attention_kernel.py`)", "",

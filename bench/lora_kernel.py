@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, alternate, machine, write_section  # noqa: E402
+from _common import alternate, kernel_step_row, machine, write_section  # noqa: E402
 
 from peftkit.methods import lora_native  # noqa: E402
 
@@ -68,39 +68,6 @@ def products(rounds: int) -> list[str]:
     return lines
 
 
-def training_step(rounds: int, label: str, settings: dict) -> str:
-    from peftkit.train import TrainConfig, Trainer
-    from peftkit.train.trainer import sequence_loss
-
-    cfg = TrainConfig.from_dict({**settings, "data": str(ROOT / "src/peftkit/data/tasks/orders_train.jsonl"),
-                                 "max_steps": 1, "output_dir": "/tmp/peftkit-bench-lora-kernel", "progress": False,
-                                 "precision": "fp32"})
-    trainer = Trainer(cfg, overwrite=True)
-    model = trainer.model.train()
-    batches = iter(trainer._batches(0, 0))
-    batches = [next(batches)[2] for _ in range(3)]
-    kernel = lora_native.lora_kernel
-    state = {"round": 0}
-
-    def step(on: bool):
-        lora_native.lora_kernel = kernel if on else (lambda: None)
-        try:
-            loss, _ = sequence_loss(model, batches[state["round"] % len(batches)])
-            loss.backward()
-        finally:
-            lora_native.lora_kernel = kernel
-        model.zero_grad(set_to_none=True)
-
-    def advance():
-        state["round"] += 1
-
-    times = alternate({"torch": lambda: step(False), "kernel": lambda: (step(True), advance())}, rounds)
-    torch_s, kernel_s = (statistics.median(times[k]) for k in ("torch", "kernel"))
-    tokens = statistics.median(int((b["segment_ids"] >= 0).sum()) if "segment_ids" in b else b["input_ids"].numel()
-                               for b in batches)
-    return f"| {label}, ~{tokens:.0f} tokens | {rounds} | {torch_s:.2f} | {kernel_s:.2f} | {torch_s / kernel_s:.2f}x |"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
@@ -117,7 +84,7 @@ def main() -> None:
     step_lines = ["| forward + backward of | rounds | PyTorch matmuls (s) | kernel (s) | speed-up |",
                   "|---|---|---|---|---|"]
     for label, settings in (("default LoRA (r=8)", {}), ("the demo's QLoRA (r=16, NF4)", DEMO_CONFIG)):
-        step_lines.append(training_step(3 if args.quick else 8, label, settings))
+        step_lines.append(kernel_step_row(lora_native, "lora_kernel", label, settings, 3 if args.quick else 8))
     print("\n".join(step_lines))
     body = "\n".join([
         "## LoRA's skinny products on CPU: compiled kernel vs PyTorch matmuls (`python bench/lora_kernel.py`)", "",
