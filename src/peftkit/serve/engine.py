@@ -39,8 +39,7 @@ from peftkit.serve.batch import DecodeBatch, prefill_groups
 from peftkit.serve.decoder import TextStream, sample
 from peftkit.serve.lora_batch import LoRABatch, LoRAWeights
 from peftkit.serve.registry import AdapterRegistry, quantization_of, resolve_root
-from peftkit.serve.request import (Delta, Event, Failed, Finished, Generation, SamplingParams,  # noqa: F401
-                                   ServeError)
+from peftkit.serve.request import Delta, Event, Failed, Finished, Generation, SamplingParams, ServeError
 from peftkit.serve.scheduler import Scheduler
 
 __all__ = [
