@@ -69,13 +69,13 @@ def tree(tmp_path_factory) -> dict[str, Path]:
     return {"top": top, "model": top / "model", "root": root, "outside": outside}
 
 
-def engine_for(tree, root: Path | None) -> Engine:
+def engine_for(root: Path | None) -> Engine:
     return Engine(tiny_llama(), tiny_tokenizer(), "base", adapter_root=root)
 
 
 def test_adapters_load_only_from_under_the_root_and_errors_name_no_path(tree):
     root, outside = tree["root"], tree["outside"]
-    app = create_app(engine_for(tree, root), api_key=KEY)
+    app = create_app(engine_for(root), api_key=KEY)
     with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as c:
         def load(name: str, path: str) -> httpx.Response:
             return c.post("/v1/adapters", json={"name": name, "path": path})
@@ -104,7 +104,7 @@ def test_adapters_load_only_from_under_the_root_and_errors_name_no_path(tree):
 
 
 def test_without_a_root_clients_cannot_load_adapters(tree):
-    with TestClient(create_app(engine_for(tree, None))) as c:
+    with TestClient(create_app(engine_for(None))) as c:
         r = c.post("/v1/adapters", json={"name": "a", "path": str(tree["root"] / "alpha")})
     assert r.status_code == 403 and "--adapter-root" in r.json()["error"]["message"]
 
@@ -122,7 +122,7 @@ def test_cli_adapters_must_lie_under_the_root_too(tree, capsys):
 
 
 def test_health_names_no_model_and_models_need_the_key(tree):
-    engine = engine_for(tree, tree["root"])
+    engine = engine_for(tree["root"])
     engine.load_adapter("secret-project", "alpha")
     with TestClient(create_app(engine, api_key=KEY)) as c:
         health = c.get("/health")
