@@ -10,8 +10,11 @@ decodes to there (SentencePiece drops the space of a window's first token: both 
 Note:
     The streamed text equals ``tokenizer.decode(tokens, skip_special_tokens=True)`` when decoding is
     prefix-stable (the text of some tokens starts the text of more), as it is for byte-level BPE, SentencePiece
-    and their byte fallback. WordPiece's ``clean_up_tokenization_spaces`` is not (``do n`` + ``'t`` -> ``don't``);
-    transformers 5 leaves it off for the tokenizers causal models use.
+    and their byte fallback on valid UTF-8. Two cases are not: WordPiece's ``clean_up_tokenization_spaces``
+    (``do n`` + ``'t`` -> ``don't``; transformers 5 leaves it off for the tokenizers causal models use), and
+    byte-fallback tokens that never form a character: ``ByteFallback`` turns the whole run of byte tokens into
+    U+FFFD then, including characters of that run already sent. Each new token costs O(window) decoding, plus
+    appending to the answer's text.
 """
 
 from __future__ import annotations
