@@ -105,11 +105,10 @@ def served(base: torch.nn.Module, tok, adapters: list[Path], jobs, new_tokens: i
 
     from peftkit.serve.app import create_app
     from peftkit.serve.engine import Engine
-    from peftkit.serve.lora_batch import read_lora
 
     engine = Engine(base, tok, "base", max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
     for i, path in enumerate(adapters):
-        engine.add_adapter(f"adapter{i}", read_lora(path, base))
+        engine.load_adapter(f"adapter{i}", path)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))

@@ -112,7 +112,7 @@ class LiveServer:
 
 def make_engine(files, **kwargs) -> Engine:
     model, tok = load_model(files["model"])
-    engine = Engine(model, tok, "base", **kwargs)
+    engine = Engine(model, tok, "base", adapter_root=files["model"].parent, **kwargs)
     for name in ("alpha", "beta"):
         engine.add_adapter(name, read_lora(files[name], model))
     return engine
@@ -426,9 +426,10 @@ def test_read_lora_refuses_what_does_not_fit(files, tmp_path):
 
 
 def test_cli_refuses_bad_adapters_before_listening(files, capsys):
-    assert main(["serve", "--model", str(files["model"]), "--adapter", f"x={files['prompt_tuning']}"]) == 2
+    assert main(["serve", "--port", "0", "--model", str(files["model"]), "--adapter",
+                 f"x={files['prompt_tuning']}"]) == 2
     assert "cannot share a batch" in capsys.readouterr().err
-    assert main(["serve", "--model", str(files["model"]), "--adapter", f"x={files['alpha']}",
+    assert main(["serve", "--port", "0", "--model", str(files["model"]), "--adapter", f"x={files['alpha']}",
                  "--adapter", f"x={files['beta']}"]) == 2
     assert "names must differ" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -686,7 +687,7 @@ def test_chat_answers_end_at_the_templates_end_of_turn(files):
 
 def test_adapter_trained_on_another_base_is_refused(trained, capsys, tmp_path):
     base, other, orders = trained["base"], trained["other"], trained["orders"]
-    assert main(["serve", "--model", other, "--adapter", f"o={orders}"]) == 2
+    assert main(["serve", "--port", "0", "--model", other, "--adapter", f"o={orders}"]) == 2
     [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("peftkit")]  # not HF's bars
     assert err.startswith("peftkit serve: error: ServeError: adapter 'o' (")
     assert f"was trained on {base} (fingerprint {read_context(orders).fingerprint}), not on the served base" in err
@@ -700,7 +701,7 @@ def test_adapter_trained_on_another_base_is_refused(trained, capsys, tmp_path):
     engine.shutdown()
 
     model, tok = load_model(other)
-    engine = Engine(model, tok, "other")
+    engine = Engine(model, tok, "other", adapter_root=Path(base).parent)
     server = LiveServer(create_app(engine))
     try:
         with httpx.Client(base_url=server.url, timeout=60) as h:
@@ -730,7 +731,8 @@ def test_qlora_adapter_is_served_on_the_base_quantized_as_trained(trained, capsy
     finally:
         server.stop()
     # full precision asked for: served, with one warning; adapters that disagree need a choice
-    engine = build_engine(serve_args("--adapter", f"q={qlora}", "--quantize", "none"))
+    engine = build_engine(serve_args("--adapter", f"q={qlora}", "--quantize", "none", "--adapter-root",
+                                     str(Path(trained["base"]).parent)))
     [warning] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert "'q' was trained on a NF4 + double quant (block 64) base and is served on a full-precision one" in warning
     assert not any(isinstance(m, QuantLinear) for m in engine.model.modules())
@@ -751,6 +753,6 @@ def test_qlora_adapter_is_served_on_the_base_quantized_as_trained(trained, capsy
     engine = Engine(model, tok, "nf4-base")
     [warning] = engine.check_adapter("q", read_lora(qlora, model))  # stored as trained: no other warning
     assert "was quantized before its fingerprint was taken: it cannot be checked" in warning
-    assert main(["serve", "--adapter", f"q={qlora}", "--adapter", f"o={orders}"]) == 2
+    assert main(["serve", "--port", "0", "--adapter", f"q={qlora}", "--adapter", f"o={orders}"]) == 2
     assert ("different base formats (q: NF4 + double quant (block 64), o: full precision); choose one with "
             "--quantize") in capsys.readouterr().err

@@ -27,6 +27,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -285,8 +286,9 @@ def _convert_command(pickled: Path) -> str:
     """A one-line command that rewrites a peft ``adapter_model.bin`` as safetensors (``weights_only``: tensors and
     plain containers only, so even this one load runs no code from the file)."""
     out = pickled.with_name(WEIGHTS_NAME)
-    return (f"python -c \"import torch, safetensors.torch as st; st.save_file(torch.load({str(pickled)!r}, "
-            f"weights_only=True), {str(out)!r}, metadata={{'format': 'pt'}})\"")
+    script = (f"import torch, safetensors.torch as st; st.save_file(torch.load({str(pickled)!r}, weights_only=True), "
+              f"{str(out)!r}, metadata={{'format': 'pt'}})")
+    return "python -c " + shlex.quote(script)  # quoted whole: a folder named $(...) stays a name when pasted
 
 
 def _config_from_json(spec: MethodSpec, raw: dict[str, Any], where: Path) -> Config:

@@ -104,6 +104,11 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a layer `is_linear` accepts (GPT-2's ``Conv1D`` stores its weight d_in x d_out)."""
+    return _features(module)
+
+
 def is_linear(module: nn.Module) -> bool:
     """Linear-like layers LoRA can adapt: ``nn.Linear``, GPT-2 ``Conv1D`` and 4-bit ``QuantLinear``."""
     return isinstance(module, (nn.Linear, Conv1D, QuantLinear))

@@ -5,11 +5,14 @@ Routes (all under an optional API key, ``Authorization: Bearer KEY``, except ``/
 * ``POST /v1/chat/completions`` and ``POST /v1/completions``: the ``model`` field names the base model or an
   adapter; ``stream: true`` sends server-sent events ending with ``data: [DONE]``;
 * ``GET /v1/models`` (and ``/v1/models/{name}``): what can be asked for;
-* ``POST /v1/adapters`` ``{"name": ..., "path": ...}`` loads a LoRA adapter folder (a path on the server; one
-  trained on other base weights gets 400 ``base_mismatch`` unless ``"allow_base_mismatch": true``; the reply's
-  ``warnings`` say what else differs from its training, e.g. a QLoRA adapter on a full-precision base),
-  ``DELETE /v1/adapters/{name}`` unloads one once its requests in flight have finished;
-* ``GET /health``: whether the server takes requests, and how many are decoding and waiting.
+* ``POST /v1/adapters`` ``{"name": ..., "path": ...}`` loads a LoRA adapter folder from under the server's
+  adapter root (``--adapter-root``; a relative path starts there; without a root: 403; a path outside it gets the
+  message a missing one gets, naming neither). One trained on other base weights gets 400 ``base_mismatch`` unless
+  ``"allow_base_mismatch": true``; the reply's ``warnings`` say what else differs from its training, e.g. a QLoRA
+  adapter on a full-precision base. ``DELETE /v1/adapters/{name}`` unloads one once its requests in flight have
+  finished;
+* ``GET /health``: whether the server takes requests, and how many are decoding and waiting (no model names: it
+  needs no key).
 
 A chat request for an adapter goes in as the adapter's training saw its prompts, as ``peftkit generate`` sends
 them (`peftkit.core.context`): each user message put after the instruction its training rows shared, the system
@@ -20,8 +23,8 @@ template's end of turn. ``"peftkit_raw": true`` sends the messages as they are, 
 
 Decoding is greedy unless ``temperature`` > 0 (then ``top_p`` and ``seed`` apply). Errors are OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``, with the status saying whose fault it is: 400 bad request,
-401 wrong API key, 404 unknown model, 409 name taken, 429 queue full, 503 shutting down. A client that goes away
-cancels its request.
+401 wrong API key, 403 adapter loading off, 404 unknown model, 409 name taken, 429 queue full, 503 shutting down.
+A client that goes away cancels its request.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -48,14 +51,13 @@ from peftkit.core.context import TrainingContext
 from peftkit.data.sequences import prompt_text, turn_end
 from peftkit.errors import PeftkitError
 from peftkit.serve.engine import Delta, Engine, Failed, Finished, Generation, SamplingParams, ServeError
-from peftkit.serve.lora_batch import read_lora
 
 __all__ = ["as_trained", "create_app"]
 
 log = logging.getLogger("peftkit.serve")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
-          429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          409: "conflict_error", 429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
 
 
 class _Open(BaseModel):
@@ -162,8 +164,22 @@ def create_app(engine: Engine, api_key: str | None = None, template: str | None 
 
     app = FastAPI(title="peftkit serve", lifespan=lifespan)
     app.state.engine = engine
-    plain = TrainingContext(template=template)  # the base model's prompts, and --raw ones
-    end_of_turn = functools.lru_cache(maxsize=64)(functools.partial(_end_of_turn, engine.tokenizer))
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:  # no key, so no names: only whether it serves, and how busy it is
+        status = "ok" if engine.accepting else "shutting_down"
+        return {"status": status, **engine.load(), "stats": dict(engine.stats)}
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_check(api_key))])
+    v1.include_router(_model_routes(engine))
+    v1.include_router(_completion_routes(engine, TrainingContext(template=template), default_max_tokens))
+    app.include_router(v1)
+    return app
+
+
+def _key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+    """The dependency that checks ``Authorization: Bearer <api_key>`` (nothing without a key)."""
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -174,7 +190,11 @@ def create_app(engine: Engine, api_key: str | None = None, template: str | None 
             raise ServeError("missing or wrong API key (send Authorization: Bearer <key>)", status=401,
                              code="invalid_api_key")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    return check_key
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's JSON shape, with the status saying whose fault it is."""
 
     @app.exception_handler(ServeError)
     async def serve_error(_: Request, e: ServeError) -> JSONResponse:
@@ -198,37 +218,49 @@ def create_app(engine: Engine, api_key: str | None = None, template: str | None 
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return _error(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "http_error")
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        status = "ok" if engine.accepting else "shutting_down"
-        return {"status": status, **engine.load(), "models": engine.models(), "stats": dict(engine.stats)}
 
-    @v1.get("/models")
+def _model_routes(engine: Engine) -> APIRouter:
+    """``/models`` (what can be asked for) and ``/adapters`` (loading and unloading them)."""
+    router = APIRouter()
+
+    @router.get("/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(engine, name) for name in engine.models()]}
 
-    @v1.get("/models/{name:path}")
+    @router.get("/models/{name:path}")
     async def get_model(name: str) -> dict[str, Any]:
         if name not in engine.models():
             raise ServeError(f"model {name!r} does not exist", status=404, code="model_not_found")
         return _model_card(engine, name)
 
-    @v1.post("/adapters")
+    @router.post("/adapters")
     async def load_adapter(body: AdapterRequest) -> dict[str, Any]:
         if body.name in engine.models():
             raise ServeError(f"a model named {body.name!r} is already served", status=409, code="model_exists")
-        weights = await asyncio.to_thread(read_lora, body.path, engine.model)
-        await asyncio.wrap_future(engine.add_adapter(body.name, weights, body.allow_base_mismatch))
+        attached = await asyncio.to_thread(engine.load_adapter, body.name, body.path, body.allow_base_mismatch,
+                                           remote=True)
+        await asyncio.wrap_future(attached)
         for warning in engine.warnings.get(body.name, []):
             log.warning("peftkit serve: warning: %s", warning)
         return _model_card(engine, body.name)
 
-    @v1.delete("/adapters/{name:path}")
+    @router.delete("/adapters/{name:path}")
     async def unload_adapter(name: str) -> dict[str, Any]:
         await asyncio.wrap_future(engine.remove_adapter(name))
         return {"id": name, "object": "model", "deleted": True}
 
-    @v1.post("/chat/completions")
+    return router
+
+
+def _completion_routes(engine: Engine, plain: TrainingContext, default_max_tokens: int) -> APIRouter:
+    """``/chat/completions`` (prompts as the adapter's training saw them) and ``/completions`` (as they are).
+
+    `plain`: the context of the base model, of adapters without a record, and of ``peftkit_raw`` requests.
+    """
+    router = APIRouter()
+    end_of_turn = functools.lru_cache(maxsize=64)(functools.partial(_end_of_turn, engine.tokenizer))
+
+    @router.post("/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
         context = (None if body.peftkit_raw else engine.context(body.model)) or plain
         messages = as_trained(context, [m.as_dict() for m in body.messages])
@@ -237,7 +269,7 @@ def create_app(engine: Engine, api_key: str | None = None, template: str | None 
         stop = end_of_turn(context.chat_template)
         return await _complete(engine, body, ids, request, "chat.completion", default_max_tokens, stop)
 
-    @v1.post("/completions")
+    @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prompt = body.prompt
         if isinstance(prompt, list):
@@ -248,8 +280,7 @@ def create_app(engine: Engine, api_key: str | None = None, template: str | None 
         ids = engine.tokenizer(prompt)["input_ids"]
         return await _complete(engine, body, ids, request, "text_completion", 16)  # 16: OpenAI's default
 
-    app.include_router(v1)
-    return app
+    return router
 
 
 def as_trained(context: TrainingContext, messages: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -31,7 +31,7 @@ from torch import nn
 from peftkit.core.adapter_io import read_adapter
 from peftkit.core.context import TrainingContext, read_context
 from peftkit.errors import PeftkitError
-from peftkit.methods.lora import _features, is_linear
+from peftkit.methods.lora import is_linear, linear_features
 
 __all__ = ["LoRABatch", "LoRAWeights", "read_lora"]
 
@@ -94,7 +94,7 @@ def read_lora(folder: str | os.PathLike, model: nn.Module) -> LoRAWeights:
         if module is None:
             raise PeftkitError(f"adapter in {folder} does not fit this {type(model).__name__}: "
                                f"it has no linear layer {name!r}")
-        d_in, d_out = _features(module)
+        d_in, d_out = linear_features(module)
         a, b = pair["A"], pair["B"]
         if tuple(a.shape) != (config.r, d_in) or tuple(b.shape) != (d_out, config.r):
             raise PeftkitError(
@@ -177,7 +177,7 @@ class LoRABatch:
         n_slots = max(self._slots.values(), default=0) + 1
         banks = {}
         for layer, adapters in targets.items():
-            d_in, d_out = _features(self._linears[layer])
+            d_in, d_out = linear_features(self._linears[layer])
             a0, _ = adapters[0][1].layers[layer]
             r_max = max(w.r for _, w in adapters)
             a = a0.new_zeros(n_slots, r_max, d_in)
