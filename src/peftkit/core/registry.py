@@ -18,7 +18,7 @@ import difflib
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from peftkit.errors import PeftkitError
 
@@ -60,10 +60,13 @@ class MemoryModel:
             the head).
         kv_tokens: ``f(config)``: extra key/value positions every attention layer attends to (not run through the
             blocks).
-        trains_blocks: the method trains (or rebuilds) the block weights themselves: every block linear keeps its
-            input and the norms are trainable.
+        trains_block_linears: every block linear's weight trains or is rebuilt every step, so each keeps its input
+            (whether a norm trains is read from the trained tensors' names).
         active_blocks: ``f(arch, config, trainable)``: the blocks gradients flow through (counted from the top);
             None: all of them.
+        grad_starts: where in the lowest of those blocks the graph starts (below it nothing is kept): ``"input"``
+            (its first norm), ``"attn_output"`` (after the attention output projection: the MLP half and the method's
+            own tensors are kept) or ``"block_output"`` (after the MLP: only the method's own tensors).
         adapted_linears: ``f(trainable)``: names of the block linears (``self_attn.q_proj``) whose input the method
             keeps for its own branch.
         block_activations: ``f(arch, config, trainable, e)``: bytes per token and block the method's own modules keep
@@ -78,8 +81,9 @@ class MemoryModel:
 
     input_tokens: Callable[[Any], int] = _zero
     kv_tokens: Callable[[Any], int] = _zero
-    trains_blocks: bool = False
+    trains_block_linears: bool = False
     active_blocks: Callable[[Arch, Any, Trainable], int] | None = None
+    grad_starts: Literal["input", "attn_output", "block_output"] = "input"
     adapted_linears: Callable[[Trainable], Iterable[str]] = _nothing
     block_activations: Callable[[Arch, Any, Trainable, int], int] = _zero
     trains_head: Callable[[Any], bool] = _false

@@ -60,15 +60,23 @@ def _norm_cost(arch: Arch, e: int, autocast: bool, norm_trainable: bool) -> int:
 
 def _attention_cost(arch: Arch, setup: TrainSetup, e: int, seq: int, s_kv: int) -> int:
     """Bytes per token attention keeps (its input projections' inputs aside)."""
-    if setup.attention == "sdpa":  # q (after RoPE), out, k, v, fp32 log-sum-exp
-        return e * 2 * arch.q_dim + e * 2 * arch.kv_dim * s_kv // seq + 4 * arch.heads
+    if setup.attention == "sdpa" and s_kv == seq:  # q (after RoPE), out, k, v, fp32 log-sum-exp
+        return e * 2 * arch.q_dim + e * 2 * arch.kv_dim + 4 * arch.heads
+    if setup.attention == "sdpa":
+        # Note: key/value positions the queries do not line up with (a prefix) need an explicit mask, and with a
+        # mask Hugging Face repeats k and v to all heads before SDPA: q, out, k and v of all heads, the log-sum-exp
+        # and the mask (one per block, in the compute dtype). Measured on the tiny Llama with prefix tuning.
+        return e * 2 * arch.q_dim + e * 2 * arch.q_dim * s_kv // seq + 4 * arch.heads + e * s_kv
     # q, k and v repeated to all heads, fp32 softmax probabilities (+ their cast to the compute dtype)
     return e * arch.q_dim + e * 2 * arch.q_dim * s_kv // seq + arch.heads * s_kv * (4 + (e if e < 4 else 0))
 
 
-def _linear_inputs_cost(arch: Arch, setup: TrainSetup, e: int, autocast: bool, keeps: set[str]) -> int:
-    """Bytes per token of the inputs kept by the linears in `keeps` (linears sharing an input keep it once, but
-    under autocast once per linear that reads it from a norm)."""
+_MLP_GROUPS = frozenset({"mlp_in", "mlp_act", "ln_mlp"})  # the input groups of a block's MLP half
+
+
+def _linear_inputs_cost(arch: Arch, setup: TrainSetup, e: int, autocast: bool, keeps: set[str]) -> dict[str, int]:
+    """Bytes per token of the inputs kept by the linears in `keeps`, by input group (linears sharing an input keep
+    it once, but under autocast once per linear that reads it from a norm)."""
     groups = {lin.group for lin in arch.linears if lin.name in keeps}  # a trainable bias alone needs no input
     if setup.attention == "sdpa":
         groups.discard("attn_out")  # SDPA keeps its output anyway, and it is the o_proj input
@@ -77,17 +85,17 @@ def _linear_inputs_cost(arch: Arch, setup: TrainSetup, e: int, autocast: bool, k
     if autocast:  # inputs read from a norm (fp32) are cast once per linear that keeps its input
         for g in groups - {"attn_out", "mlp_act"}:
             consumers[g] = sum(1 for lin in arch.linears if lin.group == g and lin.name in keeps)
-    return sum(e * group_size[g] * consumers[g] for g in groups)
+    return {g: e * group_size[g] * consumers[g] for g in groups}
 
 
-def _block_cost(arch: Arch, setup: TrainSetup, memory: MemoryModel, config: Any, trainable: Trainable,
-                e: int) -> tuple[int, int]:
-    """(bytes per token of one block gradients flow through, bytes per token of one norm)."""
+def _block_halves(arch: Arch, setup: TrainSetup, memory: MemoryModel, config: Any, trainable: Trainable,
+                  e: int) -> tuple[int, int, int, int]:
+    """Bytes per token of one block gradients flow through: (its attention half, its MLP half, the method's own
+    modules), and those of one norm."""
     seq, s_kv = sequence_lengths(setup, memory, config)
-    block_names = {n.split(".", 2)[-1] for n, _ in trainable if n.startswith("layers.")}
-    norm_trainable = memory.trains_blocks or any("norm" in n for n in block_names)
+    norm_trainable = any("norm" in n.split(".", 2)[-1] for n, _ in trainable if n.startswith("layers."))
     adapted = set(memory.adapted_linears(trainable))
-    keeps = {lin.name for lin in arch.linears} if memory.trains_blocks else adapted
+    keeps = {lin.name for lin in arch.linears} if memory.trains_block_linears else adapted
     # Note: with an fp32 residual stream under torch.autocast (every weight fp32: bf16-autocast, or the embedding
     # trains under bf16 / fp16) the RMSNorm output stays fp32 (kept in fp32 when the norm weight trains), and
     # autocast casts an fp32 input to 16 bits separately for every linear that reads it (it caches casts of
@@ -96,11 +104,21 @@ def _block_cost(arch: Arch, setup: TrainSetup, memory: MemoryModel, config: Any,
     # dropout) under bf16-autocast: 26,202 measured, 25,884 modelled.
     autocast = _under_autocast(setup, trainable, e)
     norm = _norm_cost(arch, e, autocast, norm_trainable)
-    per_tok = arch.norms_per_block * norm + _attention_cost(arch, setup, e, seq, s_kv)
-    per_tok += e * arch.intermediate * (3 if arch.gated_mlp else 1)
-    per_tok += _linear_inputs_cost(arch, setup, e, autocast, keeps)
-    per_tok += memory.block_activations(arch, config, trainable, e)
-    return per_tok, norm
+    inputs = _linear_inputs_cost(arch, setup, e, autocast, keeps)
+    attn = norm + _attention_cost(arch, setup, e, seq, s_kv)
+    attn += sum(cost for g, cost in inputs.items() if g not in _MLP_GROUPS)
+    mlp = (arch.norms_per_block - 1) * norm + e * arch.intermediate * (3 if arch.gated_mlp else 1)
+    mlp += sum(cost for g, cost in inputs.items() if g in _MLP_GROUPS)
+    return attn, mlp, memory.block_activations(arch, config, trainable, e), norm
+
+
+def _lowest_block(memory: MemoryModel, attn: int, mlp: int, own: int) -> int:
+    """Bytes per token of the lowest block gradients flow through: nothing below where the graph starts."""
+    if memory.grad_starts == "block_output":
+        return own
+    if memory.grad_starts == "attn_output":
+        return mlp + own
+    return attn + mlp + own
 
 
 def activation_bytes(arch: Arch, setup: TrainSetup, memory: MemoryModel, config: Any, trainable: Trainable,
@@ -117,11 +135,12 @@ def activation_bytes(arch: Arch, setup: TrainSetup, memory: MemoryModel, config:
     seq, s_kv = sequence_lengths(setup, memory, config)
     tokens = b * seq
     active = arch.layers if memory.active_blocks is None else memory.active_blocks(arch, config, trainable)
-    per_tok, norm = _block_cost(arch, setup, memory, config, trainable, e)
-    block = tokens * per_tok
+    attn, mlp, own, norm = _block_halves(arch, setup, memory, config, trainable, e)
+    block = tokens * (attn + mlp + own)
+    lowest = tokens * _lowest_block(memory, attn, mlp, own) if active else 0
     # Outside the blocks: the final norm and, if the head trains, its input.
     outer = tokens * norm + (tokens * e * h if memory.trains_head(config) else 0)
-    no_ckpt = active * block + outer
+    no_ckpt = max(active - 1, 0) * block + lowest + outer
     ckpt = active * tokens * e * h + block + outer
     korth_layer = seq * b * h * (34 + 5 * arch.heads * s_kv / h) * e / 2
     korth = int(active * (2 * seq * b * h * e / 2 if setup.gradient_checkpointing else korth_layer))

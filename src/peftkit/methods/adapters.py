@@ -210,16 +210,15 @@ def _block_activations(arch: Arch, config: _BottleneckConfig, trainable: list[tu
                if n.startswith("layers.0.") and n.endswith(".adapter_down.bias"))
 
 
-MEMORY = MemoryModel(block_activations=_block_activations)
-
-
-@register_method("houlsby", HoulsbyConfig, count=count_houlsby, memory=MEMORY)
+@register_method("houlsby", HoulsbyConfig, count=count_houlsby,
+                 memory=MemoryModel(block_activations=_block_activations, grad_starts="attn_output"))
 def apply_houlsby(model: nn.Module, config: HoulsbyConfig) -> InjectReport:
     """Add an adapter after every attention output projection and every feed-forward block; freeze the rest."""
     return _apply(model, config, "houlsby", ("attn", "ffn"))
 
 
-@register_method("pfeiffer", PfeifferConfig, count=count_pfeiffer, memory=MEMORY)
+@register_method("pfeiffer", PfeifferConfig, count=count_pfeiffer,
+                 memory=MemoryModel(block_activations=_block_activations, grad_starts="block_output"))
 def apply_pfeiffer(model: nn.Module, config: PfeifferConfig) -> InjectReport:
     """Add an adapter after every feed-forward block; freeze the rest."""
     return _apply(model, config, "pfeiffer", ("ffn",))

@@ -34,7 +34,7 @@ def count(arch: Arch, config: FullConfig) -> list[tuple[str, int]]:
 
 
 @register_method("full", FullConfig, count=count, merging=Merging.in_place(),
-                 memory=MemoryModel(trains_blocks=True, trains_head=lambda _: True),
+                 memory=MemoryModel(trains_block_linears=True, trains_head=lambda _: True),
                  capabilities=Capabilities(quantized_base=False))  # every weight trains: none to quantize
 def apply(model: nn.Module, config: FullConfig) -> InjectReport:
     """Mark every parameter of `model` trainable."""

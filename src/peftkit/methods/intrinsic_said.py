@@ -222,7 +222,7 @@ def _projections(arch: Arch, config: IntrinsicSAIDConfig, trainable: list[tuple[
     return sum(8 * (1 << (lin.weight_numel - 1).bit_length()) for _, lin in arch.block_linears(config.target_modules))
 
 
-MEMORY = MemoryModel(trains_blocks=True, rebuilt_weights=_projected, buffers=_projections,
+MEMORY = MemoryModel(trains_block_linears=True, rebuilt_weights=_projected, buffers=_projections,
                      note="SAID: a full weight copy and full-size gradients pass through the projection; its fixed "
                           "random projections ({buffers_gib:.2f} GiB) are counted with the frozen weights")
 

@@ -112,7 +112,7 @@ def count_top_k(arch: Arch, config: TopKLayersConfig) -> list[tuple[str, int]]:
 
 
 @register_method("top_k_layers", TopKLayersConfig, count=count_top_k, merging=Merging.in_place(),
-                 memory=MemoryModel(trains_blocks=True, active_blocks=lambda arch, config, _: config.k,
+                 memory=MemoryModel(trains_block_linears=True, active_blocks=lambda arch, config, _: config.k,
                                     trains_head=lambda config: config.include_head))
 def apply_top_k(model: nn.Module, config: TopKLayersConfig) -> InjectReport:
     """Freeze everything except the last `k` blocks (and the final norm / head by option)."""
@@ -386,7 +386,7 @@ def _sparse_weights(arch: Arch, config: SparseConfig) -> int:
     return sum(lin.weight_numel for _, lin in arch.block_linears(config.target_modules))
 
 
-_SPARSE_MEMORY = MemoryModel(trains_blocks=True, rebuilt_weights=_sparse_weights,
+_SPARSE_MEMORY = MemoryModel(trains_block_linears=True, rebuilt_weights=_sparse_weights,
                              buffers=lambda arch, config, trainable: 8 * sum(k for _, k in trainable))  # int64 index
 
 
