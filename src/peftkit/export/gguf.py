@@ -315,6 +315,45 @@ def export_gguf(
     return path
 
 
+def _lora_pairs(adapter: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {"A": lora_A, "B": lora_B}}`` from an adapter's tensors; anything else, or half a pair, is an
+    error naming the tensor."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, part = key.rpartition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            raise PeftkitError(f"{adapter}: tensor {key} is not a LoRA A or B weight")
+        pairs.setdefault(module, {})[part[0]] = value
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise PeftkitError(f"{adapter}: {module} has lora_{next(iter(ab))} without its pair")
+    return pairs
+
+
+def _lora_tensors(adapter: str | os.PathLike, pairs: dict[str, dict[str, torch.Tensor]], base: nn.Module,
+                  layout: _Llama, dtype: str) -> list[tuple[str, Any, Any]]:
+    """(gguf name, array, type) of each ``lora_a`` / ``lora_b``, checked against the base layer's shape; ``lora_b``
+    of q and k reordered as llama.cpp's rows (module docstring)."""
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    out = []
+    for module, ab in sorted(pairs.items()):
+        a, b = ab["A"], ab["B"]
+        try:
+            weight = base.get_submodule(module).weight
+        except AttributeError:
+            raise PeftkitError(f"{adapter}: {module} is not a layer of the base model") from None
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise PeftkitError(f"{adapter}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, which do not "
+                               f"fit the base weight {tuple(weight.shape)}")
+        name = layout.gguf_name(f"{module}.weight")
+        if tied and name == "output.weight":
+            raise PeftkitError(f"{adapter}: a LoRA on the output head of a model with tied embeddings has no base "
+                               "tensor in llama.cpp (the head is token_embd)")
+        out.append((f"{name}.lora_a", *_encode(f"{module}.lora_A.weight", a, dtype)))
+        out.append((f"{name}.lora_b", *_encode(f"{module}.lora_B.weight", layout.to_llama_cpp_rows(name, b), dtype)))
+    return out
+
+
 def export_lora_gguf(
     adapter: str | os.PathLike,
     base_config: Any,
@@ -349,34 +388,10 @@ def export_lora_gguf(
     with torch.device("meta"):  # shapes and names only, no memory
         base = AutoModelForCausalLM.from_config(base_config)
     spec, config, tensors = read_adapter(adapter, base)
-    if spec.name != "lora":
+    if not spec.capabilities.gguf_adapter:
         raise PeftkitError(f"{adapter} is a {spec.name} adapter; llama.cpp's adapter format holds LoRA only "
                            "(export the merged model instead: peftkit export ADAPTER OUT.gguf)")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        module, _, part = key.rpartition(".lora_")
-        if part not in ("A.weight", "B.weight"):
-            raise PeftkitError(f"{adapter}: tensor {key} is not a LoRA A or B weight")
-        pairs.setdefault(module, {})[part[0]] = value
-    tied = bool(getattr(base_config, "tie_word_embeddings", False))
-    out = []
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise PeftkitError(f"{adapter}: {module} has lora_{next(iter(ab))} without its pair")
-        a, b = ab["A"], ab["B"]
-        try:
-            weight = base.get_submodule(module).weight
-        except AttributeError:
-            raise PeftkitError(f"{adapter}: {module} is not a layer of the base model") from None
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
-            raise PeftkitError(f"{adapter}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, which do not "
-                               f"fit the base weight {tuple(weight.shape)}")
-        name = layout.gguf_name(f"{module}.weight")
-        if tied and name == "output.weight":
-            raise PeftkitError(f"{adapter}: a LoRA on the output head of a model with tied embeddings has no base "
-                               "tensor in llama.cpp (the head is token_embd)")
-        out.append((f"{name}.lora_a", *_encode(f"{module}.lora_A.weight", a, dtype)))
-        out.append((f"{name}.lora_b", *_encode(f"{module}.lora_B.weight", layout.to_llama_cpp_rows(name, b), dtype)))
+    out = _lora_tensors(adapter, _lora_pairs(adapter, tensors), base, layout, dtype)
     alpha = config.lora_alpha * (math.sqrt(config.r) if config.use_rslora else 1.0)
     with _atomic_file(path, overwrite) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")

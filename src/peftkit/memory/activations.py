@@ -19,6 +19,8 @@ Activations, two models (``TrainSetup.activation_model``):
     gate/up); LoRA adds the ``A x`` output (``e*r``) per adapted matrix, and with dropout > 0 a dropped copy of the
     input plus its mask (``(e + 1)*d_in``); an adapter keeps its input and two bottleneck tensors (``e*(h + 2m)``).
 
+  What a method adds is its `peftkit.core.registry.MemoryModel` (virtual tokens, key/value positions, the
+  linears it adapts, its own modules' tensors, the blocks gradients flow through).
   Only blocks that gradients flow through keep anything (``top_k_layers`` keeps ``k``); the first block is counted
   in full even when nothing below it trains (a slight overestimate). With gradient checkpointing (non-reentrant)
   each block keeps its input (``e*h``) and one block is recomputed at a time (not measured, modelled). Not counted:
@@ -31,94 +33,118 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from peftkit.core.registry import MemoryModel, Trainable
     from peftkit.memory.arch import Arch
     from peftkit.memory.estimator import TrainSetup
 
-__all__ = ["activation_bytes"]
+__all__ = ["activation_bytes", "sequence_lengths"]
 
 
-def activation_bytes(arch: Arch, setup: TrainSetup, s: Any, trainable: list[tuple[str, int]],
-                 e: int) -> tuple[int, int, int, int, list[str]]:
-    """(no checkpointing, with checkpointing, Korthikanti, one block's) activation bytes, and notes.
+def sequence_lengths(setup: TrainSetup, memory: MemoryModel, config: Any) -> tuple[int, int]:
+    """(positions each block runs over, key/value positions each attention attends to)."""
+    seq = setup.seq_len + memory.input_tokens(config)
+    return seq, seq + memory.kv_tokens(config)
 
-    See the module docstring. One block's bytes are those of one block that gradients flow through (with
-    checkpointing, the block being recomputed), Korthikanti's per-layer figure under that model.
-    """
-    method, b, h, L = setup.method, setup.batch_size, arch.hidden, arch.layers
-    n_virtual = getattr(s, "num_virtual_tokens", 0)
-    seq = setup.seq_len + (n_virtual if method == "prompt_tuning" else 0)
-    s_kv = seq + (n_virtual if method == "prefix_tuning" else 0)
-    tokens = b * seq
-    notes: list[str] = []
-    if not trainable:
-        return 0, 0, 0, 0, notes
-    # Which blocks gradients flow through, and what in a block is trainable.
-    block_trainable = method in ("full", "top_k_layers", "intrinsic_said", "sparse")
-    active = s.k if method == "top_k_layers" else L
-    if method in ("bitfit", "norms"):
-        names = {n.split(".", 2)[-1] for n, _ in trainable if n.startswith("layers.")}
-        first = min((int(n.split(".")[1]) for n, _ in trainable if n.startswith("layers.")), default=L)
-        active = L - first
-    else:
-        names = set()
-    norm_trainable = block_trainable or any("norm" in n for n in names)
-    adapted: set[str] = set()
-    lora_r = 0
-    if method in ("lora", "qlora"):
-        a_names = [n for n, _ in trainable if n.endswith(".lora_A.weight")]  # layers.<i>.<linear>.lora_A.weight
-        adapted = {n.split(".", 2)[2].removesuffix(".lora_A.weight") for n in a_names}
-        lora_r = s.r
-    saved_groups = set()
-    for lin in arch.linears:
-        if block_trainable or lin.name in adapted:  # a trainable bias alone needs no input
-            saved_groups.add(lin.group)
+
+def _under_autocast(setup: TrainSetup, trainable: Trainable, e: int) -> bool:
+    """Whether the residual stream is fp32 under a 16-bit autocast (every weight fp32, or the embedding trains)."""
+    return e < 4 and (setup.precision == "bf16-autocast" or any(n == "embed.weight" for n, _ in trainable))
+
+
+def _norm_cost(arch: Arch, e: int, autocast: bool, norm_trainable: bool) -> int:
+    """Bytes per token one norm keeps."""
+    if arch.norm != "rmsnorm":
+        return e * arch.hidden + 8
+    return 4 * arch.hidden + 4 + ((4 if autocast else e) * arch.hidden if norm_trainable else 0)
+
+
+def _attention_cost(arch: Arch, setup: TrainSetup, e: int, seq: int, s_kv: int) -> int:
+    """Bytes per token attention keeps (its input projections' inputs aside)."""
+    if setup.attention == "sdpa" and s_kv == seq:  # q (after RoPE), out, k, v, fp32 log-sum-exp
+        return e * 2 * arch.q_dim + e * 2 * arch.kv_dim + 4 * arch.heads
     if setup.attention == "sdpa":
-        saved_groups.discard("attn_out")  # SDPA keeps its output anyway, and it is the o_proj input
+        # Note: key/value positions the queries do not line up with (a prefix) need an explicit mask, and with a
+        # mask Hugging Face repeats k and v to all heads before SDPA: q, out, k and v of all heads, the log-sum-exp
+        # and the mask (one per block, in the compute dtype). Measured on the tiny Llama with prefix tuning.
+        return e * 2 * arch.q_dim + e * 2 * arch.q_dim * s_kv // seq + 4 * arch.heads + e * s_kv
+    # q, k and v repeated to all heads, fp32 softmax probabilities (+ their cast to the compute dtype)
+    return e * arch.q_dim + e * 2 * arch.q_dim * s_kv // seq + arch.heads * s_kv * (4 + (e if e < 4 else 0))
 
-    # Per token of one block.
+
+_MLP_GROUPS = frozenset({"mlp_in", "mlp_act", "ln_mlp"})  # the input groups of a block's MLP half
+
+
+def _linear_inputs_cost(arch: Arch, setup: TrainSetup, e: int, autocast: bool, keeps: set[str]) -> dict[str, int]:
+    """Bytes per token of the inputs kept by the linears in `keeps`, by input group (linears sharing an input keep
+    it once, but under autocast once per linear that reads it from a norm)."""
+    groups = {lin.group for lin in arch.linears if lin.name in keeps}  # a trainable bias alone needs no input
+    if setup.attention == "sdpa":
+        groups.discard("attn_out")  # SDPA keeps its output anyway, and it is the o_proj input
+    group_size = {lin.group: lin.d_in for lin in arch.linears}
+    consumers = dict.fromkeys(groups, 1)
+    if autocast:  # inputs read from a norm (fp32) are cast once per linear that keeps its input
+        for g in groups - {"attn_out", "mlp_act"}:
+            consumers[g] = sum(1 for lin in arch.linears if lin.group == g and lin.name in keeps)
+    return {g: e * group_size[g] * consumers[g] for g in groups}
+
+
+def _block_halves(arch: Arch, setup: TrainSetup, memory: MemoryModel, config: Any, trainable: Trainable,
+                  e: int) -> tuple[int, int, int, int]:
+    """Bytes per token of one block gradients flow through: (its attention half, its MLP half, the method's own
+    modules), and those of one norm."""
+    seq, s_kv = sequence_lengths(setup, memory, config)
+    norm_trainable = any("norm" in n.split(".", 2)[-1] for n, _ in trainable if n.startswith("layers."))
+    adapted = set(memory.adapted_linears(trainable))
+    keeps = {lin.name for lin in arch.linears} if memory.trains_block_linears else adapted
     # Note: with an fp32 residual stream under torch.autocast (every weight fp32: bf16-autocast, or the embedding
     # trains under bf16 / fp16) the RMSNorm output stays fp32 (kept in fp32 when the norm weight trains), and
     # autocast casts an fp32 input to 16 bits separately for every linear that reads it (it caches casts of
     # parameters only): q, k and v keep one copy each, as do gate and up. Measured with saved-tensor hooks on the
     # bundled model, full fine-tuning, bf16 autocast: 30,380 bytes per token and block, as modelled; LoRA r=8 (no
     # dropout) under bf16-autocast: 26,202 measured, 25,884 modelled.
-    autocast = e < 4 and (setup.precision == "bf16-autocast" or any(n == "embed.weight" for n, _ in trainable))
-    if arch.norm == "rmsnorm":
-        norm_cost = 4 * h + 4 + ((4 if autocast else e) * h if norm_trainable else 0)
-    else:
-        norm_cost = e * h + 8
-    per_tok = arch.norms_per_block * norm_cost
-    if setup.attention == "sdpa":  # q (after RoPE), out, k, v, fp32 log-sum-exp
-        per_tok += e * 2 * arch.q_dim + e * 2 * arch.kv_dim * s_kv // seq + 4 * arch.heads
-    else:  # q, k and v repeated to all heads, fp32 softmax probabilities (+ their cast to the compute dtype)
-        per_tok += e * arch.q_dim + e * 2 * arch.q_dim * s_kv // seq + arch.heads * s_kv * (4 + (e if e < 4 else 0))
-    per_tok += e * arch.intermediate * (3 if arch.gated_mlp else 1)
-    group_size = {lin.group: lin.d_in for lin in arch.linears}
-    consumers = {g: 1 for g in saved_groups}
-    if autocast:  # inputs read from a norm (fp32) are cast once per linear that keeps its input
-        for g in saved_groups - {"attn_out", "mlp_act"}:
-            consumers[g] = sum(1 for lin in arch.linears if lin.group == g
-                               and (block_trainable or lin.name in adapted))
-    per_tok += sum(e * group_size[g] * consumers[g] for g in saved_groups)
-    for lin in arch.linears:
-        if lin.name in adapted:
-            per_tok += e * lora_r + ((e + 1) * lin.d_in if s.lora_dropout > 0 else 0)
-    if method in ("houlsby", "pfeiffer"):  # per adapter: its input and the two bottleneck tensors
-        for n, k in trainable:
-            if n.startswith("layers.0.") and n.endswith(".adapter_down.bias"):
-                per_tok += e * (h + 2 * k)
-    block = tokens * per_tok
+    autocast = _under_autocast(setup, trainable, e)
+    norm = _norm_cost(arch, e, autocast, norm_trainable)
+    inputs = _linear_inputs_cost(arch, setup, e, autocast, keeps)
+    attn = norm + _attention_cost(arch, setup, e, seq, s_kv)
+    attn += sum(cost for g, cost in inputs.items() if g not in _MLP_GROUPS)
+    mlp = (arch.norms_per_block - 1) * norm + e * arch.intermediate * (3 if arch.gated_mlp else 1)
+    mlp += sum(cost for g, cost in inputs.items() if g in _MLP_GROUPS)
+    return attn, mlp, memory.block_activations(arch, config, trainable, e), norm
 
+
+def _lowest_block(memory: MemoryModel, attn: int, mlp: int, own: int) -> int:
+    """Bytes per token of the lowest block gradients flow through: nothing below where the graph starts."""
+    if memory.grad_starts == "block_output":
+        return own
+    if memory.grad_starts == "attn_output":
+        return mlp + own
+    return attn + mlp + own
+
+
+def activation_bytes(arch: Arch, setup: TrainSetup, memory: MemoryModel, config: Any, trainable: Trainable,
+                     e: int) -> tuple[int, int, int, int, list[str]]:
+    """(no checkpointing, with checkpointing, Korthikanti, one block's) activation bytes, and notes.
+
+    See the module docstring. `memory` and `config` are the method's memory model and config, `trainable` what it
+    trains, `e` the compute dtype's bytes. One block's bytes are those of one block that gradients flow through
+    (with checkpointing, the block being recomputed), Korthikanti's per-layer figure under that model.
+    """
+    b, h = setup.batch_size, arch.hidden
+    if not trainable:
+        return 0, 0, 0, 0, []
+    seq, s_kv = sequence_lengths(setup, memory, config)
+    tokens = b * seq
+    active = arch.layers if memory.active_blocks is None else memory.active_blocks(arch, config, trainable)
+    attn, mlp, own, norm = _block_halves(arch, setup, memory, config, trainable, e)
+    block = tokens * (attn + mlp + own)
+    lowest = tokens * _lowest_block(memory, attn, mlp, own) if active else 0
     # Outside the blocks: the final norm and, if the head trains, its input.
-    final_norm_cost = norm_cost if arch.norm == "rmsnorm" else e * h + 8
-    outer = tokens * final_norm_cost
-    head_trainable = method == "full" or (method == "top_k_layers" and s.include_head)
-    if head_trainable:
-        outer += tokens * e * h
-    no_ckpt = active * block + outer
+    outer = tokens * norm + (tokens * e * h if memory.trains_head(config) else 0)
+    no_ckpt = max(active - 1, 0) * block + lowest + outer
     ckpt = active * tokens * e * h + block + outer
     korth_layer = seq * b * h * (34 + 5 * arch.heads * s_kv / h) * e / 2
     korth = int(active * (2 * seq * b * h * e / 2 if setup.gradient_checkpointing else korth_layer))
+    notes = []
     if arch.family != "llama":
         notes.append(f"activations: the HF-Llama model applied to a {arch.family} block is an approximation "
                      "(dropout masks and activation-function internals not counted)")

@@ -187,6 +187,81 @@ def _get(cfg: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+def _from_llama(cfg: Mapping[str, Any], name: str, mt: str) -> Arch:
+    """Llama, Mistral and Qwen2 (biased q/k/v): RMSNorm, gated MLP, grouped-query attention."""
+    h = int(cfg["hidden_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv = int(_get(cfg, "num_key_value_heads", default=heads))
+    hd = int(_get(cfg, "head_dim", default=h // heads))
+    inter = int(cfg["intermediate_size"])
+    attn_bias = bool(cfg.get("attention_bias", False))
+    mlp_bias = bool(cfg.get("mlp_bias", False))
+    qkv_bias = True if mt == "qwen2" else attn_bias
+    o_bias = False if mt == "qwen2" else attn_bias
+    linears = (
+        LinearSpec("self_attn.q_proj", h, heads * hd, qkv_bias, "attn_in"),
+        LinearSpec("self_attn.k_proj", h, kv * hd, qkv_bias, "attn_in"),
+        LinearSpec("self_attn.v_proj", h, kv * hd, qkv_bias, "attn_in"),
+        LinearSpec("self_attn.o_proj", heads * hd, h, o_bias, "attn_out"),
+        LinearSpec("mlp.gate_proj", h, inter, mlp_bias, "mlp_in"),
+        LinearSpec("mlp.up_proj", h, inter, mlp_bias, "mlp_in"),
+        LinearSpec("mlp.down_proj", inter, h, mlp_bias, "mlp_act"),
+    )
+    return Arch(name, "llama", int(cfg["vocab_size"]), h, inter, int(cfg["num_hidden_layers"]), heads, kv,
+                hd, bool(cfg.get("tie_word_embeddings", False)), "rmsnorm", 2, linears, True)
+
+
+def _from_falcon(cfg: Mapping[str, Any], name: str, mt: str) -> Arch:
+    """Falcon: fused ``query_key_value``, multi-query or the new decoder architecture, LayerNorm with bias."""
+    h = int(cfg["hidden_size"])
+    heads = int(_get(cfg, "num_attention_heads", "n_head"))
+    hd = h // heads
+    new_arch = bool(cfg.get("new_decoder_architecture", False))
+    multi_query = bool(cfg.get("multi_query", True))
+    if new_arch:
+        kv = int(_get(cfg, "num_kv_heads", default=heads))
+    else:
+        kv = 1 if multi_query else heads
+    inter = int(_get(cfg, "ffn_hidden_size", default=4 * h))
+    bias = bool(cfg.get("bias", False))
+    parallel = bool(cfg.get("parallel_attn", True))
+    n_ln = _get(cfg, "num_ln_in_parallel_attn", default=2 if new_arch else None)
+    norms = 2 if (not parallel or n_ln == 2) else 1
+    attn_in, mlp_in = ("ln_attn", "ln_mlp") if norms == 2 else ("ln", "ln")
+    linears = (
+        LinearSpec("self_attention.query_key_value", h, (heads + 2 * kv) * hd, bias, attn_in),
+        LinearSpec("self_attention.dense", h, h, bias, "attn_out"),
+        LinearSpec("mlp.dense_h_to_4h", h, inter, bias, mlp_in),
+        LinearSpec("mlp.dense_4h_to_h", inter, h, bias, "mlp_act"),
+    )
+    layers = int(_get(cfg, "num_hidden_layers", "n_layer"))
+    tied = bool(cfg.get("tie_word_embeddings", True))
+    return Arch(name, "falcon", int(cfg["vocab_size"]), h, inter, layers, heads, kv, hd, tied, "layernorm",
+                norms, linears, False, blocks_path="transformer.h")
+
+
+def _from_gpt2(cfg: Mapping[str, Any], name: str, mt: str) -> Arch:
+    """GPT-2: Conv1D layers with biases, learned positions."""
+    h = int(_get(cfg, "n_embd", "hidden_size"))
+    heads = int(_get(cfg, "n_head", "num_attention_heads"))
+    inter = int(_get(cfg, "n_inner", default=4 * h))
+    linears = (
+        LinearSpec("attn.c_attn", h, 3 * h, True, "attn_in"),
+        LinearSpec("attn.c_proj", h, h, True, "attn_out"),
+        LinearSpec("mlp.c_fc", h, inter, True, "mlp_in"),
+        LinearSpec("mlp.c_proj", inter, h, True, "mlp_act"),
+    )
+    layers = int(_get(cfg, "n_layer", "num_hidden_layers"))
+    tied = bool(cfg.get("tie_word_embeddings", True))
+    positions = int(_get(cfg, "n_positions", "max_position_embeddings", default=1024))
+    return Arch(name, "gpt2", int(cfg["vocab_size"]), h, inter, layers, heads, heads, h // heads, tied,
+                "layernorm", 2, linears, False, positions=positions, blocks_path="transformer.h")
+
+
+_FAMILIES = {"llama": _from_llama, "mistral": _from_llama, "qwen2": _from_llama, "falcon": _from_falcon,
+             "gpt2": _from_gpt2}
+
+
 def arch_from_config(cfg: Mapping[str, Any], name: str | None = None) -> Arch:
     """Build an `Arch` from a Hugging Face config dict (``config.json`` contents or ``PretrainedConfig.to_dict()``).
 
@@ -198,72 +273,13 @@ def arch_from_config(cfg: Mapping[str, Any], name: str | None = None) -> Arch:
     """
     mt = str(cfg.get("model_type", "")).lower()
     name = name or str(cfg.get("_name_or_path") or mt)
+    build = _FAMILIES.get(mt)
+    if build is None:
+        raise ValueError(f"unsupported model_type {mt!r}; supported: llama, mistral, qwen2, falcon, gpt2")
     try:
-        if mt in ("llama", "mistral", "qwen2"):
-            h = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-            kv = int(_get(cfg, "num_key_value_heads", default=heads))
-            hd = int(_get(cfg, "head_dim", default=h // heads))
-            inter = int(cfg["intermediate_size"])
-            attn_bias = bool(cfg.get("attention_bias", False))
-            mlp_bias = bool(cfg.get("mlp_bias", False))
-            qkv_bias = True if mt == "qwen2" else attn_bias
-            o_bias = False if mt == "qwen2" else attn_bias
-            linears = (
-                LinearSpec("self_attn.q_proj", h, heads * hd, qkv_bias, "attn_in"),
-                LinearSpec("self_attn.k_proj", h, kv * hd, qkv_bias, "attn_in"),
-                LinearSpec("self_attn.v_proj", h, kv * hd, qkv_bias, "attn_in"),
-                LinearSpec("self_attn.o_proj", heads * hd, h, o_bias, "attn_out"),
-                LinearSpec("mlp.gate_proj", h, inter, mlp_bias, "mlp_in"),
-                LinearSpec("mlp.up_proj", h, inter, mlp_bias, "mlp_in"),
-                LinearSpec("mlp.down_proj", inter, h, mlp_bias, "mlp_act"),
-            )
-            return Arch(name, "llama", int(cfg["vocab_size"]), h, inter, int(cfg["num_hidden_layers"]), heads, kv,
-                        hd, bool(cfg.get("tie_word_embeddings", False)), "rmsnorm", 2, linears, True)
-        if mt == "falcon":
-            h = int(cfg["hidden_size"])
-            heads = int(_get(cfg, "num_attention_heads", "n_head"))
-            hd = h // heads
-            new_arch = bool(cfg.get("new_decoder_architecture", False))
-            multi_query = bool(cfg.get("multi_query", True))
-            if new_arch:
-                kv = int(_get(cfg, "num_kv_heads", default=heads))
-            else:
-                kv = 1 if multi_query else heads
-            inter = int(_get(cfg, "ffn_hidden_size", default=4 * h))
-            bias = bool(cfg.get("bias", False))
-            parallel = bool(cfg.get("parallel_attn", True))
-            n_ln = _get(cfg, "num_ln_in_parallel_attn", default=2 if new_arch else None)
-            norms = 2 if (not parallel or n_ln == 2) else 1
-            attn_in, mlp_in = ("ln_attn", "ln_mlp") if norms == 2 else ("ln", "ln")
-            linears = (
-                LinearSpec("self_attention.query_key_value", h, (heads + 2 * kv) * hd, bias, attn_in),
-                LinearSpec("self_attention.dense", h, h, bias, "attn_out"),
-                LinearSpec("mlp.dense_h_to_4h", h, inter, bias, mlp_in),
-                LinearSpec("mlp.dense_4h_to_h", inter, h, bias, "mlp_act"),
-            )
-            layers = int(_get(cfg, "num_hidden_layers", "n_layer"))
-            tied = bool(cfg.get("tie_word_embeddings", True))
-            return Arch(name, "falcon", int(cfg["vocab_size"]), h, inter, layers, heads, kv, hd, tied, "layernorm",
-                        norms, linears, False, blocks_path="transformer.h")
-        if mt == "gpt2":
-            h = int(_get(cfg, "n_embd", "hidden_size"))
-            heads = int(_get(cfg, "n_head", "num_attention_heads"))
-            inter = int(_get(cfg, "n_inner", default=4 * h))
-            linears = (
-                LinearSpec("attn.c_attn", h, 3 * h, True, "attn_in"),
-                LinearSpec("attn.c_proj", h, h, True, "attn_out"),
-                LinearSpec("mlp.c_fc", h, inter, True, "mlp_in"),
-                LinearSpec("mlp.c_proj", inter, h, True, "mlp_act"),
-            )
-            layers = int(_get(cfg, "n_layer", "num_hidden_layers"))
-            tied = bool(cfg.get("tie_word_embeddings", True))
-            positions = int(_get(cfg, "n_positions", "max_position_embeddings", default=1024))
-            return Arch(name, "gpt2", int(cfg["vocab_size"]), h, inter, layers, heads, heads, h // heads, tied,
-                        "layernorm", 2, linears, False, positions=positions, blocks_path="transformer.h")
+        return build(cfg, name, mt)
     except KeyError as e:
         raise ValueError(f"config for model_type {mt!r} lacks the field {e.args[0]!r}") from None
-    raise ValueError(f"unsupported model_type {mt!r}; supported: llama, mistral, qwen2, falcon, gpt2")
 
 
 def _llama(vocab: int, h: int, inter: int, layers: int, heads: int, kv: int, tied: bool = False,

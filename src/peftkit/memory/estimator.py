@@ -4,8 +4,10 @@ tensors of the method and the activations (`peftkit.memory.activations`).
 Trainable parameters by method (`count_trainable`): counted by the method's own registry entry
 (``MethodSpec.count``, in its file under ``peftkit/methods``) from its config class and defaults, so the estimate
 trains what `peftkit train` trains with the same settings (a contract test applies every method to tiny models and
-compares). The method names and settings are the registry's (``peftkit info --list-methods``); ``qlora`` is accepted
-as ``lora`` over an NF4 + double-quantized base (QLoRA, Dettmers et al. 2023).
+compares). The method names and settings are the registry's (``peftkit info --list-methods``), and so are its presets:
+``qlora`` is ``lora`` over an NF4 + double-quantized base (QLoRA, Dettmers et al. 2023). What a method adds to a step
+beyond its trainable tensors (virtual tokens, activations of its own modules, rebuilt weights, fixed buffers) is its
+registry entry's memory model (``MethodSpec.memory``); nothing here branches on a method's name.
 
 Bytes per parameter (SPECS section 4): fp32 4, fp16/bf16 2, int8 1, NF4/FP4/INT4 0.5; 4-bit quantization constants:
 one fp32 absmax per block of 64 = 0.5 bit/param, with double quantization ``8/64 + 32/(64*256)`` = 0.127 bit/param
@@ -61,18 +63,18 @@ from typing import Any
 
 from peftkit import hardware
 from peftkit.core.config import Config
-from peftkit.core.registry import get_method, list_methods
+from peftkit.core.registry import MethodSpec, Preset, has_quantized_preset, list_methods, list_presets, resolve_method
 from peftkit.errors import PeftkitError
-from peftkit.memory.activations import activation_bytes
+from peftkit.memory.activations import activation_bytes, sequence_lengths
 from peftkit.memory.arch import Arch, load_arch
 
 __all__ = ["ALIASES", "METHODS", "OPTIMIZERS", "PRECISIONS", "QUANTS", "Breakdown", "TrainSetup", "compare",
            "count_trainable", "estimate", "method_config", "parse_bytes", "trainable_tensors"]
 
 
-ALIASES = {"qlora": "lora"}
-"""Method names the estimator accepts besides the registry's: ``qlora`` is ``lora`` over an NF4 + double-quantized
-base (unless `TrainSetup.quant` says otherwise)."""
+ALIASES = {name: resolve_method(name)[0].name for name in list_presets()}
+"""The registry's presets and the method each trains: ``qlora`` is ``lora`` over an NF4 + double-quantized base
+(unless `TrainSetup.quant` says otherwise)."""
 
 METHODS = (*list_methods(), *ALIASES)
 
@@ -83,7 +85,7 @@ def method_config(method: str, settings: Mapping[str, Any] | None = None) -> Con
     Raises:
         PeftkitError: unknown method, or a key or value its config refuses (the message names it).
     """
-    spec = get_method(ALIASES.get(method, method))
+    spec, _ = resolve_method(method)
     return spec.config_cls.from_dict(dict(settings or {}))
 
 
@@ -92,7 +94,7 @@ def trainable_tensors(arch: Arch, method: str, settings: Mapping[str, Any] | Con
     """(name, numel) of every tensor `method` trains on `arch`, counted by the method's registry entry; names follow
     `Arch.param_tensors` (used for the 8-bit / paging thresholds and what trains in place)."""
     config = settings if isinstance(settings, Config) else method_config(method, settings)
-    return get_method(ALIASES.get(method, method)).count(arch, config)
+    return resolve_method(method)[0].count(arch, config)
 
 
 def count_trainable(arch: Arch | str | Mapping[str, Any], method: str, **settings: Any) -> int:
@@ -180,12 +182,24 @@ class TrainSetup:
         return method_config(self.method, self.method_args)
 
     @property
+    def spec(self) -> MethodSpec:
+        """The registry entry of the method (of the preset's method for a preset)."""
+        return resolve_method(self.method)[0]
+
+    @property
+    def preset(self) -> Preset | None:
+        return resolve_method(self.method)[1]
+
+    @property
     def effective_quant(self) -> str | None:
-        return "nf4" if self.method == "qlora" and self.quant is None else self.quant
+        """`quant`, or the preset's base format when the setup names none."""
+        preset = self.preset
+        return preset.quant if preset is not None and self.quant is None else self.quant
 
     @property
     def effective_double_quant(self) -> bool:
-        return self.double_quant or (self.method == "qlora" and self.quant is None)
+        preset = self.preset
+        return self.double_quant or (preset is not None and self.quant is None and preset.double_quant)
 
 
 _COMPONENTS = ("weights_frozen", "quant_constants", "weights_trainable", "gradients", "optimizer_device",
@@ -315,6 +329,101 @@ def _matmul_weights(arch: Arch, tensors: list[tuple[str, int]]) -> int:
                and not n.endswith("embedding.weight"))
 
 
+def _frozen_weights(bd: Breakdown, arch: Arch, setup: TrainSetup, trainable: list[tuple[str, int]],
+                    w16: int) -> None:
+    """Frozen base weights (the base tensors not trained in place), quantized block linears with their constants,
+    and the one dequantized weight a quantized base needs at a time."""
+    quant = setup.effective_quant
+    if quant and not setup.spec.capabilities.quantized_base:
+        raise ValueError(f"{setup.spec.name} trains every weight and cannot train quantized weights; drop --quant "
+                         "or pick a PEFT method")
+    trained_base = {n for n, _ in trainable} & {n for n, _ in arch.param_tensors()}
+    lin_by_name = {lin.name: lin for lin in arch.linears}
+    for n, k in arch.param_tensors():
+        if n in trained_base:
+            continue
+        lin = None
+        if n.startswith("layers.") and n.endswith(".weight"):
+            lin = lin_by_name.get(n.split(".", 2)[-1][: -len(".weight")])
+        if quant and lin is not None:
+            data, const = _quant_bytes(k, quant, setup.quant_block, setup.effective_double_quant, lin.d_out)
+            bd.weights_frozen += data
+            bd.quant_constants += const
+        else:
+            bd.weights_frozen += k * w16
+    if quant:
+        bd.temp_weights += max(lin.weight_numel for lin in arch.linears) * 2  # one dequantized 16-bit weight
+
+
+def _method_state(bd: Breakdown, arch: Arch, setup: TrainSetup, config: Config, trainable: list[tuple[str, int]],
+                  e: int, w16: int) -> None:
+    """Trainable weights and their gradients (fp32 in every precision), and what the method's memory model adds:
+    rebuilt weights (a compute-dtype copy, a full-size gradient) and fixed buffers."""
+    memory = setup.spec.memory
+    bd.weights_trainable = 4 * bd.params_trainable
+    bd.gradients = 4 * bd.params_trainable
+    rebuilt = memory.rebuilt_weights(arch, config)
+    bd.gradients += rebuilt * w16
+    bd.temp_weights += rebuilt * e
+    buffers = memory.buffers(arch, config, trainable)
+    bd.weights_frozen += buffers
+    if memory.note:
+        bd.notes.append(memory.note.format(buffers_gib=buffers / 2**30))
+
+
+def _optimizer_states(bd: Breakdown, setup: TrainSetup, trainable: list[tuple[str, int]]) -> None:
+    """Optimizer states (torch's AdamW keeps them in the parameter dtype: fp32); a paged optimizer keeps the
+    large tensors' states on the host, the largest of them on the device as its working set."""
+    paged = setup.optimizer.startswith("paged")
+    working = 0
+    for _, k in trainable:
+        st = _state_bytes(k, setup.optimizer.replace("paged_", "").replace("_32bit", ""), 4)
+        if paged and k >= _PAGE_MIN:
+            bd.optimizer_host += st
+            working = max(working, st)
+        else:
+            bd.optimizer_device += st
+    bd.optimizer_device += working
+
+
+def _activations_and_logits(bd: Breakdown, arch: Arch, setup: TrainSetup, config: Config,
+                            trainable: list[tuple[str, int]], e: int) -> int:
+    """Activations, logits / loss buffers and autocast's weight casts; returns one block's activations."""
+    memory = setup.spec.memory
+    no_ckpt, ckpt, korth, one_block, notes = activation_bytes(arch, setup, memory, config, trainable, e)
+    bd.notes += notes
+    bd.activations_no_ckpt, bd.activations_ckpt, bd.activations_korthikanti = no_ckpt, ckpt, korth
+    if setup.activation_model == "korthikanti":
+        bd.activations = korth
+    else:
+        bd.activations = ckpt if setup.gradient_checkpointing else no_ckpt
+    seq, _ = sequence_lengths(setup, memory, config)
+    # peftkit's loss (`SummedCrossEntropy`) keeps the logits as they come out of the head and no vocabulary-sized
+    # temporary: fp32 logits become their own gradient in place, 16-bit ones get a 16-bit gradient beside them
+    logits = setup.batch_size * seq * arch.vocab * e
+    n_trainable = bd.params_trainable
+    bd.logits_loss = logits * (2 if n_trainable and e < 4 else 1)
+    if setup.precision == "bf16-autocast" and n_trainable:
+        # torch.autocast keeps the 16-bit cast of each fp32 matmul weight for backward (all linears + head)
+        bd.temp_weights += 2 * (arch.block_linear_params + arch.vocab * arch.hidden)
+    elif setup.precision in ("bf16", "fp16"):  # only the trainable weights are fp32
+        bd.temp_weights += 2 * _matmul_weights(arch, trainable)
+    return one_block
+
+
+def _peak(bd: Breakdown, setup: TrainSetup, one_block: int) -> int:
+    """The modelled peak: what coexists (module docstring). The sum counts the weight gradients together with every
+    activation and the logits buffers, and, with checkpointing, a recomputed block during the loss backward; on the
+    bundled model that overestimated measured peaks by up to 20%."""
+    ckpt_on = setup.gradient_checkpointing
+    if setup.activation_model == "hf" and ckpt_on:
+        at_loss, in_blocks = bd.activations - one_block, bd.activations
+    else:
+        at_loss, in_blocks = bd.activations, bd.activations if ckpt_on else one_block
+    static = bd.weights_frozen + bd.quant_constants + bd.weights_trainable + bd.optimizer_device + bd.temp_weights
+    return min(static + max(at_loss + bd.logits_loss, bd.gradients + in_blocks), bd.total_bytes)
+
+
 def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | None = None) -> Breakdown:
     """Estimate the memory of one training step.
 
@@ -332,95 +441,18 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
     """
     arch = load_arch(arch_or_name)
     setup = setup or TrainSetup()
-    method = setup.method
-    s = setup.config
-    trainable = trainable_tensors(arch, method, s)
-    n_trainable = sum(k for _, k in trainable)
-    bd = Breakdown(arch.name, setup, arch.num_params, n_trainable)
-    prec, quant = setup.precision, setup.effective_quant
-    e = 4 if prec == "fp32" else 2  # compute dtype (activations)
-    w16 = 2 if prec in ("bf16", "fp16") else 4  # storage of frozen weights
-    if n_trainable == 0:
-        bd.notes.append(f"{arch.name} has nothing to train with {method}")
-
-    # Frozen base weights: the base tensors that are not trained in place
-    trained_base = {n for n, _ in trainable} & {n for n, _ in arch.param_tensors()}
-    frozen = [(n, k) for n, k in arch.param_tensors() if n not in trained_base]
-    if quant and method == "full":
-        raise ValueError("full fine-tuning cannot train quantized weights; drop --quant or pick a PEFT method")
-    lin_by_name = {lin.name: lin for lin in arch.linears}
-    for n, k in frozen:
-        lin = None
-        if n.startswith("layers.") and n.endswith(".weight"):
-            lin = lin_by_name.get(n.split(".", 2)[-1][: -len(".weight")])
-        if quant and lin is not None:
-            data, const = _quant_bytes(k, quant, setup.quant_block, setup.effective_double_quant, lin.d_out)
-            bd.weights_frozen += data
-            bd.quant_constants += const
-        else:
-            bd.weights_frozen += k * w16
-    if quant:
-        bd.temp_weights += max(lin.weight_numel for lin in arch.linears) * 2  # one dequantized 16-bit weight
-
-    # Trainable weights and gradients.
-    bd.weights_trainable = 4 * n_trainable  # fp32 in every precision, and so are their gradients
-    bd.gradients = 4 * n_trainable
-    if method in ("intrinsic_said", "sparse"):  # W0 + delta is rebuilt per layer; its gradient is full size
-        projected = sum(lin.weight_numel for _, lin in arch.block_linears(s.target_modules))
-        bd.gradients += projected * w16
-        bd.temp_weights += projected * e
-    if method == "intrinsic_said":
-        # each projected matrix keeps its fixed Fastfood projection: Gaussian scales (fp32) and a permutation
-        # (int32) over the matrix size rounded up to a power of two (the d signs are negligible)
-        buffers = sum(8 * (1 << (lin.weight_numel - 1).bit_length()) for _, lin in arch.block_linears(s.target_modules))
-        bd.weights_frozen += buffers
-        bd.notes.append("SAID: a full weight copy and full-size gradients pass through the projection; its fixed "
-                        f"random projections ({buffers / 2**30:.2f} GiB) are counted with the frozen weights")
-    if method == "sparse":
-        bd.weights_frozen += 8 * n_trainable  # the int64 index of every trained entry
-
-    # Optimizer states.
-    # torch's AdamW keeps states in the parameter dtype: fp32
-    paged = setup.optimizer.startswith("paged")
-    working = 0
-    for _, k in trainable:
-        st = _state_bytes(k, setup.optimizer.replace("paged_", "").replace("_32bit", ""), 4)
-        if paged and k >= _PAGE_MIN:
-            bd.optimizer_host += st
-            working = max(working, st)
-        else:
-            bd.optimizer_device += st
-    bd.optimizer_device += working
-
-    # Activations and logits.
-    no_ckpt, ckpt, korth, one_block, notes = activation_bytes(arch, setup, s, trainable, e)
-    bd.notes += notes
-    bd.activations_no_ckpt, bd.activations_ckpt, bd.activations_korthikanti = no_ckpt, ckpt, korth
-    if setup.activation_model == "korthikanti":
-        bd.activations = korth
-    else:
-        bd.activations = ckpt if setup.gradient_checkpointing else no_ckpt
-    seq = setup.seq_len + (s.num_virtual_tokens if method == "prompt_tuning" else 0)
-    # peftkit's loss (`SummedCrossEntropy`) keeps the logits as they come out of the head and no vocabulary-sized
-    # temporary: fp32 logits become their own gradient in place, 16-bit ones get a 16-bit gradient beside them
-    logits = setup.batch_size * seq * arch.vocab * e
-    bd.logits_loss = logits * (2 if n_trainable and e < 4 else 1)
-    if prec == "bf16-autocast" and n_trainable:
-        # torch.autocast keeps the 16-bit cast of each fp32 matmul weight for backward (all linears + head)
-        bd.temp_weights += 2 * (arch.block_linear_params + arch.vocab * arch.hidden)
-    elif prec in ("bf16", "fp16"):  # only the trainable weights are fp32
-        bd.temp_weights += 2 * _matmul_weights(arch, trainable)
-
-    # Modelled peak: what coexists (module docstring). The sum above counted the weight gradients together with
-    # every activation and the logits buffers, and, with checkpointing, a recomputed block during the loss
-    # backward; on the bundled model that overestimated measured peaks by up to 20%.
-    ckpt_on = setup.gradient_checkpointing
-    if setup.activation_model == "hf" and ckpt_on:
-        at_loss, in_blocks = bd.activations - one_block, bd.activations
-    else:
-        at_loss, in_blocks = bd.activations, bd.activations if ckpt_on else one_block
-    static = bd.weights_frozen + bd.quant_constants + bd.weights_trainable + bd.optimizer_device + bd.temp_weights
-    bd.peak_bytes = min(static + max(at_loss + bd.logits_loss, bd.gradients + in_blocks), bd.total_bytes)
+    config = setup.config
+    trainable = trainable_tensors(arch, setup.method, config)
+    bd = Breakdown(arch.name, setup, arch.num_params, sum(k for _, k in trainable))
+    e = 4 if setup.precision == "fp32" else 2  # compute dtype (activations)
+    w16 = 2 if setup.precision in ("bf16", "fp16") else 4  # storage of frozen weights
+    if bd.params_trainable == 0:
+        bd.notes.append(f"{arch.name} has nothing to train with {setup.method}")
+    _frozen_weights(bd, arch, setup, trainable, w16)
+    _method_state(bd, arch, setup, config, trainable, e, w16)
+    _optimizer_states(bd, setup, trainable)
+    one_block = _activations_and_logits(bd, arch, setup, config, trainable, e)
+    bd.peak_bytes = _peak(bd, setup, one_block)
     return bd
 
 
@@ -429,15 +461,17 @@ def compare(arch_or_name: Arch | str | Mapping[str, Any], base: TrainSetup | Non
     """The same model and training setup under several methods, side by side.
 
     Each method uses its own config's defaults, overridden by those keys of ``base.method_args`` its config has;
-    quantization is applied only to the ``qlora`` row (and to ``lora`` rows if ``base.quant`` is set).
+    quantization is applied only to preset rows (``qlora``) and to the rows of methods with a quantized preset
+    (``lora``) if ``base.quant`` is set.
     """
     arch = load_arch(arch_or_name)
     base = base or TrainSetup()
     rows: dict[str, Breakdown] = {}
     for method in methods or METHODS:
-        keys = get_method(ALIASES.get(method, method)).config_cls.keys()
+        spec, preset = resolve_method(method)
+        keys = spec.config_cls.keys()
         args = {k: v for k, v in base.method_args.items() if k in keys}
-        quant = base.quant if method in ("lora", "qlora") else None
+        quant = base.quant if preset is not None or has_quantized_preset(method) else None
         dq = base.double_quant and quant is not None
         try:
             setup = replace(base, method=method, method_args=args, quant=quant, double_quant=dq)

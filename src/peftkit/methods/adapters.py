@@ -27,7 +27,7 @@ from torch import nn
 
 from peftkit.core.config import Config
 from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, inject, match_modules
-from peftkit.core.registry import register_method
+from peftkit.core.registry import MemoryModel, register_method
 from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:
@@ -203,13 +203,22 @@ def _apply(model: nn.Module, config: _BottleneckConfig, method: str, places: tup
     return report
 
 
-@register_method("houlsby", HoulsbyConfig, count=count_houlsby)
+def _block_activations(arch: Arch, config: _BottleneckConfig, trainable: list[tuple[str, int]], e: int) -> int:
+    """Per token and block, per adapter: its input and the two bottleneck tensors (``e*(h + 2m)``), counted on the
+    first block's adapters."""
+    return sum(e * (arch.hidden + 2 * m) for n, m in trainable
+               if n.startswith("layers.0.") and n.endswith(".adapter_down.bias"))
+
+
+@register_method("houlsby", HoulsbyConfig, count=count_houlsby,
+                 memory=MemoryModel(block_activations=_block_activations, grad_starts="attn_output"))
 def apply_houlsby(model: nn.Module, config: HoulsbyConfig) -> InjectReport:
     """Add an adapter after every attention output projection and every feed-forward block; freeze the rest."""
     return _apply(model, config, "houlsby", ("attn", "ffn"))
 
 
-@register_method("pfeiffer", PfeifferConfig, count=count_pfeiffer)
+@register_method("pfeiffer", PfeifferConfig, count=count_pfeiffer,
+                 memory=MemoryModel(block_activations=_block_activations, grad_starts="block_output"))
 def apply_pfeiffer(model: nn.Module, config: PfeifferConfig) -> InjectReport:
     """Add an adapter after every feed-forward block; freeze the rest."""
     return _apply(model, config, "pfeiffer", ("ffn",))

@@ -15,7 +15,7 @@ from torch import nn
 
 from peftkit.core.config import Config
 from peftkit.core.inject import InjectReport
-from peftkit.core.registry import Merging, register_method
+from peftkit.core.registry import Capabilities, MemoryModel, Merging, register_method
 
 if TYPE_CHECKING:
     from peftkit.memory import Arch
@@ -33,7 +33,9 @@ def count(arch: Arch, config: FullConfig) -> list[tuple[str, int]]:
     return arch.param_tensors()
 
 
-@register_method("full", FullConfig, count=count, merging=Merging.in_place())
+@register_method("full", FullConfig, count=count, merging=Merging.in_place(),
+                 memory=MemoryModel(trains_block_linears=True, trains_head=lambda _: True),
+                 capabilities=Capabilities(quantized_base=False))  # every weight trains: none to quantize
 def apply(model: nn.Module, config: FullConfig) -> InjectReport:
     """Mark every parameter of `model` trainable."""
     for p in model.parameters():

@@ -31,7 +31,7 @@ from peftkit.core.config import Config
 from peftkit.core.delta import DeltaWeightLayer, is_plain_linear, linear_targets, merge, unmerge
 from peftkit.core.hooks import HookReport
 from peftkit.core.inject import AdapterModule, freeze_all, inject, match_modules
-from peftkit.core.registry import Merging, register_method
+from peftkit.core.registry import MemoryModel, Merging, register_method
 from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:
@@ -211,8 +211,24 @@ def count(arch: Arch, config: IntrinsicSAIDConfig) -> list[tuple[str, int]]:
     return [(f"{ATTRIBUTE}.theta_d", config.d), *lambdas]
 
 
+def _projected(arch: Arch, config: IntrinsicSAIDConfig) -> int:
+    """Elements of the projected weights: each is rebuilt as ``W0 + P theta_d`` every step."""
+    return sum(lin.weight_numel for _, lin in arch.block_linears(config.target_modules))
+
+
+def _projections(arch: Arch, config: IntrinsicSAIDConfig, trainable: list[tuple[str, int]]) -> int:
+    """Bytes of the fixed Fastfood projections: per projected matrix, Gaussian scales (fp32) and a permutation
+    (int32) over the matrix size rounded up to a power of two (the d signs are negligible)."""
+    return sum(8 * (1 << (lin.weight_numel - 1).bit_length()) for _, lin in arch.block_linears(config.target_modules))
+
+
+MEMORY = MemoryModel(trains_block_linears=True, rebuilt_weights=_projected, buffers=_projections,
+                     note="SAID: a full weight copy and full-size gradients pass through the projection; its fixed "
+                          "random projections ({buffers_gib:.2f} GiB) are counted with the frozen weights")
+
+
 @register_method("intrinsic_said", IntrinsicSAIDConfig, count=count,
-                 merging=Merging(merge_and_unload, merge=merge, unmerge=unmerge))
+                 merging=Merging(merge_and_unload, merge=merge, unmerge=unmerge), memory=MEMORY)
 def apply(model: nn.Module, config: IntrinsicSAIDConfig) -> HookReport:
     """Project the target weights from one shared d-dimensional theta_d; freeze everything else."""
     if ATTRIBUTE in model._modules:

@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 from peftkit.core.config import Config
 from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, get_submodule_parent, inject
 from peftkit.core.matmul import frozen_product, onednn_linear_enabled
-from peftkit.core.registry import Merging, register_method
+from peftkit.core.registry import Capabilities, MemoryModel, Merging, Preset, register_method, register_preset
 from peftkit.errors import PeftkitError
 from peftkit.methods import lora_native
 from peftkit.quant import QuantLinear, dequantize
@@ -429,8 +429,25 @@ def count(arch: Arch, config: LoRAConfig) -> list[tuple[str, int]]:
     return out
 
 
+def _adapted(trainable: list[tuple[str, int]]) -> set[str]:
+    """The adapted block linears (``self_attn.q_proj``), from ``layers.<i>.<linear>.lora_A.weight``."""
+    return {n.split(".", 2)[2].removesuffix(".lora_A.weight") for n, _ in trainable if n.endswith(".lora_A.weight")}
+
+
+def _block_activations(arch: Arch, config: LoRAConfig, trainable: list[tuple[str, int]], e: int) -> int:
+    """Per token and block: ``A x`` (``e*r``) per adapted linear, and with dropout a dropped copy of its input and
+    the mask (``(e + 1)*d_in``)."""
+    adapted = _adapted(trainable)
+    return sum(e * config.r + ((e + 1) * lin.d_in if config.lora_dropout > 0 else 0)
+               for lin in arch.linears if lin.name in adapted)
+
+
+MEMORY = MemoryModel(adapted_linears=_adapted, block_activations=_block_activations)
+
+
 @register_method("lora", LoRAConfig, count=count, peft_type="LORA",
-                 merging=Merging(merge_and_unload, merge=merge, unmerge=unmerge))
+                 merging=Merging(merge_and_unload, merge=merge, unmerge=unmerge), memory=MEMORY,
+                 capabilities=Capabilities(batched_serving=True, gguf_adapter=True))
 def apply(model: nn.Module, config: LoRAConfig) -> InjectReport:
     """Add LoRA to the target layers of `model` and freeze everything else."""
     targets = config.target_modules
@@ -446,3 +463,7 @@ def apply(model: nn.Module, config: LoRAConfig) -> InjectReport:
         for pname in layer.adapter_params():
             layer.get_parameter(pname).requires_grad_(True)
     return report
+
+
+register_preset(Preset("qlora", "lora", quant="nf4", double_quant=True,
+                       doc="LoRA over an NF4 + double-quantized base (QLoRA, Dettmers et al. 2023)"))

@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from peftkit.core.config import Config
 from peftkit.core.hooks import HookReport, model_geometry, prepend_to_mask, split_call
 from peftkit.core.inject import AdapterModule, freeze_all
-from peftkit.core.registry import register_method
+from peftkit.core.registry import MemoryModel, register_method
 from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:
@@ -278,7 +278,8 @@ def count(arch: Arch, config: PrefixTuningConfig) -> list[tuple[str, int]]:
             (f"{ATTRIBUTE}.transform.2.bias", width)]
 
 
-@register_method("prefix_tuning", PrefixTuningConfig, count=count, peft_type="PREFIX_TUNING")
+@register_method("prefix_tuning", PrefixTuningConfig, count=count, peft_type="PREFIX_TUNING",
+                 memory=MemoryModel(kv_tokens=lambda config: config.num_virtual_tokens))
 def apply(model: nn.Module, config: PrefixTuningConfig) -> HookReport:
     """Attach trainable key/value prefixes to every layer of `model` and freeze everything else."""
     if ATTRIBUTE in model._modules:

@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from peftkit.core.config import Config
 from peftkit.core.hooks import HookReport, model_geometry, prepend_to_mask, split_call
 from peftkit.core.inject import AdapterModule, freeze_all
-from peftkit.core.registry import register_method
+from peftkit.core.registry import MemoryModel, register_method
 from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:
@@ -208,7 +208,8 @@ def count(arch: Arch, config: PromptTuningConfig) -> list[tuple[str, int]]:
     return [(f"{ATTRIBUTE}.embedding.weight", config.num_virtual_tokens * arch.hidden)]
 
 
-@register_method("prompt_tuning", PromptTuningConfig, count=count, peft_type="PROMPT_TUNING")
+@register_method("prompt_tuning", PromptTuningConfig, count=count, peft_type="PROMPT_TUNING",
+                 memory=MemoryModel(input_tokens=lambda config: config.num_virtual_tokens))
 def apply(model: nn.Module, config: PromptTuningConfig) -> HookReport:
     """Attach m trainable virtual tokens to `model` and freeze everything else."""
     if ATTRIBUTE in model._modules:

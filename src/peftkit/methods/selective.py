@@ -28,7 +28,7 @@ from torch import nn
 from peftkit.core.config import Config
 from peftkit.core.delta import DeltaWeightLayer, is_plain_linear, linear_targets, merge, merge_and_unload, unmerge
 from peftkit.core.inject import InjectReport, freeze_all, inject
-from peftkit.core.registry import Merging, register_method
+from peftkit.core.registry import MemoryModel, Merging, register_method
 from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:
@@ -111,7 +111,9 @@ def count_top_k(arch: Arch, config: TopKLayersConfig) -> list[tuple[str, int]]:
     return out
 
 
-@register_method("top_k_layers", TopKLayersConfig, count=count_top_k, merging=Merging.in_place())
+@register_method("top_k_layers", TopKLayersConfig, count=count_top_k, merging=Merging.in_place(),
+                 memory=MemoryModel(trains_block_linears=True, active_blocks=lambda arch, config, _: config.k,
+                                    trains_head=lambda config: config.include_head))
 def apply_top_k(model: nn.Module, config: TopKLayersConfig) -> InjectReport:
     """Freeze everything except the last `k` blocks (and the final norm / head by option)."""
     blocks_name, blocks = decoder_blocks(model)
@@ -194,7 +196,16 @@ def count_norms(arch: Arch, config: NormsConfig) -> list[tuple[str, int]]:
     return _norm_tensors(arch)
 
 
-@register_method("bitfit", BitFitConfig, count=count_bitfit, merging=Merging.in_place())
+def _from_first_trained(arch: Arch, config: Any, trainable: list[tuple[str, int]]) -> int:
+    """Gradients flow through the blocks from the first one with a trained tensor up."""
+    first = min((int(n.split(".")[1]) for n, _ in trainable if n.startswith("layers.")), default=arch.layers)
+    return arch.layers - first
+
+
+_IN_BLOCKS = MemoryModel(active_blocks=_from_first_trained)
+
+
+@register_method("bitfit", BitFitConfig, count=count_bitfit, merging=Merging.in_place(), memory=_IN_BLOCKS)
 def apply_bitfit(model: nn.Module, config: BitFitConfig) -> InjectReport:
     """Freeze everything except the bias terms (and the norm weights with ``include_norms``)."""
     biases = _bias_names(model)
@@ -206,7 +217,7 @@ def apply_bitfit(model: nn.Module, config: BitFitConfig) -> InjectReport:
     return InjectReport("bitfit", adapted=names, notes=[f"{len(biases)} bias tensors"])
 
 
-@register_method("norms", NormsConfig, count=count_norms, merging=Merging.in_place())
+@register_method("norms", NormsConfig, count=count_norms, merging=Merging.in_place(), memory=_IN_BLOCKS)
 def apply_norms(model: nn.Module, config: NormsConfig) -> InjectReport:
     """Freeze everything except the normalisation layers."""
     names = _norm_param_names(model)
@@ -370,8 +381,17 @@ def count_sparse(arch: Arch, config: SparseConfig) -> list[tuple[str, int]]:
             for i, lin in arch.block_linears(config.target_modules)]
 
 
+def _sparse_weights(arch: Arch, config: SparseConfig) -> int:
+    """Elements of the target weights: each is rebuilt as ``W0 + scatter(values)`` every step."""
+    return sum(lin.weight_numel for _, lin in arch.block_linears(config.target_modules))
+
+
+_SPARSE_MEMORY = MemoryModel(trains_block_linears=True, rebuilt_weights=_sparse_weights,
+                             buffers=lambda arch, config, trainable: 8 * sum(k for _, k in trainable))  # int64 index
+
+
 @register_method("sparse", SparseConfig, count=count_sparse, calibrate=calibrate_sparse,
-                 merging=Merging(merge_and_unload, merge=merge, unmerge=unmerge))
+                 merging=Merging(merge_and_unload, merge=merge, unmerge=unmerge), memory=_SPARSE_MEMORY)
 def apply_sparse(model: nn.Module, config: SparseConfig) -> InjectReport:
     """Wrap the target linear layers with sparse deltas (random subset until `calibrate` picks by score)."""
     targets = linear_targets(model, config.target_modules)

@@ -71,7 +71,7 @@ def read_lora(folder: str | os.PathLike, model: nn.Module) -> LoRAWeights:
             layer and the shapes).
     """
     spec, config, tensors = read_adapter(folder, model)
-    if spec.name != "lora":
+    if not spec.capabilities.batched_serving:
         raise PeftkitError(
             f"adapter in {folder} uses {spec.name}, which cannot share a batch with other adapters; "
             "peftkit serve serves LoRA adapters (merge it with `peftkit merge` and serve the merged model instead)"
