@@ -14,10 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CONTIGUOUS", "ROWS", "Operand", "buffer", "check", "fits", "size"]
+__all__ = ["ANY", "CONTIGUOUS", "ROWS", "Operand", "buffer", "check", "fits", "size"]
 
 CONTIGUOUS = "contiguous"
 ROWS = "rows"  # 2-D, each row contiguous, rows any distance apart (at least a row's length)
+ANY = "any"  # any strides: for `fits` before the caller copies the tensor into the kernel's layout
 DEVICE = torch.device("cpu")  # the kernels run on the CPU
 
 
@@ -30,7 +31,8 @@ class Operand:
         tensor: the tensor passed.
         shape: its expected shape; an entry None takes any size; None for any shape.
         dtype: the element type, or the types allowed.
-        layout: `CONTIGUOUS` (the whole tensor) or `ROWS` (2-D, contiguous rows, any row stride >= the width).
+        layout: `CONTIGUOUS` (the whole tensor), `ROWS` (2-D, contiguous rows, any row stride >= the width) or
+            `ANY`.
         nonempty: whether an empty tensor is refused.
     """
 
@@ -51,7 +53,7 @@ class Operand:
     def _layout_fits(self, t: torch.Tensor) -> bool:
         if self.layout == ROWS:
             return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
-        return t.is_contiguous()
+        return self.layout == ANY or t.is_contiguous()
 
     def problem(self) -> str | None:
         """Why the tensor does not fit, or None."""
@@ -63,7 +65,7 @@ class Operand:
         if fits_:
             return None
         shape = "any shape" if self.shape is None else str(tuple("*" if s is None else s for s in self.shape))
-        layout = "with contiguous rows" if self.layout == ROWS else "contiguous"
+        layout = {ROWS: "with contiguous rows", ANY: "any layout"}.get(self.layout, "contiguous")
         wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
         empty = ", not empty" if self.nonempty else ""
         return (f"{self.name} must be a {shape} {wanted} CPU tensor, {layout}{empty}; got {tuple(t.shape)} "
