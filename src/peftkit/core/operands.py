@@ -22,7 +22,7 @@ ANY = "any"  # any strides: for `fits` before the caller copies the tensor into 
 DEVICE = torch.device("cpu")  # the kernels run on the CPU
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # made per kernel call: cheap to build and check (a few microseconds)
 class Operand:
     """What a C function expects of one tensor argument.
 
@@ -44,15 +44,21 @@ class Operand:
     nonempty: bool = False
 
     def _shape_fits(self, t: torch.Tensor) -> bool:
-        if self.shape is None:
+        want, have = self.shape, t.shape
+        if want is None:
             return True
-        if t.dim() != len(self.shape):
+        if len(have) != len(want):
             return False
-        return all(s is None or s == n for s, n in zip(self.shape, t.shape, strict=True))
+        if None not in want:
+            return have == tuple(want)  # the common case, one comparison (checked on every kernel call)
+        if want.count(None) == len(want):
+            return True
+        return all(w is None or w == h for w, h in zip(want, have, strict=True))
 
     def _layout_fits(self, t: torch.Tensor) -> bool:
         if self.layout == ROWS:
-            return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+            strides = t.stride()
+            return len(strides) == 2 and strides[1] == 1 and strides[0] >= t.shape[1]
         return self.layout == ANY or t.is_contiguous()
 
     def problem(self) -> str | None:
@@ -60,9 +66,8 @@ class Operand:
         t, dtypes = self.tensor, self.dtype if isinstance(self.dtype, tuple) else (self.dtype,)
         if not isinstance(t, torch.Tensor):
             return f"{self.name} must be a tensor, got {type(t).__name__}"
-        fits_ = (t.device == DEVICE and t.dtype in dtypes and self._shape_fits(t) and self._layout_fits(t)
-                 and not (self.nonempty and t.numel() == 0))
-        if fits_:
+        if (t.device == DEVICE and t.dtype in dtypes and self._shape_fits(t) and self._layout_fits(t)
+                and not (self.nonempty and t.numel() == 0)):
             return None
         shape = "any shape" if self.shape is None else str(tuple("*" if s is None else s for s in self.shape))
         layout = {ROWS: "with contiguous rows", ANY: "any layout"}.get(self.layout, "contiguous")
