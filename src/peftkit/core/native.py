@@ -34,7 +34,7 @@ from typing import Any
 
 from peftkit import paths
 
-__all__ = ["HEADER", "OPENMP", "Library", "build_kernel", "cached_kernel", "cpu_flags", "threads"]
+__all__ = ["HEADER", "OPENMP", "Library", "build_kernel", "cached_kernel", "cpu_flags", "present", "threads"]
 
 OPENMP = "-fopenmp"
 HEADER = Path(__file__).with_name("kernels") / "peftkit_native.h"  # included by every kernel
@@ -56,6 +56,13 @@ def threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def present(kernel: SimpleNamespace | None, what: str) -> SimpleNamespace:
+    """`kernel`, which a binding's caller has checked is built (its `usable`); a RuntimeError naming `what` if not."""
+    if kernel is None:
+        raise RuntimeError(f"{what}: the compiled kernel is unavailable here; use the PyTorch path")
+    return kernel
 
 
 def _digest(data: bytes) -> str:

@@ -37,7 +37,7 @@ class Operand:
     """
 
     name: str
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None  # None: refused, named as missing
     shape: Sequence[int | None] | None = None
     dtype: torch.dtype | tuple[torch.dtype, ...] = torch.float32
     layout: str = CONTIGUOUS

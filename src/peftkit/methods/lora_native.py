@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from peftkit.core.native import Library
+from peftkit.core.native import Library, present
 from peftkit.core.native import threads as _threads
 from peftkit.core.operands import ROWS, Operand, buffer, check, fits
 from peftkit.core.operands import size as _size
@@ -63,8 +63,9 @@ def down(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * x @ a^T``: x (T, d) with contiguous rows, a (r, d) contiguous; a new (T, r) fp32 tensor."""
     check("lora_native.down", Operand("x", x, (None, None), layout=ROWS), Operand("a", a, (_size(a, 0), _size(x, 1))))
     h = buffer(x.shape[0], a.shape[0])
-    lora_kernel().down(x.data_ptr(), x.stride(0), a.data_ptr(), h.data_ptr(), x.shape[0], x.shape[1], a.shape[0],
-                       scale, _threads())
+    kernel = present(lora_kernel(), "lora_native.down")
+    kernel.down(x.data_ptr(), x.stride(0), a.data_ptr(), h.data_ptr(), x.shape[0], x.shape[1], a.shape[0], scale,
+                _threads())
     return h
 
 
@@ -72,8 +73,9 @@ def up_add(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
     """``out += h @ w`` in place: out (T, d) with contiguous rows, h (T, r), w (r, d) contiguous."""
     check("lora_native.up_add", Operand("out", out, (None, None), layout=ROWS),
           Operand("h", h, (_size(out, 0), _size(w, 0))), Operand("w", w, (_size(w, 0), _size(out, 1))))
-    lora_kernel().up_add(out.data_ptr(), out.stride(0), h.data_ptr(), w.data_ptr(), out.shape[0], out.shape[1],
-                         w.shape[0], _threads())
+    kernel = present(lora_kernel(), "lora_native.up_add")
+    kernel.up_add(out.data_ptr(), out.stride(0), h.data_ptr(), w.data_ptr(), out.shape[0], out.shape[1], w.shape[0],
+                  _threads())
 
 
 def grad_out(g: torch.Tensor, bt: torch.Tensor, h: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +85,9 @@ def grad_out(g: torch.Tensor, bt: torch.Tensor, h: torch.Tensor, scale: float) -
           Operand("bt", bt, (_size(bt, 0), _size(g, 1))), Operand("h", h, (_size(g, 0), _size(bt, 0))))
     rows, d, r = g.shape[0], g.shape[1], bt.shape[0]
     gh, gbt = buffer(rows, r), buffer(r, d)
-    LIBRARY.status(lora_kernel().grad_out(g.data_ptr(), g.stride(0), bt.data_ptr(), h.data_ptr(), gh.data_ptr(),
-                                          gbt.data_ptr(), rows, d, r, scale, _threads()),
+    kernel = present(lora_kernel(), "lora_native.grad_out")
+    LIBRARY.status(kernel.grad_out(g.data_ptr(), g.stride(0), bt.data_ptr(), h.data_ptr(), gh.data_ptr(),
+                                   gbt.data_ptr(), rows, d, r, scale, _threads()),
                    "the per-thread sums of B's gradient")
     return gh, gbt
 
@@ -96,8 +99,9 @@ def grad_in(gx: torch.Tensor | None, x: torch.Tensor, gh: torch.Tensor, a: torch
     check("lora_native.grad_in", Operand("x", x, (None, None), layout=ROWS),
           None if gx is None else Operand("gx", gx, (rows, d), layout=ROWS), Operand("gh", gh, (rows, r)),
           Operand("a", a, (r, d)))
-    ga = buffer(r, d)
-    LIBRARY.status(lora_kernel().grad_in(None if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
-                                         x.data_ptr(), x.stride(0), gh.data_ptr(), a.data_ptr(), ga.data_ptr(), rows,
-                                         d, r, _threads()), "the per-thread sums of A's gradient")
+    ga = buffer(a.shape[0], x.shape[1])
+    kernel = present(lora_kernel(), "lora_native.grad_in")
+    LIBRARY.status(kernel.grad_in(None if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
+                                  x.data_ptr(), x.stride(0), gh.data_ptr(), a.data_ptr(), ga.data_ptr(), x.shape[0],
+                                  x.shape[1], a.shape[0], _threads()), "the per-thread sums of A's gradient")
     return ga

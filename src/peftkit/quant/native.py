@@ -100,7 +100,7 @@ def dequantize_validated(packed: torch.Tensor, state: QuantState, out: torch.Ten
     # the tables the C code indexes: float32, 16 and 256 entries (an internal error if not: raise, never read past)
     check("dequant4", Operand("values", values, (16,)), None if dyn is None else Operand("dynamic8", dyn, (256,)))
     blocks = out.numel() // state.block_size
-    offset = float(state.absmax_offset) if dq else 0.0
+    offset = float(state.absmax_offset) if state.absmax_offset is not None else 0.0
     scale2 = state.absmax_scale if dq else None
     ptr = [None if t is None else t.data_ptr() for t in (packed, state.absmax, dyn, scale2)]
     is_bf16 = int(out.dtype == torch.bfloat16)

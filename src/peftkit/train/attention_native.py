@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from peftkit.core.native import Library
+from peftkit.core.native import Library, present
 from peftkit.core.native import threads as _threads
 from peftkit.core.operands import ANY, Operand, buffer, check, fits
 
@@ -92,9 +92,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: torch.Ten
     """The output (tokens x heads, d; zero on padding) and each query's log-sum-exp (tokens x heads), fp32."""
     _validate(q, k, v, pieces, width, heads, kv_heads)
     out, lse = buffer(*q.shape, zero=True), buffer(q.shape[0], zero=True)
-    LIBRARY.status(attention_kernel().forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                              lse.data_ptr(), pieces.data_ptr(), len(pieces), width, heads, kv_heads,
-                                              q.shape[1], scale, _threads()), "its work buffers")
+    kernel = present(attention_kernel(), "attention_native.forward")
+    LIBRARY.status(kernel.forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                  pieces.data_ptr(), len(pieces), width, heads, kv_heads, q.shape[1], scale,
+                                  _threads()), "its work buffers")
     return out, lse
 
 
@@ -106,8 +107,9 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     check("attention_native.backward", Operand("out", out, q.shape), Operand("grad", grad, q.shape),
           Operand("lse", lse, (q.shape[0],)))
     dq, dk, dv = buffer(*q.shape, zero=True), buffer(*k.shape), buffer(*v.shape)
-    LIBRARY.status(attention_kernel().backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                               grad.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(),
-                                               dv.data_ptr(), pieces.data_ptr(), len(pieces), width, tokens, heads,
-                                               kv_heads, q.shape[1], scale, _threads()), "its work buffers")
+    kernel = present(attention_kernel(), "attention_native.backward")
+    LIBRARY.status(kernel.backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad.data_ptr(),
+                                   lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), pieces.data_ptr(),
+                                   len(pieces), width, tokens, heads, kv_heads, q.shape[1], scale, _threads()),
+                   "its work buffers")
     return dq, dk, dv
