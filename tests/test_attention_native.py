@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-from peftkit.core import native as builder
 from peftkit.train import attention_native
 from peftkit.train import packed_attention as pa
 
@@ -94,13 +93,13 @@ def test_kernel_only_where_it_applies(kernel, monkeypatch):
 
 
 def test_describe_and_switch_off(monkeypatch):
-    attention_native._kernel.cache_clear()
+    attention_native.LIBRARY.cache_clear()
     try:
         monkeypatch.setenv("PEFTKIT_NATIVE", "0")
         assert attention_native.describe() == "PyTorch batched matmuls (PEFTKIT_NATIVE=0)"
         assert not attention_native.usable(None, torch.randn(2, 8))
     finally:
-        attention_native._kernel.cache_clear()
+        attention_native.LIBRARY.cache_clear()
     monkeypatch.delenv("PEFTKIT_NATIVE")
     if attention_native.attention_kernel() is not None:
         assert attention_native.describe().startswith("compiled kernel (")
@@ -110,8 +109,7 @@ def test_a_build_without_openmp_equals_pytorch(tmp_path, monkeypatch):
     """A compiler without OpenMP gets the serial loops (one partial sum for dk, dv)."""
     if not sys.platform.startswith("linux") or shutil.which("cc") is None:
         pytest.skip("needs a C compiler (the kernel is built on Linux only)")
-    serial = builder.build_kernel(tmp_path, "attention", attention_native.SOURCE, attention_native.FLAGS,
-                                  attention_native._Kernel, extra=("-fno-openmp",))
+    serial = attention_native.LIBRARY.build(tmp_path, extra=("-fno-openmp",))
     segments = BATCHES[0]
     tensors = qkv(segments, 6, 2, 24)
     monkeypatch.setattr(attention_native, "attention_kernel", lambda: serial)

@@ -126,13 +126,13 @@ def test_noncontiguous_output_gradient_falls_back(kernel):
 
 
 def test_describe_and_switch_off(monkeypatch):
-    lora_native._kernel.cache_clear()
+    lora_native.LIBRARY.cache_clear()
     try:
         monkeypatch.setenv("PEFTKIT_NATIVE", "0")
         assert lora_native.describe() == "PyTorch matmuls (PEFTKIT_NATIVE=0)"
         assert not lora_native.usable(8, torch.randn(2, 8))
     finally:
-        lora_native._kernel.cache_clear()
+        lora_native.LIBRARY.cache_clear()
     monkeypatch.delenv("PEFTKIT_NATIVE")
     if lora_native.lora_kernel() is not None:
         assert lora_native.describe().startswith("compiled kernel (") and lora_native.describe().endswith(".so)")
@@ -144,12 +144,9 @@ def test_a_build_without_openmp_runs_serially_and_equals_pytorch(tmp_path, monke
     import shutil
     import sys
 
-    from peftkit.core import native as builder
-
     if not sys.platform.startswith("linux") or shutil.which("cc") is None:
         pytest.skip("needs a C compiler (the kernel is built on Linux only)")
-    serial = builder.build_kernel(tmp_path, "lora", lora_native.SOURCE, lora_native.FLAGS, lora_native._Kernel,
-                                  extra=("-fno-openmp",))
+    serial = lora_native.LIBRARY.build(tmp_path, extra=("-fno-openmp",))
     monkeypatch.setattr(lora_native, "lora_kernel", lambda: serial)
     monkeypatch.setattr(lora_native, "_threads", lambda: 2)
     x, w, h = strided(45, 37, 0), randn(5, 37, seed=1), randn(45, 5, seed=2)

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,9 +24,9 @@ def rebuild():
     """The kernel looked up afresh in this test (environment, flags, source), and again in the next one.
 
     Call it to look up once more within the test."""
-    native._kernel.cache_clear()
-    yield native._kernel.cache_clear
-    native._kernel.cache_clear()
+    native.LIBRARY.cache_clear()
+    yield native.LIBRARY.cache_clear
+    native.LIBRARY.cache_clear()
 
 
 def needs_compiler() -> None:
@@ -50,7 +51,7 @@ def isa_kernel(request, tmp_path_factory):
     if any(flag not in cpu for flag in needs):
         pytest.skip(f"the {request.param} path needs the CPU flags {', '.join(needs)}")
     kernel = native.build_kernel(tmp_path_factory.mktemp("kernels"), extra)
-    assert kernel.isa == request.param, "the flags built the intended path"
+    assert native.isa(kernel) == request.param, "the flags built the intended path"
     return kernel
 
 
@@ -74,7 +75,8 @@ def test_kernel_equals_torch_path(fmt, block_size, dtype, double_quant, isa_kern
     x = randn(3 * 4096 + 70, seed=block_size) * 3
     data, state = quantize(x, fmt, block_size=block_size, double_quant=double_quant)
     calls = []
-    monkeypatch.setattr(native, "dequant4_kernel", lambda: (lambda *a: calls.append(a) or isa_kernel(*a)))
+    spy = SimpleNamespace(dequant4=lambda *a: calls.append(a) or isa_kernel.dequant4(*a))
+    monkeypatch.setattr(native, "dequant4_kernel", lambda: spy)
     fast = dequantize(data, state, dtype)
     monkeypatch.undo()
     if codebook(fmt).values.numel() == 16:
@@ -94,7 +96,8 @@ def test_kernel_any_even_block_size(block_size, dtype, isa_kernel):
     values = codebook("nf4").values
     out = torch.empty(blocks * block_size, dtype=dtype)
     pointers = [packed.data_ptr(), absmax.data_ptr(), None, None]  # no double quantization
-    isa_kernel(*pointers, 0.0, values.data_ptr(), out.data_ptr(), int(dtype == torch.bfloat16), block_size, blocks)
+    is_bf16 = int(dtype == torch.bfloat16)
+    isa_kernel.dequant4(*pointers, 0.0, values.data_ptr(), out.data_ptr(), is_bf16, block_size, blocks)
     codes = unpack_4bit(packed, blocks * block_size).long()
     expected = (values[codes].view(blocks, block_size) * absmax[:, None]).view(-1).to(dtype)
     assert torch.equal(out, expected)
@@ -137,7 +140,7 @@ def test_a_failing_build_warns_leaves_no_file_and_falls_back(tmp_path, monkeypat
     needs_compiler()
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native.LIBRARY, "source", broken)
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="kernel unavailable"):
         assert native.dequant4_kernel() is None
@@ -150,7 +153,7 @@ def test_a_failing_build_warns_leaves_no_file_and_falls_back(tmp_path, monkeypat
 def test_portable_build_equals_torch_path(dtype, tmp_path, monkeypatch, rebuild):
     """The last-resort build, without -march=native (the compiler's baseline instruction set)."""
     needs_compiler()
-    monkeypatch.setattr(native, "FLAGS", tuple(f for f in native.FLAGS if f != "-march=native"))
+    monkeypatch.setattr(native.LIBRARY, "flags", tuple(f for f in native.FLAGS if f != "-march=native"))
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
     assert native.dequant4_kernel() is not None
     data, state = quantize(randn(4096 + 70, seed=5), "nf4", block_size=64, double_quant=True)
@@ -165,7 +168,7 @@ def test_a_hanging_compiler_times_out_and_falls_back(tmp_path, monkeypatch, rebu
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "COMPILE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(native.LIBRARY, "timeout", 0.5)
     with pytest.warns(UserWarning, match="kernel unavailable"):
         assert native.dequant4_kernel() is None
 
@@ -203,6 +206,6 @@ def test_describe_says_what_runs_and_why(monkeypatch, rebuild):
     rebuild()
     monkeypatch.delenv("CC")
     if sys.platform.startswith("linux") and shutil.which("cc"):
-        isa = native.dequant4_kernel().isa
+        isa = native.isa(native.dequant4_kernel())
         assert isa in ISAS
         assert native.describe().startswith(f"compiled kernel, {isa} (") and native.describe().endswith(".so)")

@@ -197,7 +197,7 @@ def matmul_peak(dtype: torch.dtype = torch.float32) -> float:
 
 @cache
 def _cached_peak(dtype_name: str, threads: int) -> float:
-    from peftkit.models import cache_dir
+    from peftkit.paths import cache_dir
 
     key = f"{_cpu_model()} {cpu_capability()}|torch {torch.__version__}|{dtype_name}|{threads} threads"
     path = cache_dir() / "matmul_peak.json"

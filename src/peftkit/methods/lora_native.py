@@ -16,13 +16,15 @@ CUDA, wider ranks, no compiler, ``PEFTKIT_NATIVE=0``) takes the PyTorch path. Th
 
 from __future__ import annotations
 
-import ctypes
-from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from peftkit.core import native as builder
+from peftkit.core.native import Library, present
+from peftkit.core.native import threads as _threads
+from peftkit.core.operands import ROWS, Operand, buffer, check, fits
+from peftkit.core.operands import size as _size
 
 __all__ = ["MAX_RANK", "UP_ADD_MAX_RANK", "describe", "down", "grad_in", "grad_out", "lora_kernel", "up_add", "usable"]
 
@@ -32,107 +34,74 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")  # FMA contraction on: sums
 MAX_RANK = 16
 UP_ADD_MAX_RANK = 8  # forward's out += h B^T: the kernel only up to this rank
 
-
-class _Kernel:
-    """The library's four functions, typed."""
-
-    def __init__(self, library: ctypes.CDLL):
-        p, i, f, n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-        self.down = library.peftkit_lora_down
-        self.down.argtypes, self.down.restype = [p, i, p, p, i, i, i, f, n], None
-        self.up_add = library.peftkit_lora_up_add
-        self.up_add.argtypes, self.up_add.restype = [p, i, p, p, i, i, i, n], None
-        self.grad_out = library.peftkit_lora_grad_out
-        self.grad_out.argtypes, self.grad_out.restype = [p, i, p, p, p, p, i, i, i, f, n], ctypes.c_int
-        self.grad_in = library.peftkit_lora_grad_in
-        self.grad_in.argtypes, self.grad_in.restype = [p, i, p, i, p, p, p, i, i, i, n], ctypes.c_int
+LIBRARY = Library("lora", SOURCE, FLAGS, {
+    "down": "peftkit_lora_down: ptr i64 ptr ptr i64 i64 i64 f32 int -> void",
+    "up_add": "peftkit_lora_up_add: ptr i64 ptr ptr i64 i64 i64 int -> void",
+    "grad_out": "peftkit_lora_grad_out: ptr i64 ptr ptr ptr ptr i64 i64 i64 f32 int -> int",
+    "grad_in": "peftkit_lora_grad_in: ptr i64 ptr i64 ptr ptr ptr i64 i64 i64 int -> int",
+}, "LoRA CPU")
 
 
-@cache
-def _kernel() -> tuple[_Kernel | None, str]:
-    return builder.cached_kernel("lora", SOURCE, FLAGS, _Kernel, "LoRA CPU")
-
-
-def lora_kernel() -> _Kernel | None:
+def lora_kernel() -> SimpleNamespace | None:
     """The compiled functions, or None where they are unavailable (then LoRA uses PyTorch's matmuls)."""
-    return _kernel()[0]
+    return LIBRARY.functions()
 
 
 def describe() -> str:
     """One line for `peftkit info`: what runs LoRA's skinny products on CPU here, and why."""
-    kernel, why = _kernel()
-    return ("compiled kernel" if kernel is not None else "PyTorch matmuls") + f" ({why})"
-
-
-def _rows(t: torch.Tensor) -> bool:
-    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+    return LIBRARY.describe("compiled kernel", "PyTorch matmuls")
 
 
 def usable(rank: int, *tensors: torch.Tensor) -> bool:
     """Whether the kernel takes a rank-`rank` branch over these tensors: rank <= `MAX_RANK`, fp32 on CPU, 2-D with
     contiguous rows, none empty, and the kernel built."""
     return (0 < rank <= MAX_RANK and lora_kernel() is not None
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 and _rows(t) and t.numel() > 0
-                    for t in tensors))
-
-
-def _validate(name: str, rows: dict[str, tuple[torch.Tensor, int, int]],
-           dense: dict[str, tuple[torch.Tensor, int, int]]) -> None:
-    """The C code trusts sizes and layouts: `rows` tensors need contiguous rows, `dense` ones full contiguity, all
-    fp32 on CPU with the (rows, columns) given."""
-    for label, (t, n, m) in {**rows, **dense}.items():
-        ok = (t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and tuple(t.shape) == (n, m)
-              and (t.is_contiguous() if label in dense else _rows(t)))
-        if not ok:
-            layout = "contiguous" if label in dense else "with contiguous rows"
-            raise ValueError(f"lora_native.{name}: {label} must be a ({n}, {m}) fp32 CPU tensor {layout}, got "
-                             f"{tuple(t.shape)} {t.dtype} on {t.device} with strides {t.stride()}")
-
-
-def _threads() -> int:
-    return torch.get_num_threads()
+            and fits(*(Operand("t", t, layout=ROWS, nonempty=True) for t in tensors)))
 
 
 def down(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * x @ a^T``: x (T, d), a (r, d) contiguous; a new (T, r) tensor."""
-    _validate("down", {"x": (x, x.shape[0], x.shape[1])}, {"a": (a, a.shape[0], x.shape[1])})
-    h = torch.empty(x.shape[0], a.shape[0])
-    lora_kernel().down(x.data_ptr(), x.stride(0), a.data_ptr(), h.data_ptr(), x.shape[0], x.shape[1], a.shape[0],
-                       scale, _threads())
+    """``scale * x @ a^T``: x (T, d) with contiguous rows, a (r, d) contiguous; a new (T, r) fp32 tensor."""
+    check("lora_native.down", Operand("x", x, (None, None), layout=ROWS), Operand("a", a, (_size(a, 0), _size(x, 1))))
+    h = buffer(x.shape[0], a.shape[0])
+    kernel = present(lora_kernel(), "lora_native.down")
+    kernel.down(x.data_ptr(), x.stride(0), a.data_ptr(), h.data_ptr(), x.shape[0], x.shape[1], a.shape[0], scale,
+                _threads())
     return h
 
 
 def up_add(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
-    """``out += h @ w`` in place: out (T, d), h (T, r), w (r, d) contiguous."""
-    rows, d, r = out.shape[0], out.shape[1], w.shape[0]
-    _validate("up_add", {"out": (out, rows, d)}, {"h": (h, rows, r), "w": (w, r, d)})
-    lora_kernel().up_add(out.data_ptr(), out.stride(0), h.data_ptr(), w.data_ptr(), out.shape[0], out.shape[1],
-                         w.shape[0], _threads())
-
-
-def _check(status: int, what: str) -> None:
-    if status != 0:
-        raise MemoryError(f"LoRA kernel: no memory for the per-thread sums of {what}")
+    """``out += h @ w`` in place: out (T, d) with contiguous rows, h (T, r), w (r, d) contiguous."""
+    check("lora_native.up_add", Operand("out", out, (None, None), layout=ROWS),
+          Operand("h", h, (_size(out, 0), _size(w, 0))), Operand("w", w, (_size(w, 0), _size(out, 1))))
+    kernel = present(lora_kernel(), "lora_native.up_add")
+    kernel.up_add(out.data_ptr(), out.stride(0), h.data_ptr(), w.data_ptr(), out.shape[0], out.shape[1], w.shape[0],
+                  _threads())
 
 
 def grad_out(g: torch.Tensor, bt: torch.Tensor, h: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale * g @ bt^T, h^T @ g)`` in one pass over g: g (T, d), bt = B^T (r, d) and h (T, r) contiguous."""
+    """``(scale * g @ bt^T, h^T @ g)`` in one pass over g: g (T, d) with contiguous rows, bt = B^T (r, d) and h
+    (T, r) contiguous; two new fp32 tensors."""
+    check("lora_native.grad_out", Operand("g", g, (None, None), layout=ROWS),
+          Operand("bt", bt, (_size(bt, 0), _size(g, 1))), Operand("h", h, (_size(g, 0), _size(bt, 0))))
     rows, d, r = g.shape[0], g.shape[1], bt.shape[0]
-    _validate("grad_out", {"g": (g, rows, d)}, {"bt": (bt, r, d), "h": (h, rows, r)})
-    gh, gbt = torch.empty(rows, r), torch.empty(r, d)
-    _check(lora_kernel().grad_out(g.data_ptr(), g.stride(0), bt.data_ptr(), h.data_ptr(), gh.data_ptr(),
-                                  gbt.data_ptr(), rows, d, r, scale, _threads()), "B's gradient")
+    gh, gbt = buffer(rows, r), buffer(r, d)
+    kernel = present(lora_kernel(), "lora_native.grad_out")
+    LIBRARY.status(kernel.grad_out(g.data_ptr(), g.stride(0), bt.data_ptr(), h.data_ptr(), gh.data_ptr(),
+                                   gbt.data_ptr(), rows, d, r, scale, _threads()),
+                   "the per-thread sums of B's gradient")
     return gh, gbt
 
 
 def grad_in(gx: torch.Tensor | None, x: torch.Tensor, gh: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``gx += gh @ a`` in place (unless gx is None) and ``gh^T @ x``, in one pass over x and gx: x (T, d),
-    gh (T, r) and a (r, d) contiguous."""
-    rows, d, r = x.shape[0], x.shape[1], a.shape[0]
-    _validate("grad_in", {"x": (x, rows, d), **({} if gx is None else {"gx": (gx, rows, d)})},
-              {"gh": (gh, rows, r), "a": (a, r, d)})
-    ga = torch.empty(r, d)
-    _check(lora_kernel().grad_in(None if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
-                                 x.data_ptr(), x.stride(0), gh.data_ptr(), a.data_ptr(), ga.data_ptr(), rows, d, r,
-                                 _threads()), "A's gradient")
+    """``gx += gh @ a`` in place (unless gx is None) and ``gh^T @ x``, in one pass over x and gx: x and gx (T, d)
+    with contiguous rows, gh (T, r) and a (r, d) contiguous; a new fp32 tensor."""
+    rows, d, r = _size(x, 0), _size(x, 1), _size(a, 0)
+    check("lora_native.grad_in", Operand("x", x, (None, None), layout=ROWS),
+          None if gx is None else Operand("gx", gx, (rows, d), layout=ROWS), Operand("gh", gh, (rows, r)),
+          Operand("a", a, (r, d)))
+    ga = buffer(a.shape[0], x.shape[1])
+    kernel = present(lora_kernel(), "lora_native.grad_in")
+    LIBRARY.status(kernel.grad_in(None if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
+                                  x.data_ptr(), x.stride(0), gh.data_ptr(), a.data_ptr(), ga.data_ptr(), x.shape[0],
+                                  x.shape[1], a.shape[0], _threads()), "the per-thread sums of A's gradient")
     return ga

@@ -15,14 +15,14 @@ off Linux, or with `PEFTKIT_NATIVE=0`, peftkit uses the PyTorch path.
 
 from __future__ import annotations
 
-import ctypes
-from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 
 from peftkit.core import native as builder
+from peftkit.core.operands import Operand, check, fits
 
 from .codebooks import codebook
 
@@ -33,49 +33,43 @@ SOURCE = Path(__file__).with_name("kernels") / "dequant4.c"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")  # no FMA: bit-identical to PyTorch
 COMPILE_TIMEOUT_S = 120
 
-__all__ = ["dequant4_kernel", "dequantize_4bit_blocks", "describe"]
+LIBRARY = builder.Library("dequant4", SOURCE, FLAGS, {
+    "dequant4": "peftkit_dequant4: ptr ptr ptr ptr f32 ptr ptr int i64 i64 -> void",
+    "isa_name": "peftkit_dequant4_isa: -> str",
+}, "4-bit dequantization", COMPILE_TIMEOUT_S)
+
+__all__ = ["LIBRARY", "build_kernel", "dequant4_kernel", "dequantize_4bit_blocks", "describe", "isa"]
 
 _cpu_flags = builder.cpu_flags
+OUT_DTYPES = (torch.float32, torch.bfloat16)  # what the kernel writes (bfloat16 as its 16-bit pattern)
 
 
-def _function(library: ctypes.CDLL) -> Any:
-    """The library's kernel function, typed, with `.isa` naming the instruction set it was built for."""
-    fn, isa = library.peftkit_dequant4, library.peftkit_dequant4_isa
-    pointer = ctypes.c_void_p
-    fn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 2 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = None
-    isa.restype = ctypes.c_char_p
-    fn.isa = isa().decode()  # "AVX-512", "AVX2" or "scalar"
-    return fn
+def isa(kernel: SimpleNamespace) -> str:
+    """The instruction set `kernel` was built for: "AVX-512", "AVX2" or "scalar"."""
+    return kernel.isa_name().decode()
 
 
-def build_kernel(folder: Path, extra: tuple[str, ...] = ()) -> Any:
+def build_kernel(folder: Path, extra: tuple[str, ...] = ()) -> SimpleNamespace:
     """The kernel built into `folder` with the `extra` compiler flags, as `dequant4_kernel` returns it.
 
     Tests build each instruction-set path this way: `-mno-avx512f` gives the AVX2 one on an AVX-512 CPU,
-    `-DPEFTKIT_SCALAR` the scalar loop anywhere; `.isa` says which one was built.
+    `-DPEFTKIT_SCALAR` the scalar loop anywhere; `isa` says which one was built.
 
     Raises:
         RuntimeError: the build failed.
     """
-    return builder.build_kernel(folder, "dequant4", SOURCE, FLAGS, _function, extra, COMPILE_TIMEOUT_S)
+    return LIBRARY.build(folder, extra)
 
 
-def dequant4_kernel() -> Any | None:
-    """The kernel's C function, or None where it is unavailable (then peftkit uses the PyTorch path)."""
-    return _kernel()[0]
+def dequant4_kernel() -> SimpleNamespace | None:
+    """The kernel's C functions, or None where it is unavailable (then peftkit uses the PyTorch path)."""
+    return LIBRARY.functions()
 
 
 def describe() -> str:
     """One line for `peftkit info`: what dequantizes 4-bit weights on CPU here, and why."""
-    kernel, why = _kernel()
-    return (f"compiled kernel, {kernel.isa}" if kernel is not None else "PyTorch path") + f" ({why})"
-
-
-@cache
-def _kernel() -> tuple[Any | None, str]:
-    """Build (once) and load the kernel: its C function or None, and why (the library's path, or the reason)."""
-    return builder.cached_kernel("dequant4", SOURCE, FLAGS, _function, "4-bit dequantization", COMPILE_TIMEOUT_S)
+    kernel = dequant4_kernel()
+    return LIBRARY.describe(f"compiled kernel, {isa(kernel)}" if kernel is not None else "", "PyTorch path")
 
 
 def dequantize_4bit_blocks(packed: torch.Tensor, state: QuantState, out: torch.Tensor) -> bool:
@@ -91,24 +85,24 @@ def dequantize_4bit_blocks(packed: torch.Tensor, state: QuantState, out: torch.T
 
 
 def dequantize_validated(packed: torch.Tensor, state: QuantState, out: torch.Tensor) -> bool:
-    """`dequantize_4bit_blocks` for inputs already checked (`dequantize` validates the state against `packed`)."""
+    """`dequantize_4bit_blocks` for inputs already checked (`dequantize` validates the state against `packed`):
+    False where the kernel does not take them (none built, another device, layout or output dtype)."""
     kernel = dequant4_kernel()
     values = codebook(state.format).values
-    tensors = [packed, state.absmax, values, out]
-    dyn = scale2 = None
-    if state.double_quant:
-        dyn, scale2 = codebook("dynamic8").values, state.absmax_scale
-        tensors += [dyn, scale2, state.absmax_offset]
-    if (
-        kernel is None
-        or values.numel() != 16
-        or out.dtype not in (torch.float32, torch.bfloat16)
-        or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
-    ):
+    dq = state.double_quant
+    dyn = codebook("dynamic8").values if dq else None
+    operands = [Operand("packed", packed, dtype=torch.uint8), Operand("out", out, dtype=OUT_DTYPES),
+                Operand("absmax", state.absmax, dtype=torch.uint8 if dq else torch.float32)]
+    if dq:
+        operands += [Operand("absmax_scale", state.absmax_scale), Operand("absmax_offset", state.absmax_offset)]
+    if kernel is None or values.numel() != 16 or not fits(*operands):
         return False
+    # the tables the C code indexes: float32, 16 and 256 entries (an internal error if not: raise, never read past)
+    check("dequant4", Operand("values", values, (16,)), None if dyn is None else Operand("dynamic8", dyn, (256,)))
     blocks = out.numel() // state.block_size
-    offset = float(state.absmax_offset) if state.double_quant else 0.0
-    ptr = [t.data_ptr() if t is not None else None for t in (packed, state.absmax, dyn, scale2)]
+    offset = float(state.absmax_offset) if state.absmax_offset is not None else 0.0
+    scale2 = state.absmax_scale if dq else None
+    ptr = [None if t is None else t.data_ptr() for t in (packed, state.absmax, dyn, scale2)]
     is_bf16 = int(out.dtype == torch.bfloat16)
-    kernel(*ptr, offset, values.data_ptr(), out.data_ptr(), is_bf16, state.block_size, blocks)
+    kernel.dequant4(*ptr, offset, values.data_ptr(), out.data_ptr(), is_bf16, state.block_size, blocks)
     return True

@@ -13,80 +13,69 @@ Used for fp32 CPU tensors without a sliding window, with a head size that is a m
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
-from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from peftkit.core import native as builder
+from peftkit.core.native import Library, present
+from peftkit.core.native import threads as _threads
+from peftkit.core.operands import ANY, Operand, buffer, check, fits
 
 __all__ = ["attention_kernel", "backward", "describe", "forward", "usable"]
 
 SOURCE = Path(__file__).with_name("kernels") / "attention.c"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
-
-class _Kernel:
-    """The library's two functions, typed."""
-
-    def __init__(self, library: ctypes.CDLL):
-        p, i, f, n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-        self.forward = library.peftkit_attention_forward
-        self.forward.argtypes, self.forward.restype = [p, p, p, p, p, p, i, i, i, i, i, f, n], n
-        self.backward = library.peftkit_attention_backward
-        self.backward.argtypes = [p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, f, n]
-        self.backward.restype = n
+LIBRARY = Library("attention", SOURCE, FLAGS, {
+    "forward": "peftkit_attention_forward: ptr ptr ptr ptr ptr ptr i64 i64 i64 i64 i64 f32 int -> int",
+    "backward": "peftkit_attention_backward: ptr ptr ptr ptr ptr ptr ptr ptr ptr ptr i64 i64 i64 i64 i64 i64 f32 int"
+                " -> int",
+}, "packed attention CPU")
 
 
-@cache
-def _kernel() -> tuple[_Kernel | None, str]:
-    return builder.cached_kernel("attention", SOURCE, FLAGS, _Kernel, "packed attention CPU")
-
-
-def attention_kernel() -> _Kernel | None:
+def attention_kernel() -> SimpleNamespace | None:
     """The compiled functions, or None where they are unavailable (then packed attention uses PyTorch)."""
-    return _kernel()[0]
+    return LIBRARY.functions()
 
 
 def describe() -> str:
     """One line for `peftkit info`: what runs packed training attention on CPU here, and why."""
-    kernel, why = _kernel()
-    return ("compiled kernel" if kernel is not None else "PyTorch batched matmuls") + f" ({why})"
+    return LIBRARY.describe("compiled kernel", "PyTorch batched matmuls")
 
 
 def usable(window: int | None, *tensors: torch.Tensor) -> bool:
     """Whether the kernel takes this attention: no window, fp32 CPU tensors, one head size (a multiple of 8) for
     all, built."""
     return (window is None and attention_kernel() is not None and len({t.shape[-1] for t in tensors}) == 1
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.shape[-1] % 8 == 0 for t in tensors))
+            and tensors[0].shape[-1] % 8 == 0 and fits(*(Operand("t", t, layout=ANY) for t in tensors)))
 
 
 def pieces_tensor(pieces: Sequence[tuple[int, int, int, int]]) -> torch.Tensor:
     """(row, start, end, prefix) per example as the (count, 4) int64 tensor the kernel reads."""
-    return torch.tensor(list(pieces), dtype=torch.int64).view(-1, 4)
+    return torch.tensor(list(pieces), dtype=torch.int64, device="cpu").view(-1, 4)
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: torch.Tensor, width: int, heads: int,
               kv_heads: int) -> int:
-    """The C code trusts sizes: rows of (tokens x heads, d) and (tokens x kv_heads, d), examples inside their
-    rows. Returns the token count."""
-    d = q.shape[-1]
+    """The C code trusts sizes: rows of (tokens x heads, d) and (tokens x kv_heads, d), d a multiple of 8, examples
+    inside their rows. Returns the token count."""
+    d = q.shape[-1] if q.dim() else 0
     tokens = q.shape[0] // heads if q.dim() == 2 and heads > 0 else 0
     problems = []
     if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
         problems.append(f"heads {heads} must be a positive multiple of kv_heads {kv_heads}")
-    for name, t, h in (("q", q, heads), ("k", k, kv_heads), ("v", v, kv_heads)):
-        if not (t.dim() == 2 and t.is_contiguous() and t.dtype == torch.float32 and t.device.type == "cpu"
-                and t.shape == (tokens * h, d) and d % 8 == 0):
-            problems.append(f"{name} must be a contiguous fp32 CPU ({tokens * h}, {d}) tensor (d a multiple of 8), "
-                            f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if d % 8:
+        problems.append(f"the head size {d} must be a multiple of 8")
     if width <= 0 or tokens % width:
         problems.append(f"{tokens} tokens are not whole rows of width {width}")
-    if not (pieces.dtype == torch.int64 and pieces.dim() == 2 and pieces.shape[1] == 4 and pieces.is_contiguous()):
-        problems.append(f"pieces must be a contiguous (count, 4) int64 tensor, got {tuple(pieces.shape)}")
-    elif len(pieces):
+    try:
+        check("attention_native", Operand("q", q, (tokens * heads, d)), Operand("k", k, (tokens * kv_heads, d)),
+              Operand("v", v, (tokens * kv_heads, d)), Operand("pieces", pieces, (None, 4), torch.int64))
+    except ValueError as err:
+        problems.append(str(err).removeprefix("attention_native: "))
+    if not problems and len(pieces):
         row, start, end, prefix = pieces.unbind(1)
         bad = ((row < 0) | (row * width >= max(tokens, 1)) | (start < 0) | (end <= start) | (end > width)
                | (prefix < 0) | (prefix > start))
@@ -98,40 +87,29 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: torch.T
     return tokens
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
-
-
-def _check(status: int) -> None:
-    if status != 0:
-        raise MemoryError("packed attention kernel: no memory for its work buffers")
-
-
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: torch.Tensor, width: int, heads: int,
             kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output (tokens x heads, d; zero on padding) and each query's log-sum-exp (tokens x heads)."""
+    """The output (tokens x heads, d; zero on padding) and each query's log-sum-exp (tokens x heads), fp32."""
     _validate(q, k, v, pieces, width, heads, kv_heads)
-    out, lse = torch.zeros_like(q), torch.zeros(q.shape[0])
-    _check(attention_kernel().forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                      pieces.data_ptr(), len(pieces), width, heads, kv_heads, q.shape[1], scale,
-                                      _threads()))
+    out, lse = buffer(*q.shape, zero=True), buffer(q.shape[0], zero=True)
+    kernel = present(attention_kernel(), "attention_native.forward")
+    LIBRARY.status(kernel.forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                  pieces.data_ptr(), len(pieces), width, heads, kv_heads, q.shape[1], scale,
+                                  _threads()), "its work buffers")
     return out, lse
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad: torch.Tensor,
              lse: torch.Tensor, pieces: torch.Tensor, width: int, heads: int, kv_heads: int,
              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv (the layouts of q, k, v; zero on padding) from `forward`'s output and log-sum-exp."""
+    """dq, dk, dv (the layouts of q, k, v, fp32; zero on padding) from `forward`'s output and log-sum-exp."""
     tokens = _validate(q, k, v, pieces, width, heads, kv_heads)
-    for name, t in (("out", out), ("grad", grad)):
-        if not (t.shape == q.shape and t.dtype == torch.float32 and t.is_contiguous()):
-            raise ValueError(f"attention_native: {name} must be a contiguous fp32 {tuple(q.shape)} tensor, got "
-                             f"{tuple(t.shape)} {t.dtype}")
-    if not (lse.shape == (q.shape[0],) and lse.dtype == torch.float32 and lse.is_contiguous()):
-        raise ValueError(f"attention_native: lse must be a contiguous fp32 ({q.shape[0]},) tensor")
-    dq, dk, dv = torch.zeros_like(q), torch.empty_like(k), torch.empty_like(v)
-    _check(attention_kernel().backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad.data_ptr(),
-                                       lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), pieces.data_ptr(),
-                                       len(pieces), width, tokens, heads, kv_heads, q.shape[1], scale,
-                                       _threads()))
+    check("attention_native.backward", Operand("out", out, q.shape), Operand("grad", grad, q.shape),
+          Operand("lse", lse, (q.shape[0],)))
+    dq, dk, dv = buffer(*q.shape, zero=True), buffer(*k.shape), buffer(*v.shape)
+    kernel = present(attention_kernel(), "attention_native.backward")
+    LIBRARY.status(kernel.backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad.data_ptr(),
+                                   lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), pieces.data_ptr(),
+                                   len(pieces), width, tokens, heads, kv_heads, q.shape[1], scale, _threads()),
+                   "its work buffers")
     return dq, dk, dv

@@ -12,34 +12,9 @@
  * contiguous. Sums run in another order than BLAS's: equal to it within fp32 rounding, not bit for bit.
  * The functions that allocate return -1 when memory runs out (nothing written), else 0.
  */
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-typedef float v8 __attribute__((vector_size(32)));  /* AVX2 with -march=native; pairs of SSE registers without */
-
-static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
-static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-
-static inline int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-static inline int thread_count(void) {
-#ifdef _OPENMP
-    return omp_get_num_threads();
-#else
-    return 1;
-#endif
-}
+#include "peftkit_native.h" /* thread_id, thread_count, v8, ld, st, hsum */
 
 /* hr[j] = scale * <xr, w[j]> for j < r: w (r, d) */
 static void row_down(const float *xr, const float *w, float *hr, int64_t d, int64_t r, float scale) {

@@ -15,7 +15,8 @@
  * Built and loaded by peftkit/quant/native.py (a plain C file: no PyTorch headers, compiles in a second).
  */
 #include <stddef.h>
-#include <stdint.h>
+
+#include "peftkit_native.h" /* the helpers every peftkit kernel shares (this one needs only its integer types) */
 #if defined(PEFTKIT_SCALAR)
 #define PEFTKIT_ISA "scalar" /* forced: tests build each path this CPU can run */
 #elif defined(__AVX512F__) && defined(__AVX512BW__)

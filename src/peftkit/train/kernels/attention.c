@@ -16,22 +16,16 @@
  * PyTorch's: equal within fp32 rounding, not bit for bit. Functions return -1 when memory runs out, else 0.
  */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "peftkit_native.h" /* thread_id, thread_count, v8, ld, st, hsum */
 
 #define MAX_D 256
 #define QB 4  /* queries per block */
 #define KB 16 /* keys per block */
 
-typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
 static inline v8 vmax(v8 a, v8 b) { v8i m = a > b; return (v8)(((v8i)a & m) | ((v8i)b & ~m)); }
 static inline float hmax(v8 v) {
@@ -39,7 +33,6 @@ static inline float hmax(v8 v) {
     for (int i = 1; i < 8; i++) r = v[i] > r ? v[i] : r;
     return r;
 }
-static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 /* e^x for x <= 0 (softmax arguments): 0 below -87 */
 static inline v8 vexp(v8 x) {
@@ -59,14 +52,6 @@ static inline v8 vexp(v8 x) {
     p = p * r * r + r + splat(1.0f);
     v8i bits = (__builtin_convertvector(fl, v8i) + 127) << 23;
     return (v8)((v8i)(p * (v8)bits) & ~tiny);
-}
-
-static inline int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
 }
 
 typedef struct {
@@ -227,10 +212,7 @@ int peftkit_attention_backward(const float *q, const float *k, const float *v, c
     float *partial = NULL;  /* per thread: dk, dv sums */
 #pragma omp parallel num_threads(threads)
     {
-        int nt = 1;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-#endif
+        int nt = thread_count();
 #pragma omp single
         {
             partial = calloc((size_t)nt * 2 * kv_size + 1, sizeof(float));
