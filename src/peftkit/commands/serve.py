@@ -69,14 +69,11 @@ def _agreed(recorded: dict[str, Any], what: str, flag: str, show: Callable[[Any]
 def build_engine(args: argparse.Namespace):
     """The `Engine` `peftkit serve` runs: the base loaded and stored as the adapters were trained (unless the flags
     say otherwise), every adapter read and checked against it. Notes and warnings go to stderr."""
-    import dataclasses
-
-    import torch
-
-    from peftkit.core.context import Quantization, fingerprint, read_context
+    from peftkit.core.context import read_context
     from peftkit.errors import PeftkitError
     from peftkit.hardware import resolve_precision, warn_if_slow
-    from peftkit.models import BUNDLED_NAME, load_model
+    from peftkit.loading import base_quantization, load_base_as
+    from peftkit.models import BUNDLED_NAME
     from peftkit.serve.engine import Engine
     from peftkit.serve.lora_batch import read_lora
 
@@ -91,22 +88,14 @@ def build_engine(args: argparse.Namespace):
     if args.quantize is None:
         quant = _agreed({n: c.quantization for n, c in contexts.items()}, "base formats", "--quantize none|nf4|...",
                         lambda q: "full precision" if q is None else q.describe())
-    elif args.quantize != "none":  # the format asked for, with the block size and source dtype the adapters recorded
+    else:  # the format asked for, with the block size and source dtype the adapters recorded
         agreed = {c.quantization for c in contexts.values() if c.quantization is not None}
-        quant = Quantization(args.quantize)
-        if len(agreed) == 1:
-            quant = dataclasses.replace(agreed.pop(), format=args.quantize)
+        quant = base_quantization(agreed.pop() if len(agreed) == 1 else None, args.quantize)
     precision = resolve_precision(args.precision)
     warn_if_slow(precision)
-    # as `load_base`: a quantized base is quantized from the weights (dtype) training quantized
-    load_dtype = getattr(torch, quant.source_dtype) if quant is not None else precision.weight_dtype
-    model, tokenizer = load_model(model_name, dtype=load_dtype)
-    base_fingerprint = fingerprint(model)  # before quantizing: the adapters' records were taken on these weights
+    base = load_base_as(model_name, quant, precision.weight_dtype, precision.compute_dtype)
+    model, tokenizer, base_fingerprint = base.model, base.tokenizer, base.fingerprint
     if quant is not None:
-        quant.apply(model, precision.compute_dtype)
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(precision.weight_dtype)
         why = "as the adapters were trained" if args.quantize is None else "as asked"
         print(f"peftkit serve: base stored {quant.describe()}, {why}"
               + (" (--quantize none: full precision)" if args.quantize is None else ""), file=sys.stderr)

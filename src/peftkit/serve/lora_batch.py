@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.adapter_io import read_adapter
+from peftkit.core.adapter_io import check_adapter
 from peftkit.core.context import TrainingContext, read_context
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora import _features, is_linear
@@ -70,7 +70,8 @@ def read_lora(folder: str | os.PathLike, model: nn.Module) -> LoRAWeights:
         PeftkitError: the folder is missing, corrupt, not a LoRA adapter, or does not fit the model (naming the
             layer and the shapes).
     """
-    spec, config, tensors = read_adapter(folder, model)
+    checked = check_adapter(folder, model)  # whole: no tensor missing or extra, every shape fits
+    spec, config, tensors = checked.spec, checked.config, checked.tensors
     if spec.name != "lora":
         raise PeftkitError(
             f"adapter in {folder} uses {spec.name}, which cannot share a batch with other adapters; "
