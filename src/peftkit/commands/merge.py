@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_output(adapter: str, output: str, overwrite: bool) -> None:
-    """Refuse an output folder that is or contains the adapter, or holds anything, unless `overwrite`."""
+    """Refuse an output folder that is or contains the adapter, lies inside a training run (even with `overwrite`),
+    or holds anything, unless `overwrite`."""
     from pathlib import Path
 
     from peftkit.errors import PeftkitError
@@ -43,6 +44,10 @@ def check_output(adapter: str, output: str, overwrite: bool) -> None:
     if dst == src or dst in src.parents:
         raise PeftkitError(f"output {output} is or contains the adapter {adapter}: the merge would delete its own "
                            "input; choose another folder")
+    for folder in (dst, *dst.parents):  # a run's checkpoints and adapter are its resume state: never replaced
+        if any((folder / marker).is_file() for marker in ("latest", "run.json", "metrics.jsonl")):
+            raise PeftkitError(f"output {output} is inside the training run {folder} (it holds the run's checkpoints "
+                               "and adapter, which a merge would replace); choose a folder outside it")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise PeftkitError(f"output {output} exists and is not empty; use --overwrite to replace it")
 
