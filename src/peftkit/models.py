@@ -121,11 +121,36 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if path.exists():
         raise PeftkitError(f"{path} is a file, expected a model folder, a .gguf file, a hub id or {BUNDLED_NAME!r}")
     if _is_hub_id(name):
+        _check_hub(name)
         return name
     raise PeftkitError(
         f"model {name!r} not found: not a folder, not a .gguf file, not a hub id (owner/name), "
         f"and not the bundled {BUNDLED_NAME!r}"
     )
+
+
+def _check_hub(name: str) -> None:
+    """Fail fast, in one line, for a hub id that is not in the local cache when the hub cannot be reached
+    (HF_HUB_OFFLINE, or no answer within 3 s): transformers would retry for ~25 s and warn several times."""
+    from huggingface_hub import constants, get_session, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=3)
+            return
+        except Exception as e:  # noqa: BLE001 - any network failure means the same here
+            why = f"{constants.ENDPOINT} cannot be reached ({_first_line(e)})"
+    raise PeftkitError(f"model {name!r}: {why} and it is not in the local Hugging Face cache "
+                       f"({constants.HF_HUB_CACHE}), so the machine looks offline; download it once with network "
+                       "access, or give a local folder or .gguf file")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def _from_hub(loader, name: str, **kwargs):
