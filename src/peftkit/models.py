@@ -72,12 +72,35 @@ def _gguf_cache_folder(gguf: Path) -> Path:
     return cache_dir() / f"{gguf.stem}-{key}"
 
 
+def gguf_chat_template(gguf: Path) -> str | None:
+    """The chat template a GGUF file carries (``tokenizer.chat_template``), None when it has none."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.chat_template")
+    value = field.contents() if field is not None else None
+    return value if isinstance(value, str) and value else None
+
+
+def _add_missing_template(gguf: Path, folder: Path) -> None:
+    """Give a cache converted before templates were taken from the file (`_convert_gguf`) the file's template."""
+    config = folder / "tokenizer_config.json"
+    if (folder / "chat_template.jinja").is_file() or not config.is_file() or '"chat_template"' in config.read_text():
+        return
+    template = gguf_chat_template(gguf)
+    if template:
+        tmp = folder / ".chat_template.jinja.tmp"
+        tmp.write_text(template)
+        os.replace(tmp, folder / "chat_template.jinja")
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file once into a safetensors model folder, written atomically."""
     from safetensors.torch import save_model
 
     print(f"peftkit: converting {gguf.name} to a safetensors cache in {target} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template:  # transformers drops it for some architectures (Gemma 3): take the file's own
+        tokenizer.chat_template = gguf_chat_template(gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -113,6 +136,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         folder = _gguf_cache_folder(path)
         if not (folder / "model.safetensors").is_file():
             _convert_gguf(path, folder)
+        else:
+            _add_missing_template(path, folder)
         return str(folder)
     if path.is_dir():
         if not (path / "config.json").is_file():
