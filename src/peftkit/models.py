@@ -203,7 +203,8 @@ def load_model(
     """Load a causal LM and its tokenizer.
 
     Args:
-        name_or_path: a model folder, a hub id, a ``.gguf`` file, or ``"smollm2-135m-instruct"``.
+        name_or_path: a model folder (a Hugging Face one, or one `peftkit merge --requantize` wrote), a hub id, a
+            ``.gguf`` file, or ``"smollm2-135m-instruct"``.
         dtype: parameter dtype of the loaded model.
         device: where to put it.
 
@@ -211,6 +212,15 @@ def load_model(
         ``(model, tokenizer)``, the model in eval mode.
     """
     resolved = resolve_model_path(name_or_path)
+    if (Path(resolved) / "quantization.json").is_file():  # `peftkit merge --requantize`'s output
+        from peftkit.quant import load_quantized
+
+        model = load_quantized(resolved)
+        for p in model.parameters():  # the weights left in floating point (norms, embeddings, skipped layers)
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        model.to(device).eval()
+        return model, load_tokenizer(resolved)
     config = _from_hub(AutoConfig.from_pretrained, resolved)
     model = _from_hub(AutoModelForCausalLM.from_pretrained, resolved, config=config, dtype=dtype)
     model.to(device).eval()

@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         with atomic_dir(args.output) as tmp:
             save_quantized(merged, tmp)
             tokenizer.save_pretrained(tmp)
+        print(f"{args.output} holds peftkit's packed {target.format} layout: load it with `peftkit generate --model "
+              f"{args.output}` or peftkit.quant.load_quantized (transformers' from_pretrained cannot read it; merge "
+              "without --requantize for a folder any loader reads)")
     else:
         merged.to(dtype)
         with atomic_dir(args.output) as tmp:

@@ -395,7 +395,7 @@ def _missing_message(folder: Path, config: Config, expected: set[str], missing: 
                         f"{target} tensors; remove {target!r} from target_modules if it was not trained, else "
                         "re-save the adapter from its run")
     return (f"{folder / WEIGHTS_NAME} is incomplete: {len(missing)} of {len(expected)} tensors missing (e.g. "
-            f"{sorted(missing)[0]}); re-save the adapter from its run (its checkpoint folder holds a whole copy)")
+            f"{sorted(missing)[0]}): cut or edited after training? use the adapter folder as its run wrote it")
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> InjectReport:
