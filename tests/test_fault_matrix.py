@@ -314,3 +314,29 @@ def test_a_gguf_chat_template_is_used_when_transformers_drops_it(tmp_path, monke
     [folder] = (tmp_path / "cache").iterdir()  # a cache converted before: the template comes from the file
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     assert models.load_tokenizer(path).chat_template == tok.chat_template
+
+
+# ------------------------------------------------------------ several processes
+def test_under_torchrun_an_error_every_rank_raises_is_printed_once_and_recorded(world, tmp_path, capfd, monkeypatch):
+    for rank in ("1", "0"):
+        error_file = tmp_path / f"error-{rank}.json"
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        assert main(["train", str(world["recipe"]), "epochs=abc"]) == 2
+        err = capfd.readouterr().err.strip()
+        line = json.loads(error_file.read_text())["message"]["message"]  # what torchrun's summary shows
+        assert line.startswith("peftkit train: error: ") and "override epochs=abc" in line
+        assert err == ("" if rank == "1" else line)  # rank 0 prints it; the others only record it
+
+
+def test_a_failing_rank_ends_the_launcher_with_one_line(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)  # a 1-process run: resuming it with 2 processes is refused on every rank
+    before = {p.name: p.read_bytes() for p in (run / "checkpoint-2").iterdir()}
+    proc = cli("train", str(world["recipe"]), f"output_dir={run}", "max_steps=4", "--resume", "--nproc-per-node", "2",
+               env={"OMP_NUM_THREADS": "1"})
+    line = error_line(proc)
+    assert re.search(r"rank \d of 2 exited with status 2 \(1 other rank\(s\) stopped too\): PeftkitError: cannot "
+                     r"resume .*the run had 1 process\(es\), this one has 2", line), line
+    assert proc.stderr.count("cannot resume") == 1 and "ChildFailedError" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in (run / "checkpoint-2").iterdir()} == before

@@ -349,10 +349,11 @@ def _skeleton(model: nn.Module) -> nn.Module:
     """`model`'s structure on the meta device (parameters without storage): what a method's ``apply`` needs to
     say which tensors an adapter must hold. A transformers model is rebuilt from its config (no hooks or other
     state of the live model copied); another module is deep-copied with every tensor replaced by a meta one."""
-    config = getattr(model, "config", None)
-    if hasattr(type(model), "_from_config") and config is not None:
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
         with torch.device("meta"):
-            return type(model)._from_config(copy.deepcopy(config))
+            return type(model)(copy.deepcopy(model.config))
     memo: dict[int, Any] = {}
     for t in [*model.parameters(), *model.buffers()]:
         meta = t.detach().to("meta")
