@@ -16,7 +16,8 @@ A model trained by `Trainer` carries a `TrainingContext` (``model.peftkit_contex
 template, prompt); it is written under the ``peftkit`` key, which peft ignores, and its base name replaces the
 resolved (machine-local) path in ``base_model_name_or_path``. Loading an adapter sets it on the model again.
 
-Loading validates the file before touching the model, and restores the model if the adapter does not fit it.
+Loading validates the file before touching the model (`check_adapter`, the one check every command runs: files,
+record version, no tensor missing or extra, every shape), and restores the model if applying the adapter fails.
 Saving writes to a temporary folder and renames it into place, so an interrupted save never leaves a
 half-written adapter.
 """
@@ -322,7 +323,7 @@ class CheckedAdapter:
 
 
 def check_adapter(folder: str | os.PathLike, model: nn.Module) -> CheckedAdapter:
-    """The validation every command runs before it uses an adapter (serve, export, generate, merge, compare).
+    """The validation every command runs before it uses an adapter (generate, merge, export, serve).
 
     Checks the files (present, not a pickle, JSON, safetensors not corrupt), the ``peftkit`` record (its version
     and fields), the architecture it was saved for, and that its tensors are exactly the ones its method and
