@@ -183,6 +183,14 @@ def test_the_whole_adapter_passes_the_same_check(world):
     assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
 
 
+def test_an_adapter_config_saved_with_a_byte_order_mark_loads(world, tmp_path):
+    from peftkit.models import load_model
+
+    folder = copy_adapter(world, tmp_path)
+    (folder / CONFIG_NAME).write_bytes(b"\xef\xbb\xbf" + (folder / CONFIG_NAME).read_bytes())
+    assert check_adapter(folder, load_model(world["base"])[0]).context is not None
+
+
 # ------------------------------------------------------------ the record: version, block size, corrupt files
 @pytest.mark.parametrize("edit, expected", [
     (lambda raw: raw["peftkit"].update(version=99), "peftkit: record version 99 is not one this peftkit reads"),

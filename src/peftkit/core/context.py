@@ -234,7 +234,7 @@ def read_config_json(path: Path) -> Any:
     if not path.is_file():
         raise PeftkitError(f"adapter file missing: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (an editor's) is fine
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PeftkitError(f"{path} is not valid JSON: {e}") from None
 
