@@ -156,7 +156,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
 
 def _check_hub(name: str) -> None:
     """Fail fast, in one line, for a hub id that is not in the local cache when the hub cannot be reached
-    (HF_HUB_OFFLINE, or no answer within 3 s): transformers would retry for ~25 s and warn several times."""
+    (HF_HUB_OFFLINE, or no answer within 5 s): transformers would retry for ~25 s and warn several times."""
     from huggingface_hub import constants, get_session, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
@@ -165,7 +165,7 @@ def _check_hub(name: str) -> None:
         why = "HF_HUB_OFFLINE is set"
     else:
         try:
-            get_session().head(constants.ENDPOINT, timeout=3)
+            get_session().head(constants.ENDPOINT, timeout=5)
             return
         except Exception as e:  # noqa: BLE001 - any network failure means the same here
             why = f"{constants.ENDPOINT} cannot be reached ({_first_line(e)})"
