@@ -420,8 +420,8 @@ def test_read_lora_refuses_what_does_not_fit(files, tmp_path):
         read_lora(files["gpt2"], model)
     wider = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(PeftkitError, match=r"layer 'model.layers.0.mlp.down_proj' has A \(4, 64\) and B \(64, 4\), "
-                       r"the model expects \(4, 64\) and \(32, 4\)"):
+    with pytest.raises(PeftkitError, match=r"wider/adapter_model.safetensors: model.layers.0.mlp.down_proj.lora_B"
+                       r".weight has shape \(64, 4\), this LlamaForCausalLM expects \(32, 4\)"):
         read_lora(save_lora(wider, tmp_path / "wider", 0, {"r": 4}), model)
 
 

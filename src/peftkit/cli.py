@@ -64,8 +64,35 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI's one place that turns errors into a line
         if args.debug:
             raise
-        print(f"peftkit {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        report_error(f"peftkit {args.command}: error: {type(e).__name__}: {e}")
         return 2
+
+
+def report_error(line: str) -> None:
+    """Print a command's error line to stderr.
+
+    Under torchrun the line is also the process's recorded root cause (``TORCHELASTIC_ERROR_FILE``), which
+    torchrun's failure summary shows instead of "<N/A>". A rank other than 0 prints only an error that names it
+    ("rank 1 of 2: ..."): the others (recipe, data, resume checks) every rank raises alike, and rank 0 prints
+    them once.
+    """
+    import json
+    import os
+    import time
+
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        try:
+            with open(error_file, "w") as f:
+                json.dump(data, f)
+        except OSError:
+            pass  # the line below still says it
+    if error_file and os.environ.get("PEFTKIT_LAUNCHER") == "1":
+        return  # `peftkit train --nproc-per-node`: the launcher prints the failing rank's line, once
+    rank = os.environ.get("RANK")
+    if rank in (None, "0") or f"rank {rank} " in line:
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

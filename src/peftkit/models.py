@@ -68,12 +68,35 @@ def _gguf_cache_folder(gguf: Path) -> Path:
     return cache_dir() / f"{gguf.stem}-{key}"
 
 
+def gguf_chat_template(gguf: Path) -> str | None:
+    """The chat template a GGUF file carries (``tokenizer.chat_template``), None when it has none."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.chat_template")
+    value = field.contents() if field is not None else None
+    return value if isinstance(value, str) and value else None
+
+
+def _add_missing_template(gguf: Path, folder: Path) -> None:
+    """Give a cache converted before templates were taken from the file (`_convert_gguf`) the file's template."""
+    config = folder / "tokenizer_config.json"
+    if (folder / "chat_template.jinja").is_file() or not config.is_file() or '"chat_template"' in config.read_text():
+        return
+    template = gguf_chat_template(gguf)
+    if template:
+        tmp = folder / ".chat_template.jinja.tmp"
+        tmp.write_text(template)
+        os.replace(tmp, folder / "chat_template.jinja")
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file once into a safetensors model folder, written atomically."""
     from safetensors.torch import save_model
 
     print(f"peftkit: converting {gguf.name} to a safetensors cache in {target} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template:  # transformers drops it for some architectures (Gemma 3): take the file's own
+        tokenizer.chat_template = gguf_chat_template(gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -109,6 +132,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         folder = _gguf_cache_folder(path)
         if not (folder / "model.safetensors").is_file():
             _convert_gguf(path, folder)
+        else:
+            _add_missing_template(path, folder)
         return str(folder)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -117,11 +142,36 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if path.exists():
         raise PeftkitError(f"{path} is a file, expected a model folder, a .gguf file, a hub id or {BUNDLED_NAME!r}")
     if _is_hub_id(name):
+        _check_hub(name)
         return name
     raise PeftkitError(
         f"model {name!r} not found: not a folder, not a .gguf file, not a hub id (owner/name), "
         f"and not the bundled {BUNDLED_NAME!r}"
     )
+
+
+def _check_hub(name: str) -> None:
+    """Fail fast, in one line, for a hub id that is not in the local cache when the hub cannot be reached
+    (HF_HUB_OFFLINE, or no answer within 5 s): transformers would retry for ~25 s and warn several times."""
+    from huggingface_hub import constants, get_session, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=5)
+            return
+        except Exception as e:  # noqa: BLE001 - any network failure means the same here
+            why = f"{constants.ENDPOINT} cannot be reached ({_first_line(e)})"
+    raise PeftkitError(f"model {name!r}: {why} and it is not in the local Hugging Face cache "
+                       f"({constants.HF_HUB_CACHE}), so the machine looks offline; download it once with network "
+                       "access, or give a local folder or .gguf file")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def _from_hub(loader, name: str, **kwargs):
@@ -149,7 +199,8 @@ def load_model(
     """Load a causal LM and its tokenizer.
 
     Args:
-        name_or_path: a model folder, a hub id, a ``.gguf`` file, or ``"smollm2-135m-instruct"``.
+        name_or_path: a model folder (a Hugging Face one, or one `peftkit merge --requantize` wrote), a hub id, a
+            ``.gguf`` file, or ``"smollm2-135m-instruct"``.
         dtype: parameter dtype of the loaded model.
         device: where to put it.
 
@@ -157,6 +208,15 @@ def load_model(
         ``(model, tokenizer)``, the model in eval mode.
     """
     resolved = resolve_model_path(name_or_path)
+    if (Path(resolved) / "quantization.json").is_file():  # `peftkit merge --requantize`'s output
+        from peftkit.quant import load_quantized
+
+        model = load_quantized(resolved)
+        for p in model.parameters():  # the weights left in floating point (norms, embeddings, skipped layers)
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        model.to(device).eval()
+        return model, load_tokenizer(resolved)
     config = _from_hub(AutoConfig.from_pretrained, resolved)
     model = _from_hub(AutoModelForCausalLM.from_pretrained, resolved, config=config, dtype=dtype)
     model.to(device).eval()

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.core.adapter_io import apply_method
     from peftkit.core.config import parse_override
     from peftkit.core.registry import get_method, list_methods
+    from peftkit.errors import PeftkitError
     from peftkit.hardware import describe, matmul_peak, resolve_precision
     from peftkit.methods import lora_native
     from peftkit.models import load_model
@@ -57,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             report = apply_method(fresh, name, spec.config_cls.from_dict(settings if len(methods) == 1 else {}))
         except ValueError as e:
+            if len(methods) == 1:  # the settings asked for do not fit this model: an error, not a table row
+                given = " ".join(args.settings)
+                raise PeftkitError(f"--method {name}{' ' + given if given else ''} on {args.model}: {e}") from None
             print(f"| {name} | error: {e} | | |")
             continue
         counts = count_parameters(fresh)

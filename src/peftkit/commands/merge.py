@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_output(adapter: str, output: str, overwrite: bool) -> None:
-    """Refuse an output folder that is or contains the adapter, or holds anything, unless `overwrite`."""
+    """Refuse an output folder that is or contains the adapter, lies inside a training run (even with `overwrite`),
+    or holds anything, unless `overwrite`."""
     from pathlib import Path
 
     from peftkit.errors import PeftkitError
@@ -43,6 +44,10 @@ def check_output(adapter: str, output: str, overwrite: bool) -> None:
     if dst == src or dst in src.parents:
         raise PeftkitError(f"output {output} is or contains the adapter {adapter}: the merge would delete its own "
                            "input; choose another folder")
+    for folder in (dst, *dst.parents):  # a run's checkpoints and adapter are its resume state: never replaced
+        if any((folder / marker).is_file() for marker in ("latest", "run.json", "metrics.jsonl")):
+            raise PeftkitError(f"output {output} is inside the training run {folder} (it holds the run's checkpoints "
+                               "and adapter, which a merge would replace); choose a folder outside it")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise PeftkitError(f"output {output} exists and is not empty; use --overwrite to replace it")
 
@@ -79,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         with atomic_dir(args.output) as tmp:
             save_quantized(merged, tmp)
             tokenizer.save_pretrained(tmp)
+        print(f"{args.output} holds peftkit's packed {target.format} layout: load it with `peftkit generate --model "
+              f"{args.output}` or peftkit.quant.load_quantized (transformers' from_pretrained cannot read it; merge "
+              "without --requantize for a folder any loader reads)")
     else:
         merged.to(dtype)
         with atomic_dir(args.output) as tmp:
@@ -98,8 +106,8 @@ def merge_adapter(adapter, context, model: str | None = None, quantized_base: st
     import torch
 
     from peftkit.core.adapter_io import load_adapter, read_adapter
-    from peftkit.core.context import load_base
     from peftkit.core.merging import merge_and_unload, method_merging
+    from peftkit.loading import load_base
     from peftkit.quant import dequantize_model
 
     method_merging(read_adapter(adapter)[0].name)  # refuse a method that cannot merge before loading the model

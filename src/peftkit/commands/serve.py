@@ -121,13 +121,9 @@ def _adapter_folders(args: argparse.Namespace) -> dict[str, Any]:
 def _load_base(args: argparse.Namespace, contexts: dict[str, Any]) -> tuple[Any, Any, str, str]:
     """(model, tokenizer, name, fingerprint): the base the flags or the adapters' records ask for, stored as they
     ask (quantized after its fingerprint is taken: the adapters' records were taken on the unquantized weights)."""
-    import dataclasses
-
-    import torch
-
-    from peftkit.core.context import Quantization, fingerprint
     from peftkit.hardware import resolve_precision, warn_if_slow
-    from peftkit.models import BUNDLED_NAME, load_model
+    from peftkit.loading import base_quantization, load_base_as
+    from peftkit.models import BUNDLED_NAME
 
     model_name = args.model or _agreed({n: c.base for n, c in contexts.items() if c.base}, "bases", "--model")
     model_name = model_name or BUNDLED_NAME
@@ -135,22 +131,14 @@ def _load_base(args: argparse.Namespace, contexts: dict[str, Any]) -> tuple[Any,
     if args.quantize is None:
         quant = _agreed({n: c.quantization for n, c in contexts.items()}, "base formats", "--quantize none|nf4|...",
                         lambda q: "full precision" if q is None else q.describe())
-    elif args.quantize != "none":  # the format asked for, with the block size and source dtype the adapters recorded
+    else:  # the format asked for, with the block size and source dtype the adapters recorded
         agreed = {c.quantization for c in contexts.values() if c.quantization is not None}
-        quant = Quantization(args.quantize)
-        if len(agreed) == 1:
-            quant = dataclasses.replace(agreed.pop(), format=args.quantize)
+        quant = base_quantization(agreed.pop() if len(agreed) == 1 else None, args.quantize)
     precision = resolve_precision(args.precision)
     warn_if_slow(precision)
-    # as `load_base`: a quantized base is quantized from the weights (dtype) training quantized
-    load_dtype = getattr(torch, quant.source_dtype) if quant is not None else precision.weight_dtype
-    model, tokenizer = load_model(model_name, dtype=load_dtype)
-    base_fingerprint = fingerprint(model)
+    base = load_base_as(model_name, quant, precision.weight_dtype, precision.compute_dtype)
+    model, tokenizer, base_fingerprint = base.model, base.tokenizer, base.fingerprint
     if quant is not None:
-        quant.apply(model, precision.compute_dtype)
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(precision.weight_dtype)
         why = "as the adapters were trained" if args.quantize is None else "as asked"
         print(f"peftkit serve: base stored {quant.describe()}, {why}"
               + (" (--quantize none: full precision)" if args.quantize is None else ""), file=sys.stderr)

@@ -16,13 +16,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="train with N processes on this machine (torchrun's launcher, run by peftkit: a process "
+                        "that fails or is killed ends the run with one line naming it)")
     p.set_defaults(func=run)
+
+
+def launch(args: argparse.Namespace) -> int:
+    """`peftkit train --nproc-per-node N`: torchrun's elastic launcher in this process, its failure report turned
+    into one line (the failing rank, how it ended, its own error line) instead of torchrun's traceback."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as elastic_run
+
+    from peftkit.errors import PeftkitError
+
+    if args.nproc_per_node < 1:
+        raise PeftkitError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    again = [*([args.recipe] if args.recipe else []), *args.overrides, *(["--resume"] if args.resume else []),
+             *(["--overwrite"] if args.overwrite else [])]
+    launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={args.nproc_per_node}",
+                                             "-m", "peftkit.cli", "train", *again])
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # one line below says it all
+    os.environ["PEFTKIT_LAUNCHER"] = "1"  # the workers record their error lines; this process prints the first
+    try:
+        elastic_run(launcher)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+        how = f"was stopped by {failure.signal_name()}" if failure.signal_name() != "<N/A>" else \
+            f"exited with status {failure.exitcode}"
+        reason = message.split(": error: ", 1)[-1] if message else "no error recorded (its output above says why)"
+        others = f" ({len(e.failures) - 1} other rank(s) stopped too)" if len(e.failures) > 1 else ""
+        raise PeftkitError(f"rank {rank} of {args.nproc_per_node} {how}{others}: {reason}") from None
+    finally:
+        os.environ.pop("PEFTKIT_LAUNCHER", None)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from peftkit.hardware import resolve_precision
     from peftkit.train import Trainer, load_recipe
 
+    if getattr(args, "nproc_per_node", None) and "LOCAL_RANK" not in os.environ:
+        return launch(args)
     recipe = args.recipe
     overrides = list(args.overrides)
     if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):

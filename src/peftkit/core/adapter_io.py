@@ -16,7 +16,8 @@ A model trained by `Trainer` carries a `TrainingContext` (``model.peftkit_contex
 template, prompt); it is written under the ``peftkit`` key, which peft ignores, and its base name replaces the
 resolved (machine-local) path in ``base_model_name_or_path``. Loading an adapter sets it on the model again.
 
-Loading validates the file before touching the model, and restores the model if the adapter does not fit it.
+Loading validates the file before touching the model (`check_adapter`, the one check every command runs: files,
+record version, no tensor missing or extra, every shape), and restores the model if applying the adapter fails.
 Saving writes to a temporary folder and renames it into place, so an interrupted save never leaves a
 half-written adapter.
 """
@@ -24,6 +25,8 @@ half-written adapter.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import errno
 import json
 import os
@@ -54,8 +57,10 @@ TOP_LEVEL_KEYS = ("prompt_embeddings",)
 
 __all__ = [
     "AdapterFileState",
+    "CheckedAdapter",
     "apply_method",
     "atomic_dir",
+    "check_adapter",
     "is_disk_full",
     "load_adapter",
     "read_adapter",
@@ -300,32 +305,116 @@ def _config_from_json(spec: MethodSpec, raw: dict[str, Any], where: Path) -> Con
     return spec.config_cls.from_dict(fields, where=f"{where}: ")
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedAdapter:
+    """An adapter folder that `check_adapter` found whole and fitting its model.
+
+    Attributes:
+        folder: where it was read from.
+        spec: its method.
+        config: its method config.
+        tensors: its tensors under model names (file keys without ``base_model.model.``).
+        context: what its training recorded (`peftkit.core.context`), None for adapters without a record.
+    """
+
+    folder: Path
+    spec: MethodSpec
+    config: Config
+    tensors: dict[str, torch.Tensor]
+    context: TrainingContext | None
+
+
+def check_adapter(folder: str | os.PathLike, model: nn.Module) -> CheckedAdapter:
+    """The validation every command runs before it uses an adapter (generate, merge, export, serve).
+
+    Checks the files (present, not a pickle, JSON, safetensors not corrupt), the ``peftkit`` record (its version
+    and fields), the architecture it was saved for, and that its tensors are exactly the ones its method and
+    config make on `model`: none missing (a partial file, or a target module named in the config without
+    tensors), none extra, every shape as the model has it. `model` is not changed: the method is applied to a
+    skeleton of it on the meta device (no weights).
+
+    Raises:
+        PeftkitError: one line naming the file and the problem.
+    """
+    folder = Path(folder)
+    spec, config, tensors = read_adapter(folder, model)
+    skeleton = _skeleton(model)
+    spec.apply(skeleton, _loading(config))
+    _fit(skeleton, folder, config, dict(tensors))
+    return CheckedAdapter(folder, spec, config, tensors, read_context(folder))
+
+
+def _loading(config: Config) -> Config:
+    return config.for_loading() if hasattr(config, "for_loading") else config
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """`model`'s structure on the meta device (parameters without storage): what a method's ``apply`` needs to
+    say which tensors an adapter must hold. A transformers model is rebuilt from its config (no hooks or other
+    state of the live model copied); another module is deep-copied with every tensor replaced by a meta one."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        with torch.device("meta"):
+            return type(model)(copy.deepcopy(model.config))
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _fit(model: nn.Module, folder: Path, config: Config, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """Check that `tensors` are exactly what the adapted `model` holds, with its shapes; modules with their own
+    file form (`AdapterFileState`) load and pop their keys. Returns the model's parameters by name."""
+    custom = _file_state_modules(model)
+    for name, module in custom:  # these pop their own keys
+        module.load_adapter_file_tensors(name, tensors)
+    owned = {id(p) for _, m in custom for p in m.parameters()}
+    own = {n: p for n, p in model.named_parameters() if id(p) not in owned}
+    expected = {n for n, p in own.items() if p.requires_grad}
+    missing, unexpected = expected - set(tensors), set(tensors) - set(own)
+    where = folder / WEIGHTS_NAME
+    if missing:
+        raise PeftkitError(_missing_message(folder, config, expected, missing))
+    if unexpected:
+        raise PeftkitError(f"{where} holds {len(unexpected)} tensor(s) this {type(model).__name__} has no place for "
+                           f"(e.g. {sorted(unexpected)[0]}): saved for another model or config; use the adapter's "
+                           "own base (--model) or re-save it")
+    for name, value in tensors.items():
+        if own[name].shape != value.shape:
+            raise PeftkitError(f"{where}: {name} has shape {tuple(value.shape)}, this {type(model).__name__} expects "
+                               f"{tuple(own[name].shape)} (saved for another base model; use its own with --model)")
+    return own
+
+
+def _missing_message(folder: Path, config: Config, expected: set[str], missing: set[str]) -> str:
+    """One line: which tensors an incomplete adapter lacks, and the way out."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, (list, tuple)):
+        for target in targets:
+            wanted = {n for n in expected if f".{target}." in f".{n}"}
+            if wanted and wanted <= missing:
+                return (f"{folder / CONFIG_NAME}: target_modules names {target!r}, but {WEIGHTS_NAME} holds no "
+                        f"{target} tensors; remove {target!r} from target_modules if it was not trained, else "
+                        "re-save the adapter from its run")
+    return (f"{folder / WEIGHTS_NAME} is incomplete: {len(missing)} of {len(expected)} tensors missing (e.g. "
+            f"{sorted(missing)[0]}): cut or edited after training? use the adapter folder as its run wrote it")
+
+
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> InjectReport:
     """Adapt `model` with the adapter saved in `folder` and load its weights.
 
-    The model is left unchanged if the file is corrupt or does not fit the model (other architecture,
-    other shapes).
+    The adapter is checked first (`check_adapter`); the model is left unchanged if it does not pass.
     """
-    spec, config, tensors = read_adapter(folder, model)
+    checked = check_adapter(folder, model)
+    spec, config = checked.spec, checked.config
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     report = None
     try:
-        report = spec.apply(model, config.for_loading() if hasattr(config, "for_loading") else config)
-        tensors = dict(tensors)
-        custom = _file_state_modules(model)
-        for name, module in custom:  # these pop their own keys
-            module.load_adapter_file_tensors(name, tensors)
-        owned = {id(p) for _, m in custom for p in m.parameters()}
-        own = {n: p for n, p in model.named_parameters() if id(p) not in owned}
-        expected = {n for n, p in own.items() if p.requires_grad}
-        missing, unexpected = expected - set(tensors), set(tensors) - set(own)
-        if unexpected or missing:
-            detail = f"unexpected {sorted(unexpected)[:3]}" if unexpected else f"missing {sorted(missing)[:3]}"
-            raise PeftkitError(f"adapter in {folder} does not fit this {type(model).__name__}: {detail}")
-        for name, value in tensors.items():
-            if own[name].shape != value.shape:
-                raise PeftkitError(f"adapter in {folder} does not fit this model: {name} has shape "
-                                   f"{tuple(value.shape)}, the model expects {tuple(own[name].shape)}")
+        report = spec.apply(model, _loading(config))
+        tensors = dict(checked.tensors)
+        own = _fit(model, checked.folder, config, tensors)
         with torch.no_grad():
             for name, value in tensors.items():
                 own[name].copy_(value.to(own[name].dtype))
@@ -336,7 +425,6 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> InjectReport:
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
         raise
     model.peftkit_method = (spec.name, config)
-    context = read_context(folder)
-    if context is not None:
-        model.peftkit_context = context
+    if checked.context is not None:
+        model.peftkit_context = checked.context
     return report

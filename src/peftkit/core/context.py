@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import string
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from torch import nn
 from peftkit.data.formats import INPUT_FORMAT, Conversation
 from peftkit.errors import PeftkitError
 
-__all__ = ["CONTEXT_KEY", "Quantization", "TrainingContext", "fingerprint", "load_base", "read_context"]
+__all__ = ["CONTEXT_KEY", "Quantization", "TrainingContext", "fingerprint", "read_context"]
 
 CONTEXT_KEY = "peftkit"
 VERSION = 1
@@ -111,6 +110,12 @@ class Quantization:
         q = cls(**{k: v for k, v in data.items() if k in known})
         if not isinstance(q.block_size, int) or q.block_size <= 0 or not isinstance(q.double_quant, bool):
             raise PeftkitError(f"{where}quantization: bad block_size or double_quant in {data!r}")
+        from peftkit.quant.scaling import check_block_size
+
+        try:
+            check_block_size(q.block_size)
+        except ValueError as e:
+            raise PeftkitError(f"{where}quantization: {e} (edited by hand?)") from None
         if not isinstance(q.skip, (list, tuple)) or not all(isinstance(x, str) for x in q.skip):
             raise PeftkitError(f"{where}quantization: skip must be a list of module names, got {q.skip!r}")
         _dtype(q.source_dtype, f"{where}quantization: ")
@@ -188,6 +193,10 @@ class TrainingContext:
         where = f"{where}{CONTEXT_KEY}: "
         if not isinstance(data, dict):
             raise PeftkitError(f"{where}expected an object, got {type(data).__name__}")
+        version = data.get("version", VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:
+            raise PeftkitError(f"{where}record version {version!r} is not one this peftkit reads (1 to {VERSION}): "
+                               "written by a newer peftkit? upgrade it (pip install -U peftkit)")
         parts = {k: data.get(k) or {} for k in ("base", "chat_template", "prompt")}
         for key, value in parts.items():
             if not isinstance(value, dict):
@@ -225,7 +234,7 @@ def read_config_json(path: Path) -> Any:
     if not path.is_file():
         raise PeftkitError(f"adapter file missing: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (an editor's) is fine
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PeftkitError(f"{path} is not valid JSON: {e}") from None
 
@@ -237,50 +246,3 @@ def read_context(folder: str | os.PathLike) -> TrainingContext | None:
     if not isinstance(raw, dict) or raw.get(CONTEXT_KEY) is None:
         return None
     return TrainingContext.from_json(raw[CONTEXT_KEY], where=f"{path}: ")
-
-
-def load_base(
-    context: TrainingContext | None,
-    model: str | None = None,
-    quantize: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    compute_dtype: torch.dtype = torch.float32,
-):
-    """Load the base model an adapter was trained on, stored as training stored it.
-
-    Args:
-        context: the adapter's training context (None: an adapter without one).
-        model: the base to load instead of the recorded one (default: recorded, else the bundled model).
-        quantize: None: as recorded; ``"none"``: the full-precision base; a format: that format (with the recorded
-            block size and double quantization, else the defaults).
-        dtype: the dtype of the weights that stay in floating point.
-        compute_dtype: the dtype a quantized weight dequantizes to.
-
-    Returns:
-        ``(model, tokenizer, quantization)``: `quantization` says what the base was stored in (None: full precision).
-        A base whose fingerprint differs from the recorded one is used, with one warning line naming both.
-    """
-    from peftkit.models import BUNDLED_NAME, load_model
-
-    recorded = context.quantization if context is not None else None
-    if quantize is None:
-        quant = recorded
-    elif quantize == "none":
-        quant = None
-    else:
-        quant = dataclasses.replace(recorded, format=quantize) if recorded else Quantization(quantize)
-    name = model or (context.base if context is not None else None) or BUNDLED_NAME
-    # a quantized base is quantized from the weights training quantized (their dtype changes the codes)
-    load_dtype = _dtype(quant.source_dtype, "quantization: ") if quant is not None else dtype
-    base, tokenizer = load_model(name, dtype=load_dtype)
-    if context is not None and context.fingerprint is not None:
-        got = fingerprint(base)
-        if got != context.fingerprint:
-            print(f"peftkit: warning: base {name} (fingerprint {got}) differs from the base this adapter was trained "
-                  f"on ({context.base}, fingerprint {context.fingerprint}); its answers may be off", file=sys.stderr)
-    if quant is not None:
-        quant.apply(base, compute_dtype)
-        for p in base.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
-    return base, tokenizer, quant

@@ -171,7 +171,7 @@ def _file_rows(path: Path, on_bad_line: Callable[[str], None] | None = None,
         )
     try:
         if suffix == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(_read_text(path))
             if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
                 lists = [v for v in data.values() if isinstance(v, list)]
                 if len(lists) != 1:
@@ -189,16 +189,44 @@ def _file_rows(path: Path, on_bad_line: Callable[[str], None] | None = None,
         return iter(frame.to_dict(orient="records"))
     except json.JSONDecodeError as e:
         raise PeftkitError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except UnicodeDecodeError as e:  # from pandas: find the line in the file itself
+        _read_text(path)
+        raise PeftkitError(f"cannot read {path}: {e}") from None
     except (OSError, ValueError) as e:
         if isinstance(e, PeftkitError):
             raise
         raise PeftkitError(f"cannot read {path}: {e}") from None
 
 
+def _not_utf8(path: Path, data: bytes, e: UnicodeDecodeError, first_line: int = 1) -> str:
+    """One line: where in `path` (whose bytes from line `first_line` on are `data`) the text is not UTF-8."""
+    line = first_line + data[:e.start].count(b"\n")
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return (f"{path}: line {line} is not UTF-8 (byte {data[e.start]:#04x} at column {column}); save the file as "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
+def _read_text(path: Path) -> str:
+    """A whole file as text: UTF-8, a leading byte-order mark dropped; other bytes are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PeftkitError(_not_utf8(path, data, e)) from None
+
+
 def _jsonl_rows(path: Path, on_bad_line: Callable[[str], None] | None = None,
                 lines: list[int] | None = None) -> Iterator[Any]:
-    with open(path) as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")  # a byte-order mark is accepted, as in CSV
+            except UnicodeDecodeError as e:
+                if on_bad_line is None:
+                    raise PeftkitError(_not_utf8(path, raw, e, i + 1) + " (or set skip_bad_rows to skip such "
+                                       "lines)") from None
+                on_bad_line(_not_utf8(path, raw, e, i + 1))
+                continue
             if line.strip():
                 try:
                     row = json.loads(line)

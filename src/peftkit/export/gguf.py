@@ -380,14 +380,15 @@ def export_lora_gguf(
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from peftkit.core.adapter_io import read_adapter
+    from peftkit.core.adapter_io import check_adapter
 
     _check_dtype(dtype, ("f32", "f16", "bf16"))
     path = check_output(path, overwrite)
     layout = _Llama(base_config)
     with torch.device("meta"):  # shapes and names only, no memory
         base = AutoModelForCausalLM.from_config(base_config)
-    spec, config, tensors = read_adapter(adapter, base)
+    checked = check_adapter(adapter, base)  # whole: no tensor missing or extra, every shape fits
+    spec, config, tensors = checked.spec, checked.config, checked.tensors
     if not spec.capabilities.gguf_adapter:
         raise PeftkitError(f"{adapter} is a {spec.name} adapter; llama.cpp's adapter format holds LoRA only "
                            "(export the merged model instead: peftkit export ADAPTER OUT.gguf)")

@@ -11,7 +11,7 @@ gathers the stacks by row and runs two `torch.bmm` for all of its rows (Punica's
 kernels). A batch whose rows all ask for one adapter takes `LoRALayer.forward`'s own path (F.linear, then one
 ``addmm_`` into the base output), so a request served alone computes exactly what ``peftkit generate`` computes.
 
-Adapters are read with `read_adapter` (peftkit's or Hugging Face peft's files) and checked against the model
+Adapters are read with `check_adapter` (peftkit's or Hugging Face peft's files) and checked against the model
 before anything changes. Only LoRA batches this way: the other methods change the input or every row's weights
 (prompt and prefix tuning, adapters, selective updates), and are refused by `read_lora` with the method named.
 """
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.adapter_io import read_adapter
+from peftkit.core.adapter_io import check_adapter
 from peftkit.core.context import TrainingContext, read_context
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora import is_linear, linear_features
@@ -70,7 +70,8 @@ def read_lora(folder: str | os.PathLike, model: nn.Module) -> LoRAWeights:
         PeftkitError: the folder is missing, corrupt, not a LoRA adapter, or does not fit the model (naming the
             layer and the shapes).
     """
-    spec, config, tensors = read_adapter(folder, model)
+    checked = check_adapter(folder, model)  # whole: no tensor missing or extra, every shape fits
+    spec, config, tensors = checked.spec, checked.config, checked.tensors
     if not spec.capabilities.batched_serving:
         raise PeftkitError(
             f"adapter in {folder} uses {spec.name}, which cannot share a batch with other adapters; "

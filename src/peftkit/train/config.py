@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -212,12 +213,27 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise PeftkitError(f"{where}: not valid YAML: {problem}") from None
         if not isinstance(data, dict):
             raise PeftkitError(f"{path}: a recipe is a mapping of keys to values")
+    recipe = copy.deepcopy(data)
     for text in overrides:
         key, value = parse_override(text)
         if key.startswith("method_config."):
             data.setdefault("method_config", {})[key.split(".", 1)[1]] = value
         else:
             data[key] = value
-    config = TrainConfig.from_dict(data, where=f"{path}: " if path else "")
+    try:
+        return _validated(data, f"{path}: " if path else "")
+    except PeftkitError as e:
+        if not overrides:
+            raise
+        try:
+            _validated(recipe, "")
+        except PeftkitError:  # the recipe alone is wrong: the first message names its file
+            raise e from None
+        # the recipe alone is fine: the overrides broke it
+        raise PeftkitError(f"override {' '.join(overrides)}: {str(e).removeprefix(f'{path}: ')}") from None
+
+
+def _validated(data: dict[str, Any], where: str) -> TrainConfig:
+    config = TrainConfig.from_dict(copy.deepcopy(data), where=where)
     config.method_settings()  # validate the method's keys now, not after loading the model
     return config
