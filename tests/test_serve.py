@@ -34,7 +34,7 @@ from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter  # 
 from peftkit.core.context import TrainingContext, read_context  # noqa: E402
 from peftkit.data.sequences import prompt_text  # noqa: E402
 from peftkit.errors import PeftkitError  # noqa: E402
-from peftkit.eval.generate import generate  # noqa: E402
+from peftkit.generation import generate  # noqa: E402
 from peftkit.methods.lora import lora_layers  # noqa: E402
 from peftkit.models import load_model  # noqa: E402
 from peftkit.quant import QuantLinear  # noqa: E402

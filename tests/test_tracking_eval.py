@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_train import make_cfg, run, sharp_llama
 
 from peftkit.errors import PeftkitError
-from peftkit.eval.generate import generate
+from peftkit.generation import generate
 from peftkit.train import Trainer
 from peftkit.train.evaluation import resolve_metric
 

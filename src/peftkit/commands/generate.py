@@ -38,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from peftkit.core.adapter_io import load_adapter
-    from peftkit.core.context import TrainingContext, load_base, read_context
-    from peftkit.eval.generate import generate
+    from peftkit.core.context import TrainingContext, read_context
+    from peftkit.generation import generate
     from peftkit.hardware import resolve_precision, warn_if_slow
+    from peftkit.models import load_base
 
     prompts = args.prompts or [line.strip() for line in sys.stdin if line.strip()]
     if not prompts:

@@ -98,8 +98,8 @@ def merge_adapter(adapter, context, model: str | None = None, quantized_base: st
     import torch
 
     from peftkit.core.adapter_io import load_adapter, read_adapter
-    from peftkit.core.context import load_base
     from peftkit.core.merging import merge_and_unload, method_merging
+    from peftkit.models import load_base
     from peftkit.quant import dequantize_model
 
     method_merging(read_adapter(adapter)[0].name)  # refuse a method that cannot merge before loading the model

@@ -77,6 +77,7 @@ def build_engine(args: argparse.Namespace):
     from peftkit.errors import PeftkitError
     from peftkit.hardware import resolve_precision, warn_if_slow
     from peftkit.models import BUNDLED_NAME, load_model
+    from peftkit.quant import apply_quantization
     from peftkit.serve.engine import Engine
     from peftkit.serve.lora_batch import read_lora
 
@@ -103,7 +104,7 @@ def build_engine(args: argparse.Namespace):
     model, tokenizer = load_model(model_name, dtype=load_dtype)
     base_fingerprint = fingerprint(model)  # before quantizing: the adapters' records were taken on these weights
     if quant is not None:
-        quant.apply(model, precision.compute_dtype)
+        apply_quantization(model, quant, precision.compute_dtype)
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.to(precision.weight_dtype)

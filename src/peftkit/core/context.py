@@ -11,7 +11,7 @@ ignores keys it does not know, with a warning), and ``peftkit generate`` / ``pef
   quantization), or null;
 * ``chat_template``: its name (``model``: the tokenizer's own) and its text with the text's SHA-256;
 * ``prompt``: the system message and the instruction that all training rows shared (null when they differ), and
-  how an instruction and the user's input were joined (`peftkit.data.formats.INPUT_FORMAT`).
+  how an instruction and the user's input were joined (`INPUT_FORMAT`).
 
 Adapters without the block (peft's own, or saved without a training context) load with nothing applied.
 """
@@ -23,22 +23,31 @@ import hashlib
 import json
 import os
 import string
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftkit.data.formats import INPUT_FORMAT, Conversation
 from peftkit.errors import PeftkitError
 
-__all__ = ["CONTEXT_KEY", "Quantization", "TrainingContext", "fingerprint", "load_base", "read_context"]
+__all__ = ["CONTEXT_KEY", "FORMATS", "INPUT_FORMAT", "Conversation", "Quantization", "TrainingContext", "fingerprint",
+           "read_context"]
 
 CONTEXT_KEY = "peftkit"
 VERSION = 1
 FINGERPRINT_TENSORS = 4
 FINGERPRINT_ELEMENTS = 1 << 20  # per tensor: the fingerprint stays cheap on large models
+
+# The vocabulary the record is written in lives here, below the layers that implement it (core imports neither):
+Conversation = list[dict[str, str]]
+"""Chat messages (``role``, ``content``), as `peftkit.data.formats` reads them."""
+
+INPUT_FORMAT = "{instruction}\n\n{input}"
+"""The user message of an instruction row with an input (Alpaca's ``input``, Dolly's ``context``)."""
+
+FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
+"""The weight formats of `peftkit.quant`, by name."""
 
 
 def fingerprint(model: nn.Module) -> str | None:
@@ -46,11 +55,11 @@ def fingerprint(model: nn.Module) -> str | None:
     `FINGERPRINT_TENSORS` evenly spaced parameters (their first `FINGERPRINT_ELEMENTS` entries).
 
     Note: values are hashed rounded to bf16, so a base loaded in fp32 and the same base loaded in bf16 agree.
-    None for a model whose weights are already quantized (its full-precision weights are gone).
+    None for a model whose weights are already quantized (its full-precision weights are gone): a layer whose
+    ``weight`` holds integer codes (`peftkit.quant.QuantLinear`).
     """
-    from peftkit.quant import QuantLinear
-
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    if any(isinstance(w := getattr(m, "weight", None), torch.Tensor) and not w.is_floating_point()
+           for m in model.modules()):
         return None
     params = list(model.named_parameters())
     if not params:
@@ -74,7 +83,8 @@ def _dtype(name: str, where: str) -> torch.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class Quantization:
-    """How the frozen base was stored while training (`peftkit.quant.quantize_model`'s arguments).
+    """How the frozen base was stored while training (`peftkit.quant.quantize_model`'s arguments; applied by
+    `peftkit.quant.apply_quantization`).
 
     Attributes:
         source_dtype: dtype of the weights that were quantized (quantizing bf16 or fp32 weights gives slightly
@@ -91,20 +101,11 @@ class Quantization:
         dq = " + double quant" if self.double_quant else ""
         return f"{self.format.upper()}{dq} (block {self.block_size})"
 
-    def apply(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32):
-        """Quantize `model` in place as training did; returns the `QuantReport`."""
-        from peftkit.quant import quantize_model
-
-        return quantize_model(model, self.format, block_size=self.block_size, double_quant=self.double_quant,
-                              compute_dtype=compute_dtype, skip=self.skip)
-
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "skip": list(self.skip)}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "") -> Quantization:
-        from peftkit.quant import FORMATS
-
         if not isinstance(data, dict) or data.get("format") not in FORMATS:
             raise PeftkitError(f"{where}quantization must name a format ({', '.join(FORMATS)}), got {data!r}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -237,50 +238,3 @@ def read_context(folder: str | os.PathLike) -> TrainingContext | None:
     if not isinstance(raw, dict) or raw.get(CONTEXT_KEY) is None:
         return None
     return TrainingContext.from_json(raw[CONTEXT_KEY], where=f"{path}: ")
-
-
-def load_base(
-    context: TrainingContext | None,
-    model: str | None = None,
-    quantize: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    compute_dtype: torch.dtype = torch.float32,
-):
-    """Load the base model an adapter was trained on, stored as training stored it.
-
-    Args:
-        context: the adapter's training context (None: an adapter without one).
-        model: the base to load instead of the recorded one (default: recorded, else the bundled model).
-        quantize: None: as recorded; ``"none"``: the full-precision base; a format: that format (with the recorded
-            block size and double quantization, else the defaults).
-        dtype: the dtype of the weights that stay in floating point.
-        compute_dtype: the dtype a quantized weight dequantizes to.
-
-    Returns:
-        ``(model, tokenizer, quantization)``: `quantization` says what the base was stored in (None: full precision).
-        A base whose fingerprint differs from the recorded one is used, with one warning line naming both.
-    """
-    from peftkit.models import BUNDLED_NAME, load_model
-
-    recorded = context.quantization if context is not None else None
-    if quantize is None:
-        quant = recorded
-    elif quantize == "none":
-        quant = None
-    else:
-        quant = dataclasses.replace(recorded, format=quantize) if recorded else Quantization(quantize)
-    name = model or (context.base if context is not None else None) or BUNDLED_NAME
-    # a quantized base is quantized from the weights training quantized (their dtype changes the codes)
-    load_dtype = _dtype(quant.source_dtype, "quantization: ") if quant is not None else dtype
-    base, tokenizer = load_model(name, dtype=load_dtype)
-    if context is not None and context.fingerprint is not None:
-        got = fingerprint(base)
-        if got != context.fingerprint:
-            print(f"peftkit: warning: base {name} (fingerprint {got}) differs from the base this adapter was trained "
-                  f"on ({context.base}, fingerprint {context.fingerprint}); its answers may be off", file=sys.stderr)
-    if quant is not None:
-        quant.apply(base, compute_dtype)
-        for p in base.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
-    return base, tokenizer, quant

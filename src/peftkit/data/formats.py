@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from peftkit.core.context import INPUT_FORMAT, Conversation  # what an adapter records of the prompt layout
 from peftkit.errors import PeftkitError
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
     "row_to_conversation",
 ]
 
-Conversation = list[dict[str, str]]
-
 _INSTRUCTION_KEYS = ("instruction",)
 _CONTEXT_KEYS = ("input", "context")
 _OUTPUT_KEYS = ("output", "response")
@@ -65,8 +64,6 @@ _DATASETS_SUFFIXES = (".arrow",)
 STREAM_BYTES = 64 << 20
 """CSV / TSV / Parquet files larger than this stream through `datasets` instead of being read whole by pandas."""
 
-INPUT_FORMAT = "{instruction}\n\n{input}"
-"""The user message of an instruction row with an input (Alpaca's ``input``, Dolly's ``context``)."""
 
 
 @dataclasses.dataclass

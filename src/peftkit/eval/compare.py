@@ -4,7 +4,7 @@
 a crash or an out-of-memory kill stays in its own row, and the peak memory of a row is that process's own peak
 resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: loading, training and evaluation). Each
 process loads the model, trains with :class:`peftkit.train.Trainer` (or, for ICL, prompts with examples),
-generates answers to the evaluation prompts (greedy, :func:`peftkit.eval.generate.generate`), scores them
+generates answers to the evaluation prompts (greedy, :func:`peftkit.generation.generate`), scores them
 (:func:`peftkit.eval.metrics.e2e_metrics` by default) and measures forgetting on the general probe
 (:mod:`peftkit.eval.forgetting`). The parent writes ``results.csv``, ``results.md`` and ``bleu_vs_params.png``.
 
@@ -177,7 +177,7 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from peftkit.eval.forgetting import Probe, measure_forgetting
-    from peftkit.eval.generate import generate
+    from peftkit.generation import generate
     from peftkit.hardware import resolve_precision
     from peftkit.models import load_model
 

@@ -3,7 +3,7 @@
 k-shot prompting (Brown et al. 2020, https://arxiv.org/abs/2005.14165): k solved examples from the training set
 are put before the query as earlier user/assistant turns of the conversation, the chat template is applied, and
 the model answers the last user turn. No weight changes; decoding and metrics are the ones the fine-tuned models
-get (:func:`peftkit.eval.generate.generate`, :func:`peftkit.eval.metrics.e2e_metrics`).
+get (:func:`peftkit.generation.generate`, :func:`peftkit.eval.metrics.e2e_metrics`).
 
 ICL results depend on which examples are shown and in which order (Zhao et al. 2021,
 https://arxiv.org/abs/2102.09690; Lu et al. 2022, https://arxiv.org/abs/2104.08786), so :func:`run_icl` scores
@@ -197,7 +197,7 @@ def run_icl(
         progress: called with one line per finished run.
         on_run: called with each finished run (e.g. to save it: a long evaluation that is stopped keeps its runs).
     """
-    from peftkit.eval.generate import generate
+    from peftkit.generation import generate
 
     if k < 0 or draws < 1 or orders < 1:
         raise PeftkitError(f"need k >= 0, draws >= 1, orders >= 1; got k={k}, draws={draws}, orders={orders}")

@@ -32,12 +32,13 @@ from typing import Any
 
 import torch
 
+from peftkit.core.context import FORMATS  # the names a training context records
+
 from . import native
 from .codebooks import Codebook, codebook
 from .packing import pair_table, unpack_4bit
 from .scaling import check_block_size, check_float, clip_threshold, num_blocks
 
-FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
 DQ_BLOCK = 256  # block size of the second level of double quantization (fixed, as in bitsandbytes)
 CHUNK = 1 << 21  # elements per pass, buffers reused (see the Note above on the size)
 STATE_VERSION = 1

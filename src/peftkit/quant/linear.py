@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from peftkit.errors import PeftkitError
 from .blockwise import FORMATS, QuantState, dequantize, quantize
 from .codebooks import codebook
 from .scaling import check_block_size
+
+if TYPE_CHECKING:
+    from peftkit.core.context import Quantization
 
 STATE_KEYS: tuple[str, ...] = ("absmax", "absmax_scale", "absmax_offset")
 CONFIG_FILE, WEIGHTS_FILE = "quantization.json", "model.safetensors"
@@ -239,6 +242,14 @@ class QuantReport:
         return (f"quantized {len(self.quantized)} layers ({self.params:,} weights, {self.bytes_before / 2**20:.1f} MiB "
                 f"-> {self.bytes_after / 2**20:.1f} MiB, {self.bits_per_param:.3f} bits/param); "
                 f"skipped {self.skipped or 'none'}")  # fmt: skip
+
+
+def apply_quantization(model: nn.Module, quantization: Quantization,
+                       compute_dtype: torch.dtype = torch.float32) -> QuantReport:
+    """Quantize `model` in place as a training context records it (format, block size, double quantization, the
+    modules left alone); returns the `QuantReport`."""
+    return quantize_model(model, quantization.format, block_size=quantization.block_size,
+                          double_quant=quantization.double_quant, compute_dtype=compute_dtype, skip=quantization.skip)
 
 
 def quantize_model(

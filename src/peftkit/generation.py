@@ -1,4 +1,6 @@
-"""Batched generation for evaluation: greedy (or beam) decoding with the KV cache, stopping at the end of the turn.
+"""Batched generation: greedy (or beam) decoding with the KV cache, stopping at the end of the turn.
+
+Below train and eval: training's evaluator, the eval tools, the demo, the server and ``peftkit generate`` use it.
 
 Prompts are rendered with the chat template, sorted by length (less padding), left-padded, and decoded with
 `model.generate`, so every method that keeps `generate` working (all of peftkit's) is evaluated the same way.
