@@ -199,10 +199,7 @@ def run_icl(
     """
     from peftkit.generation import generate
 
-    if k < 0 or draws < 1 or orders < 1:
-        raise PeftkitError(f"need k >= 0, draws >= 1, orders >= 1; got k={k}, draws={draws}, orders={orders}")
-    if len(queries) != len(references):
-        raise PeftkitError(f"{len(queries)} queries but {len(references)} reference lists")
+    _check_runs(k, draws, orders, queries, references)
     if score is None:
         from peftkit.eval.metrics import e2e_metrics
 
@@ -213,11 +210,7 @@ def run_icl(
         candidates = draw_order(len(pool), d, seed)
         shown = [pick_examples(pool, candidates, k, q, refs) for q, refs in zip(queries, references, strict=True)]
         for o in range(orders):
-            perm = list(range(k))
-            if o > 0:
-                rng = random.Random(seed * 1_000_003 + d * 1_009 + o)
-                while perm == list(range(k)) and k > 1:  # a different order, not the drawn one again
-                    rng.shuffle(perm)
+            perm = _permutation(k, d, o, seed)
             convs = [icl_conversation([exs[i] for i in perm], q) for exs, q in zip(shown, queries, strict=True)]
             predictions = generate(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    template=template)
@@ -233,3 +226,21 @@ def run_icl(
     summary = {m: spread([r.scores[m] for r in runs]) for m in metrics}
     mean_prompt = sum(r.prompt_tokens for r in runs) / len(runs)
     return ICLResult(k, runs, summary, mean_prompt, zero_shot)
+
+
+def _check_runs(k: int, draws: int, orders: int, queries: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    if k < 0 or draws < 1 or orders < 1:
+        raise PeftkitError(f"need k >= 0, draws >= 1, orders >= 1; got k={k}, draws={draws}, orders={orders}")
+    if len(queries) != len(references):
+        raise PeftkitError(f"{len(queries)} queries but {len(references)} reference lists")
+
+
+def _permutation(k: int, draw: int, order: int, seed: int) -> list[int]:
+    """The positions of the `k` drawn examples in run (`draw`, `order`): as drawn for order 0, else a fixed
+    shuffle of them (never the drawn order again)."""
+    perm = list(range(k))
+    if order > 0:
+        rng = random.Random(seed * 1_000_003 + draw * 1_009 + order)
+        while perm == list(range(k)) and k > 1:
+            rng.shuffle(perm)
+    return perm
