@@ -376,29 +376,33 @@ def _check_file(path: Path, meta: Any) -> dict[str, dict[str, Any]]:
         raise PeftkitError(f"{path}: layers must be a non-empty object of layer name -> layout, got "
                            f"{type(layers).__name__}")
     for name, layout in layers.items():
-        where = f"{path}: layer {name!r}"
-        if not isinstance(layout, dict):
-            raise PeftkitError(f"{where}: the layout must be an object, got a {type(layout).__name__}")
-        missing, unknown = _LAYOUT_TYPES.keys() - layout.keys(), layout.keys() - _LAYOUT_TYPES.keys()
-        if missing or unknown:
-            problem = f"missing {sorted(missing)}" if missing else f"unknown keys {sorted(unknown)}"
-            raise PeftkitError(f"{where}: {problem}")
-        for key, kind in _LAYOUT_TYPES.items():
-            value = layout[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise PeftkitError(f"{where}: {key} must be of type {kind.__name__}, got {value!r}")
-        if layout["format"] not in FORMATS:
-            raise PeftkitError(f"{where}: unknown format {layout['format']!r}; expected one of {list(FORMATS)}")
-        for key in ("compute_dtype", "weight_dtype"):
-            if layout[key] not in _FLOAT_DTYPES:
-                raise PeftkitError(f"{where}: {key} {layout[key]!r} is not one of {list(_FLOAT_DTYPES)}")
-        if layout["in_features"] <= 0 or layout["out_features"] <= 0:
-            raise PeftkitError(f"{where}: in_features and out_features must be > 0")
-        try:
-            check_block_size(layout["block_size"])
-        except ValueError as e:
-            raise PeftkitError(f"{where}: {e}") from None
+        _check_layout(f"{path}: layer {name!r}", layout)
     return layers
+
+
+def _check_layout(where: str, layout: Any) -> None:
+    """One layer's layout in a `quantization.json`: every field present, of its type, with a known value."""
+    if not isinstance(layout, dict):
+        raise PeftkitError(f"{where}: the layout must be an object, got a {type(layout).__name__}")
+    missing, unknown = _LAYOUT_TYPES.keys() - layout.keys(), layout.keys() - _LAYOUT_TYPES.keys()
+    if missing or unknown:
+        problem = f"missing {sorted(missing)}" if missing else f"unknown keys {sorted(unknown)}"
+        raise PeftkitError(f"{where}: {problem}")
+    for key, kind in _LAYOUT_TYPES.items():
+        value = layout[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise PeftkitError(f"{where}: {key} must be of type {kind.__name__}, got {value!r}")
+    if layout["format"] not in FORMATS:
+        raise PeftkitError(f"{where}: unknown format {layout['format']!r}; expected one of {list(FORMATS)}")
+    for key in ("compute_dtype", "weight_dtype"):
+        if layout[key] not in _FLOAT_DTYPES:
+            raise PeftkitError(f"{where}: {key} {layout[key]!r} is not one of {list(_FLOAT_DTYPES)}")
+    if layout["in_features"] <= 0 or layout["out_features"] <= 0:
+        raise PeftkitError(f"{where}: in_features and out_features must be > 0")
+    try:
+        check_block_size(layout["block_size"])
+    except ValueError as e:
+        raise PeftkitError(f"{where}: {e}") from None
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> None:
@@ -425,22 +429,8 @@ def load_quantized(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
     Raises:
         ValueError: a file is missing or corrupt, or the model does not match the saved layout.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    for f in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / f).is_file():
-            raise ValueError(f"{folder} is not a saved quantized model: {f} is missing")
-    try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeftkitError(f"{folder / CONFIG_FILE} is corrupt: {e}") from None
-    layers = _check_file(folder / CONFIG_FILE, meta)
-    try:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-    except (SafetensorError, OSError) as e:
-        raise PeftkitError(f"{folder / WEIGHTS_FILE} is corrupt: {e}") from None
+    layers, tensors = _read_files(folder)
     if model is None:
         model = _model_from_config(folder)
     for name, layout in layers.items():
@@ -467,6 +457,26 @@ def load_quantized(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
                                f"{layout['format']} layout or its tensors in {WEIGHTS_FILE} were changed, or the "
                                "two files come from different saves); save the quantized model again")
     return model
+
+
+def _read_files(folder: Path) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """The checked layer layouts and the tensors of a folder written by `save_quantized`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / f).is_file():
+            raise ValueError(f"{folder} is not a saved quantized model: {f} is missing")
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"{folder / CONFIG_FILE} is corrupt: {e}") from None
+    layers = _check_file(folder / CONFIG_FILE, meta)
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise PeftkitError(f"{folder / WEIGHTS_FILE} is corrupt: {e}") from None
+    return layers, tensors
 
 
 def _empty_layer(name: str, layout: dict[str, Any]) -> QuantLinear:
