@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
     context = recorded or TrainingContext()
-    changes = {k: v or None for k, v in {"instruction": args.instruction, "system": args.system}.items()
+    changes: dict[str, Any] = {k: v or None for k, v in {"instruction": args.instruction, "system": args.system}.items()
                if v is not None}
     if args.template:
         changes.update(template=args.template, template_text=None)

@@ -290,7 +290,7 @@ def _turns(messages: Any, key: str, sharegpt: bool) -> Conversation:
         role = m.get(role_key)
         if role not in roles:
             raise KeyError(f"{key}[{i}]: unknown {role_key} {role!r} (known: {', '.join(roles)})")
-        role = _SHAREGPT_ROLES[role] if sharegpt else role
+        role = _SHAREGPT_ROLES[str(role)] if sharegpt else str(role)
         content = m.get(content_key)
         if not isinstance(content, str):
             raise TypeError(f"{key}[{i}] ({role}): {content_key!r} is a {type(content).__name__}, not a string")

@@ -203,7 +203,7 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _generation_settings(spec: dict[str, Any]) -> dict[str, int]:
+def _generation_settings(spec: dict[str, Any]) -> dict[str, Any]:
     return {"max_new_tokens": spec.get("max_new_tokens", 64), "batch_size": spec.get("eval_batch_size", 16)}
 
 
@@ -261,7 +261,7 @@ def _run_trained_entry(spec: dict[str, Any], settings: dict[str, Any], task: Com
     t_eval = time.perf_counter()
     # the prompts are whole user messages (instruction included), rendered in the template training used
     predictions = generate(model, tokenizer, task.prompts, template=trainer.context.chat_template, **gen)
-    result = score(predictions, task.references)
+    result: dict[str, Any] = dict(score(predictions, task.references))
     result.update(trainable_params=params["trainable"], base_params=base_params,
                   trainable_pct=100.0 * params["trainable"] / base_params,
                   train_s=train.train_seconds, target_tok_s=train.target_tokens_per_s, train_loss=train.train_loss,

@@ -90,12 +90,14 @@ class QuantState:
         """The float32 block scales (undoing double quantization if needed)."""
         if not self.double_quant:
             return self.absmax
+        assert self.absmax_scale is not None and self.absmax_offset is not None  # set with double_quant
         return double_dequantize(self.absmax, self.absmax_scale, self.absmax_offset)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """State tensors by name (`absmax`, and `absmax_scale`, `absmax_offset` when double-quantized)."""
         out = {"absmax": self.absmax}
         if self.double_quant:
+            assert self.absmax_scale is not None and self.absmax_offset is not None  # set with double_quant
             out |= {"absmax_scale": self.absmax_scale, "absmax_offset": self.absmax_offset}
         return out
 

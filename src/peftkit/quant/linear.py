@@ -132,7 +132,7 @@ class QuantLinear(nn.Module):
     @property
     def state(self) -> QuantState:
         """The weight's `QuantState`, built from the current buffers (so it follows `.to(device)`)."""
-        tensors = {k: self._buffers[f"weight_{k}"] for k in STATE_KEYS if f"weight_{k}" in self._buffers}
+        tensors = {k: t for k in STATE_KEYS if (t := self._buffers.get(f"weight_{k}")) is not None}
         meta = {
             "format": self.format, "block_size": self.block_size, "shape": [self.out_features, self.in_features],
             "dtype": str(self.weight_dtype).removeprefix("torch."), "double_quant": self.double_quant,
@@ -191,7 +191,7 @@ def _linear_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return module.weight
     if _is_conv1d(module):
-        return module.weight.t()  # Conv1D stores (in, out) and computes x @ W + b
+        return module.weight.t()  # type: ignore[operator]  # Conv1D stores (in, out) and computes x @ W + b
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
@@ -356,7 +356,7 @@ def _fingerprint(name: str, layout: dict[str, Any], tensors: dict[str, torch.Ten
         t = tensors.get(f"{name}.{key}")
         if t is not None:
             digest.update(key.encode())
-            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()[:16]
 
 
@@ -409,7 +409,7 @@ def _untie(tensors: dict[str, torch.Tensor]) -> None:
     """safetensors refuses tensors sharing memory (tied embeddings): give each its own copy."""
     seen: dict[tuple[int, int], str] = {}
     for key, t in tensors.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
+        ident = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
         if ident in seen and t.numel():
             tensors[key] = t.clone()
         seen[ident] = key

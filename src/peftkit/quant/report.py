@@ -98,7 +98,7 @@ def format_report(rows: list[dict[str, float | str]]) -> str:
 BASELINE_LABEL = "BF16 (unquantized)"
 
 
-def quantized_linears(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> dict[str, nn.Module]:
+def quantized_linears(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> dict[str, nn.Linear]:
     """The linear layers `quantize_model` would replace: name -> module (the output head skipped by default)."""
     return {name: module for name, module in model.named_modules()
             if name and isinstance(module, nn.Linear) and not _matches(name, tuple(skip))}  # fmt: skip
@@ -201,7 +201,7 @@ def model_report(
     return rows
 
 
-def _apply_variant(v: Variant, originals: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module],
+def _apply_variant(v: Variant, originals: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Linear],
                    compute_dtype: torch.dtype) -> dict[str, float]:
     """Quantize each original weight in variant `v`, copy its dequantized value into the target layer; the sums
     over all weights: storage ``bits``, squared error ``err2`` and norm ``ref2``, ``abs_err``, ``clipped``."""

@@ -99,6 +99,7 @@ def clip_threshold(x: torch.Tensor, threshold: float | None = None, percentile: 
         if not threshold > 0:
             raise ValueError(f"clip threshold must be > 0, got {threshold}")
         return float(threshold)
+    assert percentile is not None  # exactly one of the two, checked above
     if not 0 < percentile <= 100:
         raise ValueError(f"clip percentile must be in (0, 100], got {percentile}")
     flat = x.detach().reshape(-1).float().abs()
