@@ -29,8 +29,12 @@ lock:
 demo: $(STAMP)
 	$(VENV)/bin/peftkit demo
 
+# style and complexity (ruff, C901 included), the layers of STYLE.md (import-linter, contracts in pyproject.toml),
+# types (mypy, settings in pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 test: lint
 	$(PY) -m pytest -q

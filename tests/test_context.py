@@ -15,7 +15,7 @@ from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter
 from peftkit.core.context import Quantization, TrainingContext, fingerprint, read_context
 from peftkit.data.formats import ReadStats, read_conversations
 from peftkit.errors import PeftkitError
-from peftkit.eval.generate import generate
+from peftkit.generation import generate
 from peftkit.models import load_model
 from peftkit.quant import QuantLinear
 from peftkit.train import TrainConfig, Trainer
@@ -238,7 +238,7 @@ def test_a_malformed_block_is_refused_before_touching_the_model(tmp_path):
 
 
 def test_compare_evaluates_in_the_template_it_trained_with(tmp_path, monkeypatch):
-    import peftkit.eval.generate as gen
+    import peftkit.generation as gen
     from peftkit.data.sequences import TEMPLATES
     from peftkit.eval.compare import COMMON_SETTINGS, DEFAULT_ENTRIES, CompareTask, run_entry
 

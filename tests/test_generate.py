@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 
+import peftkit.generation as gen
 from peftkit.core.adapter_io import apply_method
 from peftkit.data.sequences import prompt_text
-from peftkit.eval import generate as gen
 
 PROMPTS = ["Please answer in one word. Which colour is " + x for x in ("the sky?", "grass", "snow, mostly?", "a")]
 

@@ -70,7 +70,7 @@ def test_spread_mean_sample_std_min_max():
 def test_run_icl_draws_orders_and_summary(monkeypatch):
     """Every (draw, order) run sees k examples, none leaking; orders permute the same examples; the summary is
     the spread of the per-run scores."""
-    import peftkit.eval.generate as gen_mod
+    import peftkit.generation as gen_mod
 
     seen: list[list[list[dict]]] = []
 

@@ -68,7 +68,7 @@ def bundled():
 
 @requires_bundled
 def test_bundled_model_answers_a_simple_question(bundled):
-    from peftkit.eval.generate import generate
+    from peftkit.generation import generate
 
     model, tok = bundled
     [answer] = generate(model, tok, ["What is the capital of France?"], max_new_tokens=16)

@@ -34,10 +34,10 @@ from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter  # 
 from peftkit.core.context import TrainingContext, read_context  # noqa: E402
 from peftkit.data.sequences import prompt_text  # noqa: E402
 from peftkit.errors import PeftkitError  # noqa: E402
-from peftkit.eval.generate import generate  # noqa: E402
+from peftkit.generation import generate  # noqa: E402
 from peftkit.methods.lora import lora_layers  # noqa: E402
 from peftkit.models import load_model  # noqa: E402
-from peftkit.quant import QuantLinear  # noqa: E402
+from peftkit.quant import QuantLinear, apply_quantization  # noqa: E402
 from peftkit.serve.app import as_trained, create_app  # noqa: E402
 from peftkit.serve.engine import Engine, Finished, SamplingParams  # noqa: E402
 from peftkit.serve.lora_batch import LoRABatch, read_lora  # noqa: E402
@@ -749,7 +749,7 @@ def test_qlora_adapter_is_served_on_the_base_quantized_as_trained(trained, capsy
         server.stop()
     # a base quantized before the engine got it has no fingerprint left: the adapter is served, unchecked
     model, tok = load_model(trained["base"])
-    read_context(qlora).quantization.apply(model)
+    apply_quantization(model, read_context(qlora).quantization)
     engine = Engine(model, tok, "nf4-base")
     [warning] = engine.check_adapter("q", read_lora(qlora, model))  # stored as trained: no other warning
     assert "was quantized before its fingerprint was taken: it cannot be checked" in warning

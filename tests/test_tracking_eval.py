@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_train import make_cfg, run, sharp_llama
 
 from peftkit.errors import PeftkitError
-from peftkit.eval.generate import generate
+from peftkit.generation import generate
 from peftkit.train import Trainer
 from peftkit.train.evaluation import resolve_metric
 
@@ -177,3 +177,18 @@ def test_mlflow_logs_metrics_to_a_file_store_in_the_run_folder(tmp_path, monkeyp
         assert logged.data.params["method"] == "lora"
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_metrics_of_the_layers_above_train_come_through_the_registry():
+    """Training imports neither eval nor the demo: their metrics register themselves (importing peftkit does it),
+    and a name registered twice is refused rather than silently replaced."""
+    from peftkit.eval.metrics import bleu, rouge_l
+    from peftkit.train.evaluation import METRICS, register_metric
+
+    predictions, references = ["the cat sat on the mat", "a dog"], ["the cat sat on a mat", "the dog barked"]
+    assert resolve_metric("bleu")(predictions, references) == {"bleu": bleu(predictions, [[r] for r in references])}
+    assert resolve_metric("rouge_l")(predictions, references) == {
+        "rouge_l": rouge_l(predictions, [[r] for r in references])}
+    assert {"exact_match", "bleu", "rouge_l", "orders"} <= set(METRICS)
+    with pytest.raises(RuntimeError, match="'bleu' registered twice"):
+        register_metric("bleu", lambda p, r: {}, ("bleu",))

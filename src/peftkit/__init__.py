@@ -8,6 +8,10 @@ The public API in one place:
     save_adapter(model, "adapter/"); load_adapter(fresh_model, "adapter/")
 """
 
+# The layers above train register their metrics for `eval_metric` on import (training never imports them):
+# ``bleu`` and ``rouge_l`` (eval), ``orders`` (the demo's task).
+import peftkit.demo  # noqa: E402, F401, I001
+import peftkit.eval.metrics  # noqa: E402, F401
 from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter
 from peftkit.core.merging import merge, merge_and_unload, unmerge
 from peftkit.core.registry import get_method, list_methods

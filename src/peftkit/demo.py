@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.data.formats import read_conversations
-from peftkit.eval.generate import generate
+from peftkit.generation import generate
 from peftkit.hardware import resolve_precision, warn_if_slow
 from peftkit.models import BUNDLED_NAME, load_model
 from peftkit.train import TrainConfig, Trainer
+from peftkit.train.evaluation import register_metric
 
 __all__ = ["DEMO_CONFIG", "run_demo", "score_orders", "task_file"]
 
@@ -71,6 +72,10 @@ def score_orders(predictions: list[str], references: list[str]) -> dict[str, flo
         fields += sum(str(got.get(k)).lower() == str(want[k]).lower() for k in FIELDS)
     n = max(len(references), 1)
     return {"exact_match": exact / n, "field_accuracy": fields / (n * len(FIELDS)), "valid_json": valid / n}
+
+
+# `eval_metric: orders` while training (README: the demo recipe with save_best=exact_match)
+register_metric("orders", score_orders, ("exact_match", "field_accuracy", "valid_json"))
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from peftkit.core.context import Quantization, TrainingContext, fingerprint
+from peftkit.quant import apply_quantization
 
 __all__ = ["Base", "base_quantization", "load_base", "load_base_as"]
 
@@ -64,7 +65,7 @@ def load_base_as(
     model, tokenizer = load_model(name, dtype=load_dtype)
     base_fingerprint = fingerprint(model)  # before quantizing: adapters record the weights they were trained on
     if quantization is not None:
-        quantization.apply(model, compute_dtype)
+        apply_quantization(model, quantization, compute_dtype)
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.to(dtype)

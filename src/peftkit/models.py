@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import (
@@ -216,7 +217,7 @@ def load_model(
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
         model.to(device).eval()
-        return model, load_tokenizer(resolved)
+        return cast(PreTrainedModel, model), load_tokenizer(resolved)
     config = _from_hub(AutoConfig.from_pretrained, resolved)
     model = _from_hub(AutoModelForCausalLM.from_pretrained, resolved, config=config, dtype=dtype)
     model.to(device).eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     from peftkit.core.adapter_io import load_adapter
     from peftkit.core.context import TrainingContext, read_context
-    from peftkit.eval.generate import generate
+    from peftkit.generation import generate
     from peftkit.hardware import resolve_precision, warn_if_slow
     from peftkit.loading import load_base
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
     context = recorded or TrainingContext()
-    changes = {k: v or None for k, v in {"instruction": args.instruction, "system": args.system}.items()
+    changes: dict[str, Any] = {k: v or None for k, v in {"instruction": args.instruction, "system": args.system}.items()
                if v is not None}
     if args.template:
         changes.update(template=args.template, template_text=None)

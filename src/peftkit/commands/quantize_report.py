@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         layer = model.get_submodule(args.layer)
     except AttributeError:
         raise PeftkitError(f"--layer {args.layer!r} is not a module of the model") from None
-    weight = layer.weight.detach().float()
+    weight = layer.weight.detach().float()  # type: ignore[operator]
     png = plot_levels(weight.reshape(-1)[:64], weight, out / "quantize_levels.png",
                       title=f"{args.layer}: real weights vs INT4 and NF4 levels (block 64)")
     result = {"model": args.model, "text": source, "samples": len(texts), "max_length": args.max_length,

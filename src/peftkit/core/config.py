@@ -35,12 +35,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             try:
                 return _coerce(value, arg, key)
-            except PeftkitError as e:
-                errors.append(e)
+            except PeftkitError:
+                pass
         raise PeftkitError(f"{key}: expected {' or '.join(_type_name(a) for a in get_args(tp))}, got {value!r}")
     if tp is type(None):
         if value is None:
@@ -50,16 +49,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in get_args(tp):
             return value
         raise PeftkitError(f"{key}: expected one of {', '.join(repr(a) for a in get_args(tp))}, got {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise PeftkitError(f"{key}: expected a list, got {value!r}")
-        (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+    if origin in (list, tuple, dict):
+        return _coerce_container(value, tp, origin, key)
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_container(value: Any, tp: Any, origin: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise PeftkitError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
+    if not isinstance(value, (list, tuple)):
+        raise PeftkitError(f"{key}: expected a list, got {value!r}")
+    (item_tp, *_) = get_args(tp) or (Any,)
+    items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):

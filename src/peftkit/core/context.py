@@ -11,7 +11,7 @@ ignores keys it does not know, with a warning), and ``peftkit generate`` / ``pef
   quantization), or null;
 * ``chat_template``: its name (``model``: the tokenizer's own) and its text with the text's SHA-256;
 * ``prompt``: the system message and the instruction that all training rows shared (null when they differ), and
-  how an instruction and the user's input were joined (`peftkit.data.formats.INPUT_FORMAT`).
+  how an instruction and the user's input were joined (`INPUT_FORMAT`).
 
 Adapters without the block (peft's own, or saved without a training context) load with nothing applied.
 """
@@ -29,15 +29,41 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.data.formats import INPUT_FORMAT, Conversation
 from peftkit.errors import PeftkitError
 
-__all__ = ["CONTEXT_KEY", "Quantization", "TrainingContext", "fingerprint", "read_context"]
+__all__ = ["CONTEXT_KEY", "FORMATS", "INPUT_FORMAT", "MAX_BLOCK", "MIN_BLOCK", "Conversation", "Quantization",
+           "TrainingContext", "check_block_size", "fingerprint", "read_context"]
 
 CONTEXT_KEY = "peftkit"
 VERSION = 1
 FINGERPRINT_TENSORS = 4
 FINGERPRINT_ELEMENTS = 1 << 20  # per tensor: the fingerprint stays cheap on large models
+
+# The vocabulary the record is written in lives here, below the layers that implement it (core imports neither):
+Conversation = list[dict[str, str]]
+"""Chat messages (``role``, ``content``), as `peftkit.data.formats` reads them."""
+
+INPUT_FORMAT = "{instruction}\n\n{input}"
+"""The user message of an instruction row with an input (Alpaca's ``input``, Dolly's ``context``)."""
+
+FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
+"""The weight formats of `peftkit.quant`, by name."""
+
+MIN_BLOCK, MAX_BLOCK = 32, 4096
+"""The block sizes `peftkit.quant` supports (powers of two in between)."""
+
+
+def check_block_size(block_size: int) -> int:
+    """Validate a block size: a power of two in [32, 4096].
+
+    Raises:
+        ValueError: naming the bad value.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise ValueError(f"block_size must be an int, got {block_size!r}")
+    if not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}], got {block_size}")
+    return block_size
 
 
 def fingerprint(model: nn.Module) -> str | None:
@@ -45,11 +71,11 @@ def fingerprint(model: nn.Module) -> str | None:
     `FINGERPRINT_TENSORS` evenly spaced parameters (their first `FINGERPRINT_ELEMENTS` entries).
 
     Note: values are hashed rounded to bf16, so a base loaded in fp32 and the same base loaded in bf16 agree.
-    None for a model whose weights are already quantized (its full-precision weights are gone).
+    None for a model whose weights are already quantized (its full-precision weights are gone): a layer whose
+    ``weight`` holds integer codes (`peftkit.quant.QuantLinear`).
     """
-    from peftkit.quant import QuantLinear
-
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    if any(isinstance(w := getattr(m, "weight", None), torch.Tensor) and not w.is_floating_point()
+           for m in model.modules()):
         return None
     params = list(model.named_parameters())
     if not params:
@@ -73,7 +99,8 @@ def _dtype(name: str, where: str) -> torch.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class Quantization:
-    """How the frozen base was stored while training (`peftkit.quant.quantize_model`'s arguments).
+    """How the frozen base was stored while training (`peftkit.quant.quantize_model`'s arguments; applied by
+    `peftkit.quant.apply_quantization`).
 
     Attributes:
         source_dtype: dtype of the weights that were quantized (quantizing bf16 or fp32 weights gives slightly
@@ -90,28 +117,17 @@ class Quantization:
         dq = " + double quant" if self.double_quant else ""
         return f"{self.format.upper()}{dq} (block {self.block_size})"
 
-    def apply(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32):
-        """Quantize `model` in place as training did; returns the `QuantReport`."""
-        from peftkit.quant import quantize_model
-
-        return quantize_model(model, self.format, block_size=self.block_size, double_quant=self.double_quant,
-                              compute_dtype=compute_dtype, skip=self.skip)
-
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "skip": list(self.skip)}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "") -> Quantization:
-        from peftkit.quant import FORMATS
-
         if not isinstance(data, dict) or data.get("format") not in FORMATS:
             raise PeftkitError(f"{where}quantization must name a format ({', '.join(FORMATS)}), got {data!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         q = cls(**{k: v for k, v in data.items() if k in known})
         if not isinstance(q.block_size, int) or q.block_size <= 0 or not isinstance(q.double_quant, bool):
             raise PeftkitError(f"{where}quantization: bad block_size or double_quant in {data!r}")
-        from peftkit.quant.scaling import check_block_size
-
         try:
             check_block_size(q.block_size)
         except ValueError as e:

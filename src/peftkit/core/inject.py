@@ -41,7 +41,7 @@ def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         if isinstance(module, AdapterModule):
             for pname in module.adapter_params():
                 full = f"{mod_name}.{pname}" if mod_name else pname
-                yield full, module.get_parameter(pname)
+                yield full, model.get_parameter(full)
 
 
 def freeze_all(model: nn.Module) -> None:
@@ -94,11 +94,11 @@ def match_modules(
             pattern = re.compile(targets)
         except re.error as e:
             raise PeftkitError(f"target_modules regex {targets!r} is invalid: {e}") from None
-        found = [n for n in names if pattern.fullmatch(n)]
-        if not found:
+        matched = [n for n in names if pattern.fullmatch(n)]
+        if not matched:
             raise PeftkitError(f"target_modules regex {targets!r} matches no module; candidates look like: "
                                f"{', '.join(names[:5])}")
-        return found
+        return matched
     found: list[str] = []
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     for target in targets:

@@ -7,6 +7,8 @@ model does not have) is refused with one line naming it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -28,7 +30,8 @@ def method_merging(name: str) -> Merging:
 def _merging(model: nn.Module) -> tuple[str, Merging]:
     if not hasattr(model, "peftkit_method"):
         raise PeftkitError("this model has no peftkit adapter (adapt it with apply_method or load_adapter first)")
-    name = model.peftkit_method[0]
+    method: Any = model.peftkit_method  # (name, config), set by apply_method
+    name = method[0]
     return name, method_merging(name)
 
 

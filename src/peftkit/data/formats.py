@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from peftkit.core.context import INPUT_FORMAT, Conversation  # what an adapter records of the prompt layout
 from peftkit.errors import PeftkitError
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
     "row_to_conversation",
 ]
 
-Conversation = list[dict[str, str]]
-
 _INSTRUCTION_KEYS = ("instruction",)
 _CONTEXT_KEYS = ("input", "context")
 _OUTPUT_KEYS = ("output", "response")
@@ -65,8 +64,6 @@ _DATASETS_SUFFIXES = (".arrow",)
 STREAM_BYTES = 64 << 20
 """CSV / TSV / Parquet files larger than this stream through `datasets` instead of being read whole by pandas."""
 
-INPUT_FORMAT = "{instruction}\n\n{input}"
-"""The user message of an instruction row with an input (Alpaca's ``input``, Dolly's ``context``)."""
 
 
 @dataclasses.dataclass
@@ -171,15 +168,7 @@ def _file_rows(path: Path, on_bad_line: Callable[[str], None] | None = None,
         )
     try:
         if suffix == ".json":
-            data = json.loads(_read_text(path))
-            if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise PeftkitError(f"{path}: expected a list of rows (or one list under a key)")
-                data = lists[0]
-            if not isinstance(data, list):
-                raise PeftkitError(f"{path}: expected a list of rows")
-            return iter(data)
+            return iter(_json_rows(path))
         import pandas as pd
 
         if suffix == ".parquet":
@@ -196,6 +185,19 @@ def _file_rows(path: Path, on_bad_line: Callable[[str], None] | None = None,
         if isinstance(e, PeftkitError):
             raise
         raise PeftkitError(f"cannot read {path}: {e}") from None
+
+
+def _json_rows(path: Path) -> list[Any]:
+    """The rows of a .json file: a list, or one list under a key (``{"train": [...]}``)."""
+    data = json.loads(_read_text(path))
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise PeftkitError(f"{path}: expected a list of rows (or one list under a key)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise PeftkitError(f"{path}: expected a list of rows")
+    return data
 
 
 def _not_utf8(path: Path, data: bytes, e: UnicodeDecodeError, first_line: int = 1) -> str:
@@ -321,7 +323,7 @@ def _turns(messages: Any, key: str, sharegpt: bool) -> Conversation:
         role = m.get(role_key)
         if role not in roles:
             raise KeyError(f"{key}[{i}]: unknown {role_key} {role!r} (known: {', '.join(roles)})")
-        role = _SHAREGPT_ROLES[role] if sharegpt else role
+        role = _SHAREGPT_ROLES[str(role)] if sharegpt else str(role)
         content = m.get(content_key)
         if not isinstance(content, str):
             raise TypeError(f"{key}[{i}] ({role}): {content_key!r} is a {type(content).__name__}, not a string")

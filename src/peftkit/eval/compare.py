@@ -4,7 +4,7 @@
 a crash or an out-of-memory kill stays in its own row, and the peak memory of a row is that process's own peak
 resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: loading, training and evaluation). Each
 process loads the model, trains with :class:`peftkit.train.Trainer` (or, for ICL, prompts with examples),
-generates answers to the evaluation prompts (greedy, :func:`peftkit.eval.generate.generate`), scores them
+generates answers to the evaluation prompts (greedy, :func:`peftkit.generation.generate`), scores them
 (:func:`peftkit.eval.metrics.e2e_metrics` by default) and measures forgetting on the general probe
 (:mod:`peftkit.eval.forgetting`). The parent writes ``results.csv``, ``results.md`` and ``bleu_vs_params.png``.
 
@@ -164,7 +164,10 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
-def _score_fn(metrics: str) -> Callable[[list[str], Sequence[Sequence[str]]], dict[str, float]]:
+Score = Callable[[list[str], Sequence[Sequence[str]]], dict[str, float]]
+
+
+def _score_fn(metrics: str) -> Score:
     from peftkit.eval.metrics import e2e_metrics
 
     if metrics == "bleu-nist":
@@ -176,8 +179,7 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (or prompt), evaluate and probe one entry; `spec` is what :func:`run_compare` writes for it."""
     import torch
 
-    from peftkit.eval.forgetting import Probe, measure_forgetting
-    from peftkit.eval.generate import generate
+    from peftkit.eval.forgetting import Probe
     from peftkit.hardware import resolve_precision
     from peftkit.models import load_model
 
@@ -186,71 +188,91 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
     settings = {**spec["common"], **spec["entry"]}
     task = CompareTask.load(spec["task"])
     score = _score_fn(spec.get("metrics", "all"))
-    gen = {"max_new_tokens": spec.get("max_new_tokens", 64), "batch_size": spec.get("eval_batch_size", 16)}
     precision = resolve_precision(settings.get("precision", "auto"))
     print(f"{spec['label']}: {precision.line()}", flush=True)
     model, tokenizer = load_model(spec["model"], dtype=precision.weight_dtype)
     result: dict[str, Any] = {"method": spec["label"], "settings": _settings_text(spec["entry"]),
                               "precision": precision.name}
     probe = Probe.load(spec["probe"]) if spec.get("probe") else None
-
+    run = _run_icl_entry if settings["method"] == "icl" else _run_trained_entry
+    result.update(run(spec, settings, task, score, model, tokenizer, probe))
     if settings["method"] == "icl":
-        from peftkit.data.formats import read_conversations
-        from peftkit.eval.icl import ICLExample, run_icl
-
-        pool = [ICLExample(c[0]["content"], c[-1]["content"]) for c in read_conversations(task.train_file)]
-        runs_file = Path(spec["output_dir"]).parent / _ICL_RUNS
-        runs_file.unlink(missing_ok=True)
-
-        def save_run(run: Any) -> None:  # a stopped evaluation keeps its finished runs
-            with runs_file.open("a") as f:
-                f.write(json.dumps({"draw": run.draw, "order": run.order, **run.scores}) + "\n")
-
-        icl = run_icl(model, tokenizer, pool, task.prompts, task.references, k=settings.get("k", 3),
-                      draws=settings.get("draws", 1), orders=settings.get("orders", 1), score=score,
-                      progress=lambda line: print(line, flush=True), on_run=save_run, **gen)
-        result.update({m: s["mean"] for m, s in icl.summary.items()})
-        result["spread"] = icl.summary
-        result["icl_runs"] = [{"draw": r.draw, "order": r.order, **r.scores} for r in icl.runs]
-        result["predictions"] = icl.runs[0].predictions
-        result.update(trainable_params=0, trainable_pct=0.0, prompt_tokens=icl.prompt_tokens,
-                      zero_shot_prompt_tokens=icl.zero_shot_prompt_tokens, eval_s=time.perf_counter() - t_start)
-        if probe is not None:  # no weight changes: the probe is the base model's, by construction
-            result.update(probe_loss=probe.base_loss, probe_loss_increase=0.0, probe_rouge_l=1.0)
-    else:
-        from peftkit.eval.icl import icl_conversation, prompt_tokens
-        from peftkit.train import TrainConfig, Trainer
-        from peftkit.train.trainer import count_parameters
-
-        base_params = count_parameters(model)["total"]  # before quantization turns weights into buffers
-        train_keys = {k: v for k, v in settings.items() if k not in _ICL_KEYS}
-        cfg = TrainConfig.from_dict({**train_keys, "model": spec["model"], "data": task.train_file,
-                                     "output_dir": spec["output_dir"]})
-        trainer = Trainer(cfg, model=model, tokenizer=tokenizer, overwrite=True)  # compare owns its entry folders
-        params = trainer.params
-        print(f"{spec['label']}: {params['trainable']:,} trainable parameters "
-              f"({100 * params['trainable'] / base_params:.3f}% of the base model's {base_params:,}), "
-              f"{len(trainer.rows)} rows, {trainer.total_steps} steps", flush=True)
-        train = trainer.run()
-        print(f"{spec['label']}: trained in {train.train_seconds:.0f} s, final loss {train.train_loss:.4f}", flush=True)
-        model = trainer.model
-        t_eval = time.perf_counter()
-        # the prompts are whole user messages (instruction included), rendered in the template training used
-        predictions = generate(model, tokenizer, task.prompts, template=trainer.context.chat_template, **gen)
-        result.update(score(predictions, task.references))
-        result.update(trainable_params=params["trainable"], base_params=base_params,
-                      trainable_pct=100.0 * params["trainable"] / base_params,
-                      train_s=train.train_seconds, target_tok_s=train.target_tokens_per_s, train_loss=train.train_loss,
-                      steps=train.steps, predictions=predictions, eval_s=time.perf_counter() - t_eval,
-                      prompt_tokens=prompt_tokens(tokenizer, [icl_conversation([], p) for p in task.prompts]))
-        if probe is not None:
-            report = measure_forgetting(model, tokenizer, probe, max_new_tokens=spec.get("probe_new_tokens", 48),
-                                        batch_size=gen["batch_size"])
-            result.update({"probe_loss": report.loss_after, "probe_loss_increase": report.loss_increase,
-                           "probe_rouge_l": report.rouge_l, "probe_exact": report.exact,
-                           "probe_answers": report.answers})
+        result["eval_s"] = time.perf_counter() - t_start
     result["peak_rss_gb"] = _peak_rss_gb()
     result["total_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _generation_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"max_new_tokens": spec.get("max_new_tokens", 64), "batch_size": spec.get("eval_batch_size", 16)}
+
+
+def _run_icl_entry(spec: dict[str, Any], settings: dict[str, Any], task: CompareTask, score: Score, model: Any,
+                   tokenizer: Any, probe: Any) -> dict[str, Any]:
+    """The in-context learning entry: `k` examples from the training file before each prompt, no training."""
+    from peftkit.data.formats import read_conversations
+    from peftkit.eval.icl import ICLExample, run_icl
+
+    pool = [ICLExample(c[0]["content"], c[-1]["content"]) for c in read_conversations(task.train_file)]
+    runs_file = Path(spec["output_dir"]).parent / _ICL_RUNS
+    runs_file.unlink(missing_ok=True)
+
+    def save_run(run: Any) -> None:  # a stopped evaluation keeps its finished runs
+        with runs_file.open("a") as f:
+            f.write(json.dumps({"draw": run.draw, "order": run.order, **run.scores}) + "\n")
+
+    icl = run_icl(model, tokenizer, pool, task.prompts, task.references, k=settings.get("k", 3),
+                  draws=settings.get("draws", 1), orders=settings.get("orders", 1),
+                  score=score, progress=lambda line: print(line, flush=True),
+                  on_run=save_run, **_generation_settings(spec))
+    result: dict[str, Any] = {m: s["mean"] for m, s in icl.summary.items()}
+    result["spread"] = icl.summary
+    result["icl_runs"] = [{"draw": r.draw, "order": r.order, **r.scores} for r in icl.runs]
+    result["predictions"] = icl.runs[0].predictions
+    result.update(trainable_params=0, trainable_pct=0.0, prompt_tokens=icl.prompt_tokens,
+                  zero_shot_prompt_tokens=icl.zero_shot_prompt_tokens)
+    if probe is not None:  # no weight changes: the probe is the base model's, by construction
+        result.update(probe_loss=probe.base_loss, probe_loss_increase=0.0, probe_rouge_l=1.0)
+    return result
+
+
+def _run_trained_entry(spec: dict[str, Any], settings: dict[str, Any], task: CompareTask, score: Score,
+                       model: Any, tokenizer: Any, probe: Any) -> dict[str, Any]:
+    """A method's entry: train on the task, answer its prompts, measure forgetting on the probe."""
+    from peftkit.eval.forgetting import measure_forgetting
+    from peftkit.eval.icl import icl_conversation, prompt_tokens
+    from peftkit.generation import generate
+    from peftkit.train import TrainConfig, Trainer
+    from peftkit.train.trainer import count_parameters
+
+    gen = _generation_settings(spec)
+    base_params = count_parameters(model)["total"]  # before quantization turns weights into buffers
+    train_keys = {k: v for k, v in settings.items() if k not in _ICL_KEYS}
+    cfg = TrainConfig.from_dict({**train_keys, "model": spec["model"], "data": task.train_file,
+                                 "output_dir": spec["output_dir"]})
+    trainer = Trainer(cfg, model=model, tokenizer=tokenizer, overwrite=True)  # compare owns its entry folders
+    params = trainer.params
+    print(f"{spec['label']}: {params['trainable']:,} trainable parameters "
+          f"({100 * params['trainable'] / base_params:.3f}% of the base model's {base_params:,}), "
+          f"{len(trainer.rows)} rows, {trainer.total_steps} steps", flush=True)
+    train = trainer.run()
+    print(f"{spec['label']}: trained in {train.train_seconds:.0f} s, final loss {train.train_loss:.4f}", flush=True)
+    model = trainer.model
+    t_eval = time.perf_counter()
+    # the prompts are whole user messages (instruction included), rendered in the template training used
+    predictions = generate(model, tokenizer, task.prompts, template=trainer.context.chat_template, **gen)
+    result: dict[str, Any] = dict(score(predictions, task.references))
+    result.update(trainable_params=params["trainable"], base_params=base_params,
+                  trainable_pct=100.0 * params["trainable"] / base_params,
+                  train_s=train.train_seconds, target_tok_s=train.target_tokens_per_s, train_loss=train.train_loss,
+                  steps=train.steps, predictions=predictions, eval_s=time.perf_counter() - t_eval,
+                  prompt_tokens=prompt_tokens(tokenizer, [icl_conversation([], p) for p in task.prompts]))
+    if probe is not None:
+        report = measure_forgetting(model, tokenizer, probe, max_new_tokens=spec.get("probe_new_tokens", 48),
+                                    batch_size=gen["batch_size"])
+        result.update({"probe_loss": report.loss_after, "probe_loss_increase": report.loss_increase,
+                       "probe_rouge_l": report.rouge_l, "probe_exact": report.exact,
+                       "probe_answers": report.answers})
     return result
 
 
@@ -488,36 +510,48 @@ def run_compare(
                  "eval_batch_size": eval_batch_size}
     t0 = time.perf_counter()
     if probe:
-        probe_path = out / "probe.json"
-        if not probe_path.is_file():
-            log(f"[probe] base model's answers to the general probe questions -> {probe_path}")
-            got = _spawn({**base_spec, "kind": "probe", "label": "probe", "probe": str(probe_path)}, out / "_probe",
-                         timeout)
-            if got.get("error"):
-                log(f"[probe] failed ({got['error']}); continuing without the forgetting columns")
-            else:
-                log(f"[probe] base loss {got['probe_loss']:.4f} on {got['prompts']} prompts")
-        base_spec["probe"] = str(probe_path) if probe_path.is_file() else None
+        base_spec["probe"] = _probe_file(base_spec, out, timeout, log)
     results: list[dict[str, Any]] = []
     for i, name in enumerate(methods, 1):
         entry = dict(entries[name])
         if name in mitigations and replay_data:
             entry.setdefault("replay_data", str(Path(replay_data).resolve()))
         log(f"[{i}/{len(methods)}] {name}: {_settings_text(entry)} (elapsed {time.perf_counter() - t0:.0f} s)")
-        t = time.perf_counter()
         spec = {**base_spec, "label": name, "entry": entry, "output_dir": str(out / name / "train")}
-        result = _spawn(spec, out / name, timeout)
-        results.append(result)
-        if result.get("error"):
-            log(f"[{i}/{len(methods)}] {name}: FAILED after {time.perf_counter() - t:.0f} s: {result['error']} "
-                f"(log: {out / name / 'log.txt'})")
-        else:
-            log(f"[{i}/{len(methods)}] {name}: BLEU {result.get('BLEU', float('nan')):.4f}, "
-                f"{result.get('trainable_params', 0):,} trainable, peak RSS {result.get('peak_rss_gb', 0):.2f} GB, "
-                f"{time.perf_counter() - t:.0f} s")
+        results.append(_run_logged(spec, out / name, timeout, log, f"[{i}/{len(methods)}] "))
         _write_outputs(results, out, task.description)
     log(f"done in {time.perf_counter() - t0:.0f} s: {out / 'results.md'}")
     return results
+
+
+def _probe_file(base_spec: dict[str, Any], out: Path, timeout: float | None,
+                log: Callable[[str], None]) -> str | None:
+    """The base model's probe (built in its own process unless `out` holds it), None if building it failed."""
+    probe_path = out / "probe.json"
+    if not probe_path.is_file():
+        log(f"[probe] base model's answers to the general probe questions -> {probe_path}")
+        got = _spawn({**base_spec, "kind": "probe", "label": "probe", "probe": str(probe_path)}, out / "_probe",
+                     timeout)
+        if got.get("error"):
+            log(f"[probe] failed ({got['error']}); continuing without the forgetting columns")
+        else:
+            log(f"[probe] base loss {got['probe_loss']:.4f} on {got['prompts']} prompts")
+    return str(probe_path) if probe_path.is_file() else None
+
+
+def _run_logged(spec: dict[str, Any], folder: Path, timeout: float | None, log: Callable[[str], None],
+                prefix: str) -> dict[str, Any]:
+    """One entry in its own process, with a line (after `prefix`) on how it went."""
+    name, t = spec["label"], time.perf_counter()
+    result = _spawn(spec, folder, timeout)
+    if result.get("error"):
+        log(f"{prefix}{name}: FAILED after {time.perf_counter() - t:.0f} s: {result['error']} "
+            f"(log: {folder / 'log.txt'})")
+    else:
+        log(f"{prefix}{name}: BLEU {result.get('BLEU', float('nan')):.4f}, "
+            f"{result.get('trainable_params', 0):,} trainable, peak RSS {result.get('peak_rss_gb', 0):.2f} GB, "
+            f"{time.perf_counter() - t:.0f} s")
+    return result
 
 
 def _write_outputs(results: Sequence[dict[str, Any]], out: Path, description: str) -> None:

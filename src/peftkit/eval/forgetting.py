@@ -198,7 +198,7 @@ def build_probe(
     template: str | None = None,
 ) -> Probe:
     """The base model's greedy answers to the probe prompts (default: the shipped 50) and its loss on them."""
-    from peftkit.eval.generate import generate
+    from peftkit.generation import generate
 
     prompts = list(prompts) if prompts is not None else load_probe_prompts()
     answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -221,7 +221,7 @@ def measure_forgetting(
         generate_answers: also decode the model's answers for the agreement metric (the slow part);
             without it, ``rouge_l`` and ``exact`` are NaN.
     """
-    from peftkit.eval.generate import generate
+    from peftkit.generation import generate
 
     loss = probe_loss(model, tokenizer, probe.prompts, probe.answers, template=template)
     if not generate_answers:

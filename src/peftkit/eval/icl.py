@@ -3,7 +3,7 @@
 k-shot prompting (Brown et al. 2020, https://arxiv.org/abs/2005.14165): k solved examples from the training set
 are put before the query as earlier user/assistant turns of the conversation, the chat template is applied, and
 the model answers the last user turn. No weight changes; decoding and metrics are the ones the fine-tuned models
-get (:func:`peftkit.eval.generate.generate`, :func:`peftkit.eval.metrics.e2e_metrics`).
+get (:func:`peftkit.generation.generate`, :func:`peftkit.eval.metrics.e2e_metrics`).
 
 ICL results depend on which examples are shown and in which order (Zhao et al. 2021,
 https://arxiv.org/abs/2102.09690; Lu et al. 2022, https://arxiv.org/abs/2104.08786), so :func:`run_icl` scores
@@ -197,12 +197,9 @@ def run_icl(
         progress: called with one line per finished run.
         on_run: called with each finished run (e.g. to save it: a long evaluation that is stopped keeps its runs).
     """
-    from peftkit.eval.generate import generate
+    from peftkit.generation import generate
 
-    if k < 0 or draws < 1 or orders < 1:
-        raise PeftkitError(f"need k >= 0, draws >= 1, orders >= 1; got k={k}, draws={draws}, orders={orders}")
-    if len(queries) != len(references):
-        raise PeftkitError(f"{len(queries)} queries but {len(references)} reference lists")
+    _check_runs(k, draws, orders, queries, references)
     if score is None:
         from peftkit.eval.metrics import e2e_metrics
 
@@ -213,11 +210,7 @@ def run_icl(
         candidates = draw_order(len(pool), d, seed)
         shown = [pick_examples(pool, candidates, k, q, refs) for q, refs in zip(queries, references, strict=True)]
         for o in range(orders):
-            perm = list(range(k))
-            if o > 0:
-                rng = random.Random(seed * 1_000_003 + d * 1_009 + o)
-                while perm == list(range(k)) and k > 1:  # a different order, not the drawn one again
-                    rng.shuffle(perm)
+            perm = _permutation(k, d, o, seed)
             convs = [icl_conversation([exs[i] for i in perm], q) for exs, q in zip(shown, queries, strict=True)]
             predictions = generate(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    template=template)
@@ -233,3 +226,21 @@ def run_icl(
     summary = {m: spread([r.scores[m] for r in runs]) for m in metrics}
     mean_prompt = sum(r.prompt_tokens for r in runs) / len(runs)
     return ICLResult(k, runs, summary, mean_prompt, zero_shot)
+
+
+def _check_runs(k: int, draws: int, orders: int, queries: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    if k < 0 or draws < 1 or orders < 1:
+        raise PeftkitError(f"need k >= 0, draws >= 1, orders >= 1; got k={k}, draws={draws}, orders={orders}")
+    if len(queries) != len(references):
+        raise PeftkitError(f"{len(queries)} queries but {len(references)} reference lists")
+
+
+def _permutation(k: int, draw: int, order: int, seed: int) -> list[int]:
+    """The positions of the `k` drawn examples in run (`draw`, `order`): as drawn for order 0, else a fixed
+    shuffle of them (never the drawn order again)."""
+    perm = list(range(k))
+    if order > 0:
+        rng = random.Random(seed * 1_000_003 + draw * 1_009 + order)
+        while perm == list(range(k)) and k > 1:
+            rng.shuffle(perm)
+    return perm

@@ -44,6 +44,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from peftkit.train.evaluation import register_metric
+
 __all__ = [
     "JAVA_METRICS",
     "METRIC_NAMES",
@@ -585,3 +587,16 @@ def e2e_metrics(
     scores["ROUGE_L"] = rouge_l(hyps, refs, tokenized=True)
     scores["CIDEr"] = cider(hyps, refs, tokenized=True)
     return {name: scores[name] for name in METRIC_NAMES}
+
+
+def _bleu_metric(predictions: list[str], references: list[str]) -> dict[str, float]:
+    return {"bleu": bleu(predictions, [[r] for r in references])}
+
+
+def _rouge_l_metric(predictions: list[str], references: list[str]) -> dict[str, float]:
+    return {"rouge_l": rouge_l(predictions, [[r] for r in references])}
+
+
+# `eval_metric: bleu` / `rouge_l` while training (one reference each); training never imports eval
+register_metric("bleu", _bleu_metric, ("bleu",))
+register_metric("rouge_l", _rouge_l_metric, ("rouge_l",))

@@ -34,6 +34,7 @@ Note:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -148,6 +149,130 @@ def _quantize_pages_(
     )
 
 
+def _check_arguments(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                     page_budget_bytes: int | None, page_bytes: int) -> None:
+    if not 0.0 <= lr:
+        raise ValueError(f"invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"invalid eps: {eps}")
+    if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+        raise ValueError(f"invalid betas: {betas}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"invalid weight_decay: {weight_decay}")
+    if page_budget_bytes is not None and page_budget_bytes <= 0:
+        raise ValueError(f"page_budget_bytes must be a positive number of bytes, got {page_budget_bytes}")
+    if page_bytes <= 0:
+        raise ValueError(f"page_bytes must be positive, got {page_bytes}")
+
+
+def _paged_page_bytes(page_bytes: int, page_budget_bytes: int | None) -> int:
+    """The page size of a paged optimizer with the given budget."""
+    min_page = 2 * 4 * BLOCK_SIZE  # one 256-element page of fp32 m and v
+    if page_budget_bytes is not None:
+        # Pages of at most a quarter of the budget, so a batch (half the budget) can be prefetched
+        # while another computes; a budget below four pages gets pages as large as it allows.
+        quarter = page_budget_bytes // 4
+        page_bytes = min(page_bytes, quarter if quarter >= min_page else page_budget_bytes)
+    if page_bytes < min_page:
+        raise ValueError(f"page_budget_bytes={page_budget_bytes} is below the smallest page ({min_page} B)")
+    return page_bytes
+
+
+def _eight_bit_pages(p: Tensor, st: dict[str, Any], page_bytes: int) -> list[Page]:
+    """Pages of an 8-bit state: absmax1, absmax2, codes1, codes2 of whole blocks."""
+    per = page_numel(page_bytes - _PAGE_SLACK, _BYTES_8BIT_BLOCK)
+    if per == 0:
+        raise ValueError(f"page size {page_bytes} B is too small for one 8-bit page")
+    a1, a2 = st["absmax1"].view(-1), st["absmax2"].view(-1)
+    q1, q2 = st["state1"].view(-1), st["state2"].view(-1)
+    pages = []
+    for a, b in contiguous_ranges(p.numel(), per):
+        ba, bb = a // BLOCK_SIZE, -(-b // BLOCK_SIZE)
+        host = [a1[ba:bb], a2[ba:bb], q1[a:b], q2[a:b]]
+        pages.append(Page(p, a, b, True, host, [(bb - ba,), (bb - ba,), (b - a,), (b - a,)]))
+    return pages
+
+
+def _full_pages(p: Tensor, st: dict[str, Any], page_bytes: int | None) -> list[Page]:
+    """Pages of a 32-bit state (m, v); `page_bytes` None: one page, the state tensors whole (no scratch)."""
+    n = p.numel()
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    if page_bytes is not None:
+        per = page_numel(page_bytes, 2 * m.element_size() * BLOCK_SIZE)
+        if per == 0:
+            raise ValueError(f"page size {page_bytes} B is too small for one page of {m.dtype} state")
+    else:
+        per = max(n, 1)
+    pages = []
+    for a, b in contiguous_ranges(n, per):
+        whole = a == 0 and b == n
+        shape = tuple(p.shape) if whole else (b - a,)
+        host = [m.view(-1)[a:b], v.view(-1)[a:b]]
+        pages.append(Page(p, a, b, False, host, [shape, shape]))
+    return pages
+
+
+@dataclass
+class _EightBitBatch:
+    """The 8-bit pages of one update batch, dequantized into flat fp32 scratch (`m`, `v`), each page at an offset
+    that is a multiple of the block size, so the blockwise ops run once per batch rather than once per page."""
+
+    pages: list[Page]
+    offsets: list[int]
+    total: int
+    books: tuple[DynamicCodebook, DynamicCodebook]
+    m: Tensor
+    v: Tensor
+    denom: Tensor
+    idx: Tensor
+    absmax: Tensor
+
+
+@dataclass
+class _Operands:
+    """The lists `adamw_foreach_` takes for one batch, and the upcast copies to write back after it."""
+
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
+    denoms: list[Tensor | None] = field(default_factory=list)
+    writeback: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    def add(self, pv: Tensor, gv: Tensor, m: Tensor, v: Tensor, d: Tensor | None, step: float) -> None:
+        """One page: parameter and gradient views in the state's dtype (16-bit ones as fp32 copies)."""
+        if pv.dtype != m.dtype:
+            p32 = pv.to(m.dtype)
+            self.writeback.append((pv, p32))
+            pv = p32
+        if gv.dtype != m.dtype:
+            gv = gv.to(m.dtype)
+        self.params.append(pv)
+        self.grads.append(gv)
+        self.exp_avgs.append(m)
+        self.exp_avg_sqs.append(v)
+        self.denoms.append(d)
+        self.steps.append(step)
+
+
+def _grad_views(batch: list[Page]) -> list[tuple[Tensor, Tensor]]:
+    """Each page's parameter and gradient, as views matching its state."""
+    flat_grads: dict[Tensor, Tensor] = {}
+    views = []
+    for page in batch:
+        p = page.param
+        assert p.grad is not None
+        if page.whole and not page.eight_bit:
+            views.append((p, p.grad))  # same shape as the state views: no per-step view needed
+            continue
+        g = flat_grads.get(p)
+        if g is None:
+            g = flat_grads[p] = p.grad.reshape(-1)
+        views.append((p.view(-1)[page.start : page.stop], g[page.start : page.stop]))
+    return views
+
+
 class _AdamWBase(Optimizer):
     """The engine shared by the 8-bit and paged AdamW variants (see the module docstring)."""
 
@@ -167,18 +292,7 @@ class _AdamWBase(Optimizer):
         page_bytes: int = 1 << 22,
         device: torch.device | str | None = None,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError(f"invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"invalid eps: {eps}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid betas: {betas}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"invalid weight_decay: {weight_decay}")
-        if page_budget_bytes is not None and page_budget_bytes <= 0:
-            raise ValueError(f"page_budget_bytes must be a positive number of bytes, got {page_budget_bytes}")
-        if page_bytes <= 0:
-            raise ValueError(f"page_bytes must be positive, got {page_bytes}")
+        _check_arguments(lr, betas, eps, weight_decay, page_budget_bytes, page_bytes)
         super().__init__(params, dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = int(min_8bit_size)
         self._pages: dict[Tensor, list[Page]] = {}
@@ -193,14 +307,7 @@ class _AdamWBase(Optimizer):
             for p in params_all:
                 if p.device != dev:
                     raise ValueError(f"paged optimizer computes on {dev} but a parameter is on {p.device}")
-            min_page = 2 * 4 * BLOCK_SIZE  # one 256-element page of fp32 m and v
-            if page_budget_bytes is not None:
-                # Pages of at most a quarter of the budget, so a batch (half the budget) can be prefetched
-                # while another computes; a budget below four pages gets pages as large as it allows.
-                quarter = page_budget_bytes // 4
-                self._page_bytes = min(page_bytes, quarter if quarter >= min_page else page_budget_bytes)
-            if self._page_bytes < min_page:
-                raise ValueError(f"page_budget_bytes={page_budget_bytes} is below the smallest page ({min_page} B)")
+            self._page_bytes = _paged_page_bytes(page_bytes, page_budget_bytes)
             self._transfer = Transfer(dev)
             self.pager = Pager(page_budget_bytes, self._transfer)
 
@@ -236,31 +343,10 @@ class _AdamWBase(Optimizer):
     def _build_pages(self, p: Tensor) -> None:
         """Cut the state of ``p`` into pages (for an unpaged optimizer: chunks that bound the scratch memory)."""
         st = self.state[p]
-        n = p.numel()
-        pages: list[Page] = []
         if "state1" in st:
-            per = page_numel(self._page_bytes - _PAGE_SLACK, _BYTES_8BIT_BLOCK)
-            if per == 0:
-                raise ValueError(f"page size {self._page_bytes} B is too small for one 8-bit page")
-            a1, a2 = st["absmax1"].view(-1), st["absmax2"].view(-1)
-            q1, q2 = st["state1"].view(-1), st["state2"].view(-1)
-            for a, b in contiguous_ranges(n, per):
-                ba, bb = a // BLOCK_SIZE, -(-b // BLOCK_SIZE)
-                host = [a1[ba:bb], a2[ba:bb], q1[a:b], q2[a:b]]
-                pages.append(Page(p, a, b, True, host, [(bb - ba,), (bb - ba,), (b - a,), (b - a,)]))
+            pages = _eight_bit_pages(p, st, self._page_bytes)
         else:
-            m, v = st["exp_avg"], st["exp_avg_sq"]
-            if self._paged:
-                per = page_numel(self._page_bytes, 2 * m.element_size() * BLOCK_SIZE)
-                if per == 0:
-                    raise ValueError(f"page size {self._page_bytes} B is too small for one page of {m.dtype} state")
-            else:
-                per = max(n, 1)  # no scratch needed: update the state tensors whole
-            for a, b in contiguous_ranges(n, per):
-                whole = a == 0 and b == n
-                shape = tuple(p.shape) if whole else (b - a,)
-                host = [m.view(-1)[a:b], v.view(-1)[a:b]]
-                pages.append(Page(p, a, b, False, host, [shape, shape]))
+            pages = _full_pages(p, st, self._page_bytes if self._paged else None)
         if not self._paged:
             for page in pages:
                 page.dev = [t.view(s) for t, s in zip(page.host, page.shapes, strict=True)]
@@ -346,85 +432,75 @@ class _AdamWBase(Optimizer):
                     self.pager.prefetch(batches[i + 1], protect=batch)
 
     def _update_batch(self, group: dict[str, Any], batch: list[Page], steps: dict[Tensor, float]) -> None:
-        """Update the pages of one batch: one ``adamw_foreach_`` over all of them.
-
-        8-bit pages are dequantized into (and re-quantized from) one flat fp32 scratch for the whole batch, each
-        page at an offset that is a multiple of the block size, so the blockwise ops run once per batch rather
-        than once per page (LoRA has hundreds of small tensors).
-        """
+        """Update the pages of one batch: one ``adamw_foreach_`` over all of them (8-bit pages through one flat
+        fp32 scratch, `_EightBitBatch`)."""
         beta1, beta2 = group["betas"]
         device = batch[0].param.device
-        eight = [pg for pg in batch if pg.eight_bit]
-        offsets8: list[int] = []
-        total8 = 0
-        for pg in eight:
-            offsets8.append(total8)
-            total8 += -(-pg.numel // BLOCK_SIZE) * BLOCK_SIZE
-        if eight:
-            signed, unsigned = self._codebooks(device)
-            m_buf = self._buffer(device, "m8", total8, torch.float32)
-            v_buf = self._buffer(device, "v8", total8, torch.float32)
-            d_buf = self._buffer(device, "denom8", total8, torch.float32)
-            idx = self._buffer(device, "idx8", total8, torch.int32)
-            absmax = self._buffer(device, "absmax8", total8 // BLOCK_SIZE, torch.float32)
-            _dequantize_pages_(eight, offsets8, 2, 0, signed, m_buf, idx, absmax)
-            _dequantize_pages_(eight, offsets8, 3, 1, unsigned, v_buf, idx, absmax)
+        eight = self._dequantize_batch(device, [pg for pg in batch if pg.eight_bit])
+        ops = self._operands(device, batch, steps, eight)
+        adamw_foreach_(
+            ops.params, ops.grads, ops.exp_avgs, ops.exp_avg_sqs, ops.steps, lr=group["lr"], beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], denoms=ops.denoms,
+        )
+        if eight is not None:
+            self._requantize_batch(device, eight)
+        for dst, src in ops.writeback:
+            dst.copy_(src)
+
+    def _dequantize_batch(self, device: torch.device, pages: list[Page]) -> _EightBitBatch | None:
+        if not pages:
+            return None
+        offsets: list[int] = []
+        total = 0
+        for pg in pages:
+            offsets.append(total)
+            total += -(-pg.numel // BLOCK_SIZE) * BLOCK_SIZE
+        signed, unsigned = books = self._codebooks(device)
+        eight = _EightBitBatch(
+            pages, offsets, total, books,
+            m=self._buffer(device, "m8", total, torch.float32),
+            v=self._buffer(device, "v8", total, torch.float32),
+            denom=self._buffer(device, "denom8", total, torch.float32),
+            idx=self._buffer(device, "idx8", total, torch.int32),
+            absmax=self._buffer(device, "absmax8", total // BLOCK_SIZE, torch.float32),
+        )
+        _dequantize_pages_(pages, offsets, 2, 0, signed, eight.m, eight.idx, eight.absmax)
+        _dequantize_pages_(pages, offsets, 3, 1, unsigned, eight.v, eight.idx, eight.absmax)
+        return eight
+
+    def _requantize_batch(self, device: torch.device, eight: _EightBitBatch) -> None:
+        signed, unsigned = eight.books
+        codes = self._buffer(device, "codes8", eight.total, torch.uint8)
+        # The denominators are spent: their buffer is the quantizer's float scratch.
+        _quantize_pages_(eight.pages, eight.offsets, 2, 0, signed, eight.m, codes, eight.absmax, eight.denom,
+                         eight.idx)
+        _quantize_pages_(eight.pages, eight.offsets, 3, 1, unsigned, eight.v, codes, eight.absmax, eight.denom,
+                         eight.idx)
+
+    def _operands(self, device: torch.device, batch: list[Page], steps: dict[Tensor, float],
+                  eight: _EightBitBatch | None) -> _Operands:
+        """Each page's parameter, gradient, moments and denominator buffer (scratch for the large 32-bit pages)."""
         big32 = sum(pg.numel for pg in batch if not pg.eight_bit and pg.numel >= _SCRATCH_MIN)
         d32_buf = self._buffer(device, "denom32", big32, torch.float32) if big32 else None
-
-        ps: list[Tensor] = []
-        gs: list[Tensor] = []
-        ms: list[Tensor] = []
-        vs: list[Tensor] = []
-        st: list[float] = []
-        denoms: list[Tensor | None] = []
-        writeback: list[tuple[Tensor, Tensor]] = []
-        flat_grads: dict[Tensor, Tensor] = {}
+        ops = _Operands()
         i8 = off32 = 0
-        for page in batch:
-            p, n, dev = page.param, page.numel, page.dev
+        for page, (pv, gv) in zip(batch, _grad_views(batch), strict=True):
+            n, dev = page.numel, page.dev
             assert dev is not None
-            if page.whole and not page.eight_bit:
-                pv, gv = p, p.grad  # same shape as the state views: no per-step view needed
-            else:
-                g = flat_grads.get(p)
-                if g is None:
-                    g = flat_grads[p] = p.grad.reshape(-1)  # type: ignore[union-attr]
-                pv, gv = p.view(-1)[page.start : page.stop], g[page.start : page.stop]
+            d: Tensor | None = None
             if page.eight_bit:
-                o = offsets8[i8]
+                assert eight is not None
+                o = eight.offsets[i8]
                 i8 += 1
-                m, v, d = m_buf[o : o + n], v_buf[o : o + n], d_buf[o : o + n]
+                m, v, d = eight.m[o : o + n], eight.v[o : o + n], eight.denom[o : o + n]
             else:
                 m, v = dev
-                d = None
                 if n >= _SCRATCH_MIN:
-                    d = d32_buf[off32 : off32 + n].view(m.shape)  # type: ignore[index]
+                    assert d32_buf is not None
+                    d = d32_buf[off32 : off32 + n].view(m.shape)
                     off32 += n
-            if pv.dtype != m.dtype:
-                p32 = pv.to(m.dtype)
-                writeback.append((pv, p32))
-                pv = p32
-            if gv.dtype != m.dtype:  # type: ignore[union-attr]
-                gv = gv.to(m.dtype)  # type: ignore[union-attr]
-            ps.append(pv)
-            gs.append(gv)  # type: ignore[arg-type]
-            ms.append(m)
-            vs.append(v)
-            denoms.append(d)
-            st.append(steps[p])
-
-        adamw_foreach_(
-            ps, gs, ms, vs, st, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], denoms=denoms,
-        )
-        if eight:
-            codes = self._buffer(device, "codes8", total8, torch.uint8)
-            # The denominators are spent: their buffer is the quantizer's float scratch.
-            _quantize_pages_(eight, offsets8, 2, 0, signed, m_buf, codes, absmax, d_buf, idx)
-            _quantize_pages_(eight, offsets8, 3, 1, unsigned, v_buf, codes, absmax, d_buf, idx)
-        for dst, src in writeback:
-            dst.copy_(src)
+            ops.add(pv, gv, m, v, d, steps[page.param])
+        return ops
 
     # ------------------------------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
@@ -446,26 +522,30 @@ class _AdamWBase(Optimizer):
             src = state_dict["state"].get(pid)
             if not src:
                 continue
-            step = src["step"]
-            new: dict[str, Any] = {
-                "step": step.detach().to("cpu", copy=True) if torch.is_tensor(step) else torch.tensor(float(step))
-            }
-            keys = _KEYS_8 if "state1" in src else _KEYS_32
-            for key in keys:
-                if key not in src:
-                    raise ValueError(f"optimizer state of parameter {pid} lacks {key!r}")
-                t = src[key]
-                want = p.numel() if key.startswith(("state", "exp")) else -(-p.numel() // BLOCK_SIZE)
-                if t.numel() != want:
-                    raise ValueError(f"state {key!r} of parameter {pid} has {t.numel()} elements, expected {want}")
-                dtype = torch.uint8 if key.startswith("state") else (
-                    torch.float32 if key.startswith("absmax") else _state_dtype(p)
-                )
-                new[key] = self._place(p, t.reshape(p.shape) if key.startswith(("state", "exp")) else t, dtype)
-            if keys is _KEYS_32 and self._eight_bit and p.numel() >= self.min_8bit_size:
-                new.update(self._quantized(p, new.pop("exp_avg"), new.pop("exp_avg_sq")))
-            self.state[p] = new
+            self.state[p] = self._loaded(pid, p, src)
             self._build_pages(p)
+
+    def _loaded(self, pid: int, p: Tensor, src: dict[str, Any]) -> dict[str, Any]:
+        """One parameter's saved state, checked and placed as this optimizer keeps it."""
+        step = src["step"]
+        new: dict[str, Any] = {
+            "step": step.detach().to("cpu", copy=True) if torch.is_tensor(step) else torch.tensor(float(step))
+        }
+        keys = _KEYS_8 if "state1" in src else _KEYS_32
+        for key in keys:
+            if key not in src:
+                raise ValueError(f"optimizer state of parameter {pid} lacks {key!r}")
+            t = src[key]
+            want = p.numel() if key.startswith(("state", "exp")) else -(-p.numel() // BLOCK_SIZE)
+            if t.numel() != want:
+                raise ValueError(f"state {key!r} of parameter {pid} has {t.numel()} elements, expected {want}")
+            dtype = torch.uint8 if key.startswith("state") else (
+                torch.float32 if key.startswith("absmax") else _state_dtype(p)
+            )
+            new[key] = self._place(p, t.reshape(p.shape) if key.startswith(("state", "exp")) else t, dtype)
+        if keys is _KEYS_32 and self._eight_bit and p.numel() >= self.min_8bit_size:
+            new.update(self._quantized(p, new.pop("exp_avg"), new.pop("exp_avg_sq")))
+        return new
 
     def _quantized(self, p: Tensor, m: Tensor, v: Tensor) -> dict[str, Tensor]:
         from .dynamic8 import quantize_blockwise_dynamic

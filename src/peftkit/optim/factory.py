@@ -64,20 +64,20 @@ def build_optimizer(
     paged = name.startswith("paged_")
     if not paged and page_budget_bytes is not None:
         raise ValueError(f"page_budget_bytes is only for paged optimizers, not {name!r}")
-    params = list(params)
+    param_list: list[Any] = list(params)
     common: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw":
-        tensors = _tensors(params)
+        tensors = _tensors(param_list)
         try:
             # One kernel per tensor and step; bit-for-bit it differs from the foreach path in the last ulp.
-            return torch.optim.AdamW(params, fused=bool(tensors), **common)
+            return torch.optim.AdamW(param_list, fused=bool(tensors), **common)
         except (RuntimeError, ValueError):
-            return torch.optim.AdamW(params, foreach=True, **common)
+            return torch.optim.AdamW(param_list, foreach=True, **common)
     if name == "adamw_8bit":
-        return AdamW8bit(params, **common)
+        return AdamW8bit(param_list, **common)
     if name == "paged_adamw_32bit":
-        return PagedAdamW(params, page_budget_bytes=page_budget_bytes, device=device, **common)
-    return PagedAdamW8bit(params, page_budget_bytes=page_budget_bytes, device=device, **common)
+        return PagedAdamW(param_list, page_budget_bytes=page_budget_bytes, device=device, **common)
+    return PagedAdamW8bit(param_list, page_budget_bytes=page_budget_bytes, device=device, **common)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:

@@ -32,12 +32,13 @@ from typing import Any
 
 import torch
 
+from peftkit.core.context import FORMATS  # the names a training context records
+
 from . import native
 from .codebooks import Codebook, codebook
 from .packing import pair_table, unpack_4bit
 from .scaling import check_block_size, check_float, clip_threshold, num_blocks
 
-FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
 DQ_BLOCK = 256  # block size of the second level of double quantization (fixed, as in bitsandbytes)
 CHUNK = 1 << 21  # elements per pass, buffers reused (see the Note above on the size)
 STATE_VERSION = 1
@@ -89,12 +90,14 @@ class QuantState:
         """The float32 block scales (undoing double quantization if needed)."""
         if not self.double_quant:
             return self.absmax
+        assert self.absmax_scale is not None and self.absmax_offset is not None  # set with double_quant
         return double_dequantize(self.absmax, self.absmax_scale, self.absmax_offset)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """State tensors by name (`absmax`, and `absmax_scale`, `absmax_offset` when double-quantized)."""
         out = {"absmax": self.absmax}
         if self.double_quant:
+            assert self.absmax_scale is not None and self.absmax_offset is not None  # set with double_quant
             out |= {"absmax_scale": self.absmax_scale, "absmax_offset": self.absmax_offset}
         return out
 
@@ -217,10 +220,23 @@ def quantize(
     full = n // bs * bs
     absmax = torch.empty(num_blocks(n, bs), dtype=torch.float32, device=x.device)
     data = torch.empty(n if book.bits == 8 else -(-n // 2), dtype=torch.uint8, device=x.device)
+    _quantize_blocks(flat[:full], bs, book, threshold, absmax, data)
+    if full < n:
+        _quantize_tail(flat[full:], book, threshold, absmax, data, full)
+    state = QuantState(format, bs, tuple(x.shape), x.dtype, absmax, clip_threshold=threshold, clipped=clipped)
+    if double_quant:
+        state.absmax, state.absmax_scale, state.absmax_offset = double_quantize(absmax)
+    return data, state
+
+
+def _quantize_blocks(flat: torch.Tensor, bs: int, book: Codebook, threshold: float | None, absmax: torch.Tensor,
+                     data: torch.Tensor) -> None:
+    """The whole blocks of `flat` into `absmax` and `data`, in chunks of `CHUNK` elements through reused buffers."""
+    full = flat.numel()
     chunk = max(min(CHUNK, full), 1)
-    work = torch.empty(chunk, dtype=torch.float32, device=x.device)
-    codes = torch.empty(chunk, dtype=torch.uint8, device=x.device)
-    widened = torch.empty(chunk, dtype=torch.float32, device=x.device) if x.dtype != torch.float32 else None
+    work = torch.empty(chunk, dtype=torch.float32, device=flat.device)
+    codes = torch.empty(chunk, dtype=torch.uint8, device=flat.device)
+    widened = torch.empty(chunk, dtype=torch.float32, device=flat.device) if flat.dtype != torch.float32 else None
     for start in range(0, full, chunk):
         stop = min(start + chunk, full)
         m = stop - start
@@ -235,20 +251,20 @@ def quantize(
         torch.mul(src, scale.clamp(min=1e-38).reciprocal_().unsqueeze(1), out=buf)
         buf.clamp_(-1, 1)
         _store(book, work[:m], codes[:m], data, start)
-    if full < n:
-        tail = flat[full:].float()
-        absmax[-1] = tail.abs().amax()
-        if threshold is not None:
-            absmax[-1:].clamp_(max=threshold)
-        scaled = torch.clamp(tail / absmax[-1].clamp(min=1e-38), -1, 1)
-        if book.bits == 4 and scaled.numel() % 2:
-            # An odd count is padded with the code of 0.0 (not code 0), as bitsandbytes does.
-            scaled = torch.cat([scaled, scaled.new_zeros(1)])
-        _store(book, scaled.contiguous(), None, data, full)
-    state = QuantState(format, bs, tuple(x.shape), x.dtype, absmax, clip_threshold=threshold, clipped=clipped)
-    if double_quant:
-        state.absmax, state.absmax_scale, state.absmax_offset = double_quantize(absmax)
-    return data, state
+
+
+def _quantize_tail(tail: torch.Tensor, book: Codebook, threshold: float | None, absmax: torch.Tensor,
+                   data: torch.Tensor, start: int) -> None:
+    """The last, partial block (elements from `start` on): its own scale in ``absmax[-1]``."""
+    tail = tail.float()
+    absmax[-1] = tail.abs().amax()
+    if threshold is not None:
+        absmax[-1:].clamp_(max=threshold)
+    scaled = torch.clamp(tail / absmax[-1].clamp(min=1e-38), -1, 1)
+    if book.bits == 4 and scaled.numel() % 2:
+        # An odd count is padded with the code of 0.0 (not code 0), as bitsandbytes does.
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
+    _store(book, scaled.contiguous(), None, data, start)
 
 
 def _store(book: Codebook, scaled: torch.Tensor, codes: torch.Tensor | None, data: torch.Tensor, start: int) -> None:

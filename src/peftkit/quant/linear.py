@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from peftkit.errors import PeftkitError
 from .blockwise import FORMATS, QuantState, dequantize, quantize
 from .codebooks import codebook
 from .scaling import check_block_size
+
+if TYPE_CHECKING:
+    from peftkit.core.context import Quantization
 
 STATE_KEYS: tuple[str, ...] = ("absmax", "absmax_scale", "absmax_offset")
 CONFIG_FILE, WEIGHTS_FILE = "quantization.json", "model.safetensors"
@@ -129,7 +132,7 @@ class QuantLinear(nn.Module):
     @property
     def state(self) -> QuantState:
         """The weight's `QuantState`, built from the current buffers (so it follows `.to(device)`)."""
-        tensors = {k: self._buffers[f"weight_{k}"] for k in STATE_KEYS if f"weight_{k}" in self._buffers}
+        tensors = {k: t for k in STATE_KEYS if (t := self._buffers.get(f"weight_{k}")) is not None}
         meta = {
             "format": self.format, "block_size": self.block_size, "shape": [self.out_features, self.in_features],
             "dtype": str(self.weight_dtype).removeprefix("torch."), "double_quant": self.double_quant,
@@ -188,7 +191,7 @@ def _linear_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return module.weight
     if _is_conv1d(module):
-        return module.weight.t()  # Conv1D stores (in, out) and computes x @ W + b
+        return module.weight.t()  # type: ignore[operator]  # Conv1D stores (in, out) and computes x @ W + b
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
@@ -239,6 +242,14 @@ class QuantReport:
         return (f"quantized {len(self.quantized)} layers ({self.params:,} weights, {self.bytes_before / 2**20:.1f} MiB "
                 f"-> {self.bytes_after / 2**20:.1f} MiB, {self.bits_per_param:.3f} bits/param); "
                 f"skipped {self.skipped or 'none'}")  # fmt: skip
+
+
+def apply_quantization(model: nn.Module, quantization: Quantization,
+                       compute_dtype: torch.dtype = torch.float32) -> QuantReport:
+    """Quantize `model` in place as a training context records it (format, block size, double quantization, the
+    modules left alone); returns the `QuantReport`."""
+    return quantize_model(model, quantization.format, block_size=quantization.block_size,
+                          double_quant=quantization.double_quant, compute_dtype=compute_dtype, skip=quantization.skip)
 
 
 def quantize_model(
@@ -345,7 +356,7 @@ def _fingerprint(name: str, layout: dict[str, Any], tensors: dict[str, torch.Ten
         t = tensors.get(f"{name}.{key}")
         if t is not None:
             digest.update(key.encode())
-            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()[:16]
 
 
@@ -365,36 +376,40 @@ def _check_file(path: Path, meta: Any) -> dict[str, dict[str, Any]]:
         raise PeftkitError(f"{path}: layers must be a non-empty object of layer name -> layout, got "
                            f"{type(layers).__name__}")
     for name, layout in layers.items():
-        where = f"{path}: layer {name!r}"
-        if not isinstance(layout, dict):
-            raise PeftkitError(f"{where}: the layout must be an object, got a {type(layout).__name__}")
-        missing, unknown = _LAYOUT_TYPES.keys() - layout.keys(), layout.keys() - _LAYOUT_TYPES.keys()
-        if missing or unknown:
-            problem = f"missing {sorted(missing)}" if missing else f"unknown keys {sorted(unknown)}"
-            raise PeftkitError(f"{where}: {problem}")
-        for key, kind in _LAYOUT_TYPES.items():
-            value = layout[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise PeftkitError(f"{where}: {key} must be of type {kind.__name__}, got {value!r}")
-        if layout["format"] not in FORMATS:
-            raise PeftkitError(f"{where}: unknown format {layout['format']!r}; expected one of {list(FORMATS)}")
-        for key in ("compute_dtype", "weight_dtype"):
-            if layout[key] not in _FLOAT_DTYPES:
-                raise PeftkitError(f"{where}: {key} {layout[key]!r} is not one of {list(_FLOAT_DTYPES)}")
-        if layout["in_features"] <= 0 or layout["out_features"] <= 0:
-            raise PeftkitError(f"{where}: in_features and out_features must be > 0")
-        try:
-            check_block_size(layout["block_size"])
-        except ValueError as e:
-            raise PeftkitError(f"{where}: {e}") from None
+        _check_layout(f"{path}: layer {name!r}", layout)
     return layers
+
+
+def _check_layout(where: str, layout: Any) -> None:
+    """One layer's layout in a `quantization.json`: every field present, of its type, with a known value."""
+    if not isinstance(layout, dict):
+        raise PeftkitError(f"{where}: the layout must be an object, got a {type(layout).__name__}")
+    missing, unknown = _LAYOUT_TYPES.keys() - layout.keys(), layout.keys() - _LAYOUT_TYPES.keys()
+    if missing or unknown:
+        problem = f"missing {sorted(missing)}" if missing else f"unknown keys {sorted(unknown)}"
+        raise PeftkitError(f"{where}: {problem}")
+    for key, kind in _LAYOUT_TYPES.items():
+        value = layout[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise PeftkitError(f"{where}: {key} must be of type {kind.__name__}, got {value!r}")
+    if layout["format"] not in FORMATS:
+        raise PeftkitError(f"{where}: unknown format {layout['format']!r}; expected one of {list(FORMATS)}")
+    for key in ("compute_dtype", "weight_dtype"):
+        if layout[key] not in _FLOAT_DTYPES:
+            raise PeftkitError(f"{where}: {key} {layout[key]!r} is not one of {list(_FLOAT_DTYPES)}")
+    if layout["in_features"] <= 0 or layout["out_features"] <= 0:
+        raise PeftkitError(f"{where}: in_features and out_features must be > 0")
+    try:
+        check_block_size(layout["block_size"])
+    except ValueError as e:
+        raise PeftkitError(f"{where}: {e}") from None
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> None:
     """safetensors refuses tensors sharing memory (tied embeddings): give each its own copy."""
     seen: dict[tuple[int, int], str] = {}
     for key, t in tensors.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
+        ident = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
         if ident in seen and t.numel():
             tensors[key] = t.clone()
         seen[ident] = key
@@ -414,22 +429,8 @@ def load_quantized(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
     Raises:
         ValueError: a file is missing or corrupt, or the model does not match the saved layout.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    for f in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / f).is_file():
-            raise ValueError(f"{folder} is not a saved quantized model: {f} is missing")
-    try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeftkitError(f"{folder / CONFIG_FILE} is corrupt: {e}") from None
-    layers = _check_file(folder / CONFIG_FILE, meta)
-    try:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-    except (SafetensorError, OSError) as e:
-        raise PeftkitError(f"{folder / WEIGHTS_FILE} is corrupt: {e}") from None
+    layers, tensors = _read_files(folder)
     if model is None:
         model = _model_from_config(folder)
     for name, layout in layers.items():
@@ -456,6 +457,26 @@ def load_quantized(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
                                f"{layout['format']} layout or its tensors in {WEIGHTS_FILE} were changed, or the "
                                "two files come from different saves); save the quantized model again")
     return model
+
+
+def _read_files(folder: Path) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """The checked layer layouts and the tensors of a folder written by `save_quantized`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / f).is_file():
+            raise ValueError(f"{folder} is not a saved quantized model: {f} is missing")
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"{folder / CONFIG_FILE} is corrupt: {e}") from None
+    layers = _check_file(folder / CONFIG_FILE, meta)
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise PeftkitError(f"{folder / WEIGHTS_FILE} is corrupt: {e}") from None
+    return layers, tensors
 
 
 def _empty_layer(name: str, layout: dict[str, Any]) -> QuantLinear:

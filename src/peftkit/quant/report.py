@@ -98,7 +98,7 @@ def format_report(rows: list[dict[str, float | str]]) -> str:
 BASELINE_LABEL = "BF16 (unquantized)"
 
 
-def quantized_linears(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> dict[str, nn.Module]:
+def quantized_linears(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> dict[str, nn.Linear]:
     """The linear layers `quantize_model` would replace: name -> module (the output head skipped by default)."""
     return {name: module for name, module in model.named_modules()
             if name and isinstance(module, nn.Linear) and not _matches(name, tuple(skip))}  # fmt: skip
@@ -190,26 +190,34 @@ def model_report(
         "tokens": tokens, "params": n_params,
     }]  # fmt: skip
     for v in variants:
-        total_bits = err2 = ref2 = abs_err = clipped = 0.0
-        for name, w in originals.items():
-            data, state = quantize(w, v.format, v.block_size, v.double_quant, clip_percentile=v.clip_percentile)
-            restored = dequantize(data, state, torch.float32)
-            diff = restored - w
-            total_bits += storage_bits(data, state) * w.numel()
-            err2 += float(diff.square().sum())
-            ref2 += float(w.square().sum())
-            abs_err += float(diff.abs().sum())
-            clipped += state.clipped
-            with torch.no_grad():
-                targets[name].weight.copy_(restored.to(compute_dtype))
+        errors = _apply_variant(v, originals, targets, compute_dtype)
         ppl, tokens = perplexity(work, batches)
         rows.append({
             "label": v.label, "format": v.format, "block_size": v.block_size, "double_quant": v.double_quant,
-            "clip_percentile": v.clip_percentile, "bits_per_param": total_bits / n_params,
-            "rel_error": (err2 / ref2) ** 0.5, "mean_abs_error": abs_err / n_params, "clipped": clipped / n_params,
-            "perplexity": ppl, "tokens": tokens, "params": n_params,
+            "clip_percentile": v.clip_percentile, "bits_per_param": errors["bits"] / n_params,
+            "rel_error": (errors["err2"] / errors["ref2"]) ** 0.5, "mean_abs_error": errors["abs_err"] / n_params,
+            "clipped": errors["clipped"] / n_params, "perplexity": ppl, "tokens": tokens, "params": n_params,
         })  # fmt: skip
     return rows
+
+
+def _apply_variant(v: Variant, originals: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Linear],
+                   compute_dtype: torch.dtype) -> dict[str, float]:
+    """Quantize each original weight in variant `v`, copy its dequantized value into the target layer; the sums
+    over all weights: storage ``bits``, squared error ``err2`` and norm ``ref2``, ``abs_err``, ``clipped``."""
+    sums = dict.fromkeys(("bits", "err2", "ref2", "abs_err", "clipped"), 0.0)
+    for name, w in originals.items():
+        data, state = quantize(w, v.format, v.block_size, v.double_quant, clip_percentile=v.clip_percentile)
+        restored = dequantize(data, state, torch.float32)
+        diff = restored - w
+        sums["bits"] += storage_bits(data, state) * w.numel()
+        sums["err2"] += float(diff.square().sum())
+        sums["ref2"] += float(w.square().sum())
+        sums["abs_err"] += float(diff.abs().sum())
+        sums["clipped"] += state.clipped
+        with torch.no_grad():
+            targets[name].weight.copy_(restored.to(compute_dtype))
+    return sums
 
 
 def format_model_report(rows: list[dict[str, Any]]) -> str:

@@ -56,9 +56,8 @@ def requantize_with_report(
     errors = []
     skip = tuple(skip)
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
         if isinstance(module, nn.Linear) and not any(name.endswith(s) for s in skip):
-            w = weight.detach().float()
+            w = module.weight.detach().float()
             data, state = quantize(w, format, block_size=block_size, double_quant=double_quant)
             errors.append(float((dequantize(data, state, torch.float32) - w).norm() / w.norm().clamp_min(1e-12)))
     quantize_model(model, format, block_size=block_size, double_quant=double_quant, compute_dtype=compute_dtype,

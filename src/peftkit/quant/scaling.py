@@ -8,20 +8,9 @@ from __future__ import annotations
 
 import torch
 
-MIN_BLOCK, MAX_BLOCK = 32, 4096
+from peftkit.core.context import MAX_BLOCK, MIN_BLOCK, check_block_size
 
-
-def check_block_size(block_size: int) -> int:
-    """Validate a block size: a power of two in [32, 4096].
-
-    Raises:
-        ValueError: naming the bad value.
-    """
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise ValueError(f"block_size must be an int, got {block_size!r}")
-    if not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}], got {block_size}")
-    return block_size
+__all__ = ["MAX_BLOCK", "MIN_BLOCK", "check_block_size", "check_float", "clip_threshold", "num_blocks"]
 
 
 def check_float(x: torch.Tensor, what: str = "input") -> None:
@@ -99,6 +88,7 @@ def clip_threshold(x: torch.Tensor, threshold: float | None = None, percentile: 
         if not threshold > 0:
             raise ValueError(f"clip threshold must be > 0, got {threshold}")
         return float(threshold)
+    assert percentile is not None  # exactly one of the two, checked above
     if not 0 < percentile <= 100:
         raise ValueError(f"clip percentile must be in (0, 100], got {percentile}")
     flat = x.detach().reshape(-1).float().abs()

@@ -295,7 +295,7 @@ def as_trained(context: TrainingContext, messages: list[dict[str, str]]) -> list
 
 
 def _end_of_turn(tokenizer: Any, template: str | None) -> tuple[tuple[str, ...], frozenset[int]]:
-    """How an answer in `template` ends, as ``peftkit generate`` stops it (`peftkit.eval.generate._stopping`):
+    """How an answer in `template` ends, as ``peftkit generate`` stops it (`peftkit.generation._stopping`):
     (stop strings, stop tokens): its end-of-turn token when the end of turn is one token, else its text."""
     end = turn_end(tokenizer, template)
     ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []

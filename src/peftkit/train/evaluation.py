@@ -1,9 +1,9 @@
 """Generation metrics during training: answers to held-out prompts, scored against their references.
 
-`eval_metric` (a TrainConfig key) names the metric: a built-in one (`METRICS`) or a user function given by import
-path (``package.module:function``), called as ``fn(predictions, references)`` with two lists of strings and
-returning a number or a mapping of names to numbers. Every name it returns is logged (``eval_<name>``) and can be
-tracked with ``save_best``.
+`eval_metric` (a TrainConfig key) names the metric: a registered one (`METRICS`, `register_metric`) or a user
+function given by import path (``package.module:function``), called as ``fn(predictions, references)`` with two
+lists of strings and returning a number or a mapping of names to numbers. Every name it returns is logged
+(``eval_<name>``) and can be tracked with ``save_best``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from peftkit.data.formats import Conversation
 from peftkit.errors import PeftkitError
 
-__all__ = ["METRICS", "generation_scores", "lower_is_better", "resolve_metric"]
+__all__ = ["METRICS", "generation_scores", "lower_is_better", "register_metric", "resolve_metric"]
 
 Metric = Callable[[list[str], list[str]], dict[str, float]]
 
@@ -25,32 +25,23 @@ def _exact_match(predictions: list[str], references: list[str]) -> dict[str, flo
     return {"exact_match": hits / max(len(references), 1)}
 
 
-def _bleu(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from peftkit.eval.metrics import bleu
-
-    return {"bleu": bleu(predictions, [[r] for r in references])}
-
-
-def _rouge_l(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from peftkit.eval.metrics import rouge_l
-
-    return {"rouge_l": rouge_l(predictions, [[r] for r in references])}
+METRICS: dict[str, tuple[Metric, tuple[str, ...]]] = {}
+"""Registered metrics and the names each returns. Built in: whitespace-normalised exact match (here), BLEU
+(mteval-13a, one reference) and ROUGE-L (`peftkit.eval.metrics`), the demo's order-extraction scores (``orders``:
+exact match, field accuracy, valid JSON; `peftkit.demo`). The layers above train register theirs on import
+(`register_metric`): training never imports them."""
 
 
-def _orders(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from peftkit.demo import score_orders
+def register_metric(name: str, metric: Metric, names: tuple[str, ...]) -> Metric:
+    """Make `metric` available as ``eval_metric: <name>``; `names` are the keys it returns (checked by
+    ``save_best``). Registering a name twice is an error."""
+    if name in METRICS:
+        raise RuntimeError(f"metric {name!r} registered twice")
+    METRICS[name] = (metric, names)
+    return metric
 
-    return score_orders(predictions, references)
 
-
-METRICS: dict[str, tuple[Metric, tuple[str, ...]]] = {
-    "exact_match": (_exact_match, ("exact_match",)),
-    "bleu": (_bleu, ("bleu",)),
-    "rouge_l": (_rouge_l, ("rouge_l",)),
-    "orders": (_orders, ("exact_match", "field_accuracy", "valid_json")),
-}
-"""Built-in metrics and the names each returns: whitespace-normalised exact match, BLEU (mteval-13a, one reference),
-ROUGE-L, and the demo's order-extraction scores (exact match, field accuracy, valid JSON)."""
+register_metric("exact_match", _exact_match, ("exact_match",))
 
 
 def resolve_metric(name: str) -> Metric:
@@ -58,7 +49,7 @@ def resolve_metric(name: str) -> Metric:
     if name in METRICS:
         return METRICS[name][0]
     if ":" not in name:
-        raise PeftkitError(f"eval_metric: unknown metric {name!r} (built-in: {', '.join(METRICS)}; or a function "
+        raise PeftkitError(f"eval_metric: unknown metric {name!r} (registered: {', '.join(METRICS)}; or a function "
                            "given as package.module:function)")
     module_name, _, attr = name.partition(":")
     try:
@@ -90,7 +81,7 @@ def generation_scores(model: Any, tokenizer: Any, conversations: Sequence[Conver
                       template: str | None, max_new_tokens: int, batch_size: int) -> dict[str, float]:
     """Greedy answers of `model` to each conversation's prompt (all turns but the last), scored by `metric`
     against the last turn's content. Keys are prefixed ``eval_``."""
-    from peftkit.eval.generate import generate
+    from peftkit.generation import generate
 
     prompts = [list(conv[:-1]) for conv in conversations]
     references = [conv[-1]["content"] for conv in conversations]

@@ -83,7 +83,7 @@ class FlopCount:
         core = getattr(model, "module", model)
         blocks = _blocks(core)
         in_blocks = {id(p) for p in blocks.parameters()}
-        head = core.get_output_embeddings()
+        head = core.get_output_embeddings()  # type: ignore[operator]  # a transformers model
         head_ids = {id(p) for p in head.parameters()} if head is not None else set()
         # A trainable parameter outside the blocks and the head needs gradients through every block (embeddings,
         # virtual tokens, a prefix), unless it sits after the blocks (the final norm: registered after the block

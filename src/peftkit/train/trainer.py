@@ -47,7 +47,7 @@ from peftkit.data.sequences import (
 from peftkit.errors import PeftkitError
 from peftkit.hardware import Precision, matmul_peak, resolve_precision, warn_if_slow
 from peftkit.optim import build_optimizer
-from peftkit.quant import QuantLinear
+from peftkit.quant import QuantLinear, apply_quantization
 from peftkit.train.checkpoint import (
     RunFolder,
     latest_checkpoint,
@@ -327,7 +327,7 @@ def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=No
     context = TrainingContext(base=cfg.model, fingerprint=fingerprint(model), quantization=quantization)
     if quantization is not None:
         # the dequantized weight is in the compute dtype: bf16 (QLoRA as published), fp16, or fp32 activations
-        quantization.apply(model, compute_dtype=precision.compute_dtype)
+        apply_quantization(model, quantization, compute_dtype=precision.compute_dtype)
     report = apply_method(model, cfg.method, cfg.method_settings())
     model.peftkit_context = context  # completed with the template and prompt by `Trainer`; save_adapter writes it
     # Frozen weights in 16 bits (bf16 / fp16) halve memory and run 16-bit matmuls; trainable weights are fp32

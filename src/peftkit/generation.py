@@ -1,4 +1,6 @@
-"""Batched generation for evaluation: greedy (or beam) decoding with the KV cache, stopping at the end of the turn.
+"""Batched generation: greedy (or beam) decoding with the KV cache, stopping at the end of the turn.
+
+Below train and eval: training's evaluator, the eval tools, the demo, the server and ``peftkit generate`` use it.
 
 Prompts are rendered with the chat template, sorted by length (less padding), left-padded, and decoded with
 `model.generate`, so every method that keeps `generate` working (all of peftkit's) is evaluated the same way.
@@ -14,6 +16,7 @@ alone (the demo's 60 prompts: 75 tokens each, 50 shared; the prefill was most of
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,13 +78,13 @@ def generate(
                 cache = model(input_ids=input_ids[:1, :shared].to(device), use_cache=True).cache
                 cache.batch_repeat_interleave(len(idx))
                 extra["cache"] = cache
-            out = model.generate(
+            out = model.generate(  # type: ignore[operator]  # a transformers model
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, num_beams=num_beams, pad_token_id=pad, use_cache=True, top_p=None, top_k=None,
                 temperature=None, **stop, **extra,
             )
         for r, i in enumerate(idx):
-            text = tokenizer.decode(out[r, width:], skip_special_tokens=True)
+            text = str(tokenizer.decode(out[r, width:], skip_special_tokens=True))
             answers[i] = (text.split(end, 1)[0] if end else text).strip()
     model.train(was_training)
     return answers
@@ -94,7 +97,7 @@ def _stopping(tokenizer: PreTrainedTokenizerBase, end: str) -> dict:
     ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
     if len(ids) == 1:
         return {"eos_token_id": list(dict.fromkeys(eos + ids))}
-    stop = {"eos_token_id": eos or None}
+    stop: dict[str, Any] = {"eos_token_id": eos or None}
     if ids:
         stop |= {"stop_strings": [end], "tokenizer": tokenizer}
     return stop
