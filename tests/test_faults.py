@@ -183,8 +183,16 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    (tmp_path / "run" / "checkpoint-2" / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(PeftkitError, match="checkpoint .*checkpoint-2 is unreadable"):
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert not list(ckpt.glob("*.pt"))  # every state file is safetensors or JSON
+    (ckpt / "optimizer.safetensors").write_bytes(pickle.dumps(Evil()))  # in place of a state file
+    with pytest.raises(PeftkitError, match="optimizer.json \\(or its .safetensors\\) is unreadable") as e:
+        trainer(cfg, resume=True).run()
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    for name in ("optimizer.safetensors", "optimizer.json"):  # an older peftkit's checkpoint: a pickle
+        (ckpt / name).unlink()
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(PeftkitError, match="optimizer.pt is a pickle .* no longer loads pickles .*start a new run"):
         trainer(cfg, resume=True).run()
     assert not marker.exists()
 
@@ -213,14 +221,6 @@ def test_hf_spelling_is_an_alias_and_typos_get_a_suggestion(tmp_path):
 
 
 # ---------------------------------------------------------------- full disk
-def _enospc_in_torch_save(obj, f):  # what torch.save does on a full disk: a partial file, then its own error
-    f.write(b"PK partial")
-    try:
-        raise OSError(errno.ENOSPC, "No space left on device")
-    except OSError:
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
-
-
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -232,7 +232,7 @@ def _enospc_for_latest(fd, *args, **kwargs):  # only the temporary file that bec
 
 
 @pytest.mark.parametrize("target, patch, until", [
-    ("checkpoint-4/optimizer.pt", ("peftkit.core.adapter_io.torch.save", _enospc_in_torch_save), 4),
+    ("checkpoint-4/optimizer.safetensors", ("peftkit.train.state_files.save_file", _enospc), 4),
     ("checkpoint-4/trainable.safetensors", ("peftkit.train.checkpoint.save_file", _enospc), 4),
     ("latest", ("peftkit.train.checkpoint.os.fdopen", _enospc_for_latest), 4),
     ("adapter/adapter_model.safetensors", ("peftkit.core.adapter_io.save_file", _enospc), None),

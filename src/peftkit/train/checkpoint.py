@@ -1,5 +1,7 @@
 """Training checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically.
 
+Every file is safetensors or JSON (`peftkit.train.state_files`): loading a checkpoint never unpickles anything.
+
 A checkpoint is a folder ``checkpoint-<step>`` written to a temporary name and renamed into place; the file
 ``latest`` (also replaced atomically) names the newest complete one. A run killed mid-save leaves the previous
 checkpoint and ``latest`` intact.
@@ -19,8 +21,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftkit.core.adapter_io import current_umask, torch_save, write_atomic_dir, writing
+from peftkit.core.adapter_io import current_umask, write_atomic_dir, writing
 from peftkit.errors import PeftkitError
+from peftkit.train.state_files import load_state, write_state
 
 __all__ = ["RunFolder", "latest_checkpoint", "load_checkpoint", "rng_file", "rng_state", "save_checkpoint",
            "write_text_atomic"]
@@ -153,8 +156,8 @@ def save_checkpoint(
         folder,
         {
             "trainable.safetensors": lambda p: save_file(tensors, str(p)),
-            "optimizer.pt": lambda p: torch_save(optimizer.state_dict(), p),
-            "scheduler.pt": lambda p: torch_save(scheduler.state_dict(), p),
+            **write_state(optimizer.state_dict(), "optimizer"),
+            **write_state(scheduler.state_dict(), "scheduler"),
             **{rng_file(rank): json.dumps(r) for rank, r in enumerate(rng or [rng_state()])},
             "trainer_state.json": json.dumps({**state, "step": step}, indent=2),
         },
@@ -187,21 +190,23 @@ def load_checkpoint(
     if not (folder / rng_file(rank)).is_file() and (folder / "trainer_state.json").is_file():
         raise PeftkitError(f"checkpoint {folder} has no random generator state for rank {rank} ({rng_file(rank)}): "
                            "it was written by fewer processes; resume with as many processes as the run had")
+    optim_state, sched_state = load_state(folder, "optimizer"), load_state(folder, "scheduler")
     try:
         tensors = load_file(str(folder / "trainable.safetensors"))
         state = json.loads((folder / "trainer_state.json").read_text())
-        # weights_only: tensors and plain containers only; a crafted pickle is refused, never run
-        optim_state = torch.load(folder / "optimizer.pt", weights_only=True)
-        sched_state = torch.load(folder / "scheduler.pt", weights_only=True)
         rng = json.loads((folder / rng_file(rank)).read_text())
     except Exception as e:  # noqa: BLE001 - any unreadable piece means the checkpoint is unusable
-        raise PeftkitError(f"checkpoint {folder} is unreadable: {e}") from None
+        raise PeftkitError(f"checkpoint {folder} is unreadable: {str(e).splitlines()[0]}") from None
     if set(tensors) != set(trainable):
         raise PeftkitError(f"checkpoint {folder} does not match this run's trainable parameters")
     with torch.no_grad():
         for name, value in tensors.items():
             trainable[name].copy_(value)
-    optimizer.load_state_dict(optim_state)
-    scheduler.load_state_dict(sched_state)
+    try:
+        optimizer.load_state_dict(optim_state)
+        scheduler.load_state_dict(sched_state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise PeftkitError(f"checkpoint {folder}: its optimizer or scheduler state does not fit this run "
+                           f"({str(e).splitlines()[0]}); start a new run (--overwrite or another output_dir)") from None
     _set_rng_state(rng)
     return state
