@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import requires_bundled, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 from test_train import make_cfg, sharp_llama
 
@@ -48,7 +48,11 @@ def test_a_diverging_run_stops_before_a_bad_step_reaches_weights_or_checkpoints(
     assert "\n" not in str(e.value)
     assert all_checkpoints_finite(tmp_path / "run")
     last = latest_checkpoint(tmp_path / "run")
-    assert last is None or str(last) in str(e.value)
+    stopped = int(re.search(r"stopped at step (\d+)", str(e.value))[1])
+    if stopped > 1:  # save_every=1: every step before the bad one was checkpointed, and the message names the last
+        assert last == tmp_path / "run" / f"checkpoint-{stopped - 1}" and str(last) in str(e.value)
+    else:
+        assert last is None and "Last checkpoint (finite weights, verified when saved): none" in str(e.value)
     assert not (tmp_path / "run" / "adapter").exists()  # no adapter from a broken run
 
 
@@ -88,9 +92,42 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only run files are replaced
 
 
-def test_resume_without_a_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(PeftkitError, match="--resume: .* has no checkpoint"):
-        trainer(make_cfg(tmp_path, max_steps=2), resume=True).run()
+def test_resume_without_a_checkpoint_starts_again_and_the_plain_rerun_says_so(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, max_steps=4, save_every=3)
+    straight = trainer(make_cfg(tmp_path / "b", max_steps=4, save_every=3))
+    straight.run()
+    trainer(cfg).run(until_step=2)  # "killed" before its first checkpoint
+    assert latest_checkpoint(tmp_path / "run") is None and (tmp_path / "run" / "metrics.jsonl").is_file()
+    with pytest.raises(PeftkitError, match="stopped before its first checkpoint: --resume starts it again from step 0"):
+        trainer(cfg).run()
+    resumed = trainer(cfg, resume=True)
+    assert resumed.run().steps == 4
+    said = capsys.readouterr().err
+    assert "no checkpoint yet (the run stopped before its first): starting it again from step 0" in said
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    # finished without checkpoints: nothing to resume, and the adapter is left alone
+    done = make_cfg(tmp_path / "c", max_steps=2)
+    trainer(done).run()
+    with pytest.raises(PeftkitError, match="finished run without checkpoints: nothing to resume"):
+        trainer(done, resume=True).run()
+    assert (tmp_path / "c" / "run" / "adapter").is_dir()
+
+
+@requires_bundled
+def test_resuming_a_finished_run_says_nothing_to_do(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=2, save_every=1)
+    trainer(cfg).run()
+    args = [sys.executable, "-m", "peftkit", "train", *(f"{k}={json.dumps(v) if isinstance(v, dict) else v}"
+            for k, v in cfg.to_dict().items() if v is not None and k in ("data", "output_dir", "max_steps",
+                                                                           "save_every", "batch_size", "lr"))]
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.dirname(__file__)), "src")}
+    before = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    # the CLI's bundled model is not the tiny one: only the run folder decides, before any training
+    proc = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines() == [f"peftkit: {tmp_path / 'run'} holds a finished run (step 2 of 2, "
+                                                "adapter/): nothing to do"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 
 def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):

@@ -22,15 +22,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from peftkit.hardware import resolve_precision
     from peftkit.train import Trainer, load_recipe
+    from peftkit.train.checkpoint import finished_run
 
     recipe = args.recipe
     overrides = list(args.overrides)
     if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
         recipe, overrides = None, [recipe, *overrides]
     cfg = load_recipe(recipe, overrides)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    if args.resume and (done := finished_run(trainer.output_dir, trainer.total_steps)):
+        if trainer.is_main:
+            print(f"peftkit: {done}")  # the one line: a finished run resumed has nothing to train
+        return 0
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(resolve_precision(cfg.precision).line())
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     p = trainer.params
     stats = trainer.tok_stats
     print(f"{cfg.method}: {p['trainable']:,} trainable of {p['total']:,} parameters ({p['percent']:.3f}%)")

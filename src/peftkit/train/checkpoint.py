@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from peftkit.core.adapter_io import current_umask, write_atomic_dir, writing
 from peftkit.errors import PeftkitError
 from peftkit.train.state_files import load_state, write_state
 
-__all__ = ["RunFolder", "latest_checkpoint", "load_checkpoint", "rng_file", "rng_state", "save_checkpoint",
-           "write_text_atomic"]
+__all__ = ["RunFolder", "finished_run", "latest_checkpoint", "load_checkpoint", "rng_file", "rng_state",
+           "save_checkpoint", "write_text_atomic"]
 
 # what a training run writes into its output folder (`RunFolder` owns exactly these)
 RUN_FILES = ("metrics.jsonl", "run.json", "loss.png", "latest", "adapter", "best", "best.json", "demo_results.json",
@@ -70,15 +71,24 @@ class RunFolder:
             for stale in path.glob(pattern):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         found = self.run_files()
-        if resume and latest_checkpoint(path) is None:
-            self.release()
-            raise PeftkitError(f"--resume: {path} has no checkpoint to resume from (set save_every to write some)")
-        if found and not resume:
+        checkpoint, finished = latest_checkpoint(path), (path / "adapter").is_dir()
+        if resume and checkpoint is None:
+            if finished:
+                self.release()
+                raise PeftkitError(f"--resume: {path} holds a finished run without checkpoints: nothing to resume "
+                                   "(to train it again, use --overwrite or another output_dir)")
+            if found:  # stopped before its first checkpoint: the same run again, from the start
+                print(f"peftkit: {path} has no checkpoint yet (the run stopped before its first): starting it again "
+                      "from step 0", file=sys.stderr)
+            overwrite = True
+        if found and (overwrite or not resume):
             if not overwrite:
                 self.release()
                 shown = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
-                raise PeftkitError(f"{path} already holds a run ({shown}); use --resume to continue it, --overwrite "
-                                   "to replace it, or another output_dir")
+                what = "use --resume to continue it" if checkpoint is not None or finished else (
+                    "it stopped before its first checkpoint: --resume starts it again from step 0")
+                raise PeftkitError(f"{path} already holds a run ({shown}); {what}, --overwrite to replace it, or "
+                                   "another output_dir")
             for p in found:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
@@ -171,6 +181,23 @@ def save_checkpoint(
     for stale in old[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return folder
+
+
+def finished_run(output_dir: Path, total_steps: int) -> str | None:
+    """The line a resume of a finished run prints instead of training (None when there is training left): the
+    adapter is saved and the newest checkpoint, if any, is at `total_steps` or past it."""
+    if not (output_dir / "adapter").is_dir():
+        return None
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is None:
+        return f"{output_dir} holds a finished run (adapter/, no checkpoints): nothing to do"
+    try:
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the resume itself says what is wrong with the checkpoint
+    if not isinstance(step, int) or step < total_steps:
+        return None
+    return f"{output_dir} holds a finished run (step {step} of {total_steps}, adapter/): nothing to do"
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
