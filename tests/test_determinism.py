@@ -3,6 +3,7 @@ losses do not depend on what the cache holds, on a kill and resume, or on DDP (i
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -54,3 +55,49 @@ def test_run_start_leaves_the_global_generators_alone(tmp_path, cold_cache, sett
     trainer._start()
     assert (cold_cache / "matmul_peak.json").is_file()  # the start did measure the peak
     assert same_states(before, global_states())
+
+
+# ---------------------------------------------------------------- the matrix: cache x processes x interruption
+def losses(trainer: Trainer) -> list[float]:
+    return [h["loss"] for h in trainer.history]
+
+
+def test_single_process_losses_are_the_same_cold_or_warm_cut_or_not(tmp_path, cold_cache):
+    kw = dict(max_steps=6, save_every=2, method_config={"r": 4, "lora_dropout": 0.2}, packing=True)
+
+    def new(name: str, resume: bool = False) -> Trainer:
+        return Trainer(make_cfg(tmp_path / name, **kw), model=tiny_llama(), tokenizer=tiny_tokenizer(),
+                       resume=resume)
+
+    cold = new("cold")
+    cold.run()  # measures the peak: the cache was empty
+    assert (cold_cache / "matmul_peak.json").is_file()
+    warm = new("warm")
+    warm.run()
+    assert losses(warm) == losses(cold)
+    for cache in ("warm", "cold"):
+        new(f"cut-{cache}").run(until_step=5)  # "killed" after step 5: resumes from checkpoint-4
+        if cache == "cold":  # the case: the resumed start measures the peak after restoring the generators
+            (cold_cache / "matmul_peak.json").unlink()
+            hardware._cached_peak.cache_clear()
+        resumed = new(f"cut-{cache}", resume=True)
+        resumed.run()
+        assert losses(resumed) == losses(cold), cache
+    assert (cold_cache / "matmul_peak.json").is_file()  # measured again by the cold resume
+
+
+def test_ddp_losses_are_the_same_cold_or_warm_cut_or_not(tmp_path):
+    from test_distributed import launch
+
+    rows = [{"instruction": "Repeat " + "ab" * (i % 13), "output": str(i % 7)} for i in range(40)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cache = tmp_path / "cache"
+    # cold: an empty cache (the uninterrupted run measures) and a resume that measures again; then all warm
+    cold = launch(2, str(data), tmp_path / "cold", 2, "resume", PEFTKIT_CACHE=str(cache), COLD_RESUME="1")
+    assert (cache / "matmul_peak.json").is_file()
+    warm = launch(2, str(data), tmp_path / "warm", 2, "resume", PEFTKIT_CACHE=str(cache))
+    for rank in (0, 1):
+        curves = [cold[rank]["straight"], cold[rank]["resumed"], warm[rank]["straight"], warm[rank]["resumed"]]
+        assert all(c == curves[0] for c in curves), rank
+        assert len(set(cold[rank]["digests"] + warm[rank]["digests"])) == 1
