@@ -117,9 +117,8 @@ def test_resume_without_a_checkpoint_starts_again_and_the_plain_rerun_says_so(tm
 def test_resuming_a_finished_run_says_nothing_to_do(tmp_path):
     cfg = make_cfg(tmp_path, max_steps=2, save_every=1)
     trainer(cfg).run()
-    args = [sys.executable, "-m", "peftkit", "train", *(f"{k}={json.dumps(v) if isinstance(v, dict) else v}"
-            for k, v in cfg.to_dict().items() if v is not None and k in ("data", "output_dir", "max_steps",
-                                                                           "save_every", "batch_size", "lr"))]
+    keys = ("data", "output_dir", "max_steps", "packing", "max_length", "save_every", "batch_size", "lr")
+    args = [sys.executable, "-m", "peftkit.cli", "train", *(f"{k}={cfg.to_dict()[k]}" for k in keys)]
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.dirname(__file__)), "src")}
     before = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
     # the CLI's bundled model is not the tiny one: only the run folder decides, before any training
