@@ -22,8 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(nproc: int, data: str, out: Path, batch_size: int, mode: str = "train") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def start(nproc: int, data: str, out: Path, batch_size: int, mode: str = "train",
+          **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env_vars}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(WORKER), data, str(out), str(batch_size), mode]
     if nproc == 1:
@@ -31,8 +32,8 @@ def start(nproc: int, data: str, out: Path, batch_size: int, mode: str = "train"
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def launch(nproc: int, data: str, out: Path, batch_size: int, mode: str = "train") -> list[dict]:
-    proc = start(nproc, data, out, batch_size, mode)
+def launch(nproc: int, data: str, out: Path, batch_size: int, mode: str = "train", **env_vars: str) -> list[dict]:
+    proc = start(nproc, data, out, batch_size, mode, **env_vars)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 

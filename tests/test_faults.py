@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import requires_bundled, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 from test_train import make_cfg, sharp_llama
 
@@ -48,7 +48,11 @@ def test_a_diverging_run_stops_before_a_bad_step_reaches_weights_or_checkpoints(
     assert "\n" not in str(e.value)
     assert all_checkpoints_finite(tmp_path / "run")
     last = latest_checkpoint(tmp_path / "run")
-    assert last is None or str(last) in str(e.value)
+    stopped = int(re.search(r"stopped at step (\d+)", str(e.value))[1])
+    if stopped > 1:  # save_every=1: every step before the bad one was checkpointed, and the message names the last
+        assert last == tmp_path / "run" / f"checkpoint-{stopped - 1}" and str(last) in str(e.value)
+    else:
+        assert last is None and "Last checkpoint (finite weights, verified when saved): none" in str(e.value)
     assert not (tmp_path / "run" / "adapter").exists()  # no adapter from a broken run
 
 
@@ -88,9 +92,41 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only run files are replaced
 
 
-def test_resume_without_a_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(PeftkitError, match="--resume: .* has no checkpoint"):
-        trainer(make_cfg(tmp_path, max_steps=2), resume=True).run()
+def test_resume_without_a_checkpoint_starts_again_and_the_plain_rerun_says_so(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, max_steps=4, save_every=3)
+    straight = trainer(make_cfg(tmp_path / "b", max_steps=4, save_every=3))
+    straight.run()
+    trainer(cfg).run(until_step=2)  # "killed" before its first checkpoint
+    assert latest_checkpoint(tmp_path / "run") is None and (tmp_path / "run" / "metrics.jsonl").is_file()
+    with pytest.raises(PeftkitError, match="stopped before its first checkpoint: --resume starts it again from step 0"):
+        trainer(cfg).run()
+    resumed = trainer(cfg, resume=True)
+    assert resumed.run().steps == 4
+    said = capsys.readouterr().err
+    assert "no checkpoint yet (the run stopped before its first): starting it again from step 0" in said
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    # finished without checkpoints: nothing to resume, and the adapter is left alone
+    done = make_cfg(tmp_path / "c", max_steps=2)
+    trainer(done).run()
+    with pytest.raises(PeftkitError, match="finished run without checkpoints: nothing to resume"):
+        trainer(done, resume=True).run()
+    assert (tmp_path / "c" / "run" / "adapter").is_dir()
+
+
+@requires_bundled
+def test_resuming_a_finished_run_says_nothing_to_do(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=2, save_every=1)
+    trainer(cfg).run()
+    keys = ("data", "output_dir", "max_steps", "packing", "max_length", "save_every", "batch_size", "lr")
+    args = [sys.executable, "-m", "peftkit.cli", "train", *(f"{k}={cfg.to_dict()[k]}" for k in keys)]
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.dirname(__file__)), "src")}
+    before = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    # the CLI's bundled model is not the tiny one: only the run folder decides, before any training
+    proc = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines() == [f"peftkit: {tmp_path / 'run'} holds a finished run (step 2 of 2, "
+                                                "adapter/): nothing to do"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 
 def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
@@ -183,8 +219,16 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    (tmp_path / "run" / "checkpoint-2" / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(PeftkitError, match="checkpoint .*checkpoint-2 is unreadable"):
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert not list(ckpt.glob("*.pt"))  # every state file is safetensors or JSON
+    (ckpt / "optimizer.safetensors").write_bytes(pickle.dumps(Evil()))  # in place of a state file
+    with pytest.raises(PeftkitError, match="optimizer.json \\(or its .safetensors\\) is unreadable") as e:
+        trainer(cfg, resume=True).run()
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    for name in ("optimizer.safetensors", "optimizer.json"):  # an older peftkit's checkpoint: a pickle
+        (ckpt / name).unlink()
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(PeftkitError, match="optimizer.pt is a pickle .* no longer loads pickles .*start a new run"):
         trainer(cfg, resume=True).run()
     assert not marker.exists()
 
@@ -213,14 +257,6 @@ def test_hf_spelling_is_an_alias_and_typos_get_a_suggestion(tmp_path):
 
 
 # ---------------------------------------------------------------- full disk
-def _enospc_in_torch_save(obj, f):  # what torch.save does on a full disk: a partial file, then its own error
-    f.write(b"PK partial")
-    try:
-        raise OSError(errno.ENOSPC, "No space left on device")
-    except OSError:
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
-
-
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -232,7 +268,7 @@ def _enospc_for_latest(fd, *args, **kwargs):  # only the temporary file that bec
 
 
 @pytest.mark.parametrize("target, patch, until", [
-    ("checkpoint-4/optimizer.pt", ("peftkit.core.adapter_io.torch.save", _enospc_in_torch_save), 4),
+    ("checkpoint-4/optimizer.safetensors", ("peftkit.train.state_files.save_file", _enospc), 4),
     ("checkpoint-4/trainable.safetensors", ("peftkit.train.checkpoint.save_file", _enospc), 4),
     ("latest", ("peftkit.train.checkpoint.os.fdopen", _enospc_for_latest), 4),
     ("adapter/adapter_model.safetensors", ("peftkit.core.adapter_io.save_file", _enospc), None),

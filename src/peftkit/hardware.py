@@ -165,11 +165,16 @@ def warn_if_slow(precision: Precision) -> None:
 
 def _measure(dtype: torch.dtype, reps: int = 5, slow_s: float = 0.25) -> float:
     """Best FLOP/s of square CPU matmuls (best of up to `reps` per size, `slow_s` per size at most), growing the
-    size up to 2048 unless one matmul already takes `slow_s` (an emulated dtype: larger ones would only take long)."""
+    size up to 2048 unless one matmul already takes `slow_s` (an emulated dtype: larger ones would only take long).
+
+    Note: the operands come from a generator of its own, never the global one: a run measures its peak after a
+    checkpoint restored the global generators, and a draw there would shift every later dropout mask.
+    """
     best = 0.0
+    generator = torch.Generator().manual_seed(0)
     for n in (256, 512, 1024, 2048):
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
+        a = torch.randn(n, n, generator=generator).to(dtype)
+        b = torch.randn(n, n, generator=generator).to(dtype)
         torch.mm(a, b)  # warm-up: kernel selection, page faults
         fastest, spent = float("inf"), 0.0
         for _ in range(reps):

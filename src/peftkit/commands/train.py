@@ -59,6 +59,7 @@ def launch(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from peftkit.hardware import resolve_precision
     from peftkit.train import Trainer, load_recipe
+    from peftkit.train.checkpoint import finished_run
 
     if getattr(args, "nproc_per_node", None) and "LOCAL_RANK" not in os.environ:
         return launch(args)
@@ -67,9 +68,13 @@ def run(args: argparse.Namespace) -> int:
     if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
         recipe, overrides = None, [recipe, *overrides]
     cfg = load_recipe(recipe, overrides)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    if args.resume and (done := finished_run(trainer.output_dir, trainer.total_steps)):
+        if trainer.is_main:
+            print(f"peftkit: {done}")  # the one line: a finished run resumed has nothing to train
+        return 0
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(resolve_precision(cfg.precision).line())
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     p = trainer.params
     stats = trainer.tok_stats
     print(f"{cfg.method}: {p['trainable']:,} trainable of {p['total']:,} parameters ({p['percent']:.3f}%)")

@@ -1,5 +1,7 @@
 """Training checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically.
 
+Every file is safetensors or JSON (`peftkit.train.state_files`): loading a checkpoint never unpickles anything.
+
 A checkpoint is a folder ``checkpoint-<step>`` written to a temporary name and renamed into place; the file
 ``latest`` (also replaced atomically) names the newest complete one. A run killed mid-save leaves the previous
 checkpoint and ``latest`` intact.
@@ -11,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftkit.core.adapter_io import current_umask, torch_save, write_atomic_dir, writing
+from peftkit.core.adapter_io import current_umask, write_atomic_dir, writing
 from peftkit.errors import PeftkitError
+from peftkit.train.state_files import load_state, write_state
 
-__all__ = ["RunFolder", "latest_checkpoint", "load_checkpoint", "rng_file", "rng_state", "save_checkpoint",
-           "write_text_atomic"]
+__all__ = ["RunFolder", "finished_run", "latest_checkpoint", "load_checkpoint", "rng_file", "rng_state",
+           "save_checkpoint", "write_text_atomic"]
 
 # what a training run writes into its output folder (`RunFolder` owns exactly these)
 RUN_FILES = ("metrics.jsonl", "run.json", "loss.png", "latest", "adapter", "best", "best.json", "demo_results.json",
@@ -67,15 +71,24 @@ class RunFolder:
             for stale in path.glob(pattern):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         found = self.run_files()
-        if resume and latest_checkpoint(path) is None:
-            self.release()
-            raise PeftkitError(f"--resume: {path} has no checkpoint to resume from (set save_every to write some)")
-        if found and not resume:
+        checkpoint, finished = latest_checkpoint(path), (path / "adapter").is_dir()
+        if resume and checkpoint is None:
+            if finished:
+                self.release()
+                raise PeftkitError(f"--resume: {path} holds a finished run without checkpoints: nothing to resume "
+                                   "(to train it again, use --overwrite or another output_dir)")
+            if found:  # stopped before its first checkpoint: the same run again, from the start
+                print(f"peftkit: {path} has no checkpoint yet (the run stopped before its first): starting it again "
+                      "from step 0", file=sys.stderr)
+            overwrite = True
+        if found and (overwrite or not resume):
             if not overwrite:
                 self.release()
                 shown = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
-                raise PeftkitError(f"{path} already holds a run ({shown}); use --resume to continue it, --overwrite "
-                                   "to replace it, or another output_dir")
+                what = "use --resume to continue it" if checkpoint is not None or finished else (
+                    "it stopped before its first checkpoint: --resume starts it again from step 0")
+                raise PeftkitError(f"{path} already holds a run ({shown}); {what}, --overwrite to replace it, or "
+                                   "another output_dir")
             for p in found:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
@@ -153,8 +166,8 @@ def save_checkpoint(
         folder,
         {
             "trainable.safetensors": lambda p: save_file(tensors, str(p)),
-            "optimizer.pt": lambda p: torch_save(optimizer.state_dict(), p),
-            "scheduler.pt": lambda p: torch_save(scheduler.state_dict(), p),
+            **write_state(optimizer.state_dict(), "optimizer"),
+            **write_state(scheduler.state_dict(), "scheduler"),
             **{rng_file(rank): json.dumps(r) for rank, r in enumerate(rng or [rng_state()])},
             "trainer_state.json": json.dumps({**state, "step": step}, indent=2),
         },
@@ -168,6 +181,23 @@ def save_checkpoint(
     for stale in old[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return folder
+
+
+def finished_run(output_dir: Path, total_steps: int) -> str | None:
+    """The line a resume of a finished run prints instead of training (None when there is training left): the
+    adapter is saved and the newest checkpoint, if any, is at `total_steps` or past it."""
+    if not (output_dir / "adapter").is_dir():
+        return None
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is None:
+        return f"{output_dir} holds a finished run (adapter/, no checkpoints): nothing to do"
+    try:
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the resume itself says what is wrong with the checkpoint
+    if not isinstance(step, int) or step < total_steps:
+        return None
+    return f"{output_dir} holds a finished run (step {step} of {total_steps}, adapter/): nothing to do"
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -187,21 +217,23 @@ def load_checkpoint(
     if not (folder / rng_file(rank)).is_file() and (folder / "trainer_state.json").is_file():
         raise PeftkitError(f"checkpoint {folder} has no random generator state for rank {rank} ({rng_file(rank)}): "
                            "it was written by fewer processes; resume with as many processes as the run had")
+    optim_state, sched_state = load_state(folder, "optimizer"), load_state(folder, "scheduler")
     try:
         tensors = load_file(str(folder / "trainable.safetensors"))
         state = json.loads((folder / "trainer_state.json").read_text())
-        # weights_only: tensors and plain containers only; a crafted pickle is refused, never run
-        optim_state = torch.load(folder / "optimizer.pt", weights_only=True)
-        sched_state = torch.load(folder / "scheduler.pt", weights_only=True)
         rng = json.loads((folder / rng_file(rank)).read_text())
     except Exception as e:  # noqa: BLE001 - any unreadable piece means the checkpoint is unusable
-        raise PeftkitError(f"checkpoint {folder} is unreadable: {e}") from None
+        raise PeftkitError(f"checkpoint {folder} is unreadable: {str(e).splitlines()[0]}") from None
     if set(tensors) != set(trainable):
         raise PeftkitError(f"checkpoint {folder} does not match this run's trainable parameters")
     with torch.no_grad():
         for name, value in tensors.items():
             trainable[name].copy_(value)
-    optimizer.load_state_dict(optim_state)
-    scheduler.load_state_dict(sched_state)
+    try:
+        optimizer.load_state_dict(optim_state)
+        scheduler.load_state_dict(sched_state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise PeftkitError(f"checkpoint {folder}: its optimizer or scheduler state does not fit this run "
+                           f"({str(e).splitlines()[0]}); start a new run (--overwrite or another output_dir)") from None
     _set_rng_state(rng)
     return state

@@ -61,6 +61,7 @@ from peftkit.train.evaluation import generation_scores, lower_is_better, resolve
 from peftkit.train.flops import FlopCount
 from peftkit.train.packed_attention import NAME as PACKED_ATTENTION
 from peftkit.train.packed_attention import packing_problem, segment_bounds, use_packed_attention
+from peftkit.train.resume import check_resumable, run_inputs
 from peftkit.train.tracking import Tracking
 
 __all__ = ["EWCAnchor", "SummedCrossEntropy", "TrainResult", "Trainer", "count_parameters", "diagonal_fisher",
@@ -467,6 +468,7 @@ class Trainer:
         self.flops = FlopCount.of(self.model)
         self.final_scores: dict[str, float] = {}  # eval loss and eval_metric scores at the end of training
         self._prepare_data()
+        self.inputs = run_inputs(cfg, self.tokenizer, self.context)  # checked on resume (`peftkit.train.resume`)
 
     # ---------------------------------------------------------------- data
     def _prepare_data(self) -> None:
@@ -688,10 +690,8 @@ class Trainer:
             fisher = diagonal_fisher(self.model, trainable, fisher_rows, self.tokenizer.pad_token_id, self.autocast,
                                      self.share_prefix)
             ewc = EWCAnchor.from_fisher(cfg.ewc_lambda, fisher, trainable)
-        if self.resume:
-            ckpt = latest_checkpoint(self.output_dir)
-            if ckpt is None:  # the other processes (the main one checked it when it claimed the folder)
-                raise PeftkitError(f"--resume: {self.output_dir} has no checkpoint to resume from")
+        # without a checkpoint (stopped before the first), --resume starts from step 0 (`RunFolder` said so)
+        if self.resume and (ckpt := latest_checkpoint(self.output_dir)) is not None:
             self._check_resumed_config(ckpt)  # before loading: a changed r would otherwise fail on shapes
             saved = load_checkpoint(ckpt, trainable, optimizer, scheduler, self.rank)
             step, epoch, micro = saved["step"], saved["epoch"], saved["micro"]
@@ -819,7 +819,8 @@ class Trainer:
         rng = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
         if self.is_main:
             position = {"epoch": state.epoch, "micro": state.micro, "rank": self.rank, "world": self.world,
-                        "history": state.history, "config": self.cfg.to_dict(), "best": state.best}
+                        "history": state.history, "config": self.cfg.to_dict(), "best": state.best,
+                        "inputs": self.inputs}
             if state.scaler.is_enabled():
                 position["grad_scaler"] = state.scaler.state_dict()
             save_checkpoint(self.output_dir, state.step, weights, state.optimizer, state.scheduler, position,
@@ -857,24 +858,7 @@ class Trainer:
     """Keys a resumed run may change (they then take effect); any other change is refused."""
 
     def _check_resumed_config(self, ckpt: Path) -> None:
-        try:
-            state = json.loads((ckpt / "trainer_state.json").read_text())
-            saved, world = state.get("config"), state.get("world", self.world)
-        except (OSError, ValueError, AttributeError) as e:
-            raise PeftkitError(f"checkpoint {ckpt} is unreadable: {e}") from None
-        if saved is None:
-            return  # a checkpoint without its run's config: nothing to compare
-        if world != self.world:
-            raise PeftkitError(f"cannot resume {ckpt}: the run had {world} process(es), this one has {self.world} "
-                               "(the data order, the batch and each rank's random state depend on it); resume with "
-                               f"{world}, or start a new run")
-        now = self.cfg.to_dict()
-        changed = [k for k in now if k not in self.RESUME_MAY_CHANGE and saved.get(k, now[k]) != now[k]]
-        if changed:
-            listed = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-            raise PeftkitError(f"cannot resume {ckpt}: the run's settings changed ({listed}). Only "
-                               f"{', '.join(sorted(self.RESUME_MAY_CHANGE - {'output_dir'}))} may change on resume; "
-                               "start a new run (--overwrite or another output_dir) to change the others")
+        check_resumable(ckpt, self.cfg.to_dict(), self.world, self.RESUME_MAY_CHANGE, self.inputs)
 
     def _peak_flops(self) -> float | None:
         """This machine's measured matmul rate in the run's compute dtype (per process; CPU runs only)."""

@@ -225,7 +225,9 @@ int peftkit_attention_backward(const float *q, const float *k, const float *v, c
         }
 #pragma omp barrier
         float *my_dk = failed ? NULL : partial + (size_t)thread_id() * 2 * kv_size, *my_dv = my_dk + kv_size;
-#pragma omp for schedule(dynamic)
+        /* static: the same tasks on the same thread every call, so the per-thread dk/dv sums add in one order and the
+         * gradients do not change from run to run (dynamic scheduling made them differ in the last bit) */
+#pragma omp for schedule(static, 1)
         for (int64_t task = 0; task < count * kv_heads; task++) {
             if (failed) continue;
             const int64_t *pc = pieces + 4 * (task / kv_heads);
