@@ -53,9 +53,9 @@ def test_a_diverging_run_stops_before_a_bad_step_reaches_weights_or_checkpoints(
 
 
 def test_skip_bad_steps_drops_the_bad_updates_and_keeps_training(tmp_path, monkeypatch):
-    from peftkit.train import trainer as trainer_module
+    from peftkit.train import step as step_module
 
-    real = trainer_module.sequence_loss
+    real = step_module.sequence_loss
     calls = {"n": 0}
 
     def flaky(model, batch):  # micro-batches 2 and 3 give a nan loss
@@ -63,7 +63,7 @@ def test_skip_bad_steps_drops_the_bad_updates_and_keeps_training(tmp_path, monke
         calls["n"] += 1
         return (loss * math.nan if calls["n"] in (2, 3) else loss), n
 
-    monkeypatch.setattr(trainer_module, "sequence_loss", flaky)
+    monkeypatch.setattr(step_module, "sequence_loss", flaky)
     cfg = make_cfg(tmp_path, max_steps=5, skip_bad_steps=2)
     t = trainer(cfg)
     result = t.run()

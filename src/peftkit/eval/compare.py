@@ -220,7 +220,7 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from peftkit.eval.icl import icl_conversation, prompt_tokens
         from peftkit.train import TrainConfig, Trainer
-        from peftkit.train.trainer import count_parameters
+        from peftkit.train.model import count_parameters
 
         base_params = count_parameters(model)["total"]  # before quantization turns weights into buffers
         train_keys = {k: v for k, v in settings.items() if k not in _ICL_KEYS}
@@ -230,7 +230,7 @@ def run_entry(spec: dict[str, Any]) -> dict[str, Any]:
         params = trainer.params
         print(f"{spec['label']}: {params['trainable']:,} trainable parameters "
               f"({100 * params['trainable'] / base_params:.3f}% of the base model's {base_params:,}), "
-              f"{len(trainer.rows)} rows, {trainer.total_steps} steps", flush=True)
+              f"{len(trainer.data.rows)} rows, {trainer.total_steps} steps", flush=True)
         train = trainer.run()
         print(f"{spec['label']}: trained in {train.train_seconds:.0f} s, final loss {train.train_loss:.4f}", flush=True)
         model = trainer.model
