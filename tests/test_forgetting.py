@@ -157,8 +157,16 @@ def test_replay_batches_contain_the_replay_examples(tmp_path, probe):
         assert sum(r in task_ids for r in rows) == 8 and sum(r in replay_ids for r in rows) == 2
         seen_replay |= {r for r in rows if r in replay_ids}
     assert seen_replay == replay_ids  # cycling through all the replay examples
-    # resume-safe: the replay rows of a micro-batch depend only on its position
-    assert trainer.data.replay_for(3) == trainer.data.replay_for(3)
+    # consecutive micro-batches take the next replay rows: within one pass over them, none repeats
+    first_pass = [tuple(row[0].input_ids) for m in range(len(replay_ids) // 2) for row in trainer.data.replay_for(m)]
+    assert len(first_pass) == 2 * (len(replay_ids) // 2) > 2 and len(set(first_pass)) == len(first_pass)
+    # resume-safe: a fresh run started at micro-batch 3 gets the uninterrupted run's batch 3, replay rows included
+    uninterrupted = list(trainer.data.micro_batches(0, 0))
+    again = Trainer(cfg.replace(output_dir=str(tmp_path / "r2")), model=tiny_llama(), tokenizer=tok)
+    resumed = next(again.data.micro_batches(0, 3))
+    assert resumed.keys() == uninterrupted[3].keys()
+    assert all(torch.equal(resumed[k], uninterrupted[3][k]) for k in resumed)
+    assert not torch.equal(uninterrupted[3]["input_ids"], uninterrupted[4]["input_ids"])
 
 
 def test_replay_rows_per_batch_and_validation(tmp_path):

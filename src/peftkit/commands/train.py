@@ -1,6 +1,8 @@
 """`peftkit train RECIPE.yaml [key=value ...]`: fine-tune as a recipe says (``method_config.r=16`` sets a method key).
 
 Runs under torchrun / `accelerate launch` unchanged: every process reads the same recipe, rank 0 writes.
+SIGTERM (``kill PID``: what a process manager or a UI sends) stops the run at the next step boundary after a
+checkpoint; ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -40,10 +42,21 @@ def run(args: argparse.Namespace) -> int:
               f"{data.rows} rows, {plan.total_steps} steps")
         for reason in data.skipped_reasons[:3]:
             print(f"  skipped: {reason}")
+    _stop_on_sigterm(trainer)
     result = trainer.run()
+    if result.stopped and result.is_main:
+        print(f"stopped at step {result.steps} of {plan.total_steps}: --resume continues from the checkpoint there")
     if result.is_main:
         _print_result(result, cfg.save_best)
     return 0
+
+
+def _stop_on_sigterm(trainer) -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        signal.signal(signal.SIGTERM, lambda signum, frame: trainer.request_stop())
 
 
 def _print_result(result, save_best: str | None) -> None:
