@@ -270,8 +270,8 @@ def test_skip_bad_rows_skips_invalid_jsonl_lines_too(tmp_path):
     with pytest.raises(PeftkitError, match=f"^{data}: line 6 is not valid JSON .*set skip_bad_rows"):
         trainer(cfg)
     t = trainer(cfg.replace(skip_bad_rows=True))
-    assert (t.read_stats.rows, t.read_stats.skipped, t.tok_stats.examples) == (40, 3, 37)
-    assert {r.split(": ", 1)[1][:7] for r in t.read_stats.reasons} == {"line 6 ", "line 10", "line 18"}
+    assert (t.data.read_stats.rows, t.data.read_stats.skipped, t.data.tok_stats.examples) == (40, 3, 37)
+    assert {r.split(": ", 1)[1][:7] for r in t.data.read_stats.reasons} == {"line 6 ", "line 10", "line 18"}
     assert data.read_text().count("\n") == 39  # the file is only read
 
 
@@ -287,7 +287,7 @@ def test_when_every_example_is_dropped_the_error_gives_the_reason(tmp_path, over
     assert "batch_size" not in str(e.value)
     shortest = int(re.search(expected, str(e.value)).group(1))
     assert shortest > 12  # the number is the real shortest length, beyond the limit
-    assert trainer(cfg.replace(max_length=shortest + 8)).tok_stats.examples == 48
+    assert trainer(cfg.replace(max_length=shortest + 8)).data.tok_stats.examples == 48
     assert not (tmp_path / "run").exists()  # nothing was written
 
 
