@@ -26,14 +26,14 @@ def trainer(cfg, resume=False):
 
 
 def test_every_step_sends_a_typed_event_with_its_metrics(tmp_path):
-    t = trainer(make_cfg(tmp_path, eval_fraction=0.2, eval_every=3))
+    t = trainer(make_cfg(tmp_path, eval_fraction=0.2, eval_every=3, scheduler="constant", warmup_ratio=0.0))
     events: queue.Queue[StepEvent] = queue.Queue()
     t.subscribe(events.put)
     result = t.run()
     got = [events.get_nowait() for _ in range(events.qsize())]
     assert [e.step for e in got] == [1, 2, 3, 4, 5, 6] and all(e.total_steps == 6 for e in got)
     assert [e.loss for e in got] == [round(h["loss"], 6) for h in result.history]
-    assert all(e.lr > 0 and e.grad_norm > 0 and e.target_tokens_per_s > 0 for e in got)
+    assert all(e.lr == 3e-3 and e.grad_norm > 0 and e.target_tokens_per_s > 0 for e in got)
     assert [sorted(e.eval) for e in got] == [[], [], ["eval_loss"], [], [], ["eval_loss"]]
     assert got[2].eval["eval_loss"] == result.history[2]["eval_loss"]
     assert not result.stopped and result.adapter_dir is not None and result.final_scores["eval_loss"] > 0
