@@ -70,3 +70,21 @@ def test_a_run_started_in_a_thread_stops_when_another_thread_asks(tmp_path):
     result = handle.result(timeout=120)
     assert handle.done() and result.stopped and result.steps == 1
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-1"
+
+
+def test_peftkit_train_stops_on_sigterm_like_a_stop_request(tmp_path):
+    import os
+    import signal
+
+    from peftkit.commands.train import _stop_on_sigterm
+
+    t = trainer(make_cfg(tmp_path))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        _stop_on_sigterm(t)
+        t.subscribe(lambda e: os.kill(os.getpid(), signal.SIGTERM) if e.step == 3 else None)  # another process's kill
+        result = t.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.stopped and result.steps == 3
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-3"
