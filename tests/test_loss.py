@@ -122,7 +122,7 @@ def test_the_loss_leaves_the_model_as_it_was(method):
     loss.backward()
     assert _surface(model) == before
     seen.remove()
-    assert calls[0][1] == 1  # in the model's forward its head projected one position per row
+    assert calls[0][1] == 0  # in the model's forward its head projected no position (the loss does, on targets)
 
 
 def test_the_loss_does_not_write_into_what_the_model_returns():

@@ -3,10 +3,10 @@
     loss = sum_{t in targets} -log softmax(W h_{t-1} + b)[y_t]
 
 The model runs once, as it is (its method's hooks included), and hands back its final hidden states
-(``output_hidden_states``; ``logits_to_keep=1`` so that its own head projects one position per row, not all of
-them). The hidden states that predict a target are gathered, and only they go through the output head and the
-cross-entropy: for instruction data (short answers after long prompts) logit memory grows with the targets, not
-with the positions. The cross-entropy runs in row chunks of `SummedCrossEntropy.CHUNK`.
+(``output_hidden_states``; ``logits_to_keep`` an empty index, so that its own head projects no position). The
+hidden states that predict a target are gathered, and only they go through the output head and the cross-entropy:
+for instruction data (short answers after long prompts) logit memory grows with the targets, not with the
+positions. The cross-entropy runs in row chunks of `SummedCrossEntropy.CHUNK`.
 
 Nothing here registers a hook, replaces a forward or writes into a tensor the model returned (STYLE.md 14).
 """
@@ -64,8 +64,8 @@ def target_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tu
     inputs = {k: v.to(device) for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
     if "segment_ids" in batch and getattr(core.config, "_attn_implementation", None) == PACKED_ATTENTION:
         inputs["peftkit_segments"] = segment_bounds(batch["segment_ids"], batch.get("prefix_lengths"))
-    if _takes_logits_to_keep(type(core)):
-        inputs["logits_to_keep"] = 1  # the model's own logits are not used: one position per row
+    if _takes_logits_to_keep(type(core)):  # the model's own logits are not used: none are computed
+        inputs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=device)
     out = model(**inputs, use_cache=False, output_hidden_states=True)
     hidden = out.hidden_states[-1]  # after the final norm: what the head projects
     labels = batch["labels"][:, 1:].to(device)
