@@ -134,3 +134,24 @@ def test_the_loss_does_not_write_into_what_the_model_returns():
     loss.backward()
     (logits, copy), = kept
     torch.testing.assert_close(logits.detach(), copy, atol=0, rtol=0)
+
+
+def test_a_soft_capped_head_gives_the_models_own_loss():
+    """Gemma's ``final_logit_softcapping`` (applied by the model's forward after its head) is applied here too."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    def tiny_gemma3() -> Gemma3ForCausalLM:
+        torch.manual_seed(0)
+        return Gemma3ForCausalLM(Gemma3TextConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, pad_token_id=0, final_logit_softcapping=0.5))
+
+    model = adapted(tiny_gemma3, "lora")
+    b = batch(False)
+    old_loss, _, old_grads = loss_and_grads(old_sequence_loss, model, b)
+    new_loss, _, new_grads = loss_and_grads(sequence_loss, model, b)
+    torch.testing.assert_close(new_loss, old_loss, atol=1e-6, rtol=1e-6)
+    for name, g in new_grads.items():
+        torch.testing.assert_close(g, old_grads[name], atol=1e-6, rtol=1e-6)
+    model.config.final_logit_softcapping = None  # the cap matters at this scale: without it, another loss
+    assert abs(float(sequence_loss(model, b)[0]) - float(old_loss)) > 1e-3
