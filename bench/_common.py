@@ -90,14 +90,14 @@ def kernel_step_row(module, attr: str, label: str, settings: dict, rounds: int) 
     kernel's getter) as it is and switched off (returning None), alternating over the same three real batches of
     the orders task; fp32, medians."""
     from peftkit.train import TrainConfig, Trainer
-    from peftkit.train.trainer import sequence_loss
+    from peftkit.train.loss import sequence_loss
 
     cfg = TrainConfig.from_dict({**settings, "data": str(ROOT / "src/peftkit/data/tasks/orders_train.jsonl"),
                                  "max_steps": 1, "output_dir": f"/tmp/peftkit-bench-{attr}", "progress": False,
                                  "precision": "fp32"})
     trainer = Trainer(cfg, overwrite=True)
     model = trainer.model.train()
-    batches = iter(trainer._batches(0, 0))
+    batches = iter(trainer.data.batches(0, 0))
     batches = [next(batches)[2] for _ in range(3)]
     kernel = getattr(module, attr)
     state = {"round": 0}

@@ -40,7 +40,7 @@ def _trainer(settings: dict):
                                  "max_steps": 1, "output_dir": "/tmp/peftkit-bench-attention", "progress": False,
                                  "precision": "fp32"})
     trainer = Trainer(cfg, overwrite=True)
-    batches = iter(trainer._batches(0, 0))
+    batches = iter(trainer.data.batches(0, 0))
     return trainer, [next(batches)[2] for _ in range(3)]
 
 

@@ -115,7 +115,8 @@ def worker(spec: dict) -> dict:
     from peftkit.models import load_model, load_tokenizer
     from peftkit.optim import build_optimizer
     from peftkit.train import TrainConfig
-    from peftkit.train.trainer import prepare_model, sequence_loss
+    from peftkit.train.loss import sequence_loss
+    from peftkit.train.model import prepare_model
 
     # One thread: on a shared, oversubscribed CPU two OpenMP threads wait on each other (measured 24x slower here);
     # memory does not depend on it except for small per-thread attention buffers.

@@ -159,7 +159,7 @@ def peftkit_run(overrides: dict, warmup: int, steps: int, examples: int, baselin
         reset_hwm()
     before = snapshot(trainer.model)
     clock = StepClock(warmup, steps)
-    batches = trainer._batches
+    batches = trainer.data.batches
 
     def timed_batches(epoch: int, micro: int):
         for item in batches(epoch, micro):
@@ -167,7 +167,7 @@ def peftkit_run(overrides: dict, warmup: int, steps: int, examples: int, baselin
             clock.begin(int(labels[:, 1:].ne(IGNORE).sum()), labels.numel())
             yield item
 
-    trainer._batches = timed_batches  # grad_accum = 1: one fetch per optimizer step
+    trainer.data.batches = timed_batches  # grad_accum = 1: one fetch per optimizer step
     try:
         trainer.run()
     except WindowDone:

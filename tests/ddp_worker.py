@@ -20,7 +20,7 @@ from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
 
 from peftkit.errors import PeftkitError  # noqa: E402
 from peftkit.train import TrainConfig, Trainer  # noqa: E402
-from peftkit.train import trainer as trainer_module  # noqa: E402
+from peftkit.train import step as step_module  # noqa: E402
 
 
 def config(data: str, out: str, batch_size: int, **kw) -> TrainConfig:
@@ -56,7 +56,7 @@ def main(data: str, out: str, batch_size: int, mode: str) -> None:
         }))
         return
     if mode == "hang":
-        real, calls = trainer_module.sequence_loss, [0]
+        real, calls = step_module.sequence_loss, [0]
 
         def freezing(model, batch):
             calls[0] += 1
@@ -64,7 +64,7 @@ def main(data: str, out: str, batch_size: int, mode: str) -> None:
                 time.sleep(300)  # a frozen rank: alive, never answering
             return real(model, batch)
 
-        trainer_module.sequence_loss = freezing
+        step_module.sequence_loss = freezing
         cfg = config(data, out, batch_size, max_steps=6, dist_timeout=5)
         try:
             Trainer(cfg, model=tiny_llama(), tokenizer=tiny_tokenizer()).run()
@@ -76,7 +76,7 @@ def main(data: str, out: str, batch_size: int, mode: str) -> None:
     trainer.run()
     lora = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
     Path(out, f"rank{rank}.json").write_text(json.dumps({
-        "world": trainer.world, "rows": trainer.seen_rows, "losses": [h["loss"] for h in trainer.history],
+        "world": trainer.world, "rows": trainer.data.seen_rows, "losses": [h["loss"] for h in trainer.history],
         "digest": digest(trainer), "weights": {n: lora[n].flatten()[:8].tolist() for n in sorted(lora)},
     }))
 

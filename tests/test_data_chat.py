@@ -178,7 +178,7 @@ def test_trainer_learns_from_a_sharegpt_file(tmp_path):
         model.lm_head.weight.mul_(30)  # a flat random head cannot show learning (see test_train.sharp_llama)
     trainer = Trainer(cfg, model=model, tokenizer=tiny_tokenizer())
     # both answers of every conversation are targets: 2 turns x (2 digits + <|im_end|>)
-    assert trainer.tok_stats.examples == 40 and trainer.tok_stats.target_tokens == 40 * 2 * 3
+    assert trainer.data.tok_stats.examples == 40 and trainer.data.tok_stats.target_tokens == 40 * 2 * 3
     trainer.run()
     losses = [h["loss"] for h in trainer.history]
     assert losses[-1] < 0.5 * losses[0]

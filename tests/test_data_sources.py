@@ -150,7 +150,7 @@ def test_a_hub_dataset_in_a_training_config(hub_cache, tmp_path):
     cfg = TrainConfig.from_dict(dict(data="acme/chat", eval_data="acme/chat:test", output_dir=str(tmp_path / "run"),
                                      precision="fp32", batch_size=1, max_length=128, progress=False, packing=False))
     trainer = Trainer(cfg, model=tiny_llama(), tokenizer=tiny_tokenizer())
-    assert trainer.tok_stats.examples == 5 and len(trainer.eval_examples) == 2
+    assert trainer.data.tok_stats.examples == 5 and len(trainer.data.eval_examples) == 2
 
 
 def test_offline_and_not_cached_is_one_clear_line(hub_cache):

@@ -57,9 +57,9 @@ def test_a_diverging_run_stops_before_a_bad_step_reaches_weights_or_checkpoints(
 
 
 def test_skip_bad_steps_drops_the_bad_updates_and_keeps_training(tmp_path, monkeypatch):
-    from peftkit.train import trainer as trainer_module
+    from peftkit.train import step as step_module
 
-    real = trainer_module.sequence_loss
+    real = step_module.sequence_loss
     calls = {"n": 0}
 
     def flaky(model, batch):  # micro-batches 2 and 3 give a nan loss
@@ -67,7 +67,7 @@ def test_skip_bad_steps_drops_the_bad_updates_and_keeps_training(tmp_path, monke
         calls["n"] += 1
         return (loss * math.nan if calls["n"] in (2, 3) else loss), n
 
-    monkeypatch.setattr(trainer_module, "sequence_loss", flaky)
+    monkeypatch.setattr(step_module, "sequence_loss", flaky)
     cfg = make_cfg(tmp_path, max_steps=5, skip_bad_steps=2)
     t = trainer(cfg)
     result = t.run()
@@ -306,8 +306,8 @@ def test_skip_bad_rows_skips_invalid_jsonl_lines_too(tmp_path):
     with pytest.raises(PeftkitError, match=f"^{data}: line 6 is not valid JSON .*set skip_bad_rows"):
         trainer(cfg)
     t = trainer(cfg.replace(skip_bad_rows=True))
-    assert (t.read_stats.rows, t.read_stats.skipped, t.tok_stats.examples) == (40, 3, 37)
-    assert {r.split(": ", 1)[1][:7] for r in t.read_stats.reasons} == {"line 6 ", "line 10", "line 18"}
+    assert (t.data.read_stats.rows, t.data.read_stats.skipped, t.data.tok_stats.examples) == (40, 3, 37)
+    assert {r.split(": ", 1)[1][:7] for r in t.data.read_stats.reasons} == {"line 6 ", "line 10", "line 18"}
     assert data.read_text().count("\n") == 39  # the file is only read
 
 
@@ -323,7 +323,7 @@ def test_when_every_example_is_dropped_the_error_gives_the_reason(tmp_path, over
     assert "batch_size" not in str(e.value)
     shortest = int(re.search(expected, str(e.value)).group(1))
     assert shortest > 12  # the number is the real shortest length, beyond the limit
-    assert trainer(cfg.replace(max_length=shortest + 8)).tok_stats.examples == 48
+    assert trainer(cfg.replace(max_length=shortest + 8)).data.tok_stats.examples == 48
     assert not (tmp_path / "run").exists()  # nothing was written
 
 

@@ -19,7 +19,8 @@ from peftkit.eval.forgetting import (
     probe_loss,
 )
 from peftkit.train import TrainConfig, Trainer
-from peftkit.train.trainer import EWCAnchor, diagonal_fisher, replay_rows_per_batch
+from peftkit.train.ewc import EWCAnchor, diagonal_fisher
+from peftkit.train.pipeline import replay_rows_per_batch
 
 # The toy: a tiny model first "pre-trained" on general data G (reverse a word), so that it answers G's prompts
 # confidently; the probe is its own greedy answers to them. Fine-tuning on task A (repeat a digit) then moves it.
@@ -145,19 +146,27 @@ def test_replay_batches_contain_the_replay_examples(tmp_path, probe):
                                  "replay_fraction": 0.2, "output_dir": str(tmp_path / "r"), "precision": "fp32",
                                  "batch_size": 8, "max_length": 64, "packing": False, "progress": False})
     trainer = Trainer(cfg, model=model, tokenizer=tok)
-    assert trainer.replay_per_batch == 2 == replay_rows_per_batch(8, 0.2)
-    replay_ids = {tuple(row[0].input_ids) for row in trainer.replay_rows}
-    task_ids = {tuple(row[0].input_ids) for row in trainer.rows}
+    assert trainer.data.replay_per_batch == 2 == replay_rows_per_batch(8, 0.2)
+    replay_ids = {tuple(row[0].input_ids) for row in trainer.data.replay_rows}
+    task_ids = {tuple(row[0].input_ids) for row in trainer.data.rows}
     seen_replay = set()
-    for batch in trainer._micro_batches(0, 0):
+    for batch in trainer.data.micro_batches(0, 0):
         rows = [tuple(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"], batch["attention_mask"],
                                                             strict=True)]
         assert len(rows) == 10
         assert sum(r in task_ids for r in rows) == 8 and sum(r in replay_ids for r in rows) == 2
         seen_replay |= {r for r in rows if r in replay_ids}
     assert seen_replay == replay_ids  # cycling through all the replay examples
-    # resume-safe: the replay rows of a micro-batch depend only on its position
-    assert trainer._replay_for(3) == trainer._replay_for(3)
+    # consecutive micro-batches take the next replay rows: within one pass over them, none repeats
+    first_pass = [tuple(row[0].input_ids) for m in range(len(replay_ids) // 2) for row in trainer.data.replay_for(m)]
+    assert len(first_pass) == 2 * (len(replay_ids) // 2) > 2 and len(set(first_pass)) == len(first_pass)
+    # resume-safe: a fresh run started at micro-batch 3 gets the uninterrupted run's batch 3, replay rows included
+    uninterrupted = list(trainer.data.micro_batches(0, 0))
+    again = Trainer(cfg.replace(output_dir=str(tmp_path / "r2")), model=tiny_llama(), tokenizer=tok)
+    resumed = next(again.data.micro_batches(0, 3))
+    assert resumed.keys() == uninterrupted[3].keys()
+    assert all(torch.equal(resumed[k], uninterrupted[3][k]) for k in resumed)
+    assert not torch.equal(uninterrupted[3]["input_ids"], uninterrupted[4]["input_ids"])
 
 
 def test_replay_rows_per_batch_and_validation(tmp_path):
@@ -189,7 +198,7 @@ def test_diagonal_fisher_is_the_mean_squared_per_row_gradient():
     params = {"lm_head.weight": model.lm_head.weight}
     fisher = diagonal_fisher(model, params, [[e] for e in ex], tok.pad_token_id)
     from peftkit.data.sequences import collate
-    from peftkit.train.trainer import sequence_loss
+    from peftkit.train.loss import sequence_loss
 
     expect = torch.zeros_like(model.lm_head.weight)
     for e in ex:

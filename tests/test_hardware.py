@@ -20,7 +20,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods import lora_native
 from peftkit.train import Trainer
 from peftkit.train.flops import FlopCount, attention_pairs
-from peftkit.train.trainer import sequence_loss
+from peftkit.train.loss import sequence_loss
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from peftkit.core.adapter_io import apply_method
 from peftkit.data.formats import read_conversations
 from peftkit.data.sequences import collate, make_rows, tokenize_conversations
+from peftkit.train.loss import sequence_loss
 from peftkit.train.packed_attention import (
     NAME,
     CausalAttention,
@@ -19,7 +20,6 @@ from peftkit.train.packed_attention import (
     segment_bounds,
     use_packed_attention,
 )
-from peftkit.train.trainer import sequence_loss
 
 CONVS = [{"instruction": "q" * (3 + 2 * i), "output": "answer " * (i + 1)} for i in range(7)]
 
@@ -466,7 +466,7 @@ def test_the_trainer_turns_packing_off_with_one_line_when_it_cannot_be_honoured(
                                      packing=True, max_steps=1, eval_fraction=0.0))
     trainer = Trainer(cfg, model=make(), tokenizer=tiny_tokenizer())
     lines = [line for line in capsys.readouterr().err.splitlines() if "packing" in line]
-    assert trainer.packing is packed and any(len(r) > 1 for r in trainer.rows) is packed
+    assert trainer.data.packing is packed and any(len(r) > 1 for r in trainer.data.rows) is packed
     assert lines == ([] if packed else ["peftkit: packing off: Llama4TextConfig has chunked_attention layers, which "
                                         "packed rows cannot honour"])
     assert trainer.run().steps == 1

@@ -27,7 +27,7 @@ def test_generation_metric_equals_generating_by_hand(tmp_path):
     cfg = make_cfg(tmp_path, max_steps=2, eval_fraction=0.25, eval_every=2, eval_metric="exact_match",
                    eval_samples=5, eval_max_new_tokens=6)
     trainer, _ = run(cfg)
-    convs = trainer.eval_conversations[:5]
+    convs = trainer.data.eval_conversations[:5]
     answers = generate(trainer.model, trainer.tokenizer, [c[:-1] for c in convs], max_new_tokens=6)
     by_hand = sum(a.strip() == c[-1]["content"].strip() for a, c in zip(answers, convs, strict=True)) / 5
     assert trainer.evaluate_generation() == {"eval_exact_match": by_hand}
@@ -45,7 +45,7 @@ def test_user_metric_by_import_path(tmp_path, monkeypatch):
     trainer, _ = run(cfg)
     rows = log_rows(tmp_path / "run")
     assert all("eval_lengths" in r for r in rows)
-    answers = generate(trainer.model, trainer.tokenizer, [c[:-1] for c in trainer.eval_conversations[:4]],
+    answers = generate(trainer.model, trainer.tokenizer, [c[:-1] for c in trainer.data.eval_conversations[:4]],
                        max_new_tokens=5)
     assert rows[-1]["eval_lengths"] == pytest.approx(sum(len(a) for a in answers) / 4)
 

@@ -12,7 +12,7 @@ from conftest import tiny_llama, tiny_tokenizer
 from peftkit.data.sequences import collate
 from peftkit.errors import PeftkitError
 from peftkit.train import TrainConfig, Trainer, load_recipe
-from peftkit.train.trainer import sequence_loss
+from peftkit.train.loss import sequence_loss
 
 
 def write_data(path, n=48):
@@ -187,7 +187,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_intact(tmp_path
 
 @pytest.mark.parametrize("rows", [1, 300])
 def test_summed_cross_entropy_equals_torch(rows):
-    from peftkit.train.trainer import SummedCrossEntropy
+    from peftkit.train.loss import SummedCrossEntropy
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(rows, 70, generator=g, dtype=torch.float64) * 4
@@ -205,7 +205,7 @@ def test_summed_cross_entropy_equals_torch(rows):
 def test_summed_cross_entropy_of_16_bit_logits_is_the_fp32_one_rounded(dtype):
     """16-bit logits (the head's output under autocast) go in without an fp32 copy: the loss is the fp32 loss of the
     same values, the gradient the fp32 gradient rounded to the logits' dtype, over several chunks."""
-    from peftkit.train.trainer import SummedCrossEntropy
+    from peftkit.train.loss import SummedCrossEntropy
 
     g = torch.Generator().manual_seed(1)
     rows = 3 * SummedCrossEntropy.CHUNK + 5

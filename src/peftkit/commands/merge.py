@@ -138,20 +138,13 @@ def _base_line(context, quant, asked: str | None) -> str:
 
 def _held_out_loss(tokenizer, path: str, n: int = 32):
     """Mean target-token loss on the first `n` examples of `path`."""
-    import torch
-
-    from peftkit.data import collate, make_rows, read_conversations, tokenize_conversations
-    from peftkit.train.trainer import sequence_loss
+    from peftkit.data import make_rows, read_conversations, tokenize_conversations
+    from peftkit.train.evaluator import evaluation_loss
 
     examples = tokenize_conversations(tokenizer, read_conversations(path)[:n], max_length=512)
     rows = make_rows(examples, 512, packing=False)
 
-    @torch.no_grad()
     def loss(model) -> float:
-        total, count = 0.0, 0
-        for i in range(0, len(rows), 8):
-            value, k = sequence_loss(model.eval(), collate(rows[i:i + 8], tokenizer.pad_token_id))
-            total, count = total + float(value), count + k
-        return total / max(count, 1)
+        return evaluation_loss(model, rows, tokenizer.pad_token_id, batch_size=8)
 
     return loss

@@ -243,7 +243,7 @@ def _run_trained_entry(spec: dict[str, Any], settings: dict[str, Any], task: Com
     from peftkit.eval.icl import icl_conversation, prompt_tokens
     from peftkit.generation import generate
     from peftkit.train import TrainConfig, Trainer
-    from peftkit.train.trainer import count_parameters
+    from peftkit.train.model import count_parameters
 
     gen = _generation_settings(spec)
     base_params = count_parameters(model)["total"]  # before quantization turns weights into buffers
@@ -254,7 +254,7 @@ def _run_trained_entry(spec: dict[str, Any], settings: dict[str, Any], task: Com
     params = trainer.params
     print(f"{spec['label']}: {params['trainable']:,} trainable parameters "
           f"({100 * params['trainable'] / base_params:.3f}% of the base model's {base_params:,}), "
-          f"{len(trainer.rows)} rows, {trainer.total_steps} steps", flush=True)
+          f"{len(trainer.data.rows)} rows, {trainer.total_steps} steps", flush=True)
     train = trainer.run()
     print(f"{spec['label']}: trained in {train.train_seconds:.0f} s, final loss {train.train_loss:.4f}", flush=True)
     model = trainer.model

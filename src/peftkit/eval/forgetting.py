@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peftkit.data.sequences import IGNORE, collate, tokenize_conversations
+from peftkit.data.sequences import IGNORE, tokenize_conversations
 
 __all__ = [
     "ForgettingReport",
@@ -111,7 +111,10 @@ def probe_loss(
 
     Runs in bf16 autocast when the model has bf16 weights (as generation does), else in the model's dtype.
     """
-    from peftkit.train.trainer import sequence_loss
+    import contextlib
+    import functools
+
+    from peftkit.train.evaluator import evaluation_loss
 
     convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
              for p, a in zip(prompts, answers, strict=True)]
@@ -121,16 +124,9 @@ def probe_loss(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate([[e] for e in examples[i:i + batch_size]], pad)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, n = sequence_loss(model, batch)
-        total, count = total + float(loss), count + n
-    model.train(was_training)
-    return total / max(count, 1)
+    autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext)
+    return evaluation_loss(model, [[e] for e in examples], pad, batch_size, autocast)
 
 
 def _score_answer_text_only(example: Any, n_answer: int) -> None:

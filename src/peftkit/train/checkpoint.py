@@ -26,7 +26,7 @@ from peftkit.core.adapter_io import current_umask, write_atomic_dir, writing
 from peftkit.errors import PeftkitError
 from peftkit.train.state_files import load_state, write_state
 
-__all__ = ["RunFolder", "finished_run", "latest_checkpoint", "load_checkpoint", "rng_file", "rng_state",
+__all__ = ["Checkpoints", "RunFolder", "finished_run", "latest_checkpoint", "load_checkpoint", "rng_file", "rng_state",
            "save_checkpoint", "write_text_atomic"]
 
 # what a training run writes into its output folder (`RunFolder` owns exactly these)
@@ -237,3 +237,47 @@ def load_checkpoint(
                            f"({str(e).splitlines()[0]}); start a new run (--overwrite or another output_dir)") from None
     _set_rng_state(rng)
     return state
+
+
+class Checkpoints:
+    """The checkpoints of one training run: save its state every `save_every` steps, restore it on resume.
+
+    Args:
+        output_dir: the run's folder.
+        keep: checkpoints kept (older ones are pruned).
+        world, rank: processes in the run and this one's index; every rank's generators are saved, rank 0 writes.
+    """
+
+    def __init__(self, output_dir: Path, keep: int, world: int = 1, rank: int = 0) -> None:
+        self.output_dir, self.keep, self.world, self.rank = output_dir, keep, world, rank
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.output_dir)
+
+    def save(self, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any,
+             position: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> None:
+        """Trainable weights, optimizer, scheduler, every rank's RNG and the data `position` (epoch, micro-batch,
+        history...); called on every rank (the generators are gathered), written by rank 0."""
+        from accelerate.utils import gather_object
+
+        # every rank's generators (dropout draws differ with each rank's batch shapes), gathered to rank 0
+        rng = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        if self.rank != 0:
+            return
+        position = {**position, "rank": self.rank, "world": self.world}
+        if scaler is not None and scaler.is_enabled():
+            position["grad_scaler"] = scaler.state_dict()
+        save_checkpoint(self.output_dir, step, weights, optimizer, scheduler, position, self.keep, rng)
+
+    def restore(self, folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                scheduler: Any, lr: float, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+        """Load `folder` into the live objects; the saved position. The restored schedule keeps its step; the
+        learning rate `lr` and the schedule's shape come from the resuming run's config."""
+        saved = load_checkpoint(folder, trainable, optimizer, scheduler, self.rank)
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for group, value in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"], group["lr"] = lr, lr * value(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        if scaler is not None and "grad_scaler" in saved:
+            scaler.load_state_dict(saved["grad_scaler"])
+        return saved

@@ -17,7 +17,14 @@ from typing import Any
 
 from peftkit.errors import PeftkitError
 
-__all__ = ["DATA_KEYS", "check_resumable", "data_fingerprint", "run_inputs", "tokenizer_fingerprint"]
+__all__ = ["DATA_KEYS", "RESUME_MAY_CHANGE", "check_resumable", "data_fingerprint", "run_inputs",
+           "tokenizer_fingerprint"]
+
+RESUME_MAY_CHANGE = frozenset({"lr", "scheduler", "warmup_ratio", "max_steps", "epochs", "eval_data",
+                               "eval_every", "eval_metric", "eval_samples", "eval_max_new_tokens", "save_best",
+                               "save_every", "keep_checkpoints", "log_every", "progress", "skip_bad_steps",
+                               "report_to", "output_dir", "dist_timeout"})
+"""Keys a resumed run may change (they then take effect); any other change is refused."""
 
 DATA_KEYS = ("data", "replay_data")  # compared by contents (eval_data may change on resume)
 CHUNK = 1 << 20
@@ -83,8 +90,8 @@ def _data_change(key: str, spec: str, was: dict[str, Any] | None, now: dict[str,
     return None
 
 
-def check_resumable(ckpt: Path, now: dict[str, Any], world: int, may_change: frozenset[str],
-                    inputs: dict[str, Any]) -> None:
+def check_resumable(ckpt: Path, now: dict[str, Any], world: int, inputs: dict[str, Any],
+                    may_change: frozenset[str] = RESUME_MAY_CHANGE) -> None:
     """Refuse (one line) to resume `ckpt` when its settings or the contents of its inputs differ from this run's:
     `now` is the config as a dict, `inputs` this run's `run_inputs`."""
     try:
