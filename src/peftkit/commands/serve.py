@@ -118,7 +118,7 @@ def _adapter_folders(args: argparse.Namespace) -> dict[str, Any]:
     return folders
 
 
-def _load_base(args: argparse.Namespace, contexts: dict[str, Any]) -> tuple[Any, Any, str, str]:
+def _load_base(args: argparse.Namespace, contexts: dict[str, Any]) -> tuple[Any, Any, str, str | None]:
     """(model, tokenizer, name, fingerprint): the base the flags or the adapters' records ask for, stored as they
     ask (quantized after its fingerprint is taken: the adapters' records were taken on the unquantized weights)."""
     from peftkit.hardware import resolve_precision, warn_if_slow

@@ -89,8 +89,12 @@ class AdapterFileState(Protocol):
         """Load this module's tensors, popping its keys from `tensors`; raise `PeftkitError` if they do not fit."""
         ...
 
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The module's parameters (every implementer is an `nn.Module`)."""
+        ...
 
-def _file_state_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+
+def _file_state_modules(model: nn.Module) -> list[tuple[str, AdapterFileState]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterFileState)]
 
 
@@ -106,7 +110,8 @@ def apply_method(model: nn.Module, method: str, config: Config | dict[str, Any] 
     elif isinstance(config, dict):
         config = spec.config_cls.from_dict(config)
     report = spec.apply(model, config)
-    model.peftkit_method = (spec.name, config)  # what save_adapter() writes
+    # torch types Module.__setattr__ for tensors and modules only; it sets any other value as a plain attribute
+    model.peftkit_method = (spec.name, config)  # type: ignore[assignment]  # what save_adapter() writes
     return report
 
 
@@ -165,13 +170,14 @@ def is_disk_full(error: BaseException) -> bool:
     message carries the OS error.
     """
     seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(error) or f"os error {errno.ENOSPC})" in str(error):
+        if "No space left on device" in str(current) or f"os error {errno.ENOSPC})" in str(current):
             return True
-        error = error.__cause__ or error.__context__
+        current = current.__cause__ or current.__context__
     return False
 
 
@@ -238,7 +244,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Save the adapter of `model` (adapted with `apply_method`) in the peft layout."""
     if not hasattr(model, "peftkit_method"):
         raise PeftkitError("this model has no peftkit adapter (adapt it with apply_method first)")
-    name, config = model.peftkit_method
+    method: Any = model.peftkit_method  # (name, config), set by apply_method
+    name, config = method
     spec = get_method(name)
     tensors = {_file_key(k): v.contiguous() for k, v in _adapter_tensors(model).items()}
     config_json = json.dumps(_peft_config(spec, config, model), indent=2, sort_keys=True)
@@ -424,7 +431,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> InjectReport:
         for n, p in model.named_parameters():  # apply() froze the base: put the flags back as they were
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
         raise
-    model.peftkit_method = (spec.name, config)
+    # torch types Module.__setattr__ for tensors and modules only; it sets any other value as a plain attribute
+    model.peftkit_method = (spec.name, config)  # type: ignore[assignment]
     if checked.context is not None:
-        model.peftkit_context = checked.context
+        model.peftkit_context = checked.context  # type: ignore[assignment]  # as above
     return report

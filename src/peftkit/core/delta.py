@@ -10,8 +10,7 @@ the update into the base weights and back.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,6 +29,8 @@ _OUTPUT_HEADS = ("lm_head", "embed_out", "output")
 # nn.Linear subclasses whose forward is F.linear written out, so running them as F.linear with another weight
 # changes nothing else. Other subclasses (quantized layers above all) are refused, not guessed at.
 LINEAR_EQUIVALENTS = frozenset({"FalconLinear"})
+
+_CLASSES: dict[tuple[type, type], type[DeltaWeightLayer]] = {}  # see DeltaWeightLayer._class_for
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -63,12 +64,19 @@ class DeltaWeightLayer(AdapterModule):
     weight: nn.Parameter
     bias: nn.Parameter | None
     merged: bool
+    # nn.Module members of the base class, which follows the mixin in the instance's class
+    _parameters: dict[str, nn.Parameter | None]
+    parameters: Callable[..., Iterator[nn.Parameter]]
+    buffers: Callable[..., Iterator[torch.Tensor]]
 
     @staticmethod
-    @functools.cache
-    def _class_for(mixin: type, base_cls: type[nn.Module]) -> type[nn.Module]:
-        return type(f"{mixin.__name__.removesuffix('Layer')}{base_cls.__name__}", (mixin, base_cls),
-                    {"_base_cls": base_cls})
+    def _class_for(mixin: type, base_cls: type[nn.Module]) -> type[DeltaWeightLayer]:
+        """One class per (mixin, base class) pair, made on first use."""
+        key = (mixin, base_cls)
+        if key not in _CLASSES:
+            _CLASSES[key] = type(f"{mixin.__name__.removesuffix('Layer')}{base_cls.__name__}", (mixin, base_cls),
+                                 {"_base_cls": base_cls})
+        return _CLASSES[key]
 
     @classmethod
     def wrap(cls, base: nn.Module) -> Any:

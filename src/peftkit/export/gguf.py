@@ -183,8 +183,8 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
     parts = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
 
     def byte_level(p: dict | None, regex: bool) -> bool:
-        return bool(p) and p.get("type") == "ByteLevel" and p.get("use_regex", True) == regex \
-            and not p.get("add_prefix_space", False)
+        return bool(p and p.get("type") == "ByteLevel" and p.get("use_regex", True) == regex
+                    and not p.get("add_prefix_space", False))
 
     if len(parts) == 1 and byte_level(parts[0], True):
         return "gpt-2"
@@ -287,13 +287,14 @@ def export_gguf(
 
     _check_dtype(dtype)
     path = check_output(path, overwrite)
-    if hasattr(model, "peftkit_method"):
-        raise PeftkitError(f"the model still carries a {model.peftkit_method[0]} adapter: merge it first "
-                           "(merge_and_unload)")
-    layout = _Llama(model.config)
+    method: Any = getattr(model, "peftkit_method", None)  # (name, config), set by apply_method
+    if method is not None:
+        raise PeftkitError(f"the model still carries a {method[0]} adapter: merge it first (merge_and_unload)")
+    config: Any = model.config
+    layout = _Llama(config)
     if type(model).__name__ != "LlamaForCausalLM":
         raise PeftkitError(f"GGUF export writes a LlamaForCausalLM, not a {type(model).__name__}")
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     state = model.state_dict()
     tensors = []
     for hf_name, tensor in state.items():
@@ -304,11 +305,11 @@ def export_gguf(
     with _atomic_file(path, overwrite) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or Path(str(getattr(model.config, "_name_or_path", "") or path.stem)).name or path.stem)
+        writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or path.stem)).name or path.stem)
         layout.add_metadata(writer)
         writer.add_file_type(_file_type(dtype))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_tokenizer(writer, tokenizer, model.config.vocab_size)
+        _add_tokenizer(writer, tokenizer, config.vocab_size)
         for gguf_name, array, qtype in tensors:
             writer.add_tensor(gguf_name, array, raw_dtype=qtype)
         _write(writer)
@@ -339,7 +340,7 @@ def _lora_tensors(adapter: str | os.PathLike, pairs: dict[str, dict[str, torch.T
     for module, ab in sorted(pairs.items()):
         a, b = ab["A"], ab["B"]
         try:
-            weight = base.get_submodule(module).weight
+            weight = base.get_parameter(f"{module}.weight")
         except AttributeError:
             raise PeftkitError(f"{adapter}: {module} is not a layer of the base model") from None
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
@@ -393,7 +394,8 @@ def export_lora_gguf(
         raise PeftkitError(f"{adapter} is a {spec.name} adapter; llama.cpp's adapter format holds LoRA only "
                            "(export the merged model instead: peftkit export ADAPTER OUT.gguf)")
     out = _lora_tensors(adapter, _lora_pairs(adapter, tensors), base, layout, dtype)
-    alpha = config.lora_alpha * (math.sqrt(config.r) if config.use_rslora else 1.0)
+    lora: Any = config  # a LoRA config: only LoRA has gguf_adapter
+    alpha = lora.lora_alpha * (math.sqrt(lora.r) if lora.use_rslora else 1.0)
     with _atomic_file(path, overwrite) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
         writer.add_type(gguf.GGUFType.ADAPTER)

@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -105,7 +105,9 @@ def rng_state() -> dict[str, Any]:
     """This process's random generators (Python, NumPy, torch CPU, and the current CUDA device's when one is in
     use) as JSON (no pickle: a checkpoint file never runs code when loaded)."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy global generator is MT19937, whose legacy state is this tuple (numpy's stub says it may be a dict)
+    legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
+    name, keys, pos, has_gauss, cached = legacy
     state = {"python": [version, list(internal), gauss],
              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
              "torch": torch.get_rng_state().tolist()}

@@ -131,6 +131,18 @@ class TrainConfig(Config):
     dist_timeout: float = 600.0
 
     def validate(self) -> None:
+        self._validate_schedule()
+        self._validate_continual()
+        self._validate_safeguards()
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        from peftkit.train.tracking import check_report_to
+
+        check_report_to(self.report_to)
+        self._validate_eval()
+
+    def _validate_schedule(self) -> None:
+        """Batch shape, run length, learning rate and its warmup, logging and checkpoint counts."""
         positive = {"max_length": self.max_length, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "keep_checkpoints": self.keep_checkpoints, "log_every": self.log_every}
         for key, value in positive.items():
@@ -142,34 +154,34 @@ class TrainConfig(Config):
             raise PeftkitError("epochs must be > 0 (or set max_steps)")
         if self.max_steps is not None and self.max_steps <= 0:
             raise PeftkitError(f"max_steps must be > 0, got {self.max_steps}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise PeftkitError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise PeftkitError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def _validate_continual(self) -> None:
+        """Forgetting control: replayed general data and the EWC penalty."""
         if not 0.0 <= self.replay_fraction < 1.0:
             raise PeftkitError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
         if self.replay_fraction > 0 and not self.replay_data:
             raise PeftkitError("replay_fraction > 0 needs replay_data (a file of general instruction data)")
         if self.ewc_lambda < 0:
             raise PeftkitError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
+        if self.ewc_batches <= 0:
+            raise PeftkitError(f"ewc_batches must be > 0, got {self.ewc_batches}")
+
+    def _validate_safeguards(self) -> None:
+        """Bad-step skipping, the distributed timeout and the paged-optimizer memory budget."""
         if self.skip_bad_steps < 0:
             raise PeftkitError(f"skip_bad_steps must be >= 0, got {self.skip_bad_steps}")
         if not self.dist_timeout > 0:
             raise PeftkitError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.ewc_batches <= 0:
-            raise PeftkitError(f"ewc_batches must be > 0, got {self.ewc_batches}")
-        if isinstance(self.report_to, str):
-            self.report_to = [self.report_to]
-        from peftkit.train.tracking import check_report_to
-
-        check_report_to(self.report_to)
-        self._validate_eval()
         if self.page_budget_bytes is not None and self.page_budget_bytes <= 0:
             raise PeftkitError(f"page_budget_bytes must be > 0, got {self.page_budget_bytes}")
 
     def _validate_eval(self) -> None:
         from peftkit.train.evaluation import METRICS, resolve_metric
 
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise PeftkitError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_samples <= 0 or self.eval_max_new_tokens <= 0:
             raise PeftkitError("eval_samples and eval_max_new_tokens must be > 0")
         has_eval = bool(self.eval_data) or self.eval_fraction > 0
