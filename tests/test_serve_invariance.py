@@ -17,8 +17,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftkit.core.adapter_io import apply_method, save_adapter
 from peftkit.methods.lora import lora_layers
+from peftkit.serve.decoder import TextStream
 from peftkit.serve.engine import Engine, Finished, SamplingParams
 from peftkit.serve.lora_batch import read_lora
+from peftkit.serve.request import Generation
 
 NEW_TOKENS = 12
 DTYPES = [torch.float32, torch.bfloat16]
@@ -44,21 +46,34 @@ def save_lora(model: torch.nn.Module, folder, seed: int, settings: dict, std: fl
 
 
 @pytest.fixture(scope="module", params=DTYPES, ids=["fp32", "bf16"])
-def engine(request, tmp_path_factory):
+def parts(request, tmp_path_factory):
+    """(the parametrized dtype, adapter name -> folder)."""
     root = tmp_path_factory.mktemp("invariance")
     model = llama()
     folders = {"alpha": save_lora(model, root / "alpha", 1, {"r": 4}),
                "beta": save_lora(model, root / "beta", 2, {"r": 2, "target_modules": ["q_proj", "v_proj"]})}
-    model = model.to(request.param)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model's matmuls spend their time handing work between threads on a busy CPU
+    yield request.param, folders
+    torch.set_num_threads(threads)
+
+
+def make_engine(parts) -> Engine:
+    """An engine on a model of its own (`llama()`: the same weights each time) and both adapters."""
+    dtype, folders = parts
+    model = llama().to(dtype)
     engine = Engine(model, tiny_tokenizer(), "base", max_batch=16)
     for name, folder in folders.items():
         engine.add_adapter(name, read_lora(folder, model))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model's matmuls spend their time handing work between threads on a busy CPU
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(parts):
+    engine = make_engine(parts)
     engine.start()
     yield engine
     engine.shutdown()
-    torch.set_num_threads(threads)
 
 
 def jobs(n: int, seed: int = 0) -> list[tuple[str, list[int], SamplingParams]]:
@@ -130,6 +145,34 @@ def test_requests_arriving_mid_decode(engine):
     alone = serve(engine, todo)
     assert serve(engine, todo, [0, 0, 0, 0, 1, 2, 3, 3, 5, 8, 9, 11]) == alone
     assert serve(engine, todo, [0, 4, 1, 0, 7, 2, 0, 10, 3, 0, 5, 6]) == alone
+
+
+def test_decode_logits_are_bit_for_bit_those_of_the_row_alone(parts):
+    """Below the token ids: every row's logits, step after step, in batches of other sizes, adapters and lengths."""
+    engine = make_engine(parts)  # not started: the test drives its batch
+    todo = jobs(9, seed=5)
+    bf16 = parts[0] == torch.bfloat16
+
+    def logits(rows: list[int], steps: int = 4) -> dict[int, list[torch.Tensor]]:
+        gens, out = {}, {i: [] for i in rows}
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            for i in rows:
+                model, prompt, params = todo[i]
+                gens[i] = Generation(model, prompt, params, lambda e: None, False, TextStream(engine.tokenizer))
+                gens[i].slot = engine.adapters.slot(model)
+                out[i].append(engine.batch.prefill(gens[i], 8192)[0].clone())
+            for step in range(steps):
+                for i in rows:
+                    gens[i].last = (7 * step + 13 * i) % 128  # each row's own inputs, whatever the batch
+                for i, row in zip(rows, engine.batch.decode(), strict=True):
+                    out[i].append(row.clone())
+        engine.batch.clear()
+        return out
+
+    alone = {i: logits([i])[i] for i in range(len(todo))}
+    for rows in ([0, 1], [2, 0, 1], [3, 4, 5, 6, 7], list(range(9)), [8, 1, 6, 2]):
+        for i, got in logits(rows).items():
+            assert all(torch.equal(a, b) for a, b in zip(got, alone[i], strict=True)), (rows, i)
 
 
 @pytest.mark.integration
