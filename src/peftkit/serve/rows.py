@@ -120,10 +120,22 @@ class _Step:
 def rows_attention(module: nn.Module, query: torch.Tensor, key: list[torch.Tensor], value: list[torch.Tensor],
                    attention_mask: torch.Tensor | None, scaling: float | None = None, **_) -> tuple[torch.Tensor, None]:
     """Attention of one decode step, each row alone over its own keys (fp32, `_RowKV`): the same call for a row
-    whatever the batch; idle rows get zeros. Returns (batch, 1, heads, head_dim) in the query's dtype."""
+    whatever the batch; idle rows get zeros. Returns (batch, 1, heads, head_dim) in the query's dtype.
+
+    Note:
+        One thread: a row's attention is a few microseconds of work, and each call of PyTorch's CPU attention
+        kernel opens a parallel region, whose hand-off between threads costs more than the work (milliseconds on a
+        busy 2-core machine, where the other thread may not be running). Each row is computed by one thread anyway
+        (the kernel splits by batch x heads), so the result is the same with any thread count.
+    """
     gqa = query.shape[1] != key[0].shape[1] if key else False
-    outs = [F.scaled_dot_product_attention(query[r: r + 1].float(), k, v, scale=scaling, enable_gqa=gqa)
-            for r, (k, v) in enumerate(zip(key, value, strict=True))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see the Note
+    try:
+        outs = [F.scaled_dot_product_attention(query[r: r + 1].float(), k, v, scale=scaling, enable_gqa=gqa)
+                for r, (k, v) in enumerate(zip(key, value, strict=True))]
+    finally:
+        torch.set_num_threads(threads)
     out = torch.cat(outs).to(query.dtype).transpose(1, 2)
     idle = query.shape[0] - len(outs)
     if idle:
