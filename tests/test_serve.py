@@ -1,5 +1,5 @@
 """`peftkit serve`: a live server on loopback answering the real `openai` client, mixed-adapter batches equal to
-serving each request alone (and to `peftkit generate`), requests prefilled together, adapters trained by `Trainer`
+serving each request alone (and to `peftkit generate`), each request prefilled alone, adapters trained by `Trainer`
 answering in their recorded training context, and the paths off the happy one."""
 
 from __future__ import annotations
@@ -472,11 +472,11 @@ def test_cli_server_finishes_requests_in_flight_on_sigterm(files):
             proc.wait()
 
 
-# ---- prefilling the requests admitted together in one forward pass
+# ---- prefilling the requests admitted together, each alone
 
 
 @pytest.mark.parametrize("base", ["llama", "gpt2", "llama-nf4"])
-def test_requests_admitted_together_are_prefilled_together_as_each_alone(base, tmp_path):
+def test_requests_admitted_together_are_prefilled_each_alone(base, tmp_path):
     model, tok, folders = base_and_two_adapters(base, tmp_path)
     long = "Please write a long answer about the colour of the sky at noon, at dusk and at night."
     # four rows start together; the first two end together (same length), then the last two join the other two,
@@ -512,19 +512,16 @@ def test_requests_admitted_together_are_prefilled_together_as_each_alone(base, t
         return [done[i].text for i in range(len(jobs))], dict(engine.stats)
 
     alone, stats = serve(1, 8192, together=False)
-    assert stats["max_prefill_rows"] == 1 and stats["max_rows"] == 1
+    assert stats["max_rows"] == 1 and stats["prefills"] == len(jobs)
     assert len(set(alone)) == len(alone)
     together, stats = serve(4, 8192, together=True)
     assert together == alone
-    assert stats["prefills"] == 2 and stats["max_prefill_rows"] == 4 and stats["joined_running_batch"] == 2
-    # a budget of padded tokens per pass splits the groups, shortest prompts together
-    lengths = sorted(len(x) for x in ids[:4])
-    assert lengths[1] < lengths[2]
-    split, stats = serve(4, 2 * lengths[1], together=True)
-    assert split == alone and stats["max_prefill_rows"] == 2
-    assert stats["prefills"] == 3 + 2  # the two shortest together, the others alone; then the two long ones alone
-    one_by_one, stats = serve(4, 1, together=True)  # what bench/serve.py compares against
-    assert one_by_one == alone and stats["prefills"] == len(jobs)
+    assert stats["prefills"] == len(jobs) and stats["joined_running_batch"] == 2  # each prompt alone
+    # a budget of tokens per pass cuts each prompt into chunks of its own: the same chunks whatever else is served
+    chunked_alone, stats = serve(1, 5, together=False)
+    assert stats["prefills"] == sum(-(-len(x) // 5) for x in ids)
+    chunked, stats = serve(4, 5, together=True)
+    assert chunked == chunked_alone and stats["prefills"] == sum(-(-len(x) // 5) for x in ids)
     with pytest.raises(PeftkitError, match="max_prefill_tokens must be >= 1"):
         Engine(model, tok, "base", max_prefill_tokens=0)
 
@@ -632,7 +629,7 @@ def test_trained_adapters_answer_in_their_training_context_as_peftkit_generate(t
         prefills = engine.stats["prefills"]
         replies = iter(ask_all(client, engine, flat))
         got = {kind: [next(replies) for _ in group] for kind, group in jobs.items()}
-        assert engine.stats["prefills"] == prefills + 1  # all ten in one forward pass
+        assert engine.stats["prefills"] == prefills + len(flat)  # each prompt in a forward pass of its own
         assert {kind: [r.choices[0].message.content.strip() for r in got[kind]] for kind in got} == expected
         assert expected["orders"] != expected["raw"]  # the wrapping changes the answers: leaving it out is caught
         # the prompts are the ones `peftkit generate` renders (the system message given, the recorded template)

@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
     p.add_argument("--max-prefill-tokens", type=int, default=8192,
-                   help="padded prompt tokens (requests x longest prompt) prefilled in one forward pass at most")
+                   help="prompt tokens in one forward pass at most (each prompt alone, longer ones in chunks)")
     p.add_argument("--max-model-len", type=int, help="prompt + new tokens at most (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens of a chat request that sets none")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,

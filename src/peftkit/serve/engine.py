@@ -11,11 +11,14 @@
 Each iteration of the engine thread (`Engine._loop`):
 
 1. runs the adapter loads and unloads asked for since the last one (never during a forward pass);
-2. admits waiting requests up to `max_batch` and prefills them together (several passes when they hold more than
-   `max_prefill_tokens` padded tokens); their KV cache rows then join the batch's;
+2. admits waiting requests up to `max_batch` and prefills each alone (in chunks of `max_prefill_tokens`); their KV
+   caches then join the batch's, one row each;
 3. runs one decode step for every row, then drops the rows that finished, were cancelled, or hit a stop string.
 
-Greedy decoding gives the tokens the request gets alone (the test suite checks it against `peftkit generate`).
+Decoding is batch-invariant (`peftkit.serve.rows`): a request gets the same tokens, bit for bit the same logits,
+whatever it shares the batch with and whenever it arrives, in every precision (tests/test_serve_invariance.py).
+Greedy answers also match `peftkit generate` (the test suite checks it), though not bit for bit: a decode step
+pads its rows to a multiple of 4 and attends row by row, which rounds differently from a batch of one.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from peftkit.core.context import TrainingContext, fingerprint
 from peftkit.errors import PeftkitError
-from peftkit.serve.batch import DecodeBatch, prefill_groups
+from peftkit.serve.batch import DecodeBatch
 from peftkit.serve.decoder import TextStream, sample
 from peftkit.serve.lora_batch import LoRABatch, LoRAWeights
 from peftkit.serve.registry import AdapterRegistry, quantization_of, resolve_root
@@ -62,9 +65,9 @@ class Engine:
         base_fingerprint: `fingerprint` of the base before it was quantized (default: computed from `model`; a
             quantized `model` has none, and then adapters cannot be checked against it).
         allow_base_mismatch: serve adapters trained on another base (with a warning) instead of refusing them.
-        max_prefill_tokens: padded prompt tokens (rows x longest prompt) in one prefill forward pass at most: the
-            requests admitted together are prefilled in as few passes as that allows, each at least in its own
-            (it bounds the memory of the attention scores, which grows with rows x length^2; 1: one at a time).
+        max_prefill_tokens: prompt tokens in one prefill forward pass at most: each request is prefilled alone,
+            a longer prompt in chunks of this many tokens (it bounds the memory of the attention scores, which grows
+            with length^2).
         adapter_root: the folder `load_adapter` reads adapters from (`registry.adapter_folder`); None: anywhere,
             but clients may not load adapters.
     """
@@ -270,11 +273,10 @@ class Engine:
         fresh = [g for g in admitted if not g.done]
         if self.batch.rows:
             self.stats["joined_running_batch"] += len(fresh)
-        for group in prefill_groups(fresh, self.max_prefill_tokens):
+        for gen in fresh:  # alone: its cache and first token depend on its prompt only
             started = time.perf_counter()
-            for gen in group:
-                gen.slot = self.adapters.slot(gen.model)
-            self._push_all(group, self.batch.prefill(group))
+            gen.slot = self.adapters.slot(gen.model)
+            self._push_all([gen], self.batch.prefill(gen, self.max_prefill_tokens))
             self.stats["prefill_s"] += time.perf_counter() - started
         self.batch.keep([g for g in self.batch.rows if not g.done])
         if self.batch.rows:

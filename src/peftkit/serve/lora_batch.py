@@ -8,8 +8,10 @@ The base product runs once for the whole batch (the layer's own forward); a forw
 Each adapted layer stacks its adapters' A (slots x r_max x d_in) and B (slots x d_out x r_max), ranks zero-padded
 to the largest, with zeros in slot 0 and in the slots of adapters that do not adapt this layer. A mixed batch
 gathers the stacks by row and runs two `torch.bmm` for all of its rows (Punica's gathered LoRA, without custom
-kernels). A batch whose rows all ask for one adapter takes `LoRALayer.forward`'s own path (F.linear, then one
-``addmm_`` into the base output), so a request served alone computes exactly what ``peftkit generate`` computes.
+kernels): each row's products are its own (M=1 per row), the same in any batch. A prefill (one request) takes
+`LoRALayer.forward`'s own path (F.linear, then one ``addmm_`` into the base output), as ``peftkit generate`` does;
+a decode step takes the gathered path even when its rows all ask for one adapter (`select(..., per_row=True)`), so
+that a row's adapter term never depends on the other rows.
 
 Adapters are read with `check_adapter` (peftkit's or Hugging Face peft's files) and checked against the model
 before anything changes. Only LoRA batches this way: the other methods change the input or every row's weights
@@ -157,10 +159,12 @@ class LoRABatch:
         del self._adapters[name], self._slots[name]
         self._rebuild()
 
-    def select(self, slots: Iterable[int]) -> None:
-        """Set the adapter slot of every row of the next forward passes."""
+    def select(self, slots: Iterable[int], per_row: bool = False) -> None:
+        """Set the adapter slot of every row of the next forward passes; `per_row`: compute every row's adapter term
+        on its own (gathered ``bmm``, M=1 per row), even when all rows ask for one adapter, so that a row's result
+        does not depend on the others (batch-invariant decoding, `peftkit.serve.rows`)."""
         slots = list(slots)
-        self._uniform = slots[0] if len(set(slots)) == 1 else None
+        self._uniform = slots[0] if len(set(slots)) == 1 and not (per_row and slots[0]) else None
         self._rows = torch.tensor(slots, dtype=torch.long)
 
     def close(self) -> None:
