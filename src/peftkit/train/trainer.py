@@ -192,7 +192,7 @@ class Trainer:
         if calibrate is not None:  # before resuming too: same batches + untouched base = same selection
             calibrate(self.model, cfg.method_settings(), list(itertools.islice(self.data.micro_batches(0, 0), 4)))
         ewc = self._ewc_anchor(trainable)  # anchored at the start values, so computed before a checkpoint is loaded
-        saved = {"step": 0, "epoch": 0, "micro": 0}
+        saved: dict[str, Any] = {"step": 0, "epoch": 0, "micro": 0}
         if self.resume:
             saved = self._restore(trainable, optimizer, scheduler, scaler)
         model, optimizer = acc.prepare(self.model, optimizer)
@@ -233,18 +233,19 @@ class Trainer:
         """Eval loss and `eval_metric` scores into the record and the history; the best adapter with `save_best`."""
         t_eval = time.perf_counter()
         state.eval_loss = self.evaluate()
-        scores = {"eval_loss": state.eval_loss, **self.evaluate_generation()}
+        scores: dict[str, Any] = {"eval_loss": state.eval_loss, **self.evaluate_generation()}
         record.update(scores)
         state.history[-1].update(scores)
         if self.cfg.save_best and state.eval_loss is not None and self.is_main:
-            state.best = self._keep_best(state.best, scores, state.step)
+            state.best = self._keep_best(self.cfg.save_best, state.best, scores, state.step)
         state.eval_seconds += time.perf_counter() - t_eval
 
-    def _keep_best(self, best: dict[str, Any] | None, scores: dict[str, float], step: int) -> dict[str, Any] | None:
+    def _keep_best(self, save_best: str, best: dict[str, Any] | None, scores: dict[str, Any],
+                   step: int) -> dict[str, Any] | None:
         """Save the adapter to ``best/`` when the `save_best` metric improved; the best so far (main process)."""
-        name = "eval_" + self.cfg.save_best.removeprefix("eval_")
+        name = "eval_" + save_best.removeprefix("eval_")
         if name not in scores:
-            raise PeftkitError(f"save_best: {self.cfg.save_best!r} is not among the evaluation's results "
+            raise PeftkitError(f"save_best: {save_best!r} is not among the evaluation's results "
                                f"({', '.join(sorted(scores))})")
         value = scores[name]
         better = best is None or best.get("metric") != name or (
