@@ -88,6 +88,7 @@ class Case:
 
 CASES: dict[str, Case] = {
     "lora": Case(lambda a: {"r": 2}, lambda g: g.layers * 2 * sum(i + o for i, o in g.linears()), True),
+    "dora": Case(lambda a: {"r": 2}, lambda g: g.layers * sum(2 * (i + o) + o for i, o in g.linears()), True),
     "houlsby": Case(lambda a: {"reduction_factor": 8}, lambda g: adapter(g, 4, 2), True),
     "pfeiffer": Case(lambda a: {"reduction_factor": 8}, lambda g: adapter(g, 4, 1), True),
     "prompt_tuning": Case(lambda a: {"num_virtual_tokens": 4}, lambda g: 4 * g.h, False, lr=1e-1),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -76,6 +76,11 @@ class LoRAConfig(Config):
             raise PeftkitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise PeftkitError("target_modules is empty")
+
+    @classmethod
+    def peft_matches(cls, fields: dict[str, Any]) -> bool:
+        """Whether a peft ``LORA`` adapter config is this method's (DoRA's when it sets ``use_dora``)."""
+        return not fields.get("use_dora", False)
 
     @property
     def scale(self) -> float:
@@ -450,6 +455,13 @@ MEMORY = MemoryModel(adapted_linears=_adapted, block_activations=_block_activati
                  capabilities=Capabilities(batched_serving=True, gguf_adapter=True))
 def apply(model: nn.Module, config: LoRAConfig) -> InjectReport:
     """Add LoRA to the target layers of `model` and freeze everything else."""
+    return adapt(model, config, "lora", LoRALayer.from_module)
+
+
+def adapt(model: nn.Module, config: LoRAConfig, method: str,
+          make: Callable[[nn.Module, LoRAConfig], nn.Module]) -> InjectReport:
+    """Replace the target layers of `model` by ``make(layer, config)`` (a `LoRALayer`), freeze everything else and
+    mark the layers' `adapter_params` trainable (shared by LoRA and its variants, e.g. DoRA)."""
     targets = config.target_modules
     if targets == "all-linear":
         heads = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in _OUTPUT_HEADS}
@@ -458,7 +470,7 @@ def apply(model: nn.Module, config: LoRAConfig) -> InjectReport:
             raise PeftkitError(f"{type(model).__name__} has no linear layers besides the output head")
         targets = names  # full names match themselves as suffixes
     freeze_all(model)
-    report = inject(model, "lora", targets, _is_target_candidate, lambda _, m: LoRALayer.from_module(m, config))
+    report = inject(model, method, targets, _is_target_candidate, lambda _, m: make(m, config))
     for _, layer in lora_layers(model):
         for pname in layer.adapter_params():
             layer.get_parameter(pname).requires_grad_(True)

@@ -1,0 +1,178 @@
+"""DoRA: parity with Hugging Face peft (``use_dora``) on the same weights (logits and gradients), adapter files both
+ways, an NF4 base, merge / unmerge, and the cached column norm following every change of A and B."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from torch import nn
+
+import peftkit
+from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter
+from peftkit.methods.dora import DoRAConfig, DoRALayer
+from peftkit.quant import QuantLinear
+
+peft = pytest.importorskip("peft")
+
+
+
+def no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.config.attn_pdrop = 0.0
+    return model
+
+
+MAKE = {"llama": lambda: no_dropout(tiny_llama()), "gpt2": lambda: no_dropout(tiny_gpt2())}
+IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def perturb(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def peftkit_dora(arch, tmp_path, **config):
+    model = MAKE[arch]()
+    apply_method(model, "dora", {"r": 4, "lora_alpha": 8, **config})
+    perturb(model)
+    save_adapter(model, tmp_path / "a")
+    return model
+
+
+def peft_model(arch, folder):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(MAKE[arch](), str(folder), is_trainable=True)
+
+
+def peft_name(name: str) -> str:
+    """peft's parameter name -> peftkit's (``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``)."""
+    name = name.removeprefix("base_model.model.").replace(".default", "")
+    return name.removesuffix(".weight") if "lora_magnitude_vector" in name else name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_and_gradients_equal_peft(arch, tmp_path):
+    ours = peftkit_dora(arch, tmp_path)
+    theirs = peft_model(arch, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["use_dora"] is True
+    for model in (ours, theirs):
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    theirs_grads = {peft_name(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert set(grads) == set(theirs_grads) and any("magnitude" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, theirs_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_dora_adapters_load_in_peftkit(arch, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "v_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_fc"]
+    theirs = get_peft_model(MAKE[arch](), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True,
+                                                     fan_in_fan_out=arch == "gpt2"))
+    perturb(theirs, seed=3)
+    theirs.save_pretrained(tmp_path / "p")
+    ours = MAKE[arch]()
+    load_adapter(ours, tmp_path / "p")
+    assert ours.peftkit_method[0] == "dora"
+    theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_plain_peft_lora_file_still_loads_as_lora(tmp_path):
+    model = tiny_llama()
+    apply_method(model, "lora", {"r": 2})
+    save_adapter(model, tmp_path / "l")
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "l")
+    assert fresh.peftkit_method[0] == "lora"
+
+
+def test_the_cached_norm_follows_every_optimizer_step():
+    """Training several steps with the cache gives the formula's output after every step (no stale norm)."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16).requires_grad_(False)
+    layer = DoRALayer.from_module(base, DoRAConfig(r=4, lora_alpha=8))
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(5, 24)
+    for _ in range(3):
+        layer(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        full = base.weight + layer.scale * layer.lora_B.weight @ layer.lora_A.weight
+        want = x @ (layer.lora_magnitude_vector[:, None] * full / full.norm(dim=1, keepdim=True)).T + base.bias
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    assert layer.lora_B.weight.abs().sum() > 0
+
+
+def test_the_norm_is_detached_as_in_the_paper():
+    """m's gradient is (g . z) / n and A, B get no gradient through n (peft's section-4.3 choice)."""
+    torch.manual_seed(0)
+    layer = DoRALayer.from_module(nn.Linear(8, 6, bias=False).requires_grad_(False), DoRAConfig(r=2))
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 8)
+    layer(x).sum().backward()
+    a, b, m = (t.detach().clone().requires_grad_(True) for t in (layer.lora_A.weight, layer.lora_B.weight,
+                                                                    layer.lora_magnitude_vector))
+    full = layer.weight + layer.scale * b @ a
+    (x @ (m[:, None] * full / full.norm(dim=1, keepdim=True).detach()).T).sum().backward()
+    for ours, want in ((layer.lora_A.weight, a), (layer.lora_B.weight, b), (layer.lora_magnitude_vector, m)):
+        torch.testing.assert_close(ours.grad, want.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_nf4_base_equals_its_dequantized_weight_and_merges():
+    """DoRA over a 4-bit QuantLinear == DoRA over an nn.Linear holding the dequantized weight (same A, B, m),
+    forward and gradients; merge_and_unload gives that dense layer merged."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=False)
+    quant = QuantLinear.from_linear(linear, "nf4", 64, False, torch.float32).requires_grad_(False)
+    dense = quant.to_linear(torch.float32).requires_grad_(False)
+    q_layer, d_layer = (DoRALayer.from_module(b, DoRAConfig(r=4)) for b in (quant, dense))
+    torch.testing.assert_close(q_layer.lora_magnitude_vector, d_layer.lora_magnitude_vector)
+    with torch.no_grad():
+        d_layer.lora_A.weight.copy_(q_layer.lora_A.weight)
+        for layer in (q_layer, d_layer):
+            layer.lora_B.weight.copy_(torch.linspace(-1, 1, 128).view(32, 4))
+            layer.lora_magnitude_vector.mul_(1.2)
+    x = torch.randn(4, 64)
+    outs = [layer(x) for layer in (q_layer, d_layer)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for out in outs:
+        out.square().sum().backward()
+    for name in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"):
+        torch.testing.assert_close(q_layer.get_parameter(name).grad, d_layer.get_parameter(name).grad, atol=1e-4,
+                                   rtol=1e-4)
+    with pytest.raises(peftkit.PeftkitError, match="quantized"):
+        q_layer.merge()
+    merged = q_layer.to_base()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_merge_unmerge_restores_the_base_weight():
+    model = tiny_gpt2()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    apply_method(model, "dora", {"r": 2})
+    perturb(model)
+    peftkit.merge(model)
+    assert not torch.equal(model.state_dict()["transformer.h.0.attn.c_attn.weight"],
+                           before["transformer.h.0.attn.c_attn.weight"])
+    peftkit.unmerge(model)
+    for name, value in before.items():
+        torch.testing.assert_close(model.state_dict()[name], value, atol=1e-6, rtol=1e-5)
