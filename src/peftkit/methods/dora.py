@@ -35,7 +35,7 @@ from peftkit.core.matmul import onednn_linear_enabled
 from peftkit.core.registry import Capabilities, MemoryModel, Merging, register_method
 from peftkit.errors import PeftkitError
 from peftkit.methods import lora
-from peftkit.methods.lora import LoRAConfig, LoRALayer, _FusedLoRALinear, _adapted
+from peftkit.methods.lora import LoRAConfig, LoRALayer, _adapted, _FusedLoRALinear
 from peftkit.quant import QuantLinear
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def _block_activations(arch: Arch, config: DoRAConfig, trainable: list[tuple[str
 
 
 MEMORY = MemoryModel(adapted_linears=_adapted, block_activations=_block_activations,
-                     note="DoRA: one fp32 d_out x d_in temporary per layer while its norm is recomputed (once per step)")
+                     note="DoRA: an fp32 d_out x d_in temporary while a layer's norm is recomputed (once per step)")
 
 
 @register_method("dora", DoRAConfig, count=count, peft_type="LORA",
