@@ -32,6 +32,7 @@ from peftkit.core.matmul import frozen_product, onednn_linear_enabled
 from peftkit.core.registry import Capabilities, MemoryModel, Merging, Preset, register_method, register_preset
 from peftkit.errors import PeftkitError
 from peftkit.methods import lora_native
+from peftkit.optim.factory import loraplus_groups
 from peftkit.quant import QuantLinear, dequantize
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class LoRAConfig(Config):
         use_rslora: rank-stabilised scaling.
         target_modules: module-name suffixes, one regex over full names, or ``"all-linear"`` (every linear
             layer except the output head).
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): B trains at this multiple of the learning rate (peft's
+            ``create_loraplus_optimizer``; A and everything else at the learning rate); None: one learning rate.
     """
 
     # peft options peftkit does not implement, with their neutral values: a file setting one otherwise is refused
@@ -66,6 +69,9 @@ class LoRAConfig(Config):
     lora_dropout: float = 0.0
     use_rslora: bool = False
     target_modules: list[str] | str = "all-linear"
+    loraplus_lr_ratio: float | None = None
+
+    peftkit_only_fields = ("loraplus_lr_ratio",)  # an optimizer setting: not written to adapter_config.json unset
 
     def validate(self) -> None:
         if self.r <= 0:
@@ -76,6 +82,20 @@ class LoRAConfig(Config):
             raise PeftkitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise PeftkitError("target_modules is empty")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            raise PeftkitError(f"loraplus_lr_ratio must be > 0 (typically 2-16), got {self.loraplus_lr_ratio}")
+
+    def optimizer_groups(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]] | None:
+        """The optimizer's parameter groups for `model` adapted with this config: LoRA+'s when
+        `loraplus_lr_ratio` is set (B matrices and 1-D adapter vectors at ``ratio * lr``, as peft groups them),
+        else None (one group). peftkit's LoRA adapts no embedding, so peft's embedding group stays empty."""
+        if self.loraplus_lr_ratio is None:
+            return None
+        fast = {id(layer.get_parameter(name)) for _, layer in lora_layers(model) for name in layer.adapter_params()
+                if name != "lora_A.weight"}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        return loraplus_groups([p for p in trained if id(p) not in fast], [p for p in trained if id(p) in fast],
+                               lr, self.loraplus_lr_ratio, weight_decay)
 
     @classmethod
     def peft_matches(cls, fields: dict[str, Any]) -> bool:

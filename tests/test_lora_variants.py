@@ -1,5 +1,8 @@
-"""DoRA: parity with Hugging Face peft (``use_dora``) on the same weights (logits and gradients), adapter files both
-ways, an NF4 base, merge / unmerge, and the cached column norm following every change of A and B."""
+"""LoRA's variants against Hugging Face peft on the same weights.
+
+DoRA (``use_dora``): logits and gradients, adapter files both ways, an NF4 base, merge / unmerge, the cached column
+norm following every change of A and B. LoRA+: the learning rate of every trained tensor as peft's
+``create_loraplus_optimizer`` gives it."""
 
 from __future__ import annotations
 
@@ -176,3 +179,31 @@ def test_merge_unmerge_restores_the_base_weight():
     peftkit.unmerge(model)
     for name, value in before.items():
         torch.testing.assert_close(model.state_dict()[name], value, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.filterwarnings("ignore:Unexpected keyword arguments")
+def test_loraplus_groups_equal_peft(method, tmp_path):
+    """Each trained tensor gets the learning rate peft's create_loraplus_optimizer gives it (B and the magnitude at
+    ratio x lr); the ratio stays in the adapter file for peftkit (peft ignores it, with a warning)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from peftkit.core.registry import get_method
+    from peftkit.optim import build_optimizer
+
+    model = tiny_llama()
+    config = get_method(method).config_cls(r=2, loraplus_lr_ratio=16.0)
+    apply_method(model, method, config)
+    ours = build_optimizer("adamw", config.optimizer_groups(model, lr=1e-3, weight_decay=0.01), lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: g["lr"] for g in ours.param_groups for p in g["params"]}
+    save_adapter(model, tmp_path / "a")
+    assert "loraplus_lr_ratio" in json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    theirs_model = peft_model("llama", tmp_path / "a")
+    theirs = create_loraplus_optimizer(theirs_model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0)
+    names = {id(p): peft_name(n) for n, p in theirs_model.named_parameters()}
+    want = {names[id(p)]: g["lr"] for g in theirs.param_groups for p in g["params"]}
+    assert got == want and sorted(set(got.values())) == [1e-3, 1.6e-2]
+    assert get_method(method).config_cls(r=2).optimizer_groups(model, 1e-3) is None
+    with pytest.raises(peftkit.PeftkitError, match="loraplus_lr_ratio must be > 0"):
+        get_method(method).config_cls(loraplus_lr_ratio=0.0)
