@@ -16,6 +16,7 @@ from torch import nn
 import peftkit
 from peftkit.core.adapter_io import apply_method, load_adapter, save_adapter
 from peftkit.methods.dora import DoRAConfig, DoRALayer
+from peftkit.methods.lora import LoRAConfig, LoRALayer
 from peftkit.quant import QuantLinear
 
 peft = pytest.importorskip("peft")
@@ -207,3 +208,93 @@ def test_loraplus_groups_equal_peft(method, tmp_path):
     assert get_method(method).config_cls(r=2).optimizer_groups(model, 1e-3) is None
     with pytest.raises(peftkit.PeftkitError, match="loraplus_lr_ratio must be > 0"):
         get_method(method).config_cls(loraplus_lr_ratio=0.0)
+
+
+INITS = ["pissa", "pissa_niter_4", "olora"]
+
+
+def peft_initialised(arch, how, targets):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(MAKE[arch](), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=how,
+                                                   fan_in_fan_out=arch == "gpt2"))
+
+
+@pytest.mark.parametrize("arch, how", [("llama", "pissa"), ("llama", "olora"), ("gpt2", "pissa")])
+def test_pissa_and_olora_init_equal_peft(arch, how):
+    """A, B and the residual base weight are peft's (exact SVD / QR: deterministic); the base layer given to apply
+    keeps W0. (Not GPT-2 with OLoRA: peft 0.21.2 factors Conv1D's stored d_in x d_out weight without transposing it,
+    giving A and B the wrong shapes; peftkit factors W0 as d_out x d_in, as for every other layer.)"""
+    targets = ["q_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_fc"]
+    theirs = dict(peft_initialised(arch, how, targets).named_parameters())
+    model = MAKE[arch]()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = apply_method(model, "lora", {"r": 4, "lora_alpha": 8, "target_modules": targets,
+                                          "init_lora_weights": how})
+    for name, param in model.named_parameters():
+        head, last = name.rsplit(".", 1)
+        candidates = ["base_model.model." + name.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B."
+                                                                                                  "default."),
+                      f"base_model.model.{head}.base_layer.{last}"]
+        key = next(k for k in candidates if k in theirs)
+        torch.testing.assert_close(param, theirs[key], atol=1e-5, rtol=1e-4, msg=name)
+    for name, module in report.originals.items():
+        torch.testing.assert_close(module.weight, original[name + ".weight"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("how", INITS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_residual_init_contract(arch, how, tmp_path):
+    """Identity at init (to rounding), the estimator's count, merge == adapted, and the saved (converted, rank-2r)
+    adapter gives the trained model's logits on the unchanged base in peft and in peftkit."""
+    from peft import PeftModel
+
+    from peftkit.memory import arch_from_config, trainable_tensors
+
+    config = {"r": 4, "lora_alpha": 8, "init_lora_weights": how}
+    model = MAKE[arch]()
+    with torch.no_grad():
+        base = model(input_ids=IDS).logits
+    apply_method(model, "lora", config)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, base, atol=1e-4, rtol=1e-4)
+    geometry = arch_from_config(model.config.to_dict())
+    assert sorted(k for _, k in trainable_tensors(geometry, "lora", config)) == sorted(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    perturb(model)
+    with torch.no_grad():
+        trained = model(input_ids=IDS).logits
+    save_adapter(model, tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"]) == (8, 16, True)
+    theirs = PeftModel.from_pretrained(MAKE[arch](), str(tmp_path / "a")).eval()
+    ours = MAKE[arch]()
+    load_adapter(ours, tmp_path / "a")
+    with torch.no_grad():
+        for other in (theirs, ours):
+            torch.testing.assert_close(other(input_ids=IDS).logits, trained, atol=1e-4, rtol=1e-4)
+        peftkit.merge(model)
+        torch.testing.assert_close(model(input_ids=IDS).logits, trained, atol=1e-4, rtol=1e-4)
+        peftkit.unmerge(model)
+        plain = peftkit.merge_and_unload(model)
+        torch.testing.assert_close(plain(input_ids=IDS).logits, trained, atol=1e-4, rtol=1e-4)
+
+
+def test_randomized_svd_owns_its_generator_and_finds_the_top_subspace():
+    from peftkit.methods.lora_init import randomized_svd
+
+    w = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    w[:, :4] *= 20  # a clear top-4 subspace
+    runs = [randomized_svd(w, 4, 4, torch.Generator().manual_seed(7)) for _ in range(2)]
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=0, rtol=0)
+    torch.testing.assert_close(runs[0][1], torch.linalg.svdvals(w)[:4], atol=1e-3, rtol=1e-3)
+
+
+def test_residual_init_refusals():
+    with pytest.raises(peftkit.PeftkitError, match="init_lora_weights='gaussian' is not supported"):
+        apply_method(tiny_llama(), "lora", {"init_lora_weights": "gaussian"})
+    with pytest.raises(peftkit.PeftkitError, match="not supported with DoRA"):
+        apply_method(tiny_llama(), "dora", {"init_lora_weights": "pissa"})
+    quant = QuantLinear.from_linear(nn.Linear(64, 32), "nf4", 64, False, torch.float32).requires_grad_(False)
+    with pytest.raises(peftkit.PeftkitError, match="needs a full-precision base weight"):
+        LoRALayer.from_module(quant, LoRAConfig(r=2, init_lora_weights="olora"))

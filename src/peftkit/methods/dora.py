@@ -56,6 +56,11 @@ class DoRAConfig(LoRAConfig):
     def peft_matches(cls, fields: dict[str, Any]) -> bool:
         return bool(fields.get("use_dora", False))
 
+    def validate(self) -> None:
+        super().validate()
+        if self.init_lora_weights is not True:  # peft's conversion to a portable file drops the magnitude
+            raise PeftkitError(f"init_lora_weights={self.init_lora_weights!r} is not supported with DoRA; use True")
+
     def peft_fields(self, model: nn.Module) -> dict[str, Any]:
         return {**super().peft_fields(model), "use_dora": True}
 
@@ -67,7 +72,7 @@ class DoRALayer(LoRALayer):
 
     @staticmethod
     @functools.cache
-    def _class_for(base_cls: type[nn.Module]) -> type[nn.Module]:
+    def _class_for(base_cls: type[nn.Module], residual: bool = False) -> type[nn.Module]:
         return type(f"DoRA{base_cls.__name__}", (DoRALayer, base_cls), {"_base_cls": base_cls})
 
     @classmethod

@@ -31,7 +31,7 @@ from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, get_sub
 from peftkit.core.matmul import frozen_product, onednn_linear_enabled
 from peftkit.core.registry import Capabilities, MemoryModel, Merging, Preset, register_method, register_preset
 from peftkit.errors import PeftkitError
-from peftkit.methods import lora_native
+from peftkit.methods import lora_init, lora_native
 from peftkit.optim.factory import loraplus_groups
 from peftkit.quant import QuantLinear, dequantize
 
@@ -54,6 +54,9 @@ class LoRAConfig(Config):
         use_rslora: rank-stabilised scaling.
         target_modules: module-name suffixes, one regex over full names, or ``"all-linear"`` (every linear
             layer except the output head).
+        init_lora_weights: ``True`` (Kaiming-uniform A, zero B), or from the base weight (`peftkit.methods.lora_init`):
+            ``"pissa"``, ``"pissa_niter_<K>"`` (randomized SVD, K power iterations) or ``"olora"``; the layer then
+            keeps the residual ``W0 - s B0 A0`` and its adapter file is the equivalent rank-2r LoRA on W0.
         loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): B trains at this multiple of the learning rate (peft's
             ``create_loraplus_optimizer``; A and everything else at the learning rate); None: one learning rate.
     """
@@ -69,6 +72,7 @@ class LoRAConfig(Config):
     lora_dropout: float = 0.0
     use_rslora: bool = False
     target_modules: list[str] | str = "all-linear"
+    init_lora_weights: bool | str = True
     loraplus_lr_ratio: float | None = None
 
     peftkit_only_fields = ("loraplus_lr_ratio",)  # an optimizer setting: not written to adapter_config.json unset
@@ -82,6 +86,7 @@ class LoRAConfig(Config):
             raise PeftkitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise PeftkitError("target_modules is empty")
+        lora_init.check_init(self.init_lora_weights)
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
             raise PeftkitError(f"loraplus_lr_ratio must be > 0 (typically 2-16), got {self.loraplus_lr_ratio}")
 
@@ -114,6 +119,8 @@ class LoRAConfig(Config):
         }
         if self.target_modules == "all-linear":
             fields["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)})
+        if self.init_lora_weights is not True:  # saved converted (lora_init.ResidualInit): rank 2r, same scale
+            fields.update(r=2 * self.r, lora_alpha=self.lora_alpha * (math.sqrt(2) if self.use_rslora else 2))
         return fields
 
 
@@ -281,8 +288,10 @@ class LoRALayer(AdapterModule):
 
     @staticmethod
     @functools.cache
-    def _class_for(base_cls: type[nn.Module]) -> type[nn.Module]:
-        return type(f"LoRA{base_cls.__name__}", (LoRALayer, base_cls), {"_base_cls": base_cls})
+    def _class_for(base_cls: type[nn.Module], residual: bool = False) -> type[nn.Module]:
+        mixins = (lora_init.ResidualInit, LoRALayer) if residual else (LoRALayer,)
+        prefix = "ResidualLoRA" if residual else "LoRA"
+        return type(f"{prefix}{base_cls.__name__}", (*mixins, base_cls), {"_base_cls": base_cls})
 
     @classmethod
     def from_module(cls, base: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -295,7 +304,11 @@ class LoRALayer(AdapterModule):
         """
         d_in, d_out = _features(base)
         _check_rank(config.r, d_in, d_out)
-        layer = object.__new__(cls._class_for(type(base)))
+        residual = config.init_lora_weights is not True
+        if residual and isinstance(base, QuantLinear):
+            raise PeftkitError(f"init_lora_weights={config.init_lora_weights!r} needs a full-precision base weight; "
+                               "initialise on the fp32/bf16 model, then quantize the residual")
+        layer = object.__new__(cls._class_for(type(base), residual) if residual else cls._class_for(type(base)))
         layer.__dict__.update(base.__dict__)
         for attr in ("_parameters", "_buffers", "_modules"):
             layer.__dict__[attr] = dict(base.__dict__[attr])
@@ -310,7 +323,23 @@ class LoRALayer(AdapterModule):
         layer.scale = config.scale
         layer.merged = False
         layer.lora_enabled = True
+        if residual:
+            layer._init_residual(config.init_lora_weights)
         return layer
+
+    def _init_residual(self, how: str) -> None:
+        """A and B from W0 by `how` (`lora_init.init_from_weight`), and a new base weight ``W0 - s B A`` (the
+        given base layer keeps W0)."""
+        conv = isinstance(self, Conv1D)
+        w0 = self.weight.detach().float()
+        a, b = lora_init.init_from_weight(w0.t() if conv else w0, self.lora_A.weight.shape[0], self.scale, how)
+        residual = torch.addmm(w0.t() if conv else w0, b, a, alpha=-self.scale)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+        self.weight = nn.Parameter((residual.t() if conv else residual).to(self.weight.dtype).contiguous(),
+                                   requires_grad=False)
+        self.lora_init = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
 
     def adapter_params(self) -> list[str]:
         return ["lora_A.weight", "lora_B.weight"]
@@ -404,7 +433,7 @@ class LoRALayer(AdapterModule):
         for name in ("lora_A", "lora_B", "lora_dropout"):
             modules.pop(name)
         plain.__dict__["_modules"] = modules
-        for attr in ("scale", "merged", "lora_enabled"):
+        for attr in ("scale", "merged", "lora_enabled", "lora_init"):
             plain.__dict__.pop(attr, None)
         if dtype is not None:
             plain.to(dtype)
