@@ -34,9 +34,10 @@ if TYPE_CHECKING:
 
 __all__ = ["IA3Config", "IA3Layer", "merge", "merge_and_unload", "unmerge"]
 
-# peft's per-architecture defaults (Llama family: k, v, down; GPT-2: c_attn, mlp.c_proj) as one regex each
-DEFAULT_TARGETS = r".*\.(k_proj|v_proj|down_proj|c_attn|mlp\.c_proj)"
-DEFAULT_FEEDFORWARD = r".*\.(down_proj|mlp\.c_proj)"
+# peft's per-architecture defaults as one regex each (Llama family: k, v, down; GPT-2: c_attn, mlp.c_proj;
+# Falcon: query_key_value, mlp.dense_4h_to_h); the MLP output projection scales its input
+DEFAULT_TARGETS = r".*\.(k_proj|v_proj|down_proj|c_attn|mlp\.c_proj|query_key_value|mlp\.dense_4h_to_h)"
+DEFAULT_FEEDFORWARD = r".*\.(down_proj|mlp\.c_proj|mlp\.dense_4h_to_h)"
 
 
 def matches(name: str, patterns: Sequence[str] | str) -> bool:
@@ -52,8 +53,8 @@ class IA3Config(Config):
     """(IA)³ settings (peft's ``IA3Config`` names).
 
     Attributes:
-        target_modules: module-name suffixes or one regex over full names (default: peft's choice for Llama-family
-            and GPT-2 models: the key and value projections and the MLP's output projection).
+        target_modules: module-name suffixes or one regex over full names (default: peft's choice for Llama-family,
+            GPT-2 and Falcon models: the key and value projections and the MLP's output projection).
         feedforward_modules: which of the targets scale their input rather than their output (suffixes or a regex;
             default: the MLP output projection).
     """
