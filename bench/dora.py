@@ -78,7 +78,7 @@ def main() -> None:
     ms = models(args.model)
     vocab = next(iter(ms.values())).config.vocab_size
     ids = torch.randint(3, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    times = alternate({k: step_fn(m, ids) for k, m in ms.items()}, args.steps, warmup=2)
+    times = alternate({k: step_fn(m, ids) for k, m in ms.items()}, args.steps, warmup=1)
     med = {k: statistics.median(v) for k, v in times.items()}
     lora_s = med["peftkit lora"]
     rows = [f"| {k} | {v * 1000:.0f} | {v / lora_s:.2f}x |" for k, v in med.items()]
@@ -87,7 +87,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}; torch CPU capability `{torch.backends.cpu.get_cpu_capability()}`.",
         f"Model {args.model}, fp32, r=8 alpha=16 on q,k,v,o,gate,up,down, batch {args.batch} x {args.seq} tokens, "
-        f"forward + backward + AdamW step, {args.steps} alternating steps after 2 warm-up steps, medians.",
+        f"forward + backward + AdamW step, {args.steps} alternating steps after 1 warm-up step, medians.",
         "",
         "| step | ms | vs peftkit LoRA |",
         "|---|---:|---:|",

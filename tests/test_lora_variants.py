@@ -298,3 +298,18 @@ def test_residual_init_refusals():
     quant = QuantLinear.from_linear(nn.Linear(64, 32), "nf4", 64, False, torch.float32).requires_grad_(False)
     with pytest.raises(peftkit.PeftkitError, match="needs a full-precision base weight"):
         LoRALayer.from_module(quant, LoRAConfig(r=2, init_lora_weights="olora"))
+
+
+def test_dora_under_bf16_autocast_follows_the_fp32_formula():
+    torch.manual_seed(0)
+    layer = DoRALayer.from_module(nn.Linear(32, 16).requires_grad_(False), DoRAConfig(r=4))
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+        layer.lora_magnitude_vector.mul_(1.5)
+    x = torch.randn(6, 32)
+    want = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    got.float().sum().backward()
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+    assert layer.lora_magnitude_vector.grad.abs().sum() > 0 and layer.lora_A.weight.grad.abs().sum() > 0
