@@ -107,12 +107,14 @@ def test_a_plain_peft_lora_file_still_loads_as_lora(tmp_path):
     assert fresh.peftkit_method[0] == "lora"
 
 
-def test_the_cached_norm_follows_every_optimizer_step():
-    """Training several steps with the cache gives the formula's output after every step (no stale norm)."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_cached_norm_follows_every_optimizer_step(fused):
+    """Training several steps with the cache gives the formula's output after every step (no stale norm), also with
+    torch's fused AdamW, which updates parameters without bumping their version counters."""
     torch.manual_seed(0)
     base = nn.Linear(24, 16).requires_grad_(False)
     layer = DoRALayer.from_module(base, DoRAConfig(r=4, lora_alpha=8))
-    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.5)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.05, fused=fused)
     x = torch.randn(5, 24)
     for _ in range(3):
         layer(x).pow(2).sum().backward()
@@ -313,3 +315,17 @@ def test_dora_under_bf16_autocast_follows_the_fp32_formula():
     got.float().sum().backward()
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
     assert layer.lora_magnitude_vector.grad.abs().sum() > 0 and layer.lora_A.weight.grad.abs().sum() > 0
+
+
+def test_the_trainer_uses_loraplus_groups_and_resumes_them(tmp_path):
+    """loraplus_lr_ratio changes training (B at ratio x lr), and a resumed run keeps each group's learning rate."""
+    from test_train import make_cfg, run
+
+    kw = dict(max_steps=4, save_every=2, method="dora", lr=1e-3, warmup_ratio=0.5)
+    plain, _ = run(make_cfg(tmp_path / "plain", method_config={"r": 4}, **kw))
+    full, _ = run(make_cfg(tmp_path / "full", method_config={"r": 4, "loraplus_lr_ratio": 16.0}, **kw))
+    cut = make_cfg(tmp_path / "cut", method_config={"r": 4, "loraplus_lr_ratio": 16.0}, **kw)
+    run(cut, until=2)
+    resumed, _ = run(cut, resume=True)
+    losses = [[h["loss"] for h in t.history] for t in (plain, full, resumed)]
+    assert losses[1] == losses[2] and losses[1][1:] != losses[0][1:]

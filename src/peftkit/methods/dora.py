@@ -14,7 +14,7 @@ file keys are exactly Hugging Face peft's for ``use_dora: true`` (``...q_proj.lo
 Note:
     Speed: the norm depends only on W0, A, B and s, and it is detached, so it is computed once per change of A or
     B (once per optimizer step in training, not once per forward or per micro-batch) and reused: exact, since it is
-    recomputed from the same tensors whenever any of them changes (their in-place version counters are the key).
+    recomputed whenever A or B differs from the copies it was computed from (`DoRALayer.weight_norm`).
     The forward is LoRA's fused product ``z = x W0^T + s (x A^T) B^T`` followed by one column scaling
     ``y = (m / n) z + b``; backward is LoRA's plus one pass over the output gradient.
 """
@@ -96,19 +96,22 @@ class DoRALayer(LoRALayer):
         return weight.t() if isinstance(self, Conv1D) else weight
 
     def weight_norm(self) -> torch.Tensor:
-        """``||W0 + s B A||_c`` in fp32, detached; recomputed only when W0, A or B changed since the last call.
+        """``||W0 + s B A||_c`` in fp32, detached; recomputed only when A, B or W0 changed since the last call.
 
         Note:
-            The key is each tensor's identity and in-place version counter: an optimizer step, a load or a merge
-            bumps it, so a cached value is always the norm of the current tensors (exact, not an approximation).
+            A and B are compared by content with the copies the norm was computed from (r x (d_in + d_out)
+            elements, a small fraction of the norm's d_out x d_in work): version counters are not enough, since
+            fused optimizer kernels (``torch.optim.AdamW(fused=True)``) update parameters in place without bumping
+            them. W0 is frozen; a merge or a load writes it through ``copy_``, which its version counter sees.
         """
-        a, b, w = self.lora_A.weight, self.lora_B.weight, self.weight
-        key = (a.data_ptr(), a._version, b.data_ptr(), b._version, w.data_ptr(), w._version, self.scale)
-        if self._norm_key != key:
+        a, b, w = self.lora_A.weight.detach(), self.lora_B.weight.detach(), self.weight
+        key = (w.data_ptr(), w._version, self.scale)
+        seen = self._norm_key
+        if seen is None or seen[0] != key or not (torch.equal(seen[1], a) and torch.equal(seen[2], b)):
             with torch.no_grad():
-                full = torch.addmm(self.dense_weight(), b.detach().float(), a.detach().float(), alpha=self.scale)
+                full = torch.addmm(self.dense_weight(), b.float(), a.float(), alpha=self.scale)
                 self._norm = torch.linalg.vector_norm(full, dim=1)
-            self._norm_key = key
+            self._norm_key = (key, a.clone(), b.clone())
         return self._norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

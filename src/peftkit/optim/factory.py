@@ -95,8 +95,10 @@ def loraplus_groups(
     `embedding_lr`; empty groups are left out. Pass the result to `build_optimizer` as its `params`."""
     if lr_ratio <= 0:
         raise ValueError(f"loraplus_lr_ratio must be > 0, got {lr_ratio}")
-    groups = [(list(a), lr), (list(embedding), embedding_lr), (list(b), lr * lr_ratio)]
-    return [{"params": params, "lr": group_lr, "weight_decay": weight_decay} for params, group_lr in groups if params]
+    groups = [(list(a), 1.0), (list(embedding), embedding_lr / lr), (list(b), lr_ratio)]
+    # lr_scale: the group's learning rate over the run's, kept in the optimizer state (a resumed run rescales by it)
+    return [{"params": params, "lr": lr * scale, "lr_scale": scale, "weight_decay": weight_decay}
+            for params, scale in groups if params]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:

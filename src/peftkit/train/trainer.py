@@ -556,7 +556,9 @@ class Trainer:
     # ---------------------------------------------------------------- optimisation
     def _optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
         cfg = self.cfg
-        return build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        method_config = self.model.peftkit_method[1]  # a method may ask for its own groups (LoRA+: B at ratio x lr)
+        groups = getattr(method_config, "optimizer_groups", lambda *_: None)(self.model, cfg.lr, cfg.weight_decay)
+        return build_optimizer(cfg.optimizer, groups or params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                betas=(cfg.adam_beta1, cfg.adam_beta2), page_budget_bytes=cfg.page_budget_bytes)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -698,9 +700,10 @@ class Trainer:
             history = saved.get("history", [])
             best = saved.get("best")
             # the restored schedule keeps its step; lr and the schedule's shape come from this run's config
-            scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-            for group, value in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-                group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * value(scheduler.last_epoch)
+            scheduler.base_lrs = [cfg.lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+            groups = optimizer.param_groups
+            for group, base, value in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+                group["initial_lr"], group["lr"] = base, base * value(scheduler.last_epoch)
             scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
             if "grad_scaler" in saved:
                 scaler.load_state_dict(saved["grad_scaler"])
