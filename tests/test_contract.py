@@ -88,8 +88,12 @@ class Case:
 
 CASES: dict[str, Case] = {
     "lora": Case(lambda a: {"r": 2}, lambda g: g.layers * 2 * sum(i + o for i, o in g.linears()), True),
+    "dora": Case(lambda a: {"r": 2}, lambda g: g.layers * sum(2 * (i + o) + o for i, o in g.linears()), True),
     "houlsby": Case(lambda a: {"reduction_factor": 8}, lambda g: adapter(g, 4, 2), True),
     "pfeiffer": Case(lambda a: {"reduction_factor": 8}, lambda g: adapter(g, 4, 1), True),
+    # Llama: k and v scale their outputs (kv wide), down_proj its input (64); GPT-2: c_attn (3h), mlp.c_proj (4h)
+    "ia3": Case(lambda a: {}, lambda g: g.layers * (2 * g.kv_dim + 64 if g.arch == "llama" else 7 * g.h), True,
+                lr=5e-2),
     "prompt_tuning": Case(lambda a: {"num_virtual_tokens": 4}, lambda g: 4 * g.h, False, lr=1e-1),
     "prefix_tuning": Case(
         lambda a: {"num_virtual_tokens": 4, "encoder_hidden_size": 16},

@@ -280,7 +280,7 @@ def read_adapter(
     saved_for = (raw.get("auto_mapping") or {}).get("base_model_class")
     if model is not None and saved_for and saved_for != type(model).__name__:
         raise PeftkitError(f"adapter in {folder} was saved for a {saved_for}, not a {type(model).__name__}")
-    spec = get_method(raw["peftkit_method"]) if "peftkit_method" in raw else method_for_peft_type(raw["peft_type"])
+    spec = get_method(raw["peftkit_method"]) if "peftkit_method" in raw else method_for_peft_type(raw["peft_type"], raw)
     config = _config_from_json(spec, raw, cfg_path)
     if raw.get(CONTEXT_KEY) is not None:  # validated before the weights are read: a bad block fails early
         TrainingContext.from_json(raw[CONTEXT_KEY], where=f"{cfg_path}: ")

@@ -277,9 +277,12 @@ def has_quantized_preset(name: str) -> bool:
     return any(p.method == name and p.quant is not None for p in _PRESETS.values())
 
 
-def method_for_peft_type(peft_type: str) -> MethodSpec:
+def method_for_peft_type(peft_type: str, fields: dict[str, Any] | None = None) -> MethodSpec:
+    """The method reading peft adapters of `peft_type`; where several share one (LoRA and DoRA: ``LORA``), the one
+    whose config class's ``peft_matches(fields)`` accepts the file's config `fields`."""
     _load_all()
     for spec in _REGISTRY.values():
-        if spec.peft_type == peft_type:
+        matches = getattr(spec.config_cls, "peft_matches", None)
+        if spec.peft_type == peft_type and (matches is None or matches(fields or {})):
             return spec
     raise PeftkitError(f"peft adapter type {peft_type!r} is not supported by peftkit")

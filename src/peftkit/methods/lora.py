@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -31,7 +31,8 @@ from peftkit.core.inject import AdapterModule, InjectReport, freeze_all, get_sub
 from peftkit.core.matmul import frozen_product, onednn_linear_enabled
 from peftkit.core.registry import Capabilities, MemoryModel, Merging, Preset, register_method, register_preset
 from peftkit.errors import PeftkitError
-from peftkit.methods import lora_native
+from peftkit.methods import lora_init, lora_native
+from peftkit.optim.factory import loraplus_groups
 from peftkit.quant import QuantLinear, dequantize
 
 if TYPE_CHECKING:
@@ -53,6 +54,11 @@ class LoRAConfig(Config):
         use_rslora: rank-stabilised scaling.
         target_modules: module-name suffixes, one regex over full names, or ``"all-linear"`` (every linear
             layer except the output head).
+        init_lora_weights: ``True`` (Kaiming-uniform A, zero B), or from the base weight (`peftkit.methods.lora_init`):
+            ``"pissa"``, ``"pissa_niter_<K>"`` (randomized SVD, K power iterations) or ``"olora"``; the layer then
+            keeps the residual ``W0 - s B0 A0`` and its adapter file is the equivalent rank-2r LoRA on W0.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): B trains at this multiple of the learning rate (peft's
+            ``create_loraplus_optimizer``; A and everything else at the learning rate); None: one learning rate.
     """
 
     # peft options peftkit does not implement, with their neutral values: a file setting one otherwise is refused
@@ -66,6 +72,10 @@ class LoRAConfig(Config):
     lora_dropout: float = 0.0
     use_rslora: bool = False
     target_modules: list[str] | str = "all-linear"
+    init_lora_weights: bool | str = True
+    loraplus_lr_ratio: float | None = None
+
+    peftkit_only_fields = ("loraplus_lr_ratio",)  # an optimizer setting: not written to adapter_config.json unset
 
     def validate(self) -> None:
         if self.r <= 0:
@@ -76,6 +86,26 @@ class LoRAConfig(Config):
             raise PeftkitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise PeftkitError("target_modules is empty")
+        lora_init.check_init(self.init_lora_weights)
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            raise PeftkitError(f"loraplus_lr_ratio must be > 0 (typically 2-16), got {self.loraplus_lr_ratio}")
+
+    def optimizer_groups(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]] | None:
+        """The optimizer's parameter groups for `model` adapted with this config: LoRA+'s when
+        `loraplus_lr_ratio` is set (B matrices and 1-D adapter vectors at ``ratio * lr``, as peft groups them),
+        else None (one group). peftkit's LoRA adapts no embedding, so peft's embedding group stays empty."""
+        if self.loraplus_lr_ratio is None:
+            return None
+        fast = {id(layer.get_parameter(name)) for _, layer in lora_layers(model) for name in layer.adapter_params()
+                if name != "lora_A.weight"}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        return loraplus_groups([p for p in trained if id(p) not in fast], [p for p in trained if id(p) in fast],
+                               lr, self.loraplus_lr_ratio, weight_decay)
+
+    @classmethod
+    def peft_matches(cls, fields: dict[str, Any]) -> bool:
+        """Whether a peft ``LORA`` adapter config is this method's (DoRA's when it sets ``use_dora``)."""
+        return not fields.get("use_dora", False)
 
     @property
     def scale(self) -> float:
@@ -89,6 +119,8 @@ class LoRAConfig(Config):
         }
         if self.target_modules == "all-linear":
             fields["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)})
+        if self.init_lora_weights is not True:  # saved converted (lora_init.ResidualInit): rank 2r, same scale
+            fields.update(r=2 * self.r, lora_alpha=self.lora_alpha * (math.sqrt(2) if self.use_rslora else 2))
         return fields
 
 
@@ -256,8 +288,10 @@ class LoRALayer(AdapterModule):
 
     @staticmethod
     @functools.cache
-    def _class_for(base_cls: type[nn.Module]) -> type[nn.Module]:
-        return type(f"LoRA{base_cls.__name__}", (LoRALayer, base_cls), {"_base_cls": base_cls})
+    def _class_for(base_cls: type[nn.Module], residual: bool = False) -> type[nn.Module]:
+        mixins = (lora_init.ResidualInit, LoRALayer) if residual else (LoRALayer,)
+        prefix = "ResidualLoRA" if residual else "LoRA"
+        return type(f"{prefix}{base_cls.__name__}", (*mixins, base_cls), {"_base_cls": base_cls})
 
     @classmethod
     def from_module(cls, base: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -270,7 +304,11 @@ class LoRALayer(AdapterModule):
         """
         d_in, d_out = _features(base)
         _check_rank(config.r, d_in, d_out)
-        layer = object.__new__(cls._class_for(type(base)))
+        residual = config.init_lora_weights is not True
+        if residual and isinstance(base, QuantLinear):
+            raise PeftkitError(f"init_lora_weights={config.init_lora_weights!r} needs a full-precision base weight; "
+                               "initialise on the fp32/bf16 model, then quantize the residual")
+        layer = object.__new__(cls._class_for(type(base), residual) if residual else cls._class_for(type(base)))
         layer.__dict__.update(base.__dict__)
         for attr in ("_parameters", "_buffers", "_modules"):
             layer.__dict__[attr] = dict(base.__dict__[attr])
@@ -285,7 +323,23 @@ class LoRALayer(AdapterModule):
         layer.scale = config.scale
         layer.merged = False
         layer.lora_enabled = True
+        if residual:
+            layer._init_residual(config.init_lora_weights)
         return layer
+
+    def _init_residual(self, how: str) -> None:
+        """A and B from W0 by `how` (`lora_init.init_from_weight`), and a new base weight ``W0 - s B A`` (the
+        given base layer keeps W0)."""
+        conv = isinstance(self, Conv1D)
+        w0 = self.weight.detach().float()
+        a, b = lora_init.init_from_weight(w0.t() if conv else w0, self.lora_A.weight.shape[0], self.scale, how)
+        residual = torch.addmm(w0.t() if conv else w0, b, a, alpha=-self.scale)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+        self.weight = nn.Parameter((residual.t() if conv else residual).to(self.weight.dtype).contiguous(),
+                                   requires_grad=False)
+        self.lora_init = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
 
     def adapter_params(self) -> list[str]:
         return ["lora_A.weight", "lora_B.weight"]
@@ -379,7 +433,7 @@ class LoRALayer(AdapterModule):
         for name in ("lora_A", "lora_B", "lora_dropout"):
             modules.pop(name)
         plain.__dict__["_modules"] = modules
-        for attr in ("scale", "merged", "lora_enabled"):
+        for attr in ("scale", "merged", "lora_enabled", "lora_init"):
             plain.__dict__.pop(attr, None)
         if dtype is not None:
             plain.to(dtype)
@@ -450,6 +504,13 @@ MEMORY = MemoryModel(adapted_linears=_adapted, block_activations=_block_activati
                  capabilities=Capabilities(batched_serving=True, gguf_adapter=True))
 def apply(model: nn.Module, config: LoRAConfig) -> InjectReport:
     """Add LoRA to the target layers of `model` and freeze everything else."""
+    return adapt(model, config, "lora", LoRALayer.from_module)
+
+
+def adapt(model: nn.Module, config: LoRAConfig, method: str,
+          make: Callable[[nn.Module, LoRAConfig], nn.Module]) -> InjectReport:
+    """Replace the target layers of `model` by ``make(layer, config)`` (a `LoRALayer`), freeze everything else and
+    mark the layers' `adapter_params` trainable (shared by LoRA and its variants, e.g. DoRA)."""
     targets = config.target_modules
     if targets == "all-linear":
         heads = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in _OUTPUT_HEADS}
@@ -458,7 +519,7 @@ def apply(model: nn.Module, config: LoRAConfig) -> InjectReport:
             raise PeftkitError(f"{type(model).__name__} has no linear layers besides the output head")
         targets = names  # full names match themselves as suffixes
     freeze_all(model)
-    report = inject(model, "lora", targets, _is_target_candidate, lambda _, m: LoRALayer.from_module(m, config))
+    report = inject(model, method, targets, _is_target_candidate, lambda _, m: make(m, config))
     for _, layer in lora_layers(model):
         for pname in layer.adapter_params():
             layer.get_parameter(pname).requires_grad_(True)

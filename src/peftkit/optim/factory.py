@@ -80,6 +80,27 @@ def build_optimizer(
     return PagedAdamW8bit(param_list, page_budget_bytes=page_budget_bytes, device=device, **common)
 
 
+def loraplus_groups(
+    a: Iterable[Tensor],
+    b: Iterable[Tensor],
+    lr: float,
+    lr_ratio: float,
+    weight_decay: float = 0.0,
+    embedding: Iterable[Tensor] = (),
+    embedding_lr: float = 1e-6,
+) -> list[dict[str, Any]]:
+    """Parameter groups of LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354), as peft's
+    ``create_loraplus_optimizer`` builds them: `a` (LoRA's A matrices and everything else trained) at `lr`, `b` (the
+    B matrices and 1-D adapter vectors such as DoRA's magnitude) at ``lr * lr_ratio``, LoRA on embeddings at
+    `embedding_lr`; empty groups are left out. Pass the result to `build_optimizer` as its `params`."""
+    if lr_ratio <= 0:
+        raise ValueError(f"loraplus_lr_ratio must be > 0, got {lr_ratio}")
+    groups = [(list(a), 1.0), (list(embedding), embedding_lr / lr), (list(b), lr_ratio)]
+    # lr_scale: the group's learning rate over the run's, kept in the optimizer state (a resumed run rescales by it)
+    return [{"params": params, "lr": lr * scale, "lr_scale": scale, "weight_decay": weight_decay}
+            for params, scale in groups if params]
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of optimizer state as ``{"device": ..., "host": ...}``, for any optimizer.
 

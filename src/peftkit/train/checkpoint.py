@@ -276,9 +276,10 @@ class Checkpoints:
         """Load `folder` into the live objects; the saved position. The restored schedule keeps its step; the
         learning rate `lr` and the schedule's shape come from the resuming run's config."""
         saved = load_checkpoint(folder, trainable, optimizer, scheduler, self.rank)
-        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-        for group, value in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-            group["initial_lr"], group["lr"] = lr, lr * value(scheduler.last_epoch)
+        scheduler.base_lrs = [lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups]  # LoRA+'s B groups
+        groups = optimizer.param_groups
+        for group, base, value in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"], group["lr"] = base, base * value(scheduler.last_epoch)
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         if scaler is not None and "grad_scaler" in saved:
             scaler.load_state_dict(saved["grad_scaler"])

@@ -29,8 +29,11 @@ from peftkit.train.loss import sequence_loss
 __all__ = ["RunState", "TrainStep", "make_optimizer", "make_scheduler"]
 
 
-def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
-    return build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter], model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer over `params`; a method may ask for its own parameter groups (LoRA+: B at ratio x lr)."""
+    method_config = getattr(model, "peftkit_method", (None, None))[1]
+    groups = getattr(method_config, "optimizer_groups", lambda *_: None)(model, cfg.lr, cfg.weight_decay)
+    return build_optimizer(cfg.optimizer, groups or params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            betas=(cfg.adam_beta1, cfg.adam_beta2), page_budget_bytes=cfg.page_budget_bytes)
 
 

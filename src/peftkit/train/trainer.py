@@ -184,7 +184,7 @@ class Trainer:
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if not trainable:
             raise PeftkitError(f"method {cfg.method!r} left no trainable parameters")
-        optimizer = make_optimizer(cfg, list(trainable.values()))
+        optimizer = make_optimizer(cfg, list(trainable.values()), self.model)
         scheduler = make_scheduler(cfg, optimizer, self.total_steps)
         # fp16 gradients are scaled against underflow (a pass-through in every other precision)
         scaler = torch.amp.GradScaler(acc.device.type, enabled=self.precision.grad_scaler)
