@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+import time
 
 import pytest
 from conftest import tiny_llama, tiny_tokenizer
@@ -185,3 +187,15 @@ def test_cli_compare_bad_entries_write_nothing(tmp_path, methods, extra, error, 
     assert main(["compare", "--task", "e2e", "--methods", methods, *extra, "--out", str(tmp_path / "out")]) == 2
     assert error in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_past_its_timeout_is_killed_after_its_lines_were_relayed(tmp_path):
+    from peftkit.eval.compare import _run_worker
+
+    relayed: list[str] = []
+    script = "import time\nprint('lora: step 1/9', flush=True)\nprint('noise')\ntime.sleep(60)"
+    start = time.perf_counter()
+    code = _run_worker([sys.executable, "-c", script], tmp_path / "log.txt", 1.0, "lora: ", relayed.append)
+    assert code is None and time.perf_counter() - start < 30  # None: timed out
+    assert relayed == ["    lora: step 1/9"] and (tmp_path / "log.txt").read_text() == "lora: step 1/9\nnoise\n"
+    assert _run_worker([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log.txt", 30.0, "x: ", None) == 3
