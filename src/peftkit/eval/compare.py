@@ -360,9 +360,13 @@ def _run_worker(command: list[str], log_path: Path, timeout: float | None, prefi
     timed_out = threading.Event()
     with log_path.open("w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                      env=env, text=True, errors="replace") as proc:
-        timer = None
-        if timeout is not None:
-            timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
+
+        def stop() -> None:  # past its time: the loop below ends when the killed worker's output closes
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, stop) if timeout is not None else None
+        if timer is not None:
             timer.start()
         try:
             assert proc.stdout is not None  # stdout=PIPE
