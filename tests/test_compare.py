@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+import time
 
 import pytest
 from conftest import tiny_llama, tiny_tokenizer
 
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
-from peftkit.eval.compare import DEFAULT_ENTRIES, CompareTask, check_entries, file_task, markdown_table, run_compare
+from peftkit.eval.compare import (
+    DEFAULT_ENTRIES,
+    CompareTask,
+    TrainingProgress,
+    check_entries,
+    file_task,
+    markdown_table,
+    run_compare,
+)
+from peftkit.train.events import StepEvent
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +54,17 @@ def test_compare_runs_methods_and_reports_a_crash(tmp_path, tiny_dir):
     entries = {"broken": {"method": "lora", "method_config": {"target_modules": ["no_such_layer"]}},
                "icl2": {"method": "icl", "k": 2, "draws": 2, "orders": 2}}
     lines: list[str] = []
+    running: list[bool] = []  # for each relayed lora progress line: was the entry still running?
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("    lora: step "):
+            running.append(not (tmp_path / "out" / "lora" / "result.json").exists())
+
     results = run_compare(file_task(train, test), ["lora", "broken", "icl2", "norms"], model=str(tiny_dir),
                           out_dir=tmp_path / "out", entries=entries, metrics="bleu-nist", max_new_tokens=6,
                           probe_new_tokens=4, overrides={"precision": "fp32", "batch_size": 2, "max_length": 64},
-                          log=lines.append)
+                          log=log)
     by = {r["method"]: r for r in results}
     assert [r["method"] for r in results] == ["lora", "broken", "icl2", "norms"]
     assert "no_such_layer" in by["broken"]["error"] and "error" not in by["lora"]
@@ -74,6 +92,28 @@ def test_compare_runs_methods_and_reports_a_crash(tmp_path, tiny_dir):
     assert (out / "bleu_vs_params.png").stat().st_size > 5000
     assert any("FAILED" in line and "broken" in line for line in lines)
     assert any(line.startswith("[4/4] norms") for line in lines)
+    # the entry's own lines, relayed as they come: its progress while it trains (first and last step at least)
+    steps = lora["steps"]
+    progress = [line for line in lines if line.startswith("    lora: step ")]
+    assert progress[0].startswith("    lora: step 1/") and progress[-1].startswith(f"    lora: step {steps}/{steps}, ")
+    assert all(", loss " in line and ", ETA " in line for line in progress) and running and all(running)
+    assert any(line.startswith("    icl2: icl k=2 draw ") for line in lines)
+
+
+def test_training_progress_prints_first_last_and_every_few_seconds():
+    now = [0.0]
+    said: list[str] = []
+    progress = TrainingProgress("lora", 20, every_s=10.0, clock=lambda: now[0], say=said.append)
+    for step in range(1, 21):
+        now[0] = 5.0 * step  # 5 s a step
+        progress(StepEvent(step=step, total_steps=20, loss=1.0 / step, lr=1e-3, grad_norm=1.0,
+                           target_tokens_per_s=1.0, epoch=0))
+    assert [line.split(",")[0] for line in said] == ["lora: step 1/20", "lora: step 3/20", "lora: step 5/20",
+                                                     "lora: step 7/20", "lora: step 9/20", "lora: step 11/20",
+                                                     "lora: step 13/20", "lora: step 15/20", "lora: step 17/20",
+                                                     "lora: step 19/20", "lora: step 20/20"]
+    assert said[0] == "lora: step 1/20, loss 1.0000, 5 s elapsed, ETA 1m35s"  # 19 steps left at 5 s each
+    assert said[-1] == "lora: step 20/20, loss 0.0500, 1m40s elapsed, ETA 0 s"
 
 
 def test_markdown_row_for_a_failure_keeps_the_columns():
@@ -147,3 +187,15 @@ def test_cli_compare_bad_entries_write_nothing(tmp_path, methods, extra, error, 
     assert main(["compare", "--task", "e2e", "--methods", methods, *extra, "--out", str(tmp_path / "out")]) == 2
     assert error in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_past_its_timeout_is_killed_after_its_lines_were_relayed(tmp_path):
+    from peftkit.eval.compare import _run_worker
+
+    relayed: list[str] = []
+    script = "import time\nprint('lora: step 1/9', flush=True)\nprint('noise')\ntime.sleep(60)"
+    start = time.perf_counter()
+    code = _run_worker([sys.executable, "-c", script], tmp_path / "log.txt", 1.0, "lora: ", relayed.append)
+    assert code is None and time.perf_counter() - start < 30  # None: timed out
+    assert relayed == ["    lora: step 1/9"] and (tmp_path / "log.txt").read_text() == "lora: step 1/9\nnoise\n"
+    assert _run_worker([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log.txt", 30.0, "x: ", None) == 3

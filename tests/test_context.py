@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,7 +124,8 @@ def test_fingerprint_ignores_dtype_and_sees_weights():
 def test_generate_applies_the_recorded_instruction_and_template(tmp_path, capsys):
     trainer, base, adapter = train(tmp_path)
     raw = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    block = raw["peftkit"]
+    block = json.loads((tmp_path / "run" / "adapter" / "peftkit.json").read_text())
+    assert "peftkit" not in raw
     assert raw["base_model_name_or_path"] == base and block["base"]["name"] == base  # as the user named it
     assert block["base"]["fingerprint"] == fingerprint(load_model(base)[0])
     assert block["quantization"] is None
@@ -155,15 +159,38 @@ def test_fingerprint_mismatch_warns_once_naming_both(tmp_path, capsys):
     assert other in warning and base in warning and read_context(adapter).fingerprint in warning
 
 
-def test_adapter_with_context_loads_in_peft(tmp_path):
+def test_adapter_with_context_loads_in_peft_without_a_warning(tmp_path, caplog):
     peft = pytest.importorskip("peft")
     trainer, base, adapter = train(tmp_path)
     with torch.no_grad():
         ours = trainer.model.eval()(input_ids=IDS).logits
-    with pytest.warns(UserWarning, match="peftkit"):  # peft ignores the block, saying so
-        theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    assert (Path(adapter) / "peftkit.json").is_file()
+    base_model = AutoModelForCausalLM.from_pretrained(base)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(base_model, adapter).eval()
+    # the record lives in its own file: peft sees only keys it knows (it used to warn "Unexpected keyword arguments
+    # ['peftkit'] ... upgrade PEFT" on every load)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "peftkit" in m or "Unexpected keyword" in m or "upgrade PEFT" in m], said
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=IDS).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_a_folder_with_the_record_inside_adapter_config_still_reads(tmp_path):
+    trainer, base, adapter = train(tmp_path)
+    folder = Path(adapter)
+    recorded = read_context(folder)
+    raw = json.loads((folder / "adapter_config.json").read_text())
+    raw["peftkit"] = json.loads((folder / "peftkit.json").read_text())  # how peftkit wrote it before
+    (folder / "adapter_config.json").write_text(json.dumps(raw))
+    (folder / "peftkit.json").unlink()
+    assert read_context(folder) == recorded and recorded is not None
+    model, _ = load_model(base)
+    load_adapter(model, folder)
+    assert model.peftkit_context == recorded
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=IDS).logits, trainer.model.eval()(input_ids=IDS).logits)
 
 
 def test_merge_of_a_qlora_adapter_uses_the_dequantized_base(tmp_path, capsys):
@@ -210,7 +237,8 @@ def test_adapters_without_a_context_behave_as_before(tmp_path, capsys):
                 p.normal_(0, 0.3)
     save_adapter(model, tmp_path / "old")
     raw = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
-    assert "peftkit" not in raw and read_context(tmp_path / "old") is None
+    assert "peftkit" not in raw and not (tmp_path / "old" / "peftkit.json").exists()
+    assert read_context(tmp_path / "old") is None
     answer, err = cli_answer(capsys, "--adapter", str(tmp_path / "old"), "--model", base)
     assert answer == by_hand(base, tmp_path / "old", MESSAGE) and err == []
     fresh, _ = load_model(base)
@@ -225,13 +253,13 @@ def test_adapters_without_a_context_behave_as_before(tmp_path, capsys):
 
 def test_a_malformed_block_is_refused_before_touching_the_model(tmp_path):
     _, base, adapter = train(tmp_path)
-    path = tmp_path / "run" / "adapter" / "adapter_config.json"
+    path = tmp_path / "run" / "adapter" / "peftkit.json"
     raw = json.loads(path.read_text())
-    raw["peftkit"]["quantization"] = {"format": "nf4", "block_size": "big"}
+    raw["quantization"] = {"format": "nf4", "block_size": "big"}
     path.write_text(json.dumps(raw))
     model, _ = load_model(base)
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    with pytest.raises(PeftkitError, match="adapter_config.json: peftkit: quantization: bad block_size"):
+    with pytest.raises(PeftkitError, match="peftkit.json: peftkit: quantization: bad block_size"):
         load_adapter(model, adapter)
     assert model.state_dict().keys() == before.keys() and not any(
         isinstance(m, QuantLinear) for m in model.modules())

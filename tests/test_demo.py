@@ -106,6 +106,6 @@ def test_demo_command_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert all(0.0 <= v <= 1.0 for v in summary["before"].values())
     adapter = Path(re.search(r"Adapter \(Hugging Face peft format\): (\S+)", printed).group(1))
     assert adapter.is_relative_to(out)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["peftkit"]["base"]["name"] == str(base)
-    assert config["peftkit"]["quantization"]["format"] == "nf4"  # the demo's QLoRA, not overridden
+    record = json.loads((adapter / "peftkit.json").read_text())
+    assert record["base"]["name"] == str(base)
+    assert record["quantization"]["format"] == "nf4"  # the demo's QLoRA, not overridden

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from peftkit.cli import main
 from peftkit.core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, check_adapter
+from peftkit.core.context import RECORD_NAME
 from peftkit.data.formats import read_conversations
 from peftkit.errors import PeftkitError
 
@@ -87,10 +88,10 @@ def edit_tensors(folder: Path, edit) -> None:
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def edit_config(folder: Path, edit) -> None:
-    raw = json.loads((folder / CONFIG_NAME).read_text())
+def edit_config(folder: Path, edit, name: str = CONFIG_NAME) -> None:
+    raw = json.loads((folder / name).read_text())
     edit(raw)
-    (folder / CONFIG_NAME).write_text(json.dumps(raw))
+    (folder / name).write_text(json.dumps(raw))
 
 
 def partial(world, tmp_path) -> Path:
@@ -193,16 +194,16 @@ def test_an_adapter_config_saved_with_a_byte_order_mark_loads(world, tmp_path):
 
 # ------------------------------------------------------------ the record: version, block size, corrupt files
 @pytest.mark.parametrize("edit, expected", [
-    (lambda raw: raw["peftkit"].update(version=99), "peftkit: record version 99 is not one this peftkit reads"),
-    (lambda raw: raw["peftkit"].update(quantization={"format": "nf4", "block_size": 63}),
+    (lambda raw: raw.update(version=99), "peftkit: record version 99 is not one this peftkit reads"),
+    (lambda raw: raw.update(quantization={"format": "nf4", "block_size": 63}),
      "block_size must be a power of two"),
 ])
 def test_a_bad_record_is_refused_naming_the_file(world, tmp_path, capfd, edit, expected):
     folder = copy_adapter(world, tmp_path)
-    edit_config(folder, edit)
+    edit_config(folder, edit, RECORD_NAME)
     for argv in (["generate", "--adapter", str(folder), "hi"], ["merge", str(folder), str(tmp_path / "m")]):
         line = refused(capfd, *argv)
-        assert f"{folder / CONFIG_NAME}: " in line and expected in line, line
+        assert f"{folder / RECORD_NAME}: " in line and expected in line, line
     assert not (tmp_path / "m").exists()
 
 

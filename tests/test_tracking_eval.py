@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,8 +180,25 @@ def test_mlflow_logs_metrics_to_a_file_store_in_the_run_folder(tmp_path, monkeyp
         history = [m.value for m in client.get_metric_history(logged.info.run_id, "loss")]
         assert history == pytest.approx([r["loss"] for r in log_rows(tmp_path / "run")], rel=1e-6)
         assert logged.data.params["method"] == "lora"
+        assert read_back_as_the_readme_says(store) == len(history)
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def read_back_as_the_readme_says(store) -> int:
+    """Read the store in a fresh process (no variable of the training process) with the environment the README's
+    `mlflow ui` line sets; return how many loss points the run has."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [(name, value, uri)] = re.findall(r"^(\w+)=(\S+) mlflow ui --backend-store-uri (\S+)", readme, re.MULTILINE)
+    assert uri.endswith("/mlruns") and "pip install mlflow\n" in readme  # the store each run writes; the UI's install
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {name: value}
+    script = ("import sys, mlflow; mlflow.set_tracking_uri(sys.argv[1]); "
+              "runs = mlflow.search_runs(search_all_experiments=True, output_format='list'); "
+              "print(len(mlflow.tracking.MlflowClient().get_metric_history(runs[0].info.run_id, 'loss')))")
+    done = subprocess.run([sys.executable, "-c", script, str(store)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1])
 
 
 def test_metrics_of_the_layers_above_train_come_through_the_registry():

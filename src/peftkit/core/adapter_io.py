@@ -13,8 +13,10 @@ sparse updates write values and indices). Configs may define ``peft_fields(model
 initialisation that needs a tokenizer).
 
 A model trained by `Trainer` carries a `TrainingContext` (``model.peftkit_context``: base, quantization, chat
-template, prompt); it is written under the ``peftkit`` key, which peft ignores, and its base name replaces the
-resolved (machine-local) path in ``base_model_name_or_path``. Loading an adapter sets it on the model again.
+template, prompt); it is written to its own file, ``peftkit.json`` (peft then loads the folder without a warning
+about unknown config keys; older folders with the record under the ``peftkit`` key of ``adapter_config.json`` still
+read), and its base name replaces the resolved (machine-local) path in ``base_model_name_or_path``. Loading an
+adapter sets it on the model again.
 
 Loading validates the file before touching the model (`check_adapter`, the one check every command runs: files,
 record version, no tensor missing or extra, every shape), and restores the model if applying the adapter fails.
@@ -43,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.core.config import Config
-from peftkit.core.context import CONTEXT_KEY, TrainingContext, read_config_json, read_context
+from peftkit.core.context import RECORD_NAME, TrainingContext, read_config_json, read_context
 from peftkit.core.inject import InjectReport
 from peftkit.core.registry import MethodSpec, get_method, method_for_peft_type
 from peftkit.errors import PeftkitError
@@ -148,10 +150,8 @@ def _peft_config(spec: MethodSpec, config: Config, model: nn.Module) -> dict[str
         if data.get(key) is None:
             data.pop(key, None)
     context: TrainingContext | None = getattr(model, "peftkit_context", None)
-    if context is not None:
-        data[CONTEXT_KEY] = context.to_json()
-        if context.base:
-            data["base_model_name_or_path"] = context.base
+    if context is not None and context.base:
+        data["base_model_name_or_path"] = context.base
     return data
 
 
@@ -248,14 +248,14 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     name, config = method
     spec = get_method(name)
     tensors = {_file_key(k): v.contiguous() for k, v in _adapter_tensors(model).items()}
-    config_json = json.dumps(_peft_config(spec, config, model), indent=2, sort_keys=True)
-    return write_atomic_dir(
-        folder,
-        {
-            CONFIG_NAME: config_json,
-            WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-        },
-    )
+    files: dict[str, Any] = {
+        CONFIG_NAME: json.dumps(_peft_config(spec, config, model), indent=2, sort_keys=True),
+        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+    }
+    context: TrainingContext | None = getattr(model, "peftkit_context", None)
+    if context is not None:  # its own file: peft warns about keys it does not know in adapter_config.json
+        files[RECORD_NAME] = json.dumps(context.to_json(), indent=2, sort_keys=True)
+    return write_atomic_dir(folder, files)
 
 
 def read_adapter(
@@ -282,8 +282,7 @@ def read_adapter(
         raise PeftkitError(f"adapter in {folder} was saved for a {saved_for}, not a {type(model).__name__}")
     spec = get_method(raw["peftkit_method"]) if "peftkit_method" in raw else method_for_peft_type(raw["peft_type"], raw)
     config = _config_from_json(spec, raw, cfg_path)
-    if raw.get(CONTEXT_KEY) is not None:  # validated before the weights are read: a bad block fails early
-        TrainingContext.from_json(raw[CONTEXT_KEY], where=f"{cfg_path}: ")
+    read_context(folder)  # validated before the weights are read: a bad record fails early
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:

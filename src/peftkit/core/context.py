@@ -2,8 +2,10 @@
 
 An adapter answers well only in the prompt layout it was trained on: the demo's adapter, trained on
 ``<instruction>\\n\\n<message>`` in SmolLM2's chat template, repeats JSON keys until its token limit when it gets the
-bare message. `Trainer` records what the model saw under the ``peftkit`` key of ``adapter_config.json`` (peft
-ignores keys it does not know, with a warning), and ``peftkit generate`` / ``peftkit merge`` apply it by default:
+bare message. `Trainer` records what the model saw in ``peftkit.json`` beside ``adapter_config.json`` (its own file,
+so that peft loads the folder without an "unexpected keyword arguments" warning; folders written before hold the
+record under the ``peftkit`` key of ``adapter_config.json`` and still read), and ``peftkit generate`` /
+``peftkit merge`` apply it by default:
 
 * ``base``: the model as the user named it (``smollm2-135m-instruct``, a hub id, the path given), not the cache
   folder it resolved to, and a fingerprint of its weights (`fingerprint`);
@@ -31,10 +33,12 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 
-__all__ = ["CONTEXT_KEY", "FORMATS", "INPUT_FORMAT", "MAX_BLOCK", "MIN_BLOCK", "Conversation", "Quantization",
-           "TrainingContext", "check_block_size", "fingerprint", "read_context"]
+__all__ = ["CONTEXT_KEY", "FORMATS", "INPUT_FORMAT", "MAX_BLOCK", "MIN_BLOCK", "RECORD_NAME", "Conversation",
+           "Quantization", "TrainingContext", "check_block_size", "fingerprint", "read_context"]
 
 CONTEXT_KEY = "peftkit"
+RECORD_NAME = "peftkit.json"
+"""The record's own file in an adapter folder; older folders hold it under `CONTEXT_KEY` in adapter_config.json."""
 VERSION = 1
 FINGERPRINT_TENSORS = 4
 FINGERPRINT_ELEMENTS = 1 << 20  # per tensor: the fingerprint stays cheap on large models
@@ -246,7 +250,7 @@ def _short(text: str, n: int = 40) -> str:
 
 
 def read_config_json(path: Path) -> Any:
-    """An adapter folder's ``adapter_config.json``, parsed; a missing or unreadable file is a one-line error."""
+    """A JSON file of an adapter folder, parsed; a missing or unreadable file is a one-line error."""
     if not path.is_file():
         raise PeftkitError(f"adapter file missing: {path}")
     try:
@@ -256,8 +260,16 @@ def read_config_json(path: Path) -> Any:
 
 
 def read_context(folder: str | os.PathLike) -> TrainingContext | None:
-    """The training context recorded in an adapter folder, None when it has none (older peftkit, peft)."""
-    path = Path(folder) / "adapter_config.json"
+    """The training context recorded in an adapter folder, None when it has none (peft's, or saved untrained).
+
+    Read from ``peftkit.json``, or from the ``peftkit`` key of ``adapter_config.json`` in folders written before
+    the record had its own file. A malformed record is a one-line error naming its file.
+    """
+    folder = Path(folder)
+    record = folder / RECORD_NAME
+    if record.is_file():
+        return TrainingContext.from_json(read_config_json(record), where=f"{record}: ")
+    path = folder / "adapter_config.json"
     raw = read_config_json(path)
     if not isinstance(raw, dict) or raw.get(CONTEXT_KEY) is None:
         return None

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "Conversation",
     "HubDataset",
     "ReadStats",
+    "check_source",
     "iter_rows",
     "read_conversations",
     "read_rows",
@@ -132,20 +134,42 @@ def iter_rows(source: str | Path | Any, on_bad_line: Callable[[str], None] | Non
     A JSONL line that is not valid JSON is an error naming the file and the line, or, with `on_bad_line`, passed
     to it (that message) and skipped. From a JSONL file, the line number of each row is appended to `lines`."""
     if isinstance(source, (str, Path)):
-        path, forced_hub = Path(source), str(source).startswith("hub:")
-        if path.is_file() and not forced_hub:
-            return _file_rows(path, on_bad_line, lines)
-        if path.is_dir() and not forced_hub:
-            return _datasets_rows(str(path), path=str(path), split="train", streaming=True)
-        looks_like_a_file = path.suffix.lower() in _OWN_SUFFIXES + _DATASETS_SUFFIXES
-        hub = None if looks_like_a_file else HubDataset.parse(str(source))
-        if hub is None:
-            raise PeftkitError(f"data file not found: {path}")
-        return _datasets_rows(str(hub), hub=True, path=hub.repo, name=hub.subset, split=hub.split,
-                              revision=hub.revision)
+        where = _local_or_hub(source)
+        if isinstance(where, HubDataset):
+            return _datasets_rows(str(where), hub=True, path=where.repo, name=where.subset, split=where.split,
+                                  revision=where.revision)
+        if where.is_file():
+            return _file_rows(where, on_bad_line, lines)
+        return _datasets_rows(str(where), path=str(where), split="train", streaming=True)
     if isinstance(source, Iterable):
         return (dict(r) if isinstance(r, Mapping) else r for r in source)
     raise PeftkitError(f"cannot read instruction data from a {type(source).__name__}")
+
+
+def _local_or_hub(source: str | Path) -> Path | HubDataset:
+    """What a data source names: a local file or folder that exists, else a Hub dataset; neither is one line."""
+    path, forced_hub = Path(source), str(source).startswith("hub:")
+    if (path.is_file() or path.is_dir()) and not forced_hub:
+        return path
+    looks_like_a_file = path.suffix.lower() in _OWN_SUFFIXES + _DATASETS_SUFFIXES
+    hub = None if looks_like_a_file else HubDataset.parse(str(source))
+    if hub is None:
+        raise PeftkitError(f"data file not found: {path}")
+    return hub
+
+
+def check_source(source: str | Path) -> None:
+    """Check, in a moment, that a data source can be read: a local file or folder exists and is readable (a Hub
+    dataset is only parsed; it is fetched when read). Callers run it before anything slow, such as loading a model.
+
+    Raises:
+        PeftkitError: one line naming the path.
+    """
+    where = _local_or_hub(source)
+    if isinstance(where, Path):
+        kind, mode = ("folder", os.R_OK | os.X_OK) if where.is_dir() else ("file", os.R_OK)
+        if not os.access(where, mode):
+            raise PeftkitError(f"data {kind} not readable: {where} (permission denied; check its permissions)")
 
 
 def read_rows(source: str | Path | Any) -> list[Any]:

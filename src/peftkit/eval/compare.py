@@ -23,6 +23,7 @@ import random
 import resource
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_ENTRIES",
     "DEFAULT_METHODS",
     "CompareTask",
+    "TrainingProgress",
     "check_entries",
     "e2e_task",
     "file_task",
@@ -55,6 +57,9 @@ COMMON_SETTINGS: dict[str, Any] = {
     "progress": False,
 }
 """Training settings shared by every entry (``TrainConfig`` keys); the run's overrides come on top."""
+
+PROGRESS_EVERY_S = 10.0
+"""Seconds between an entry's progress lines while it trains (its first and last steps always get one)."""
 
 EWC_LAMBDA = 0.1  # see bench/e2e_compare.py's notes for how it was chosen
 _LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -223,7 +228,7 @@ def _run_icl_entry(spec: dict[str, Any], settings: dict[str, Any], task: Compare
 
     icl = run_icl(model, tokenizer, pool, task.prompts, task.references, k=settings.get("k", 3),
                   draws=settings.get("draws", 1), orders=settings.get("orders", 1),
-                  score=score, progress=lambda line: print(line, flush=True),
+                  score=score, progress=lambda line: _say(f"{spec['label']}: {line}"),
                   on_run=save_run, **_generation_settings(spec))
     result: dict[str, Any] = {m: s["mean"] for m, s in icl.summary.items()}
     result["spread"] = icl.summary
@@ -255,6 +260,7 @@ def _run_trained_entry(spec: dict[str, Any], settings: dict[str, Any], task: Com
     print(f"{spec['label']}: {params['trainable']:,} trainable parameters "
           f"({100 * params['trainable'] / base_params:.3f}% of the base model's {base_params:,}), "
           f"{len(trainer.data.rows)} rows, {trainer.total_steps} steps", flush=True)
+    trainer.subscribe(TrainingProgress(spec["label"], trainer.total_steps))
     train = trainer.run()
     print(f"{spec['label']}: trained in {train.train_seconds:.0f} s, final loss {train.train_loss:.4f}", flush=True)
     model = trainer.model
@@ -274,6 +280,45 @@ def _run_trained_entry(spec: dict[str, Any], settings: dict[str, Any], task: Com
                        "probe_rouge_l": report.rouge_l, "probe_exact": report.exact,
                        "probe_answers": report.answers})
     return result
+
+
+class TrainingProgress:
+    """A `Trainer` listener that prints ``LABEL: step S/TOTAL, loss L, ETA T`` as an entry trains: on the first
+    step, then at most once every `every_s` seconds, and on the last step (flushed: the parent relays the lines).
+
+    The ETA assumes the remaining steps take as long as the ones so far (timed from this object's creation, just
+    before training starts).
+    """
+
+    def __init__(self, label: str, total_steps: int, every_s: float = PROGRESS_EVERY_S,
+                 clock: Callable[[], float] = time.perf_counter, say: Callable[[str], None] | None = None):
+        self.label, self.total, self.every_s, self.clock = label, total_steps, every_s, clock
+        self.say = say or _say
+        self.start = self.clock()
+        self.last: float | None = None
+
+    def __call__(self, event: Any) -> None:  # a `peftkit.train.events.StepEvent`
+        now = self.clock()
+        total = event.total_steps or self.total
+        if self.last is not None and now - self.last < self.every_s and event.step < total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / max(event.step, 1) * max(total - event.step, 0)
+        self.say(f"{self.label}: step {event.step}/{total}, loss {event.loss:.4f}, "
+                 f"{_duration(elapsed)} elapsed, ETA {_duration(eta)}")
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # flushed: compare's output is often a pipe or a log file, read while it runs
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def build_probe_file(spec: dict[str, Any]) -> dict[str, Any]:
@@ -307,6 +352,35 @@ def _worker(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------- the run (parent)
+def _run_worker(command: list[str], log_path: Path, timeout: float | None, prefix: str,
+                relay: Callable[[str], None] | None) -> int | None:
+    """Run `command`, writing its output to `log_path` line by line and passing the lines that start with `prefix`
+    to `relay` as they come. Returns its exit status, None when it ran past `timeout` seconds (and was killed)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    timed_out = threading.Event()
+    with log_path.open("w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     env=env, text=True, errors="replace") as proc:
+
+        def stop() -> None:  # past its time: the loop below ends when the killed worker's output closes
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, stop) if timeout is not None else None
+        if timer is not None:
+            timer.start()
+        try:
+            assert proc.stdout is not None  # stdout=PIPE
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if relay is not None and line.startswith(prefix):
+                    relay("    " + line.rstrip())
+            code = proc.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+    return None if timed_out.is_set() else code
+
 
 
 def _settings_text(entry: dict[str, Any]) -> str:
@@ -319,20 +393,16 @@ def _settings_text(entry: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _spawn(spec: dict[str, Any], folder: Path, timeout: float | None) -> dict[str, Any]:
-    """Run one worker process; its output goes to ``folder/log.txt``. Never raises for the entry's failure."""
+def _spawn(spec: dict[str, Any], folder: Path, timeout: float | None,
+           relay: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one worker process; its output goes to ``folder/log.txt``, and its own lines (``LABEL: ...``: settings,
+    training progress) to `relay` as they come. Never raises for the entry's failure."""
     folder.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = folder / "spec.json", folder / "result.json", folder / "log.txt"
     spec_path.write_text(json.dumps(spec, indent=1))
     out_path.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log_path.open("w") as log:
-        try:
-            proc = subprocess.run([sys.executable, "-m", "peftkit.eval.compare", "worker", str(spec_path),
-                                   str(out_path)], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = None
+    command = [sys.executable, "-m", "peftkit.eval.compare", "worker", str(spec_path), str(out_path)]
+    code = _run_worker(command, log_path, timeout, f"{spec.get('label')}: ", relay)
     if out_path.is_file():
         result = json.loads(out_path.read_text())
     else:
@@ -482,7 +552,7 @@ def run_compare(
     probe_new_tokens: int = 48,
     eval_batch_size: int = 16,
     timeout: float | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every method in `methods` (names of `entries`, default :data:`DEFAULT_ENTRIES`) in its own process.
 
@@ -494,12 +564,14 @@ def run_compare(
         probe: measure forgetting on the shipped general probe (one extra process builds the base answers).
         metrics: ``"all"`` (the five E2E metrics; needs Java) or ``"bleu-nist"``.
         timeout: seconds per entry (None = no limit).
+        log: where the run's lines go, an entry's progress included (default: printed and flushed).
 
     Returns:
         One result dict per method, in order; a failed entry has ``error`` set. The files ``results.csv``,
         ``results.md``, ``results.json`` and ``bleu_vs_params.png`` are written to `out_dir` after every entry.
     """
     entries, mitigations = check_entries(methods, entries, replay_data, overrides)
+    log = log or _say
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task_path = out / "task.json"
@@ -543,7 +615,7 @@ def _run_logged(spec: dict[str, Any], folder: Path, timeout: float | None, log: 
                 prefix: str) -> dict[str, Any]:
     """One entry in its own process, with a line (after `prefix`) on how it went."""
     name, t = spec["label"], time.perf_counter()
-    result = _spawn(spec, folder, timeout)
+    result = _spawn(spec, folder, timeout, relay=log)
     if result.get("error"):
         log(f"{prefix}{name}: FAILED after {time.perf_counter() - t:.0f} s: {result['error']} "
             f"(log: {folder / 'log.txt'})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -225,6 +226,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise PeftkitError(f"{where}: not valid YAML: {problem}") from None
         if not isinstance(data, dict):
             raise PeftkitError(f"{path}: a recipe is a mapping of keys to values")
+        _beside_recipe(data, path)
     recipe = copy.deepcopy(data)
     for text in overrides:
         key, value = parse_override(text)
@@ -243,6 +245,23 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise e from None
         # the recipe alone is fine: the overrides broke it
         raise PeftkitError(f"override {' '.join(overrides)}: {str(e).removeprefix(f'{path}: ')}") from None
+
+
+RECIPE_RELATIVE = ("data", "eval_data", "replay_data")
+"""Recipe keys whose relative paths are read from the recipe's folder first (data shipped beside a recipe)."""
+
+
+def _beside_recipe(data: dict[str, Any], recipe: Path) -> None:
+    """Point relative data paths at the recipe's folder where the file is there, so a recipe and the data shipped
+    beside it work from any directory. Otherwise the value stays as written: a path from the current directory, or
+    a Hub dataset. ``output_dir`` (and ``key=value`` overrides) stay relative to the current directory."""
+    for key in RECIPE_RELATIVE:
+        value = data.get(key)
+        if not isinstance(value, str) or not value or value.startswith("hub:") or Path(value).is_absolute():
+            continue
+        beside = recipe.parent / value
+        if beside.exists():
+            data[key] = os.path.normpath(beside.absolute())
 
 
 def _validated(data: dict[str, Any], where: str) -> TrainConfig:

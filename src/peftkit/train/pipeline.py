@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from peftkit.core.context import TrainingContext
-from peftkit.data.formats import Conversation, ReadStats, read_conversations
+from peftkit.data.formats import Conversation, ReadStats, check_source, read_conversations
 from peftkit.data.sequences import (
     Example,
     TokenizeStats,
@@ -178,6 +178,19 @@ class TrainData:
 
     def eval_rows(self) -> list[list[Example]]:
         return make_rows(self.eval_examples, self.cfg.max_length, self.packing, self.share_prefix)
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Every data source of `cfg` exists and is readable: run before the model loads, so that a wrong path fails
+    at once, not after the model has loaded (`peftkit.data.formats.check_source`)."""
+    for key in ("data", "eval_data", "replay_data"):
+        value = getattr(cfg, key)
+        if value:
+            try:
+                check_source(value)
+            except PeftkitError as e:
+                raise PeftkitError(f"{key}: {e} (a recipe's relative paths are read from the recipe's folder, "
+                                   "then from the current directory)") from None
 
 
 def _read(cfg: TrainConfig, path: str) -> tuple[list[Conversation], ReadStats]:

@@ -46,7 +46,7 @@ from peftkit.train.flops import FlopCount
 from peftkit.train.guard import DivergenceGuard
 from peftkit.train.logs import RunLog, write_run_info
 from peftkit.train.model import count_parameters, prepare_model
-from peftkit.train.pipeline import TrainData, with_prompt
+from peftkit.train.pipeline import TrainData, check_data, with_prompt
 from peftkit.train.resume import check_resumable, run_inputs
 from peftkit.train.step import RunState, TrainStep, make_optimizer, make_scheduler
 from peftkit.train.tracking import Tracking
@@ -70,6 +70,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None, resume: bool = False,
                  overwrite: bool = False):
         self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
+        check_data(cfg)  # in a moment, before the model loads
         self.output_dir = Path(cfg.output_dir)
         self.tracking = Tracking(cfg.report_to, self.output_dir)
         self.accelerator = Accelerator(
