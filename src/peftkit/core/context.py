@@ -3,7 +3,8 @@
 An adapter answers well only in the prompt layout it was trained on: the demo's adapter, trained on
 ``<instruction>\\n\\n<message>`` in SmolLM2's chat template, repeats JSON keys until its token limit when it gets the
 bare message. `Trainer` records what the model saw under the ``peftkit`` key of ``adapter_config.json`` (peft
-ignores keys it does not know, with a warning), and ``peftkit generate`` / ``peftkit merge`` apply it by default:
+ignores keys it does not know, with a warning), and ``peftkit generate``, ``merge``, ``export`` and ``serve`` apply
+it by default (the base through `peftkit.loading`):
 
 * ``base``: the model as the user named it (``smollm2-135m-instruct``, a hub id, the path given), not the cache
   folder it resolved to, and a fingerprint of its weights (`fingerprint`);
