@@ -86,7 +86,7 @@ def load_base(
     quantize: str | None = None,
     dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype = torch.float32,
-):
+) -> tuple[nn.Module, Any, Quantization | None]:
     """Load the base model an adapter was trained on, stored as training stored it.
 
     Args:
