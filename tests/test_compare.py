@@ -129,13 +129,16 @@ def test_unknown_entry_is_an_error(tmp_path):
 
 def test_entries_speak_the_registry():
     """Every registered method is an entry by its name; the short names are aliases of registered methods."""
-    from peftkit.core.registry import get_method, list_methods
+    from peftkit.core.registry import get_method, list_methods, resolve_method
 
     entries, _ = check_entries(list_methods())
     assert all(entries[m]["method"] == m for m in list_methods())
     for entry in DEFAULT_ENTRIES.values():
         if entry["method"] != "icl":
             get_method(entry["method"])  # raises for a name the registry does not know
+    _, qlora = resolve_method("qlora")  # a preset is its method's entry over the preset's base
+    assert qlora is not None and qlora.quant == "nf4"
+    assert entries["qlora"] == {**entries["lora"], "quantize": qlora.quant, "double_quant": qlora.double_quant}
     with pytest.raises(PeftkitError, match="compare entry 'mine': unknown key 'rank' for LoRAConfig"):
         check_entries(["mine"], {"mine": {"method": "lora", "method_config": {"rank": 4}}})
     with pytest.raises(PeftkitError, match="unknown method 'lorra'; did you mean lora"):

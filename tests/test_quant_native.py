@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from peftkit.core.native import cpu_flags
 from peftkit.quant import blockwise, codebook, dequantize, native, quantize, unpack_4bit
 
 
@@ -47,7 +48,7 @@ def isa_kernel(request, tmp_path_factory):
     """The kernel built for one instruction set (once per module), skipped where this CPU cannot run it."""
     needs_compiler()
     extra, needs = ISAS[request.param]
-    cpu = native._cpu_flags().split()
+    cpu = cpu_flags().split()
     if any(flag not in cpu for flag in needs):
         pytest.skip(f"the {request.param} path needs the CPU flags {', '.join(needs)}")
     kernel = native.build_kernel(tmp_path_factory.mktemp("kernels"), extra)

@@ -19,7 +19,7 @@ from torch import nn
 from peftkit.core.context import Quantization, TrainingContext, fingerprint
 from peftkit.quant import apply_quantization
 
-__all__ = ["Base", "base_quantization", "load_base", "load_base_as"]
+__all__ = ["Base", "base_name", "base_quantization", "load_base", "load_base_as"]
 
 
 @dataclasses.dataclass
@@ -39,6 +39,14 @@ class Base:
     name: str
     quantization: Quantization | None
     fingerprint: str | None
+
+
+def base_name(context: TrainingContext | None, model: str | None = None) -> str:
+    """The base to load for an adapter: `model` if the user names one, else the recorded base, else the bundled
+    model."""
+    from peftkit.models import BUNDLED_NAME
+
+    return model or (context.base if context is not None else None) or BUNDLED_NAME
 
 
 def base_quantization(recorded: Quantization | None, quantize: str | None) -> Quantization | None:
@@ -78,7 +86,7 @@ def load_base(
     quantize: str | None = None,
     dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype = torch.float32,
-):
+) -> tuple[nn.Module, Any, Quantization | None]:
     """Load the base model an adapter was trained on, stored as training stored it.
 
     Args:
@@ -93,10 +101,8 @@ def load_base(
         ``(model, tokenizer, quantization)``: `quantization` says what the base was stored in (None: full precision).
         A base whose fingerprint differs from the recorded one is used, with one warning line naming both.
     """
-    from peftkit.models import BUNDLED_NAME
-
     recorded = context.quantization if context is not None else None
-    name = model or (context.base if context is not None else None) or BUNDLED_NAME
+    name = base_name(context, model)
     base = load_base_as(name, base_quantization(recorded, quantize), dtype, compute_dtype)
     if context is not None and context.fingerprint is not None and base.fingerprint != context.fingerprint:
         print(f"peftkit: warning: base {name} (fingerprint {base.fingerprint}) differs from the base this adapter "

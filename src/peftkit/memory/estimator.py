@@ -15,7 +15,7 @@ one fp32 absmax per block of 64 = 0.5 bit/param, with double quantization ``8/64
 biases stay in the 16-bit compute dtype, as bitsandbytes/QLoRA do.
 
 Precisions are those of training (``TrainConfig.precision``, `peftkit.hardware.PRECISIONS`), accounted as
-`peftkit.train.trainer.prepare_model` stores the weights: trainable parameters are fp32 in every precision (weight 4
+`peftkit.train.model.prepare_model` stores the weights: trainable parameters are fp32 in every precision (weight 4
 + gradient 4 + AdamW m, v 4 + 4 = 16 bytes, the mixed-precision figure of Rajbhandari et al. 2020); frozen weights
 are 16-bit in ``bf16`` / ``fp16`` and fp32 in ``fp32`` / ``bf16-autocast``; activations are in the compute dtype (16
 bits but in ``fp32``). ``auto`` is what `peftkit.hardware.resolve_precision` picks on this machine.
@@ -28,7 +28,7 @@ tensor's states as the device working set.
 Activations: see `peftkit.memory.activations`.
 
 Logits / loss buffers: ``b*s*V * e`` bytes for the logits in the compute dtype, twice that when they are 16-bit and
-trained through (their 16-bit gradient beside them): peftkit's loss (`peftkit.train.trainer.SummedCrossEntropy`)
+trained through (their 16-bit gradient beside them): peftkit's loss (`peftkit.train.loss.SummedCrossEntropy`)
 keeps no vocabulary-sized fp32 temporary, and fp32 logits become their own gradient in place. For a 135M model with
 a 49k vocabulary this is often the largest item.
 

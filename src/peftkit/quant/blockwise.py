@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
-from peftkit.core.context import FORMATS  # the names a training context records
+from peftkit.core.context import FORMATS, check_block_size  # FORMATS: the names a training context records
 
 from . import native
 from .codebooks import Codebook, codebook
 from .packing import pair_table, unpack_4bit
-from .scaling import check_block_size, check_float, clip_threshold, num_blocks
+from .scaling import check_float, clip_threshold, num_blocks
 
 DQ_BLOCK = 256  # block size of the second level of double quantization (fixed, as in bitsandbytes)
 CHUNK = 1 << 21  # elements per pass, buffers reused (see the Note above on the size)

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftkit.core.context import check_block_size
 from peftkit.errors import PeftkitError
 
 from .blockwise import FORMATS, QuantState, dequantize, quantize
 from .codebooks import codebook
-from .scaling import check_block_size
 
 if TYPE_CHECKING:
     from peftkit.core.context import Quantization

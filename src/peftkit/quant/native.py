@@ -40,7 +40,6 @@ LIBRARY = builder.Library("dequant4", SOURCE, FLAGS, {
 
 __all__ = ["LIBRARY", "build_kernel", "dequant4_kernel", "dequantize_4bit_blocks", "describe", "isa"]
 
-_cpu_flags = builder.cpu_flags
 OUT_DTYPES = (torch.float32, torch.bfloat16)  # what the kernel writes (bfloat16 as its 16-bit pattern)
 
 

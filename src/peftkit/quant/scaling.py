@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from peftkit.core.context import MAX_BLOCK, MIN_BLOCK, check_block_size
-
-__all__ = ["MAX_BLOCK", "MIN_BLOCK", "check_block_size", "check_float", "clip_threshold", "num_blocks"]
+__all__ = ["check_float", "clip_threshold", "num_blocks"]
 
 
 def check_float(x: torch.Tensor, what: str = "input") -> None:

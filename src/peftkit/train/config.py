@@ -50,8 +50,8 @@ class TrainConfig(Config):
             its start, stops too (`Trainer` names the cause and the last checkpoint).
         replay_data / replay_fraction: against forgetting, general instruction data (as ``data``) whose rows are
             mixed into every micro-batch so that they make up ``replay_fraction`` of its rows (the task rows per
-            batch stay ``batch_size``; see ``Trainer.replay_rows_per_batch``). ``replay_data`` alone (fraction 0)
-            only serves as the data the EWC Fisher is estimated on.
+            batch stay ``batch_size``; see `peftkit.train.pipeline.replay_rows_per_batch`). ``replay_data`` alone
+            (fraction 0) only serves as the data the EWC Fisher is estimated on.
         eval_every / eval_metric / eval_samples / eval_max_new_tokens / save_best: every ``eval_every`` steps the
             eval loss, and with ``eval_metric`` (``exact_match``, ``bleu``, ``rouge_l``, ``orders`` or a function
             ``package.module:function``, see `peftkit.train.evaluation`) greedy answers to ``eval_samples`` held-out

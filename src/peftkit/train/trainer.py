@@ -51,7 +51,7 @@ from peftkit.train.resume import check_resumable, run_inputs
 from peftkit.train.step import RunState, TrainStep, make_optimizer, make_scheduler
 from peftkit.train.tracking import Tracking
 
-__all__ = ["TrainResult", "Trainer", "count_parameters", "prepare_model"]
+__all__ = ["Trainer"]
 
 
 class Trainer:
