@@ -148,8 +148,9 @@ def test_an_incomplete_adapter_is_refused_by_serve_at_startup_and_at_run_time(wo
     folder = make(world, tmp_path)
     with pytest.raises(PeftkitError, match=expected):
         build_engine(build_parser().parse_args(["serve", "--precision", "fp32", "--adapter", f"x={folder}"]))
-    engine = build_engine(build_parser().parse_args(["serve", "--precision", "fp32", "--adapter",
-                                                     f"whole={world['adapter']}"]))
+    root = os.path.commonpath([folder, world["adapter"]])  # run-time loading needs a root holding both
+    engine = build_engine(build_parser().parse_args(["serve", "--precision", "fp32", "--adapter-root", root,
+                                                     "--adapter", f"whole={world['adapter']}"]))
     with TestClient(create_app(engine)) as client:
         r = client.post("/v1/adapters", json={"name": "broken", "path": str(folder)})
         assert r.status_code == 400 and re.search(expected, r.json()["error"]["message"]), r.text
