@@ -74,11 +74,12 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if blocks:
         return blocks
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
         raise PeftkitError(f"sharding: {type(model).__name__} has no transformer blocks to shard (no "
                            "_no_split_modules, no nn.ModuleList)")
-    return list(max(lists, key=len))
+    sizes = [len(m) for m in lists]
+    return list(lists[sizes.index(max(sizes))])
 
 
 def _quantized_as_parameters(model: nn.Module) -> int:
