@@ -2,7 +2,7 @@
 
 ``sharding_worker.py PLAN.json``: the plan is a list of jobs ``{"name", "config": {...TrainConfig keys},
 "until_step": int | null, "resume": bool}``; each trains into ``<output_dir>`` and writes
-``<output_dir>/rank<r>.json`` (the world, the per-step losses).
+``<output_dir>/rank<r>.json`` (the world, the per-step losses, the bytes of packed 4-bit weights held).
 """
 
 from __future__ import annotations
@@ -27,8 +27,15 @@ def run(job: dict) -> None:
     rank = int(os.environ.get("RANK", 0))
     Path(cfg.output_dir, f"rank{rank}.json").write_text(json.dumps({
         "world": trainer.world, "losses": [h["loss"] for h in trainer.history],
-        "sharded": trainer.sharded,
+        "sharded": trainer.sharded, "packed_bytes": packed_bytes(trainer.model),
     }))
+
+
+def packed_bytes(model: torch.nn.Module) -> int:
+    """Bytes of 4-bit codes and 8-bit absmax this process holds (its shards when sharded)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum(t.numel() for t in local if t.dtype == torch.uint8)
 
 
 if __name__ == "__main__":

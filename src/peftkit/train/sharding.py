@@ -87,9 +87,10 @@ def _quantized_as_parameters(model: nn.Module) -> int:
     tensors): FSDP shards parameters, not buffers. The number of layers changed."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in layers:
-        for key in [k for k in layer._buffers if k == "weight" or k.startswith("weight_")]:
-            tensor = layer._buffers.pop(key)
-            if tensor is not None:
+        for key, tensor in list(layer._buffers.items()):
+            # a scalar (the double-quantization offset, 4 bytes) stays a buffer: FSDP splits along a dimension
+            if (key == "weight" or key.startswith("weight_")) and tensor is not None and tensor.dim() > 0:
+                del layer._buffers[key]
                 layer.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
     return len(layers)
 
