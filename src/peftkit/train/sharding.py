@@ -128,11 +128,13 @@ def full_parameters(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
     """Within: the trainable parameters of a sharded `model` are whole tensors on every rank (a collective: every
     rank enters it), yielded by name. Unsharded models are yielded as they are."""
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    whole: dict[int, nn.Parameter] = {}  # by the sharded parameter: a tied one (embeddings = head) stays one tensor
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and p.requires_grad and _is_dtensor(p):
-                full = nn.Parameter(p.detach().full_tensor(), requires_grad=True)  # type: ignore[attr-defined]
-                module._parameters[name] = full
+                if id(p) not in whole:
+                    whole[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=True)  # type: ignore
+                module._parameters[name] = whole[id(p)]
                 swapped.append((module, name, p))
     try:
         yield {n: p for n, p in model.named_parameters() if p.requires_grad}
