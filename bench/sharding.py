@@ -2,8 +2,8 @@
 and tokens/s side by side, with the estimator's per-rank peak beside the measured one.
 
 Each round launches, in turn, ``torchrun --nproc-per-node 2`` once per mode (so load changes hit both alike); a
-launch trains LoRA (r=8, all linear layers; and with ``--methods lora,full`` full fine-tuning) for a few steps each, on generated instruction
-rows, ``precision: auto``, 1 torch thread per rank. Per rank and method: the peak RSS over the training (``VmHWM``,
+launch trains LoRA (r=8, all linear layers; with ``--methods lora,full`` full fine-tuning after it) for a few steps,
+on generated instruction rows, ``precision: auto``, 1 torch thread per rank. Per rank and method: the peak RSS over the training (``VmHWM``,
 reset after the model is built, so that loading's transient copies do not count; the RSS then still holds the loaded
 weights) and the target tokens per second of the steps after the first (from ``metrics.jsonl``). The table gives the
 medians over the rounds and the ratios sharded / DDP.
@@ -142,7 +142,8 @@ def main() -> None:
             f"{args.steps} steps per run, medians over {args.rounds} alternating rounds; peak RSS is the larger rank's "
             "(the loaded weights included), tokens/s are target tokens per second of the steps after the first. The "
             "estimate is `peftkit.memory.estimate(..., world_size=2, sharding=...)`'s per-rank peak, without the "
-            "process's own RSS (Python, torch, tokenizer: about 500 MiB).", "", *_table(runs, _estimates(precision, args.methods.split(",")))]
+            "process's own RSS (Python, torch, tokenizer: about 500 MiB).", "",
+            *_table(runs, _estimates(precision, args.methods.split(",")))]
     write_section("sharding", "\n".join(body))
     print("\n".join(body))
 
