@@ -5,8 +5,9 @@ Each round launches, in turn, ``torchrun --nproc-per-node 2`` once per mode (so 
 launch trains LoRA (r=8, all linear layers; with ``--methods lora,full`` full fine-tuning after it) for a few steps,
 on generated instruction rows, ``precision: auto``, 1 torch thread per rank. Per rank and method: the peak RSS over
 the training (``VmHWM``, reset after the model is built, so that loading's transient copies do not count; the RSS
-then still holds the loaded weights, and with sharding whatever of the whole weights glibc kept after sharding) and the target tokens per second of the steps after the first (from ``metrics.jsonl``). The table gives the
-medians over the rounds and the ratios sharded / DDP.
+then still holds the loaded weights, and with sharding whatever of the whole weights glibc kept after sharding) and
+the target tokens per second of the steps after the first (from ``metrics.jsonl``). The table gives the medians over
+the rounds and the ratios sharded / DDP.
 
 Run: ``python bench/sharding.py`` (about 5 minutes on 2 busy cores); ``--rounds``, ``--steps`` to change.
 """
