@@ -141,6 +141,7 @@ class TrainSetup:
         gradient_checkpointing: recompute each block's activations in backward.
         attention: ``sdpa`` (memory-efficient kernels, no s*s matrix kept) or ``eager``.
         activation_model: ``hf`` (measured HF Llama forward) or ``korthikanti``.
+        world_size, sharding: processes and ``TrainConfig.sharding``; the figures are per process (`_per_rank`).
     """
 
     method: str = "lora"
@@ -155,6 +156,8 @@ class TrainSetup:
     gradient_checkpointing: bool = False
     attention: str = "sdpa"
     activation_model: str = "hf"
+    world_size: int = 1
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         method_config(self.method, self.method_args)  # an unknown method or key is an error naming it
@@ -166,10 +169,11 @@ class TrainSetup:
         for fname, value, allowed in (("precision", self.precision, PRECISIONS), ("quant", self.quant, QUANTS),
                                       ("optimizer", self.optimizer, OPTIMIZERS),
                                       ("attention", self.attention, ("sdpa", "eager")),
-                                      ("activation_model", self.activation_model, ("hf", "korthikanti"))):
+                                      ("activation_model", self.activation_model, ("hf", "korthikanti")),
+                                      ("sharding", self.sharding, SHARDINGS)):
             if value not in allowed:
                 raise ValueError(f"{fname} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-        for fname in ("batch_size", "seq_len", "quant_block"):
+        for fname in ("batch_size", "seq_len", "quant_block", "world_size"):
             value = getattr(self, fname)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{fname} must be a positive integer, got {value!r}")
@@ -411,6 +415,41 @@ def _activations_and_logits(bd: Breakdown, arch: Arch, setup: TrainSetup, config
     return one_block
 
 
+SHARDINGS = ("none", "full", "grad_op")
+
+
+def _per_rank(bd: Breakdown, arch: Arch, setup: TrainSetup) -> None:
+    """The memory of one process of `setup.world_size` under `setup.sharding` (FSDP2, `peftkit.train.sharding`).
+
+    ``none`` (DDP): every process holds everything, the figures stay. ``full``: the stored weights (frozen, quantized
+    with their constants, trainable), the gradients and the optimizer states are split over the processes; on top, as
+    temporary weights, the gathered root unit (embeddings, final norm, head: kept from the forward through the
+    backward) and two gathered blocks (the one computing and the one prefetched), and as gradients the unsharded
+    gradients of the root and of one block before their reduce-scatter. ``grad_op``: the gathered weights of every
+    block stay from the forward through the backward (a whole copy beside the shards). Activations, logits and the
+    dequantized temporary are per process as without sharding.
+
+    Note:
+        A unit's share of the bytes is its share of the parameters: exact when every weight has one dtype; a
+        quantized base stores blocks in 4 bits and the root in 16, so the blocks' share is then overstated
+        (conservative).
+    """
+    n = setup.world_size
+    if setup.sharding == "none" or n == 1:
+        return
+    root = sum(k for _, k in arch.outer_tensors()) / arch.num_params
+    block = (1.0 - root) / arch.layers
+    stored = bd.weights_frozen + bd.quant_constants + bd.weights_trainable
+    gathered = stored if setup.sharding == "grad_op" else int(stored * (root + 2 * block))
+    unsharded_grads = int(bd.gradients * (root + block))
+    for name in ("weights_frozen", "quant_constants", "weights_trainable", "gradients", "optimizer_device"):
+        setattr(bd, name, getattr(bd, name) // n)
+    bd.temp_weights += gathered
+    bd.gradients += unsharded_grads
+    bd.notes.append(f"per process of {n} with sharding {setup.sharding}: weights, gradients and optimizer states "
+                    f"split {n} ways; gathered weights {gathered / 2**20:.0f} MiB counted as temporary weights")
+
+
 def _peak(bd: Breakdown, setup: TrainSetup, one_block: int) -> int:
     """The modelled peak: what coexists (module docstring). The sum counts the weight gradients together with every
     activation and the logits buffers, and, with checkpointing, a recomputed block during the loss backward; on the
@@ -451,6 +490,7 @@ def estimate(arch_or_name: Arch | str | Mapping[str, Any], setup: TrainSetup | N
     _frozen_weights(bd, arch, setup, trainable, w16)
     _method_state(bd, arch, setup, config, trainable, e, w16)
     _optimizer_states(bd, setup, trainable)
+    _per_rank(bd, arch, setup)
     one_block = _activations_and_logits(bd, arch, setup, config, trainable, e)
     bd.peak_bytes = _peak(bd, setup, one_block)
     return bd

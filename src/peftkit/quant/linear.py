@@ -132,7 +132,8 @@ class QuantLinear(nn.Module):
     @property
     def state(self) -> QuantState:
         """The weight's `QuantState`, built from the current buffers (so it follows `.to(device)`)."""
-        tensors = {k: t for k in STATE_KEYS if (t := self._buffers.get(f"weight_{k}")) is not None}
+        # buffers, or frozen parameters once a sharded run made them so (`peftkit.train.sharding`)
+        tensors = {k: t for k in STATE_KEYS if (t := getattr(self, f"weight_{k}", None)) is not None}
         meta = {
             "format": self.format, "block_size": self.block_size, "shape": [self.out_features, self.in_features],
             "dtype": str(self.weight_dtype).removeprefix("torch."), "double_quant": self.double_quant,

@@ -148,7 +148,7 @@ def save_checkpoint(
     output_dir: Path,
     step: int,
     trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     scheduler: Any,
     state: dict[str, Any],
     keep: int = 2,
@@ -156,6 +156,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically, point ``latest`` at it, prune old ones.
 
+    `optimizer` is the optimizer, or its state dict already taken (a sharded run's, gathered by every rank).
     `rng` holds every process's `rng_state` by rank (default: this process's alone); each goes to its own
     `rng_file`, so that a distributed run resumes with every rank's dropout exactly where it was.
 
@@ -168,7 +169,7 @@ def save_checkpoint(
         folder,
         {
             "trainable.safetensors": lambda p: save_file(tensors, str(p)),
-            **write_state(optimizer.state_dict(), "optimizer"),
+            **write_state(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), "optimizer"),
             **write_state(scheduler.state_dict(), "scheduler"),
             **{rng_file(rank): json.dumps(r) for rank, r in enumerate(rng or [rng_state()])},
             "trainer_state.json": json.dumps({**state, "step": step}, indent=2),
@@ -211,7 +212,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def load_checkpoint(
-    folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+    folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer: Any, scheduler: Any,
     rank: int = 0,
 ) -> dict[str, Any]:
     """Restore a checkpoint into live objects (and process `rank`'s random generators); return the trainer state
@@ -248,15 +249,18 @@ class Checkpoints:
         output_dir: the run's folder.
         keep: checkpoints kept (older ones are pruned).
         world, rank: processes in the run and this one's index; every rank's generators are saved, rank 0 writes.
+        reshardable: the checkpoint may be resumed on another number of processes (a sharded run's): a rank the
+            writing run did not have starts from rank 0's generators.
     """
 
-    def __init__(self, output_dir: Path, keep: int, world: int = 1, rank: int = 0) -> None:
+    def __init__(self, output_dir: Path, keep: int, world: int = 1, rank: int = 0, reshardable: bool = False) -> None:
         self.output_dir, self.keep, self.world, self.rank = output_dir, keep, world, rank
+        self.reshardable = reshardable
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.output_dir)
 
-    def save(self, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any,
+    def save(self, step: int, weights: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
              position: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> None:
         """Trainable weights, optimizer, scheduler, every rank's RNG and the data `position` (epoch, micro-batch,
         history...); called on every rank (the generators are gathered), written by rank 0."""
@@ -264,18 +268,23 @@ class Checkpoints:
 
         # every rank's generators (dropout draws differ with each rank's batch shapes), gathered to rank 0
         rng = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        # a sharded run's optimizer state is gathered by every rank (`peftkit.train.sharding.ShardedOptimizer`)
+        optimizer_state = optimizer.state_dict() if getattr(optimizer, "collective", False) else optimizer
         if self.rank != 0:
             return
         position = {**position, "rank": self.rank, "world": self.world}
         if scaler is not None and scaler.is_enabled():
             position["grad_scaler"] = scaler.state_dict()
-        save_checkpoint(self.output_dir, step, weights, optimizer, scheduler, position, self.keep, rng)
+        save_checkpoint(self.output_dir, step, weights, optimizer_state, scheduler, position, self.keep, rng)
 
-    def restore(self, folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+    def restore(self, folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer: Any,
                 scheduler: Any, lr: float, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
         """Load `folder` into the live objects; the saved position. The restored schedule keeps its step; the
         learning rate `lr` and the schedule's shape come from the resuming run's config."""
-        saved = load_checkpoint(folder, trainable, optimizer, scheduler, self.rank)
+        rank = self.rank
+        if self.reshardable and not (folder / rng_file(rank)).is_file():
+            rank = 0  # resumed on more processes than wrote it: dropout masks then differ from an unbroken run
+        saved = load_checkpoint(folder, trainable, optimizer, scheduler, rank)
         scheduler.base_lrs = [lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups]  # LoRA+'s B groups
         groups = optimizer.param_groups
         for group, base, value in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):

@@ -64,6 +64,10 @@ class TrainConfig(Config):
             barriers) before the job stops with an error naming the cause: a process that died or hangs ends the
             job within it. The default (600 s) leaves room for rank 0 writing a large checkpoint while the others
             wait. Set when the process group starts (the first `Trainer` of a process).
+        sharding: ``none`` (the default: each process holds the whole model, DDP), ``full`` (FSDP2: weights,
+            gradients and optimizer states split across the processes, gathered per transformer block) or
+            ``grad_op`` (gradients and optimizer states split, gathered weights kept through the backward); without
+            a distributed launch a sharded run is one rank (`peftkit.train.sharding`).
         ewc_lambda / ewc_batches: elastic weight consolidation, a Fisher-weighted L2 pull of the trainable
             parameters towards their values at the start, added to the per-token loss (0 = off); the diagonal
             Fisher comes from ``ewc_batches`` micro-batches of the replay data (or of the task data without it).
@@ -130,6 +134,7 @@ class TrainConfig(Config):
     seed: int = 0
     progress: bool = True
     dist_timeout: float = 600.0
+    sharding: Literal["none", "full", "grad_op"] = "none"
 
     def validate(self) -> None:
         self._validate_schedule()

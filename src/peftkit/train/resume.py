@@ -102,9 +102,7 @@ def check_resumable(ckpt: Path, now: dict[str, Any], world: int, inputs: dict[st
     if saved is None:
         return  # a checkpoint without its run's config: nothing to compare
     if was_world != world:
-        raise PeftkitError(f"cannot resume {ckpt}: the run had {was_world} process(es), this one has {world} "
-                           "(the data order, the batch and each rank's random state depend on it); resume with "
-                           f"{was_world}, or start a new run")
+        may_change = may_change | _world_change(ckpt, saved, now, was_world, world)
     by_contents = set(DATA_KEYS) if isinstance(recorded, dict) else set()
     changed = [k for k in now if k not in may_change | by_contents and saved.get(k, now[k]) != now[k]]
     if changed:
@@ -117,6 +115,24 @@ def check_resumable(ckpt: Path, now: dict[str, Any], world: int, inputs: dict[st
               "tokenizer or chat template: their contents are not checked on this resume", file=sys.stderr)
         return
     _check_inputs(ckpt, now, recorded, inputs)
+
+
+def _world_change(ckpt: Path, saved: dict[str, Any], now: dict[str, Any], was_world: int,
+                  world: int) -> frozenset[str]:
+    """A sharded run continues on another number of processes when the global batch (``batch_size`` x processes)
+    stays: the same micro-batch positions then hold the same rows, and its checkpoint holds whole tensors. The keys
+    this lets change (``batch_size``); a refusal naming the way out otherwise."""
+    rows = saved.get("batch_size", now.get("batch_size", 0)) * was_world
+    sharded = saved.get("sharding", "none") != "none" and now.get("sharding", "none") != "none"
+    if sharded and now.get("batch_size", 0) * world == rows:
+        return frozenset({"batch_size"})
+    if sharded:
+        fit = f"batch_size={rows // world}" if rows % world == 0 else f"a number of processes dividing {rows}"
+        raise PeftkitError(f"cannot resume {ckpt} on {world} process(es): its global batch is {rows} rows "
+                           f"(batch_size x {was_world} processes); resume with {fit} to keep it")
+    raise PeftkitError(f"cannot resume {ckpt}: the run had {was_world} process(es), this one has {world} "
+                       "(the data order, the batch and each rank's random state depend on it); resume with "
+                       f"{was_world}, or start a new run (a run with sharding: full or grad_op may change it)")
 
 
 def _check_inputs(ckpt: Path, now: dict[str, Any], recorded: dict[str, Any], inputs: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from peftkit.train.flops import FlopCount
 from peftkit.train.guard import DivergenceGuard
 from peftkit.train.logs import significant
 from peftkit.train.loss import sequence_loss
+from peftkit.train.sharding import all_finite, global_norm
 
 __all__ = ["RunState", "TrainStep", "make_optimizer", "make_scheduler"]
 
@@ -144,8 +145,8 @@ class TrainStep:
         optimizer, scheduler, scaler, trainable = state.optimizer, state.scheduler, state.scaler, state.trainable
         scaler.unscale_(optimizer)
         # the norm before clipping (clipping to inf only measures it)
-        grad_norm = float(self.accelerator.clip_grad_norm_(list(trainable.values()),
-                                                           self.cfg.max_grad_norm or math.inf))
+        grad_norm = float(global_norm(self.accelerator.clip_grad_norm_(list(trainable.values()),
+                                                                       self.cfg.max_grad_norm or math.inf)))
         fault = state.guard.check(state.step + 1, step_loss, grad_norm, scaler.is_enabled())
         if fault == "skip":
             optimizer.zero_grad(set_to_none=True)  # this step's update is dropped: weights and state untouched
@@ -156,7 +157,7 @@ class TrainStep:
         if scaler.get_scale() >= scale:  # the scaler lowers its scale exactly when it skipped the step
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if not all(bool(torch.isfinite(p).all()) for p in trainable.values()):
+        if not all_finite(trainable.values()):
             state.guard.stop(state.step + 1, "an update made trainable weights non-finite (the learning rate "
                                              "is far too high)")
         return grad_norm, fault

@@ -48,6 +48,7 @@ from peftkit.train.logs import RunLog, write_run_info
 from peftkit.train.model import count_parameters, prepare_model
 from peftkit.train.pipeline import TrainData, check_data, with_prompt
 from peftkit.train.resume import check_resumable, run_inputs
+from peftkit.train.sharding import ShardedOptimizer, check_sharding, full_parameters, shard_model, shard_targets
 from peftkit.train.step import RunState, TrainStep, make_optimizer, make_scheduler
 from peftkit.train.tracking import Tracking
 
@@ -71,6 +72,7 @@ class Trainer:
                  overwrite: bool = False):
         self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
         check_data(cfg)  # in a moment, before the model loads
+        check_sharding(cfg)
         self.output_dir = Path(cfg.output_dir)
         self.tracking = Tracking(cfg.report_to, self.output_dir)
         self.accelerator = Accelerator(
@@ -94,13 +96,16 @@ class Trainer:
         self.model, self.tokenizer, self.report = prepare_model(cfg, model, tokenizer, self.precision)
         self.params = count_parameters(self.model)
         self.flops = FlopCount.of(self.model)
+        self.sharded = cfg.sharding != "none"
+        if self.sharded:  # after counting (FSDP replaces the parameters by shards), before the optimizer is built
+            shard_model(self.model, cfg.sharding)
         self.data = TrainData(cfg, self.tokenizer, self.model, self.world, self.rank, log=self.is_main)
         self.model.peftkit_context = self.context = with_prompt(self.model.peftkit_context, cfg, self.tokenizer,
                                                                 self.data.read_stats)
         self.total_steps = self.data.total_steps
         self.inputs = run_inputs(cfg, self.tokenizer, self.context)  # checked on resume (`peftkit.train.resume`)
         self.train_step = TrainStep(cfg, self.accelerator, self.autocast, self.flops)
-        self.checkpoints = Checkpoints(self.output_dir, cfg.keep_checkpoints, self.world, self.rank)
+        self.checkpoints = Checkpoints(self.output_dir, cfg.keep_checkpoints, self.world, self.rank, self.sharded)
         self.log = RunLog(self.output_dir, self.tracking, cfg.log_every, self.is_main)
         self.control = RunControl()
         self.history: list[dict[str, Any]] = []  # per step: loss (and eval scores); complete after `run`
@@ -196,7 +201,8 @@ class Trainer:
         saved: dict[str, Any] = {"step": 0, "epoch": 0, "micro": 0}
         if self.resume:
             saved = self._restore(trainable, optimizer, scheduler, scaler)
-        model, optimizer = acc.prepare(self.model, optimizer)
+        # a sharded model is FSDP's, not wrapped in DDP by Accelerate
+        model, optimizer = (self.model, optimizer) if self.sharded else acc.prepare(self.model, optimizer)
         model.train()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         step, history = saved["step"], saved.get("history", [])
@@ -225,6 +231,8 @@ class Trainer:
         if ckpt is None:  # stopped before the first checkpoint: --resume starts from step 0 (`RunFolder` said so)
             return {"step": 0, "epoch": 0, "micro": 0}
         check_resumable(ckpt, self.cfg.to_dict(), self.world, self.inputs)  # before loading (a changed r: shapes)
+        if self.sharded:  # whole tensors in the checkpoint, each rank keeps its shards
+            trainable, optimizer = shard_targets(trainable), ShardedOptimizer(self.model, optimizer)
         saved = self.checkpoints.restore(ckpt, trainable, optimizer, scheduler, self.cfg.lr, scaler)
         if self.is_main:
             print(f"peftkit: resumed from {ckpt} at step {saved['step']}", file=sys.stderr)
@@ -237,7 +245,8 @@ class Trainer:
         scores: dict[str, Any] = {"eval_loss": state.eval_loss, **self.evaluate_generation()}
         record.update(scores)
         state.history[-1].update(scores)
-        if self.cfg.save_best and state.eval_loss is not None and self.is_main:
+        # sharded: on every rank (the same eval loss everywhere), as gathering the adapter needs them all
+        if self.cfg.save_best and state.eval_loss is not None and (self.is_main or self.sharded):
             state.best = self._keep_best(self.cfg.save_best, state.best, scores, state.step)
         state.eval_seconds += time.perf_counter() - t_eval
 
@@ -254,18 +263,21 @@ class Trainer:
         if not better:
             return best
         best = {"metric": name, "value": value, "step": step}
-        save_adapter(self.accelerator.unwrap_model(self.model), self.output_dir / "best")
-        (self.output_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+        self._save_adapter(self.model, self.output_dir / "best")
+        if self.is_main:
+            (self.output_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
         return best
 
     def _save_checkpoint(self, state: RunState) -> None:
         """Trainable weights (verified finite), optimizer, scheduler, every rank's RNG and the data position."""
-        weights = trainable_state_dict(self.accelerator.unwrap_model(state.model))
+        with full_parameters(state.model):  # sharded: the whole trainable tensors, on every rank
+            weights = trainable_state_dict(self.accelerator.unwrap_model(state.model))
         if not all(bool(torch.isfinite(t).all()) for t in weights.values()):  # never save a broken state
             state.guard.stop(state.step, "trainable weights are non-finite")  # on every rank: the weights are equal
         position = {"epoch": state.epoch, "micro": state.micro, "history": state.history,
                     "config": self.cfg.to_dict(), "best": state.best, "inputs": self.inputs}
-        self.checkpoints.save(state.step, weights, state.optimizer, state.scheduler, position, state.scaler)
+        optimizer = ShardedOptimizer(state.model, state.optimizer) if self.sharded else state.optimizer
+        self.checkpoints.save(state.step, weights, optimizer, state.scheduler, position, state.scaler)
 
     def _finish(self, state: RunState) -> TrainResult:
         """At the end of training: final evaluation, the adapter, the loss plot; then free the optimizer."""
@@ -276,8 +288,7 @@ class Trainer:
         if state.step >= self.total_steps:
             state.eval_loss = self.evaluate()
             final = {"eval_loss": state.eval_loss, **self.evaluate_generation()} if state.eval_loss is not None else {}
-            if self.is_main:
-                adapter_dir = save_adapter(acc.unwrap_model(state.model), self.output_dir / "adapter")
+            adapter_dir = self._save_adapter(state.model, self.output_dir / "adapter")
         self.log.finish(state.history, final, state.step)
         if final is not None:
             acc.wait_for_everyone()
@@ -290,6 +301,12 @@ class Trainer:
                            state.peak, self.world, final_scores=final or {}, history=state.history, best=state.best,
                            stopped=state.step < self.total_steps, is_main=self.is_main,
                            trackers=tuple(self.tracking.names))
+
+    def _save_adapter(self, model: nn.Module, folder: Path) -> Path | None:
+        """The adapter as peft files, written by the main process (a sharded model's tensors gathered first, on
+        every rank); its folder on the main process, None on the others."""
+        with full_parameters(model) if self.sharded else contextlib.nullcontext():
+            return save_adapter(self.accelerator.unwrap_model(model), folder) if self.is_main else None
 
     def _distributed_failure(self, error: BaseException) -> str:
         text = str(error)

@@ -1,0 +1,210 @@
+"""Sharded training with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`), chosen by ``TrainConfig.sharding``.
+
+``full``: every parameter (trainable and frozen), every gradient and every optimizer state is split across the
+ranks along its first dimension; a transformer block's parameters are gathered for its forward and backward and
+freed after each (ZeRO-3). ``grad_op``: the gathered parameters stay through the backward
+(``reshard_after_forward=False``: one gather per step instead of two; ZeRO-2's memory for gradients and optimizer
+states). One FSDP unit per transformer block plus the root (embeddings, final norm, head; gathered from the forward
+through the backward in both modes, since peftkit's loss applies the head after the model's forward).
+
+A 4-bit base is sharded with its block: the packed codes and their quantization state (`peftkit.quant.QuantLinear`
+buffers) become frozen parameters of the same names, so FSDP splits and gathers them like any weight (gathered as
+bytes: the all-gather of a unit with several dtypes runs on uint8). No mixed-precision policy is given to FSDP
+(peftkit's autocast is its own), so nothing ever casts the packed codes, and only one linear is dequantized at a time,
+as without sharding.
+
+Without a distributed launch a sharded run is a 1-rank group (gloo in this process): the same code and the same
+checkpoints, so a run can continue on another number of processes (`peftkit.train.resume.check_resumable`).
+
+Checkpoints stay world-size independent and pickle-free: the trainable weights and the optimizer state are gathered
+as full tensors on rank 0 (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict``) and written as
+safetensors + JSON (`peftkit.train.state_files`); each rank takes its own shard back on resume. (DCP's own format
+keeps its ``.metadata`` as a pickle, loaded with ``pickle.load``: never loaded here.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.quant import QuantLinear
+from peftkit.train.config import TrainConfig
+
+__all__ = ["SHARDED_OPTIMIZERS", "ShardedOptimizer", "all_finite", "check_sharding", "full_parameters", "global_norm",
+           "shard_model", "shard_targets", "transformer_blocks"]
+
+SHARDED_OPTIMIZERS = ("adamw",)
+"""Optimizers that run on sharded parameters: torch's AdamW computes on each rank's shard (DTensor). peftkit's 8-bit
+and paged AdamW keep their state in pages of the flattened whole parameter and cannot yet."""
+
+
+def check_sharding(cfg: TrainConfig) -> None:
+    """Refuse (one line) what a sharded run cannot do yet; nothing for ``sharding: none``."""
+    if cfg.sharding == "none":
+        return
+    if cfg.optimizer not in SHARDED_OPTIMIZERS:
+        raise PeftkitError(f"optimizer {cfg.optimizer!r} does not run with sharding: {cfg.sharding} (its 8-bit/paged "
+                           "state is laid out over whole parameters, not shards): use optimizer: adamw, or "
+                           "sharding: none")
+    if cfg.ewc_lambda > 0:
+        raise PeftkitError("ewc_lambda > 0 does not run with sharding yet (the EWC anchor holds whole parameters): "
+                           "set ewc_lambda: 0 or sharding: none")
+    if cfg.eval_metric:
+        raise PeftkitError("eval_metric does not run with sharding yet (generation runs on rank 0 alone, a sharded "
+                           "model needs every rank): leave eval_metric unset (eval_loss works) or sharding: none")
+
+
+def _ensure_process_group() -> None:
+    """A 1-rank group for a sharded run started without torchrun (FSDP needs a process group)."""
+    if dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the classes transformers names in ``_no_split_modules``, else the children of
+    its largest ``nn.ModuleList``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise PeftkitError(f"sharding: {type(model).__name__} has no transformer blocks to shard (no "
+                           "_no_split_modules, no nn.ModuleList)")
+    sizes = [len(m) for m in lists]
+    return list(lists[sizes.index(max(sizes))])
+
+
+def _quantized_as_parameters(model: nn.Module) -> int:
+    """Turn the packed codes and quantization state of every `QuantLinear` into frozen parameters (same names, same
+    tensors): FSDP shards parameters, not buffers. The number of layers changed."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        for key, tensor in list(layer._buffers.items()):
+            # a scalar (the double-quantization offset, 4 bytes) stays a buffer: FSDP splits along a dimension
+            if (key == "weight" or key.startswith("weight_")) and tensor is not None and tensor.dim() > 0:
+                del layer._buffers[key]
+                layer.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
+    return len(layers)
+
+
+def shard_model(model: nn.Module, sharding: str) -> int:
+    """Shard `model` in place with FSDP2 (one unit per transformer block, then the root); the number of units.
+
+    Call it after the method adapted the model and the dtypes are set, before the optimizer is built (FSDP
+    replaces the parameters by sharded ones).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if sharding not in ("full", "grad_op"):
+        raise PeftkitError(f"sharding: expected one of 'none', 'full', 'grad_op', got {sharding!r}")
+    _ensure_process_group()
+    _quantized_as_parameters(model)
+    reshard = sharding == "full"
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard)
+    # the root's parameters (embeddings, final norm, head) stay gathered from the forward through the backward:
+    # peftkit's loss applies the head to the hidden states after the model's forward (`peftkit.train.loss`)
+    fully_shard(model, reshard_after_forward=False)
+    return len(blocks) + 1
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
+    """Within: the trainable parameters of a sharded `model` are whole tensors on every rank (a collective: every
+    rank enters it), yielded by name. Unsharded models are yielded as they are."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    whole: dict[int, nn.Parameter] = {}  # by the sharded parameter: a tied one (embeddings = head) stays one tensor
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.requires_grad and _is_dtensor(p):
+                if id(p) not in whole:
+                    whole[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=True)  # type: ignore
+                module._parameters[name] = whole[id(p)]
+                swapped.append((module, name, p))
+    try:
+        yield {n: p for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        for module, name, sharded in swapped:
+            module._parameters[name] = sharded
+
+
+class _Shard:
+    """A sharded parameter as a checkpoint loads it: ``copy_(whole)`` keeps this rank's part (no communication)."""
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.param = param
+
+    def copy_(self, whole: torch.Tensor) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        p: Any = self.param
+        mine = distribute_tensor(whole.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+        p.to_local().copy_(mine.to_local())
+
+
+def shard_targets(params: dict[str, nn.Parameter]) -> dict[str, Any]:
+    """`params` as `peftkit.train.checkpoint.load_checkpoint` writes into them: a sharded one keeps its own part of
+    the whole tensor it is given."""
+    return {n: _Shard(p) if _is_dtensor(p) else p for n, p in params.items()}
+
+
+def all_finite(params: Iterable[torch.Tensor]) -> bool:
+    """Every element of every tensor is finite (for shards: on every rank, agreed by all of them)."""
+    params = list(params)
+    local = all(bool(torch.isfinite(p.to_local() if _is_dtensor(p) else p).all()) for p in params)  # type: ignore
+    if not any(_is_dtensor(p) for p in params):
+        return local
+    flag = torch.tensor([0.0 if local else 1.0])
+    dist.all_reduce(flag)
+    return float(flag.item()) == 0.0
+
+
+def global_norm(norm: torch.Tensor) -> torch.Tensor:
+    """The gradient norm as a plain tensor (`torch.nn.utils.clip_grad_norm_` returns a DTensor for shards)."""
+    return norm.full_tensor() if _is_dtensor(norm) else norm  # type: ignore[attr-defined]
+
+
+class ShardedOptimizer:
+    """The optimizer of a sharded model as a checkpoint sees it: its state as full tensors keyed by parameter name
+    (`state_dict` is a collective: every rank calls it, rank 0 gets the state, the others an empty dict), loaded back
+    into each rank's shards (`load_state_dict`, every rank with the same full state)."""
+
+    collective = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def _options(self) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))

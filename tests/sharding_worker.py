@@ -1,0 +1,44 @@
+"""Run by tests/test_sharding.py (under torchrun, or alone as one process): train the tiny Llama as a plan says.
+
+``sharding_worker.py PLAN.json``: the plan is a list of jobs ``{"name", "config": {...TrainConfig keys},
+"until_step": int | null, "resume": bool}``; each trains into ``<output_dir>`` and writes
+``<output_dir>/rank<r>.json`` (the world, the per-step losses, the bytes of packed 4-bit weights held).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
+
+from peftkit.train import TrainConfig, Trainer  # noqa: E402
+
+
+def run(job: dict) -> None:
+    cfg = TrainConfig.from_dict(job["config"])
+    trainer = Trainer(cfg, model=tiny_llama(), tokenizer=tiny_tokenizer(), resume=job.get("resume", False))
+    trainer.run(until_step=job.get("until_step"))
+    rank = int(os.environ.get("RANK", 0))
+    Path(cfg.output_dir, f"rank{rank}.json").write_text(json.dumps({
+        "world": trainer.world, "losses": [h["loss"] for h in trainer.history],
+        "sharded": trainer.sharded, "packed_bytes": packed_bytes(trainer.model),
+    }))
+
+
+def packed_bytes(model: torch.nn.Module) -> int:
+    """Bytes of 4-bit codes and 8-bit absmax this process holds (its shards when sharded)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum(t.numel() for t in local if t.dtype == torch.uint8)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for job in json.loads(Path(sys.argv[1]).read_text()):
+        run(job)

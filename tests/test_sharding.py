@@ -1,0 +1,154 @@
+"""Sharded training (FSDP2, gloo on CPU): equal to one process and to DDP, checkpoints that resume on another number
+of processes, the adapter as peft files, and what a sharded run refuses.
+
+Three launches serve every test of the module (startup dominates on a busy machine): one process (the references,
+a 1-rank sharded run cut at step 3), two processes under torchrun (sharded and DDP runs, the cut 1-rank run resumed
+on 2, a 2-rank run cut at step 3), one process again (the 2-rank run resumed on 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import free_port
+from test_train import make_cfg, write_data
+
+from peftkit.errors import PeftkitError
+from peftkit.train import Trainer
+from peftkit.train.resume import check_resumable
+
+WORKER = Path(__file__).with_name("sharding_worker.py")
+STEPS = 4
+
+
+def _job(root: Path, name: str, data: str, batch_size: int, until: int | None = None, resume: bool = False,
+         **kw) -> dict:
+    config = dict(data=data, output_dir=str(root / name), precision="fp32", batch_size=batch_size, lr=1e-2,
+                  method="lora", method_config={"r": 4}, max_length=64, progress=False, packing=False,
+                  warmup_ratio=0.0, max_steps=STEPS, save_every=1, seed=3)
+    return {"name": name, "config": {**config, **kw}, "until_step": until, "resume": resume}
+
+
+def _launch(root: Path, nproc: int, jobs: list[dict]) -> None:
+    plan = root / f"plan-{nproc}-{len(list(root.glob('plan-*')))}.json"
+    plan.write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(WORKER), str(plan)]
+    if nproc > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sharding")
+    data = write_data(root / "d.jsonl", n=40)
+    full_ft = {"method": "full", "method_config": {}, "lr": 1e-3}
+    qlora = {"quantize": "nf4", "precision": "bf16"}
+    _launch(root, 1, [
+        _job(root, "one-lora", data, 4), _job(root, "one-full", data, 4, **full_ft),
+        _job(root, "cut1", data, 4, until=3, sharding="full"), _job(root, "one-qlora", data, 2, grad_accum=2, **qlora),
+    ])
+    _launch(root, 2, [
+        _job(root, "fsdp-lora", data, 2, sharding="full"), _job(root, "zero2-lora", data, 2, sharding="grad_op"),
+        _job(root, "ddp-lora", data, 2), _job(root, "fsdp-full", data, 2, sharding="full", **full_ft),
+        _job(root, "cut1", data, 2, resume=True, sharding="full"),
+        _job(root, "cut2", data, 2, until=3, sharding="full"),
+        _job(root, "fsdp-qlora", data, 2, sharding="full", **qlora),
+    ])
+    _launch(root, 1, [_job(root, "cut2", data, 4, resume=True, sharding="full")])
+    return root
+
+
+def _losses(run: Path, rank: int = 0) -> list[float]:
+    return json.loads((run / f"rank{rank}.json").read_text())["losses"]
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> None:
+    assert set(a) == set(b) and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=tol, atol=tol, msg=key)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_sharded_ranks_equal_one_process_of_the_same_global_batch(runs, method):
+    sharded, one = runs / f"fsdp-{method}", runs / f"one-{method}"
+    assert json.loads((sharded / "rank1.json").read_text())["world"] == 2
+    assert _losses(sharded) == _losses(sharded, 1)  # every rank logs the global loss
+    assert _losses(sharded) == pytest.approx(_losses(one), rel=1e-5)
+    assert len(_losses(one)) == STEPS
+    _close(_adapter(sharded), _adapter(one), 1e-5)
+
+
+def test_qlora_shards_its_packed_base_and_equals_one_process(runs):
+    sharded, one = runs / "fsdp-qlora", runs / "one-qlora"
+    held = [json.loads((sharded / f"rank{r}.json").read_text())["packed_bytes"] for r in (0, 1)]
+    whole = json.loads((one / "rank0.json").read_text())["packed_bytes"]
+    assert whole > 0 and sum(held) == whole and max(held) <= whole // 2 + 64  # each rank half the codes
+    # one process with 2 micro-batches of 2 rows: the ranks' shapes (bf16 matmuls round by shape; 4-row batches pad
+    # otherwise and drift 2e-4 by step 4 through Adam's sign-like steps)
+    assert _losses(sharded) == pytest.approx(_losses(one), rel=1e-5)
+    _close(_adapter(sharded), _adapter(one), 1e-4)
+
+
+def test_sharded_equals_ddp_and_grad_op_equals_full(runs):
+    assert _losses(runs / "fsdp-lora") == pytest.approx(_losses(runs / "ddp-lora"), rel=1e-6)
+    _close(_adapter(runs / "fsdp-lora"), _adapter(runs / "ddp-lora"), 1e-6)
+    assert _losses(runs / "zero2-lora") == _losses(runs / "fsdp-lora")  # same shards, same sums: bit for bit
+    _close(_adapter(runs / "zero2-lora"), _adapter(runs / "fsdp-lora"), 0.0)
+
+
+def test_checkpoints_hold_whole_tensors_and_no_pickle(runs):
+    ckpt = runs / "fsdp-lora" / f"checkpoint-{STEPS}"
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    assert weights.keys() == {k.removeprefix("base_model.model.") for k in _adapter(runs / "fsdp-lora")}
+    one = load_file(str(runs / "one-lora" / f"checkpoint-{STEPS}" / "trainable.safetensors"))
+    assert {k: t.shape for k, t in weights.items()} == {k: t.shape for k, t in one.items()}  # whole, not halves
+    optimizer = json.loads((ckpt / "optimizer.json").read_text())
+    assert set(optimizer["state"]) == set(weights)  # keyed by parameter name: any number of ranks can load it
+    assert not [p for p in ckpt.iterdir() if p.suffix in (".pt", ".bin", ".pkl") or p.name == ".metadata"]
+    assert json.loads((ckpt / "trainer_state.json").read_text())["world"] == 2
+
+
+@pytest.mark.parametrize(("cut", "straight"), [("cut1", "one-lora"), ("cut2", "fsdp-lora")])
+def test_a_sharded_run_resumes_on_another_number_of_processes(runs, cut, straight):
+    # cut1: 1 process to step 3, resumed on 2; cut2: 2 processes to step 3, resumed on 1 (batch_size x world = 4)
+    resumed = _losses(runs / cut)
+    assert len(resumed) == STEPS
+    assert resumed == pytest.approx(_losses(runs / straight), rel=1e-5)  # the sums run in another order: not bitwise
+    _close(_adapter(runs / cut), _adapter(runs / straight), 1e-5)
+
+
+def test_sharding_refusals(tmp_path):
+    with pytest.raises(PeftkitError, match="sharding: expected one of 'none', 'full', 'grad_op', got 'zero3'"):
+        make_cfg(tmp_path, sharding="zero3")
+    with pytest.raises(PeftkitError, match="optimizer 'adamw_8bit' does not run with sharding: full"):
+        Trainer(make_cfg(tmp_path, sharding="full", optimizer="adamw_8bit"))
+    with pytest.raises(PeftkitError, match="ewc_lambda > 0 does not run with sharding"):
+        Trainer(make_cfg(tmp_path, sharding="grad_op", ewc_lambda=1.0))
+
+
+def test_a_world_change_keeps_the_global_batch_or_is_refused(tmp_path):
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    saved = make_cfg(tmp_path, sharding="full", batch_size=2).to_dict()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"config": saved, "world": 2}))
+    check_resumable(ckpt, {**saved, "batch_size": 4}, 1, {})  # 2 x 2 rows = 1 x 4: allowed (inputs: old record)
+    with pytest.raises(PeftkitError, match=r"global batch is 4 rows .* resume with batch_size=1"):
+        check_resumable(ckpt, saved, 4, {})
+    ddp = {**saved, "sharding": "none"}
+    (ckpt / "trainer_state.json").write_text(json.dumps({"config": ddp, "world": 2}))
+    with pytest.raises(PeftkitError, match="the run had 2 process"):
+        check_resumable(ckpt, {**ddp, "batch_size": 4}, 1, {})
