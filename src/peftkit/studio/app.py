@@ -59,7 +59,7 @@ def create_app(workspace: str | Path, token: str | None = None) -> FastAPI:
 
     app.router.routes.append(Mount("/api/use/serve", app=host))
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="pages")
-    app.add_middleware(TokenCheck, token=token)  # type: ignore[arg-type]
+    app.add_middleware(TokenCheck, token=token)
     return app
 
 

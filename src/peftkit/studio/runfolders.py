@@ -194,9 +194,11 @@ class Runs:
                                   f"{self.ws.relative(parent)}: choose a folder outside it", 409)
         if not folder.exists():
             return
-        taken = [n for n in (RECIPE, *RUN_FILES) if (folder / n).exists()] + [p.name for p in folder.glob("checkpoint-*")]
-        if taken or _live_pid(folder) is not None:
-            what = "a live run" if _live_pid(folder) is not None else f"a run ({', '.join(taken[:3])})"
+        taken = [n for n in (RECIPE, *RUN_FILES) if (folder / n).exists()]
+        taken += [p.name for p in folder.glob("checkpoint-*")]
+        live = _live_pid(folder) is not None
+        if taken or live:
+            what = "a live run" if live else f"a run ({', '.join(taken[:3])})"
             raise StudioError(f"{self.ws.relative(folder)} already holds {what}: resume it, or choose another "
                               "name", 409)
 

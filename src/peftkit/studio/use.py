@@ -91,7 +91,7 @@ class EngineHost:
             from starlette.responses import JSONResponse
 
             response = JSONResponse({"error": {"message": "no model loaded: POST /api/use/load first"}}, 409)
-            await response(scope, receive, send)  # type: ignore[arg-type]
+            await response(scope, receive, send)
             return
         await app(scope, receive, send)
 
