@@ -90,7 +90,8 @@ class EngineHost:
         if app is None:
             from starlette.responses import JSONResponse
 
-            response = JSONResponse({"error": {"message": "no model loaded: POST /api/use/load first"}}, 409)
+            response = JSONResponse({"error": "no model loaded: choose runs and load them first (POST /api/use/load)"},
+                                    409)
             await response(scope, receive, send)
             return
         await app(scope, receive, send)
