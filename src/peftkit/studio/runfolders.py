@@ -125,8 +125,15 @@ class Runs:
         recipe = self.recipe(folder)
         return {"id": self.ws.relative(folder), "name": folder.name, "status": status, "step": step,
                 "total_steps": steps or recipe.get("max_steps"), "error": error if status == "failed" else None,
-                "method": recipe.get("method"), "model": recipe.get("model"), "resumable": (folder / RECIPE).is_file(),
+                "method": recipe.get("method"), "model": self._shown(recipe.get("model")),
+                "resumable": (folder / RECIPE).is_file(),
                 "adapter": self.ws.relative(folder / "adapter") if (folder / "adapter").is_dir() else None}
+
+    def _shown(self, model: Any) -> Any:
+        """A model path under the workspace as the user names it (relative); anything else as it is."""
+        if isinstance(model, str) and Path(model).is_absolute() and Path(model).is_relative_to(self.ws.root):
+            return self.ws.relative(Path(model))
+        return model
 
     @staticmethod
     def recipe(folder: Path) -> dict[str, Any]:

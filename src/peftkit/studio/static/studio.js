@@ -77,7 +77,7 @@ function lineChart(canvas, series, title) {
     ctx.strokeStyle = s.color || COLORS[i % COLORS.length]; ctx.lineWidth = 1.5; ctx.beginPath();
     s.points.filter((p) => Number.isFinite(p[1])).forEach(([x, y], j) => j ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y)));
     ctx.stroke();
-    if (series.length > 1) { ctx.fillStyle = ctx.strokeStyle; ctx.fillText(s.name, W - 160, 38 + 14 * i); }
+    if (series.length > 1 && s.points.length) { ctx.fillStyle = ctx.strokeStyle; ctx.fillText(s.name, W - 160, 38 + 14 * i); }
   });
 }
 
