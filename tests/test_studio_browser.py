@@ -74,7 +74,8 @@ def test_a_new_user_plans_inspects_trains_watches_stops_resumes_chats_and_export
 def _plan(page) -> None:
     page.fill("#plan-form [name=model]", "tiny")
     page.fill("#plan-form [name=settings]", "r=4")
-    page.wait_for_function("() => document.querySelector('#plan-summary').textContent.startsWith('tiny: 4,096 trainable')")
+    page.wait_for_function("() => document.querySelector('#plan-summary').textContent"
+                           ".startsWith('tiny: 4,096 trainable')")
     assert page.locator("#plan-bar svg rect").count() >= 4  # the memory bar's parts
     assert page.locator("#plan-methods tr").count() > 10  # every method side by side
     page.click("#plan-to-train")
@@ -110,6 +111,9 @@ def _train_stop_resume(page) -> None:
     page.wait_for_function("() => document.querySelector('#run-status').textContent.startsWith('finished')")
     steps = page.evaluate("() => records.map((r) => r.step)")
     assert steps == list(range(1, 25)) and stopped_at < 24  # resumed where it stopped, each step drawn once
+    page.reload()  # a reload loses nothing: the run opens again with its whole history
+    page.wait_for_function("() => records.length === 24 && document.querySelector('#run-title').textContent === "
+                           "'runs/first'")
 
 
 def _chat(page) -> None:

@@ -238,6 +238,7 @@ async function launch(ev) {
 function selectRun(id) {
   if (source) source.close();
   current = id; records = [];
+  sessionStorage.setItem("peftkit-run", id);  // a reload opens it again (its history comes back from offset 0)
   $("#run-view").hidden = false; $("#run-title").textContent = id;
   $("#charts").replaceChildren(...CHARTS.map(([title]) => el("canvas", {width: 380, height: 200, "data-title": title})));
   draw();
@@ -378,6 +379,8 @@ async function start() {
   await loadCompareResults();
   await updatePlan();
   show((location.hash || "#plan").slice(1));
+  const last = sessionStorage.getItem("peftkit-run");
+  if (last && (await api("/api/runs")).runs.some((r) => r.id === last)) selectRun(last);
 }
 
 guarded(start);
