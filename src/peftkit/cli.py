@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "quantize_report",
     "compare",
     "serve",
+    "studio",
 )
 
 
