@@ -94,35 +94,35 @@ def llamacpp(modules: Path, gguf: Path, runs: list[dict], threads: int) -> tuple
     return out["results"][len(warmup):], out["version"]
 
 
-def peftkit_runs(engine: Any, model: str, runs: list[dict]) -> list[dict]:
-    """The same runs through `engine` (submitted together under `hold`, so concurrent streams start together)."""
+def peftkit_run(engine: Any, model: str, spec: dict) -> dict:
+    """One run through `engine` (its streams submitted together under `hold`, so they start together)."""
     from peftkit.serve.request import Failed, Finished, SamplingParams
 
-    results = []
-    for spec in runs:
-        streams = 1 if spec["kind"] == "ttft" else spec["streams"]
-        tokens = 1 if spec["kind"] == "ttft" else spec["tokens"]
-        left, lock, finished, counts = [streams], threading.Lock(), threading.Event(), []
+    streams = 1 if spec["kind"] == "ttft" else spec["streams"]
+    tokens = 1 if spec["kind"] == "ttft" else spec["tokens"]
+    lock, finished, counts = threading.Lock(), threading.Event(), []
 
-        def emit(event: Any) -> None:
-            if isinstance(event, Failed):
-                raise RuntimeError(event.message)
-            if isinstance(event, Finished):
-                with lock:
-                    counts.append(event.completion_tokens)
-                    left[0] -= 1
-                    if not left[0]:
-                        finished.set()
+    def emit(event: Any) -> None:
+        if isinstance(event, Failed):
+            raise RuntimeError(event.message)
+        if isinstance(event, Finished):
+            with lock:
+                counts.append(event.completion_tokens)
+                if len(counts) == streams:
+                    finished.set()
 
-        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-        start = time.perf_counter()
-        with engine.hold():
-            for _ in range(streams):
-                engine.submit(model, list(spec["prompt"]), params, emit, deltas=False)
-        finished.wait()
-        wall = time.perf_counter() - start
-        results.append({"wall_s": wall, "first_s": wall, "tokens": sum(counts)})
-    return results
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    with engine.hold():
+        for _ in range(streams):
+            engine.submit(model, list(spec["prompt"]), params, emit, deltas=False)
+    finished.wait()
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "first_s": wall, "tokens": sum(counts)}
+
+
+def peftkit_runs(engine: Any, model: str, runs: list[dict]) -> list[dict]:
+    return [peftkit_run(engine, model, spec) for spec in runs]
 
 
 def http_stream(engine: Any, prompt: str, tokens: int) -> float:
