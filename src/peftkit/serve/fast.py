@@ -97,7 +97,7 @@ class FastDecode:
         dtypes = {model.lm_head.weight.dtype}
         for layer, layer_names in zip(layers, names, strict=True):
             attn = getattr(layer, "self_attn", None)
-            if attn is None or any(hasattr(attn, n) for n in ("q_norm", "k_norm", "sliding_window")):
+            if attn is None or hasattr(attn, "q_norm") or getattr(attn, "sliding_window", None) is not None:
                 return None
             for name in layer_names:
                 weight = _weight(modules.get(name))
