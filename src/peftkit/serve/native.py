@@ -70,7 +70,8 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, caches: torch.Tensor,
-              capacities: torch.Tensor, positions: torch.Tensor, layer: int, scale: float | None = None) -> torch.Tensor:
+              capacities: torch.Tensor, positions: torch.Tensor, layer: int,
+              scale: float | None = None) -> torch.Tensor:
     """One decode step's attention (fp32): row b writes its new key and value at ``positions[b]`` of its cache at
     address ``caches[b]`` ((layers, 2, kv_heads, capacities[b], dim) fp32, contiguous, owned by the caller) in
     `layer`, then attends over positions 0..positions[b]. q: rows x heads x dim; k_new, v_new: rows x kv_heads x dim.
