@@ -217,9 +217,24 @@ class LoRABatch:
                 out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(out.dtype), b.t().to(out.dtype))
                 return out
             return out.add_(F.linear(h, b).to(out.dtype))
+        return self._gathered(layer, bank, x, out)
+
+    def add_rows(self, layer: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += `` each row's adapter term of `layer` (x: rows x d_in, out: rows x d_out), per row as a decode
+        step computes it (`select(..., per_row=True)`); for callers that compute the base product themselves
+        (`peftkit.serve.fast`)."""
+        bank = self._banks.get(layer)
+        if bank is None or self._uniform == 0:
+            return
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(bank.a.dtype)
+        self._gathered(layer, bank, x[:, None], out[:, None])
+
+    def _gathered(self, layer: str, bank: _Bank, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         rows = self._rows
-        if x.dim() != 3 or x.shape[0] != rows.numel():
-            raise PeftkitError(f"layer {layer}: a batch of {tuple(x.shape)} for {rows.numel()} selected rows")
+        if rows is None or x.dim() != 3 or x.shape[0] != rows.numel():
+            n = None if rows is None else rows.numel()
+            raise PeftkitError(f"layer {layer}: a batch of {tuple(x.shape)} for {n} selected rows")
         h = torch.bmm(x, bank.a.index_select(0, rows).transpose(1, 2)) * bank.scale.index_select(0, rows)[:, None, None]
         delta = torch.bmm(h.to(out.dtype), bank.b.index_select(0, rows).transpose(1, 2).to(out.dtype))
         return out.add_(delta.view(out.shape))
