@@ -166,22 +166,25 @@ class PreferenceObjective:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, rows: list[list[Example]], pad_id: int, packed: bool, batch_size: int,
                  autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
-        """``eval_loss`` (the mean pair loss; ORPO's without its NLL) and ``eval_rewards/...`` over held-out pairs,
-        in eval mode (put back as it was)."""
+        """``eval_loss`` (the training loss over all of `rows`: the mean pair loss, + for ORPO the NLL per chosen
+        answer token) and ``eval_rewards/...`` over held-out pairs, in eval mode (put back as it was)."""
         was_training = model.training
         model.eval()
-        sums = dict.fromkeys((*METRICS, "loss"), 0.0)
+        sums = dict.fromkeys((*METRICS, "loss", "nll", "chosen"), 0.0)
         try:
             for i in range(0, len(rows), batch_size):
                 with autocast():
-                    losses, rewards, policy, _ = self.losses(model, collate_pairs(rows[i:i + batch_size], pad_id,
-                                                                                  packed))
+                    losses, rewards, policy, counts = self.losses(model, collate_pairs(rows[i:i + batch_size],
+                                                                                       pad_id, packed))
                 sums["loss"] += float(losses.sum())
+                sums["nll"] -= float(policy[:, 0].sum())
+                sums["chosen"] += float(counts[:, 0].sum())
                 _add_metrics(sums, rewards, policy)
         finally:
             model.train(was_training)
         n = max(len(rows), 1)
-        return {"eval_loss": sums["loss"] / n, **{f"eval_{k}": sums[k] / n for k in METRICS}}
+        loss = sums["loss"] / n + (0.0 if self.dpo else sums["nll"] / max(sums["chosen"], 1.0))
+        return {"eval_loss": loss, **{f"eval_{k}": sums[k] / n for k in METRICS}}
 
 
 def _add_metrics(sums: dict[str, float], rewards: torch.Tensor, policy: torch.Tensor) -> None:
