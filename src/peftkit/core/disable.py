@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any, cast
 
 from torch import nn
 
@@ -49,17 +50,17 @@ def adapter_disabled(model: nn.Module, report: InjectReport) -> Iterator[nn.Modu
     """
     check_disable(model, report)
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    switches = [m for m in _switches(model) if getattr(m, "enabled")]
+    switches = [m for m in _switches(model) if m.enabled]
     try:
         for name, original in report.originals.items():
             parent, child = get_submodule_parent(model, name)
             swapped.append((parent, child, getattr(parent, child)))
             setattr(parent, child, original)
         for module in switches:
-            setattr(module, "enabled", False)
+            cast(Any, module).enabled = False  # the encoder's own switch (prompt, prefix tuning)
         yield model
     finally:
         for parent, child, adapted in reversed(swapped):
             setattr(parent, child, adapted)
         for module in switches:
-            setattr(module, "enabled", True)
+            cast(Any, module).enabled = True
