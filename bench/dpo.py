@@ -192,11 +192,13 @@ def policy_prefers_chosen(trainer) -> tuple[float, float]:
     return summed / len(rows), mean / len(rows)
 
 
-def accuracy_run(train: Path, test: Path, steps: int) -> dict:
-    """A short peftkit DPO run; held-out scores before and after."""
+def accuracy_run(train: Path, test: Path, steps: int, n_eval: int) -> dict:
+    """A short peftkit DPO run; scores on the first `n_eval` held-out pairs before and after."""
     from peftkit.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(model=MODEL, data=str(train), eval_data=str(test), limit_examples=400, max_length=MAX_LENGTH,
+    held_out = test.with_name(f"held_out_{n_eval}.jsonl")
+    held_out.write_text("".join(test.read_text().splitlines(keepends=True)[:n_eval]))
+    cfg = TrainConfig(model=MODEL, data=str(train), eval_data=str(held_out), limit_examples=400, max_length=MAX_LENGTH,
                       lr=2e-4, beta=BETA, objective="dpo", batch_size=PAIRS, max_steps=steps, warmup_ratio=0.1,
                       output_dir=tempfile.mkdtemp(prefix="peftkit-dpo-acc-"), progress=False, seed=0,
                       method="lora", method_config=LORA, precision="fp32")
@@ -219,7 +221,8 @@ def report(args, s: dict, acc: dict, elapsed: float) -> str:
             f"{v['first_loss']} | {v['moved']} |" for c, v in s.items()]
     f = acc["final"]
     return "\n".join([
-        f"## dpo — `python bench/dpo.py --repeats {args.repeats} --steps {args.steps} --threads {args.threads}` "
+        f"## dpo — `python bench/dpo.py --repeats {args.repeats} --warmup {args.warmup} --steps {args.steps} "
+        f"--threads {args.threads} --accuracy-steps {args.accuracy_steps} --eval-pairs {args.eval_pairs}` "
         f"({machine()}, {elapsed:.0f} s, load average {os.getloadavg()[0]:.1f} at the end)",
         "",
         f"torch CPU capability `{torch.backends.cpu.get_cpu_capability()}`, bf16 native: {native_bf16('cpu')[0]}. "
@@ -258,6 +261,7 @@ def main() -> None:
     parser = worker_parser(__doc__, CONFIGS, repeats=2, steps=3, examples=200)
     parser.add_argument("--data", help="(worker) the training pairs")
     parser.add_argument("--accuracy-steps", type=int, default=40)
+    parser.add_argument("--eval-pairs", type=int, default=100, help="held-out pairs scored (of the task's 100)")
     parser.add_argument("--write-data", metavar="FOLDER", help="write the pair files to FOLDER and stop")
     args = parser.parse_args()
     if args.write_data:
@@ -281,7 +285,7 @@ def main() -> None:
              "growth": statistics.median(r["peak"] - r["rss_after_load"] for r in rs),
              "process": statistics.median(r["process_peak"] for r in rs),
              "first_loss": rs[0]["first_loss"], "moved": rs[0]["moved"]} for c, rs in runs.items()}
-    acc = accuracy_run(train, test, args.accuracy_steps)
+    acc = accuracy_run(train, test, args.accuracy_steps, args.eval_pairs)
     body = report(args, s, acc, time.perf_counter() - t0)
     print(body)
     if not args.no_write:
