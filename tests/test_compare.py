@@ -136,6 +136,10 @@ def test_entries_speak_the_registry():
     for entry in DEFAULT_ENTRIES.values():
         if entry["method"] != "icl":
             get_method(entry["method"])  # raises for a name the registry does not know
+    variants = ["dora", "ia3", "lora+", "pissa", "olora"]  # issue 29's methods, each with its own settings
+    entries, _ = check_entries(variants)
+    assert [entries[v]["method"] for v in variants] == ["dora", "ia3", "lora", "lora", "lora"]
+    assert entries["lora+"]["method_config"]["loraplus_lr_ratio"] == 16.0
     _, qlora = resolve_method("qlora")  # a preset is its method's entry over the preset's base
     assert qlora is not None and qlora.quant == "nf4"
     assert entries["qlora"] == {**entries["lora"], "quantize": qlora.quant, "double_quant": qlora.double_quant}

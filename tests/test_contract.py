@@ -262,6 +262,22 @@ def test_cli_merge_equals_adapted(method, arch, base_folders, tmp_path):
     assert tensor_names(tmp_path / "merged") == tensor_names(base_folders[arch])  # no adapter tensors left over
 
 
+def test_info_all_methods_has_a_row_per_method(base_folders, capsys):
+    """`peftkit info --all-methods`: every registered method's row, its count equal to applying it with defaults."""
+    assert main(["info", "--model", str(base_folders["llama"]), "--all-methods"]) == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert set(rows) == set(list_methods())
+    for method in list_methods():
+        model = MAKE["llama"]()
+        try:
+            apply_method(model, method, {})
+        except PeftkitError:
+            assert rows[method].startswith("error:")
+            continue
+        assert rows[method] == f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}", method
+
+
 @pytest.mark.parametrize("method", NOT_MERGEABLE)
 def test_methods_that_cannot_merge_say_so_in_one_line(method, base_folders, tmp_path, capsys):
     model, _ = load_model(base_folders["llama"])

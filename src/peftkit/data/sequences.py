@@ -37,9 +37,11 @@ __all__ = [
     "Example",
     "TokenizeStats",
     "collate",
+    "conversation_tokens",
     "is_template_text",
     "make_rows",
     "prompt_text",
+    "resolve_template",
     "row_length",
     "shared_prefix",
     "template_text",
@@ -204,8 +206,22 @@ def tokenize_conversations(
     return out
 
 
-def _segments(tokenizer, conv: Conversation, tmpl: str | None) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one conversation: prompt segments (label -100) and assistant targets."""
+def resolve_template(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> str | None:
+    """The Jinja text to render with (None: the tokenizer's own); an unknown name or a missing template is an
+    error naming the choices."""
+    return _template(tokenizer, template)
+
+
+def conversation_tokens(tokenizer: PreTrainedTokenizerBase, conv: Conversation, tmpl: str | None,
+                        first_target: int = 0) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation rendered with `tmpl` (`resolve_template`), exactly as SFT rows are;
+    assistant turns before message `first_target` are context (label -100), as in a preference row's prompt."""
+    return _segments(tokenizer, conv, tmpl, first_target)
+
+
+def _segments(tokenizer, conv: Conversation, tmpl: str | None, first_target: int = 0) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation: prompt segments (label -100) and assistant targets (from message
+    `first_target` on)."""
     ids: list[int] = []
     labels: list[int] = []
     done = full = ""  # `done`: the rendered text tokenized so far
@@ -220,7 +236,7 @@ def _segments(tokenizer, conv: Conversation, tmpl: str | None) -> tuple[list[int
         answer = answer[: len(answer.rstrip())]
         prompt_ids, answer_ids = _encode(tokenizer, prefix[len(done):]), _encode(tokenizer, answer)
         ids += prompt_ids + answer_ids
-        labels += [IGNORE] * len(prompt_ids) + answer_ids
+        labels += [IGNORE] * len(prompt_ids) + (answer_ids if i >= first_target else [IGNORE] * len(answer_ids))
         done = prefix + answer
     tail = _encode(tokenizer, full[len(done):])  # the whitespace after the last end-of-turn
     return ids + tail, labels + [IGNORE] * len(tail)

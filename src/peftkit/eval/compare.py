@@ -65,6 +65,11 @@ EWC_LAMBDA = 0.1  # see bench/e2e_compare.py's notes for how it was chosen
 _LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
 DEFAULT_ENTRIES: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora", "method_config": _LORA, "lr": 1e-3},
+    "dora": {"method": "dora", "method_config": _LORA, "lr": 1e-3},
+    "lora+": {"method": "lora", "method_config": {**_LORA, "loraplus_lr_ratio": 16.0}, "lr": 1e-3},
+    "pissa": {"method": "lora", "method_config": {**_LORA, "init_lora_weights": "pissa_niter_4"}, "lr": 1e-3},
+    "olora": {"method": "lora", "method_config": {**_LORA, "init_lora_weights": "olora"}, "lr": 1e-3},
+    "ia3": {"method": "ia3", "lr": 1e-2},
     "full": {"method": "full", "lr": 1e-4},
     "icl": {"method": "icl", "k": 3, "draws": 2, "orders": 2},
     "houlsby": {"method": "houlsby", "method_config": {"reduction_factor": 16}, "lr": 1e-3},
@@ -85,14 +90,16 @@ data, mixed into the batches or used for the Fisher).
 Every registered method is also an entry under its own name (``sparse``: its config's defaults), and the entries
 named after a method train that method; every registry preset is one too (``qlora``: the ``lora`` entry over the
 preset's NF4 + double-quantized base, see :func:`peftkit.core.registry.resolve_method`). The other names are
-aliases for a setting of a registered method: ``prefix`` (``prefix_tuning``), ``prompt`` (``prompt_tuning``), ``top2``
+aliases for a setting of a registered method: ``lora+`` (LoRA+: B at 16 x lr), ``pissa`` and ``olora`` (LoRA with
+that ``init_lora_weights``), ``prefix`` (``prefix_tuning``), ``prompt`` (``prompt_tuning``), ``top2``
 (``top_k_layers`` with ``k: 2``), ``said`` (``intrinsic_said``), ``full+replay`` and ``full+ewc``; ``icl`` and
 ``zero_shot`` prompt the base model (k = 3 and 0 examples).
 
 The learning rates are the usual ones for each family, raised for short runs (tens of steps); those of ``top2`` and
 ``said`` come from `python bench/e2e_compare.py --lr-sweep` (E2E, 33 steps: top2 2e-4 / 5e-4 / 1e-3 -> BLEU 0.444 /
 0.448 / 0.494, said 1e-2 / 3e-2 / 1e-1 -> 0.441 / 0.566 / 0.494); prompt tuning (3e-2 / 1e-1 / 3e-1 -> 0.452 /
-0.404 / 0.468) kept its rate: no clear gain.
+0.404 / 0.468) kept its rate: no clear gain. DoRA and the LoRA initialisations take LoRA's settings and rate;
+(IA)^3, with about a hundredth of LoRA's parameters, the higher rate its paper uses (3e-3) raised for short runs.
 """
 
 DEFAULT_METHODS: tuple[str, ...] = ("lora", "qlora", "full", "icl", "houlsby", "prefix", "prompt", "top2", "norms",

@@ -68,6 +68,12 @@ class TrainConfig(Config):
             gradients and optimizer states split across the processes, gathered per transformer block) or
             ``grad_op`` (gradients and optimizer states split, gathered weights kept through the backward); without
             a distributed launch a sharded run is one rank (`peftkit.train.sharding`).
+        objective / beta / label_smoothing / loss_type: ``sft`` (the default: cross-entropy on the answers) or
+            preference tuning on rows of prompt / chosen / rejected (`peftkit.data.preference`): ``dpo`` (the
+            reference model is the same model with its adapter off: no second copy of the weights) with
+            ``loss_type`` ``sigmoid`` (the default; ``label_smoothing`` > 0 is conservative DPO), ``robust``,
+            ``hinge`` or ``ipo``, or ``orpo`` (no reference; ``beta`` is its lambda). ``beta`` (0.1) as TRL's
+            ``DPOConfig`` / ``ORPOConfig`` (`peftkit.train.preference`).
         ewc_lambda / ewc_batches: elastic weight consolidation, a Fisher-weighted L2 pull of the trainable
             parameters towards their values at the start, added to the per-token loss (0 = off); the diagonal
             Fisher comes from ``ewc_batches`` micro-batches of the replay data (or of the task data without it).
@@ -116,6 +122,11 @@ class TrainConfig(Config):
     epochs: float = 1.0
     max_steps: int | None = None
 
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
+
     replay_data: str | None = None
     replay_fraction: float = 0.0
     ewc_lambda: float = 0.0
@@ -146,6 +157,22 @@ class TrainConfig(Config):
 
         check_report_to(self.report_to)
         self._validate_eval()
+        self._validate_objective()
+
+    def _validate_objective(self) -> None:
+        """Preference tuning's settings, and what it does not combine with."""
+        if self.objective == "sft":
+            return
+        if self.beta <= 0:
+            raise PeftkitError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise PeftkitError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        unsupported = {"replay_data": self.replay_data, "ewc_lambda": self.ewc_lambda,
+                       "eval_metric": self.eval_metric}
+        for key, value in unsupported.items():
+            if value:
+                raise PeftkitError(f"{key} is for objective=sft; objective={self.objective} trains on preference "
+                                   "pairs (unset it)")
 
     def _validate_schedule(self) -> None:
         """Batch shape, run length, learning rate and its warmup, logging and checkpoint counts."""

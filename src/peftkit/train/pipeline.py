@@ -152,7 +152,11 @@ class TrainData:
             mine = chunk[self.rank * cfg.batch_size:(self.rank + 1) * cfg.batch_size]
             self.seen_rows.extend(mine)
             rows = [self.rows[i] for i in mine] + self.replay_for(epoch * self.micro_per_epoch + m)
-            yield collate(rows, pad_id=self.pad_id, share_prefix=self.share_prefix)
+            yield self.collate(rows)
+
+    def collate(self, rows: list[list[Example]]) -> Batch:
+        """One micro-batch of `rows` (`peftkit.data.sequences.collate`)."""
+        return collate(rows, pad_id=self.pad_id, share_prefix=self.share_prefix)
 
     def replay_for(self, micro: int) -> list[list[Example]]:
         """The replay rows of this process's micro-batch number `micro` (counted from the start of training).

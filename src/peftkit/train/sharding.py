@@ -55,6 +55,10 @@ def check_sharding(cfg: TrainConfig) -> None:
     if cfg.ewc_lambda > 0:
         raise PeftkitError("ewc_lambda > 0 does not run with sharding yet (the EWC anchor holds whole parameters): "
                            "set ewc_lambda: 0 or sharding: none")
+    if cfg.objective != "sft":
+        raise PeftkitError(f"objective: {cfg.objective} does not run with sharding yet (its reference pass switches "
+                           "the adapter off layer by layer, which sharded blocks do not allow): use objective: sft "
+                           "or sharding: none")
     if cfg.eval_metric:
         raise PeftkitError("eval_metric does not run with sharding yet (generation runs on rank 0 alone, a sharded "
                            "model needs every rank): leave eval_metric unset (eval_loss works) or sharding: none")

@@ -85,18 +85,26 @@ class RunState:
 class TrainStep:
     """Advances a `RunState` by one optimizer step (see the module's docstring)."""
 
-    def __init__(self, cfg: TrainConfig, accelerator: Any, autocast: Callable[[], Any], flops: FlopCount) -> None:
+    def __init__(self, cfg: TrainConfig, accelerator: Any, autocast: Callable[[], Any], flops: FlopCount,
+                 objective: Any = None) -> None:
         self.cfg, self.accelerator, self.autocast, self.flops = cfg, accelerator, autocast, flops
         self.world = accelerator.num_processes
+        # preference tuning (`peftkit.train.preference_run.PreferenceObjective`): its own losses over pairs
+        self.objective = objective
 
     def __call__(self, state: RunState) -> dict[str, Any]:
         """One optimizer step over `grad_accum` micro-batches; the step's metrics record."""
         t0 = time.perf_counter()
         group = [next(state.batches) for _ in range(self.cfg.grad_accum)]
         state.epoch, state.micro = group[-1][0], group[-1][1] + 1
-        n_targets = int(self.global_sum(sum(int(b["labels"][:, 1:].ne(IGNORE).sum()) for _, _, b in group)))
-        step_loss, penalty, step_flops = self._accumulate(state, [b for _, _, b in group], n_targets)
-        step_loss = self.global_sum(step_loss) / max(n_targets, 1)  # the task loss, without the penalty
+        extra: dict[str, Any] = {}
+        if self.objective is not None:
+            n_targets, step_loss, step_flops, extra = self.objective.accumulate(self, state, [b for _, _, b in group])
+            n_targets, penalty = int(self.global_sum(n_targets)), None
+        else:
+            n_targets = int(self.global_sum(sum(int(b["labels"][:, 1:].ne(IGNORE).sum()) for _, _, b in group)))
+            step_loss, penalty, step_flops = self._accumulate(state, [b for _, _, b in group], n_targets)
+            step_loss = self.global_sum(step_loss) / max(n_targets, 1)  # the task loss, without the penalty
         grad_norm, fault = self._update(state, step_loss)
         state.step += 1
         state.target_tokens += n_targets
@@ -110,6 +118,7 @@ class TrainStep:
                   "model_flops_per_s": significant(step_flops / dt)}
         if state.peak:
             record["mfu"] = significant(step_flops / dt / (state.peak * self.world))
+        record.update(extra)
         if penalty is not None:
             record["ewc_penalty"] = round(penalty, 6)
         if fault == "skip":

@@ -47,6 +47,7 @@ from peftkit.train.guard import DivergenceGuard
 from peftkit.train.logs import RunLog, write_run_info
 from peftkit.train.model import count_parameters, prepare_model
 from peftkit.train.pipeline import TrainData, check_data, with_prompt
+from peftkit.train.preference_run import PreferenceData, PreferenceObjective
 from peftkit.train.resume import check_resumable, run_inputs
 from peftkit.train.sharding import ShardedOptimizer, check_sharding, full_parameters, shard_model, shard_targets
 from peftkit.train.step import RunState, TrainStep, make_optimizer, make_scheduler
@@ -99,12 +100,14 @@ class Trainer:
         self.sharded = cfg.sharding != "none"
         if self.sharded:  # after counting (FSDP replaces the parameters by shards), before the optimizer is built
             shard_model(self.model, cfg.sharding)
-        self.data = TrainData(cfg, self.tokenizer, self.model, self.world, self.rank, log=self.is_main)
+        self.objective = None if cfg.objective == "sft" else PreferenceObjective(cfg, self.model, self.report)
+        data_cls = TrainData if self.objective is None else PreferenceData
+        self.data = data_cls(cfg, self.tokenizer, self.model, self.world, self.rank, log=self.is_main)
         self.model.peftkit_context = self.context = with_prompt(self.model.peftkit_context, cfg, self.tokenizer,
                                                                 self.data.read_stats)
         self.total_steps = self.data.total_steps
         self.inputs = run_inputs(cfg, self.tokenizer, self.context)  # checked on resume (`peftkit.train.resume`)
-        self.train_step = TrainStep(cfg, self.accelerator, self.autocast, self.flops)
+        self.train_step = TrainStep(cfg, self.accelerator, self.autocast, self.flops, self.objective)
         self.checkpoints = Checkpoints(self.output_dir, cfg.keep_checkpoints, self.world, self.rank, self.sharded)
         self.log = RunLog(self.output_dir, self.tracking, cfg.log_every, self.is_main)
         self.control = RunControl()
@@ -130,8 +133,19 @@ class Trainer:
         """Mean target-token loss on the eval examples (None without eval data)."""
         if not self.data.eval_examples:
             return None
+        if self.objective is not None:
+            return self.evaluate_preference(max_rows)["eval_loss"]
         return evaluation_loss(self.model, self.data.eval_rows()[:max_rows], self.tokenizer.pad_token_id,
                                self.cfg.batch_size, self.autocast, self.data.share_prefix)
+
+    def evaluate_preference(self, max_rows: int | None = None) -> dict[str, float]:
+        """Preference tuning: the eval loss and TRL's reward metrics (``eval_rewards/accuracies``, ...) over the
+        held-out pairs; empty without them or for SFT."""
+        if self.objective is None or not self.data.eval_examples:
+            return {}
+        data = self.data
+        return self.objective.evaluate(self.accelerator.unwrap_model(self.model), data.eval_rows()[:max_rows],
+                                       data.pad_id, data.packing, self.cfg.batch_size, self.autocast)
 
     def evaluate_generation(self) -> dict[str, float]:
         """``eval_<name>`` scores of greedy answers to the first `eval_samples` held-out prompts (`eval_metric`);
@@ -241,14 +255,20 @@ class Trainer:
     def _evaluate_during(self, state: RunState, record: dict[str, Any]) -> None:
         """Eval loss and `eval_metric` scores into the record and the history; the best adapter with `save_best`."""
         t_eval = time.perf_counter()
-        state.eval_loss = self.evaluate()
-        scores: dict[str, Any] = {"eval_loss": state.eval_loss, **self.evaluate_generation()}
+        scores = self._evaluation()
+        state.eval_loss = scores.get("eval_loss")
         record.update(scores)
         state.history[-1].update(scores)
         # sharded: on every rank (the same eval loss everywhere), as gathering the adapter needs them all
         if self.cfg.save_best and state.eval_loss is not None and (self.is_main or self.sharded):
             state.best = self._keep_best(self.cfg.save_best, state.best, scores, state.step)
         state.eval_seconds += time.perf_counter() - t_eval
+
+    def _evaluation(self) -> dict[str, Any]:
+        """The eval loss with `eval_metric`'s scores (SFT) or the reward metrics (preference tuning)."""
+        if self.objective is not None:
+            return self.evaluate_preference() or {"eval_loss": None}
+        return {"eval_loss": self.evaluate(), **self.evaluate_generation()}
 
     def _keep_best(self, save_best: str, best: dict[str, Any] | None, scores: dict[str, Any],
                    step: int) -> dict[str, Any] | None:
@@ -286,8 +306,9 @@ class Trainer:
         self.history = state.history
         adapter_dir, final = None, None
         if state.step >= self.total_steps:
-            state.eval_loss = self.evaluate()
-            final = {"eval_loss": state.eval_loss, **self.evaluate_generation()} if state.eval_loss is not None else {}
+            final = self._evaluation()
+            state.eval_loss = final.get("eval_loss")
+            final = final if state.eval_loss is not None else {}
             adapter_dir = self._save_adapter(state.model, self.output_dir / "adapter")
         self.log.finish(state.history, final, state.step)
         if final is not None:
