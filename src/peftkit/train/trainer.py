@@ -99,6 +99,10 @@ class Trainer:
         self.sharded = cfg.sharding != "none"
         if self.sharded:  # after counting (FSDP replaces the parameters by shards), before the optimizer is built
             shard_model(self.model, cfg.sharding)
+            # the modules the method replaced (kept to undo it) hold the whole weights FSDP just split; a sharded
+            # model is not undone, so they go, and glibc hands their pages back (else each rank keeps them all)
+            self.report.originals.clear()
+            _trim_host_memory()
         self.data = TrainData(cfg, self.tokenizer, self.model, self.world, self.rank, log=self.is_main)
         self.model.peftkit_context = self.context = with_prompt(self.model.peftkit_context, cfg, self.tokenizer,
                                                                 self.data.read_stats)
