@@ -15,6 +15,7 @@ Run: ``python bench/sharding.py`` (about 5 minutes on 2 busy cores); ``--rounds`
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -27,11 +28,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODEL = "smollm2-135m-instruct"
-MODES = ("none", "full")
+MODES = ("none", "full", "grad_op")
 METHODS = {"lora": {"method": "lora", "method_config": {"r": 8, "target_modules": "all-linear"}, "lr": 2e-4},
            "full": {"method": "full", "method_config": {}, "lr": 1e-5}}
 SEQ = 128
 MiB = 2**20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
 
 
 def _write_rows(path: Path, n: int) -> None:
@@ -40,9 +46,18 @@ def _write_rows(path: Path, n: int) -> None:
     path.write_text("\n".join(json.dumps(r) for r in rows))
 
 
-def _hwm() -> int:
+def _status(key: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def _in_use() -> int:
+    """Bytes the C heap holds for live allocations (torch's CPU tensors come from it): glibc's ``mallinfo2``
+    (chunks in use plus mmap-ed ones). Unlike the RSS, freed memory glibc keeps for later is not counted."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 def _reset_hwm() -> None:
@@ -50,44 +65,83 @@ def _reset_hwm() -> None:
         f.write("5")  # Linux: the high-water mark restarts from the current RSS
 
 
-def worker(mode: str, methods: list[str], steps: int, out: Path) -> None:
-    """One rank: each method trained in turn, its peak RSS and tokens/s written to ``out/<method>-rank<r>.json``."""
-    import torch
+def _cap(cap_mib: int) -> None:
+    """This process's address space capped (RLIMIT_AS): an allocation past it fails with an error, not a kill."""
+    import resource
 
+    resource.setrlimit(resource.RLIMIT_AS, (cap_mib * MiB, cap_mib * MiB))
+
+
+def _train(mode: str, name: str, steps: int, out: Path, precision: str) -> dict:
+    """One method trained by one rank; its memory facts at each stage (bytes) and its tokens/s."""
     from peftkit.train import TrainConfig, Trainer
+
+    rank = int(os.environ.get("RANK", 0))
+    cfg = TrainConfig.from_dict({
+        "model": MODEL, "data": str(out / "rows.jsonl"), "output_dir": str(out / f"{mode}-{name}"),
+        "precision": precision, "batch_size": 1, "max_length": SEQ, "packing": True, "max_steps": steps,
+        "warmup_ratio": 0.0, "progress": False, "sharding": mode, "dist_timeout": 120, **METHODS[name]})
+    facts = {"rss_before": _status("VmRSS"), "heap_before": _in_use()}
+    trainer = Trainer(cfg, overwrite=True)
+    facts.update(rss_built=_status("VmRSS"), heap_built=_in_use())
+
+    def after_first(event) -> None:  # optimizer states exist, gradients are freed, units are resharded
+        if event.step == 1:
+            facts.update(rss_step1=_status("VmRSS"), heap_step1=_in_use())
+
+    trainer.subscribe(after_first)
+    _reset_hwm()
+    result = trainer.run()
+    facts.update(peak=_status("VmHWM"), vm_peak=_status("VmPeak"), precision=result.precision)
+    lines = (out / f"{mode}-{name}" / "metrics.jsonl").read_text().splitlines() if rank == 0 else []
+    rates = [r["target_tokens_per_s"] for r in map(json.loads, lines) if r.get("step", 0) > 1
+             and "target_tokens_per_s" in r]
+    facts["tokens_per_s"] = statistics.median(rates) if rates else None
+    return facts
+
+
+def worker(mode: str, methods: list[str], steps: int, out: Path, precision: str, cap_mib: int) -> None:
+    """One rank: each method trained in turn, its facts written to ``out/<method>-rank<r>.json`` (under a cap: a
+    failure's first line, and the exit status 3)."""
+    import torch
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", 0))
+    if cap_mib:
+        _cap(cap_mib)
     for name in methods:
-        settings = METHODS[name]
-        cfg = TrainConfig.from_dict({
-            "model": MODEL, "data": str(out / "rows.jsonl"), "output_dir": str(out / f"{mode}-{name}"),
-            "precision": "auto", "batch_size": 1, "max_length": SEQ, "packing": True, "max_steps": steps,
-            "warmup_ratio": 0.0, "progress": False, "sharding": mode, **settings})
-        trainer = Trainer(cfg, overwrite=True)
-        _reset_hwm()
-        result = trainer.run()
-        peak = _hwm()
-        lines = (out / f"{mode}-{name}" / "metrics.jsonl").read_text().splitlines() if rank == 0 else []
-        rates = [r["target_tokens_per_s"] for r in map(json.loads, lines) if r.get("step", 0) > 1
-                 and "target_tokens_per_s" in r]
-        (out / f"{name}-rank{rank}.json").write_text(json.dumps({
-            "peak": peak, "tokens_per_s": statistics.median(rates) if rates else None,
-            "precision": result.precision}))
-        del trainer, result
+        try:
+            facts = _train(mode, name, steps, out, precision)
+        except (MemoryError, RuntimeError) as e:
+            if not cap_mib:
+                raise
+            line = (str(e).strip() or type(e).__name__).splitlines()[0]
+            (out / f"{name}-rank{rank}.json").write_text(json.dumps({"error": f"{type(e).__name__}: {line}"}))
+            print(f"rank {rank}: {type(e).__name__}: {line}", file=sys.stderr)
+            os._exit(3)  # at once: the other rank sees the connection close and torchrun ends the job
+        (out / f"{name}-rank{rank}.json").write_text(json.dumps(facts))
 
 
-def _launch(mode: str, methods: list[str], steps: int, out: Path) -> dict[str, list[dict]]:
+def _launch(mode: str, methods: list[str], steps: int, out: Path, precision: str = "auto",
+            cap_mib: int = 0) -> tuple[dict[str, list[dict]], str]:
+    """``torchrun --nproc-per-node 2`` of `worker`: each method's per-rank facts, and the launch's stderr tail (under
+    a cap a failed launch is a result; otherwise it ends the bench)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", __file__,
-           "--worker", mode, "--methods", ",".join(methods), "--steps", str(steps), "--out", str(out)]
+           "--worker", mode, "--methods", ",".join(methods), "--steps", str(steps), "--out", str(out),
+           "--precision", precision, "--cap-mib", str(cap_mib)]
+    for stale in out.glob("*-rank*.json"):
+        stale.unlink()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not cap_mib:
         raise SystemExit(f"{mode} launch failed:\n{proc.stderr[-3000:]}")
-    return {m: [json.loads((out / f"{m}-rank{r}.json").read_text()) for r in (0, 1)] for m in methods}
+    facts = {m: [json.loads(f.read_text()) if (f := out / f"{m}-rank{r}.json").exists() else {"error": "no result"}
+                 for r in (0, 1)] for m in methods}
+    return facts, proc.stderr
 
 
-def _estimates(precision: str, methods: list[str]) -> dict[tuple[str, str], float]:
+def _estimates(precision: str, methods: list[str]) -> dict[tuple[str, str], tuple[float, float]]:
+    """The estimator's per-rank (weights + trainable state, peak) in MiB, by (method, mode)."""
     from peftkit.memory import TrainSetup, estimate
 
     out = {}
@@ -96,20 +150,128 @@ def _estimates(precision: str, methods: list[str]) -> dict[tuple[str, str], floa
         for mode in MODES:
             setup = TrainSetup(method=name, method_args=settings["method_config"], precision=precision,
                                batch_size=1, seq_len=SEQ, world_size=2, sharding=mode)
-            out[(name, mode)] = estimate("smollm2-135m", setup).peak_bytes / MiB
+            bd = estimate("smollm2-135m", setup)
+            state = bd.weights_frozen + bd.quant_constants + bd.weights_trainable + bd.optimizer_device
+            out[(name, mode)] = (state / MiB, bd.peak_bytes / MiB)
     return out
 
 
-def _table(runs: dict[str, list[dict[str, list[dict]]]], estimates: dict[tuple[str, str], float]) -> list[str]:
-    rows = ["| method | DDP peak RSS / rank (MiB) | sharded peak RSS / rank | ratio | estimate DDP / sharded "
-            "(MiB, per rank) | DDP tokens/s | sharded tokens/s | ratio |", "|---|---|---|---|---|---|---|---|"]
-    for name in runs["none"][0]:
-        peak = {m: statistics.median(max(r["peak"] for r in run[name]) for run in runs[m]) / MiB for m in MODES}
-        rate = {m: statistics.median(run[name][0]["tokens_per_s"] for run in runs[m]) for m in MODES}
-        rows.append(f"| {name} | {peak['none']:.0f} | {peak['full']:.0f} | {peak['full'] / peak['none']:.2f} | "
-                    f"{estimates[(name, 'none')]:.0f} / {estimates[(name, 'full')]:.0f} | {rate['none']:.0f} | "
-                    f"{rate['full']:.0f} | {rate['full'] / rate['none']:.2f} |")
+def _median(runs: list[dict[str, list[dict]]], name: str, rank: int, fn) -> float:
+    return statistics.median(fn(run[name][rank]) for run in runs)
+
+
+def _memory_table(runs: dict[str, list[dict[str, list[dict]]]], estimates: dict, name: str) -> list[str]:
+    """Per rank and mode: the process before loading, weights + trainable state (RSS once built; C heap in use after
+    the first step), the estimate, the peak RSS during training; the state and peak as ratios to DDP's."""
+    rows = [f"| {name}: mode | rank | RSS before load | state: RSS once built | state: heap after step 1 | "
+            "ratio to DDP | estimate state | peak RSS in training | ratio to DDP | estimate peak + RSS before load |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for rank in (0, 1):
+        ddp_state = _median(runs["none"], name, rank, lambda f: f["heap_step1"] - f["heap_before"])
+        ddp_peak = _median(runs["none"], name, rank, lambda f: f["peak"])
+        for mode in MODES:
+            before = _median(runs[mode], name, rank, lambda f: f["rss_before"])
+            rss = _median(runs[mode], name, rank, lambda f: f["rss_built"] - f["rss_before"])
+            heap = _median(runs[mode], name, rank, lambda f: f["heap_step1"] - f["heap_before"])
+            peak = _median(runs[mode], name, rank, lambda f: f["peak"])
+            est_state, est_peak = estimates[(name, mode)]
+            rows.append(f"| {mode} | {rank} | {before / MiB:.0f} | {rss / MiB:.0f} | {heap / MiB:.0f} | "
+                        f"{heap / ddp_state:.2f} | {est_state:.0f} | {peak / MiB:.0f} | {peak / ddp_peak:.2f} | "
+                        f"{est_peak + before / MiB:.0f} |")
     return rows
+
+
+def _speed_table(runs: dict[str, list[dict[str, list[dict]]]], methods: list[str]) -> list[str]:
+    rows = ["| method | " + " | ".join(f"{m} tokens/s" for m in MODES) + " | " +
+            " | ".join(f"{m} / DDP" for m in MODES[1:]) + " |", "|---" * (1 + 2 * len(MODES) - 1) + "|"]
+    for name in methods:
+        rate = {m: _median(runs[m], name, 0, lambda f: f["tokens_per_s"]) for m in MODES}
+        rows.append(f"| {name} | " + " | ".join(f"{rate[m]:.0f}" for m in MODES) + " | " +
+                    " | ".join(f"{rate[m] / rate['none']:.2f}" for m in MODES[1:]) + " |")
+    return rows
+
+
+def compare(rounds: int, steps: int, methods: list[str]) -> None:
+    """DDP vs both sharding modes, alternating launches; the section ``sharding`` of BENCHMARKS.md."""
+    from _common import machine, write_section
+
+    t0, load = time.perf_counter(), os.getloadavg()[0]
+    runs: dict[str, list[dict[str, list[dict]]]] = {m: [] for m in MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        _write_rows(out / "rows.jsonl", 200)
+        for _ in range(rounds):
+            for mode in MODES:
+                runs[mode].append(_launch(mode, methods, steps, out)[0])
+    precision = runs["none"][0][methods[0]][0]["precision"]
+    estimates = _estimates(precision, methods)
+    body = [f"## sharding — `python bench/sharding.py --rounds {rounds} --steps {steps} --methods "
+            f"{','.join(methods)}` ({machine()}, 2 ranks x 1 thread, gloo, precision {precision}, "
+            f"{time.perf_counter() - t0:.0f} s, load average {load:.1f} at the start)", "",
+            f"DDP (`sharding: none`) vs FSDP2 (`sharding: full`, `grad_op`) on {MODEL}, batch 1 x {SEQ} tokens "
+            f"packed, {steps} steps per launch, medians over {rounds} alternating rounds, per rank. *State* is the "
+            "frozen weights + trainable weights + optimizer states a rank holds: its RSS once the trainer is built "
+            "minus its RSS before loading (no optimizer state yet; includes freed memory glibc kept), and the C heap "
+            "in use (glibc `mallinfo2`, where torch's CPU tensors live) after the first step minus before loading "
+            "(optimizer states included; gradients freed, units resharded). The peak RSS during training holds the "
+            "process (Python, torch, tokenizer), the state, the gathered units, activations and what glibc keeps of "
+            "freed activations. Estimates: `peftkit.memory.estimate(..., world_size=2, sharding=...)` (state: "
+            "frozen + trainable weights + optimizer states; peak plus the RSS before loading).", ""]
+    for name in methods:
+        body += [*_memory_table(runs, estimates, name), ""]
+    body += ["Target tokens per second of the steps after the first (rank 0):", "", *_speed_table(runs, methods)]
+    write_section("sharding", "\n".join(body))
+    print("\n".join(body))
+
+
+CAP_MIB = 3400
+"""The address-space cap per process of ``--cap``: between the uncapped peaks of address space per rank measured
+(VmPeak, loading included): DDP 3.8 GiB, sharded 3.0 GiB."""
+CAP_STEPS = 2
+
+
+def _outcome(facts: dict) -> str:
+    if "error" in facts:
+        return f"failed: `{facts['error'][:150]}`"
+    return (f"trained {CAP_STEPS} steps; peak RSS {facts['peak'] / MiB:.0f} MiB, peak address space "
+            f"{facts['vm_peak'] / MiB:.0f} MiB")
+
+
+def capped(cap_mib: int) -> None:
+    """Full fine-tuning in fp32 at 2 ranks, each process capped at `cap_mib` of address space: DDP (every rank holds
+    the whole weights, gradients and AdamW states) against ``sharding: full`` (each holds half); the section
+    ``sharding-cap`` of BENCHMARKS.md."""
+    from _common import machine, write_section
+
+    t0 = time.perf_counter()
+    rows = ["| mode | rank | outcome |", "|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        _write_rows(out / "rows.jsonl", 50)
+        for mode in ("none", "full"):
+            facts, stderr = _launch(mode, ["full"], CAP_STEPS, out, precision="fp32", cap_mib=cap_mib)
+            rows += [f"| {mode} | {r} | {_outcome(f)} |" for r, f in enumerate(facts["full"])]
+            print(f"{mode}: {facts}\n{stderr[-1500:]}", file=sys.stderr)
+    estimates = {m: estimate_peak("full", "fp32", m) for m in ("none", "full")}
+    body = [f"## sharding-cap — `python bench/sharding.py --cap` ({machine()}, 2 ranks x 1 thread, gloo, "
+            f"{time.perf_counter() - t0:.0f} s)", "",
+            f"Full fine-tuning of {MODEL} in fp32 (weights, gradients and AdamW's two states: 4 x 0.54 GB), batch 1 x "
+            f"{SEQ} tokens, at 2 ranks, each process capped at {cap_mib} MiB of address space "
+            "(`resource.setrlimit(RLIMIT_AS)` in the worker: an allocation past it fails with an error instead of a "
+            "kill; a cgroup memory limit would cap the RSS instead, and needs root). The estimator's per-rank peaks: "
+            f"DDP {estimates['none']:.0f} MiB, sharded {estimates['full']:.0f} MiB (without the process's own "
+            "~350 MiB of RSS and its unused address space: thread stacks, glibc arenas, library mappings).", "",
+            *rows]
+    write_section("sharding-cap", "\n".join(body))
+    print("\n".join(body))
+
+
+def estimate_peak(method: str, precision: str, mode: str) -> float:
+    from peftkit.memory import TrainSetup, estimate
+
+    setup = TrainSetup(method=method, method_args=METHODS[method]["method_config"], precision=precision,
+                       batch_size=1, seq_len=SEQ, world_size=2, sharding=mode)
+    return estimate("smollm2-135m", setup).peak_bytes / MiB
 
 
 def main() -> None:
@@ -118,35 +280,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--methods", default="lora", help="comma-separated: lora, full (full fine-tuning: ~4 GB "
                         "and ~20 s per step per rank on a busy 2-core machine)")
+    parser.add_argument("--cap", action="store_true", help="instead: full fine-tuning in fp32 under a per-process "
+                        "address-space cap that DDP does not fit and sharding does (section sharding-cap)")
+    parser.add_argument("--cap-mib", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=MODES)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.methods.split(","), args.steps, args.out)
-        return
-    from _common import machine, write_section
-
-    t0, load = time.perf_counter(), os.getloadavg()[0]
-    runs: dict[str, list[dict[str, list[dict]]]] = {m: [] for m in MODES}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        _write_rows(out / "rows.jsonl", 200)
-        for _ in range(args.rounds):
-            for mode in MODES:
-                runs[mode].append(_launch(mode, args.methods.split(","), args.steps, out))
-    precision = runs["none"][0]["lora"][0]["precision"]
-    elapsed = time.perf_counter() - t0
-    body = [f"## sharding — `python bench/sharding.py --rounds {args.rounds} --steps {args.steps} --methods "
-            f"{args.methods}` ({machine()}, "
-            f"2 ranks x 1 thread, gloo, precision {precision}, {elapsed:.0f} s, load average {load:.1f} at the start)",
-            "", f"DDP (`sharding: none`) vs FSDP2 (`sharding: full`) on {MODEL}, batch 1 x {SEQ} tokens packed, "
-            f"{args.steps} steps per run, medians over {args.rounds} alternating rounds; peak RSS is the larger rank's "
-            "(the loaded weights included), tokens/s are target tokens per second of the steps after the first. The "
-            "estimate is `peftkit.memory.estimate(..., world_size=2, sharding=...)`'s per-rank peak, without the "
-            "process's own RSS (Python, torch, tokenizer: about 500 MiB).", "",
-            *_table(runs, _estimates(precision, args.methods.split(",")))]
-    write_section("sharding", "\n".join(body))
-    print("\n".join(body))
+        worker(args.worker, args.methods.split(","), args.steps, args.out, args.precision, args.cap_mib)
+    elif args.cap:
+        capped(args.cap_mib or CAP_MIB)
+    else:
+        compare(args.rounds, args.steps, args.methods.split(","))
 
 
 if __name__ == "__main__":

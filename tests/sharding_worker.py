@@ -11,8 +11,8 @@ from __future__ import annotations
 import gc
 import json
 import os
-import weakref
 import sys
+import weakref
 from pathlib import Path
 
 import torch
