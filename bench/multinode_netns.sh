@@ -14,8 +14,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python}
 TMP=$(mktemp -d)
 A=pk-a-$$ B=pk-b-$$ VA=pkva$$ VB=pkvb$$
-cleanup() { ip netns del "$A" 2>/dev/null || true; ip netns del "$B" 2>/dev/null || true; rm -rf "$TMP"; }
+cleanup() { ip netns del "$A" 2>/dev/null || true; ip netns del "$B" 2>/dev/null || true; [[ -n ${KEEP:-} ]] || rm -rf "$TMP"; }
 trap cleanup EXIT
+trap "exit 130" INT TERM  # the EXIT trap then removes the namespaces
 export PYTHONPATH="$ROOT/src:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 
 ip netns add "$A"; ip netns add "$B"
@@ -39,16 +40,19 @@ plan = lambda name, **kw: [{"name": name, "config": {**base, "output_dir": str(t
 PY
 
 bytes_of() { ip netns exec "$1" cat "/sys/class/net/$2/statistics/tx_bytes"; }
-node() {  # namespace, its veth: one "host" of the job
+node() {  # namespace, its veth, its address, whether it hosts the rendezvous store: one "host" of the job
+  # is_host and --local-addr: torchrun would find the store's host and the workers' master by the hostname, which a
+  # namespace shares with the machine (its address is not on the veth)
   ip netns exec "$1" env GLOO_SOCKET_IFNAME="$2" "$PY" -m torch.distributed.run --nnodes 2 --nproc-per-node 1 \
-    --rdzv-backend c10d --rdzv-endpoint 10.77.0.1:29400 --rdzv-id "pk$$" \
+    --rdzv-backend c10d --rdzv-endpoint 10.77.0.1:29400 --rdzv-id "pk$$" --rdzv-conf "is_host=$4" \
+    --local-addr "$3" --max-restarts 0 \
     "$ROOT/tests/sharding_worker.py" "$TMP/multi.json" >"$TMP/$1.log" 2>&1
 }
 before=$(bytes_of "$B" "$VB")
-node "$A" "$VA" & pa=$!
-node "$B" "$VB" & pb=$!
+node "$A" "$VA" 10.77.0.1 1 & pa=$!
+node "$B" "$VB" 10.77.0.2 0 & pb=$!
 status=0; wait $pa || status=$?; wait $pb || status=$?
-if [[ $status != 0 ]]; then tail -n 30 "$TMP/$A.log" "$TMP/$B.log"; echo "multinode_netns.sh: FAILED (exit $status)"; exit 1; fi
+if [[ $status != 0 ]]; then grep -h -m3 -iE "error|exception|hostname|resolve" "$TMP/$A.log" "$TMP/$B.log"; tail -n 5 "$TMP/$A.log" "$TMP/$B.log"; echo "multinode_netns.sh: FAILED (exit $status)"; exit 1; fi
 sent=$(( $(bytes_of "$B" "$VB") - before ))
 "$PY" "$ROOT/tests/sharding_worker.py" "$TMP/one.json" >"$TMP/one.log" 2>&1 || { tail -n 30 "$TMP/one.log"; exit 1; }
 
