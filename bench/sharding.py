@@ -65,11 +65,43 @@ def _reset_hwm() -> None:
         f.write("5")  # Linux: the high-water mark restarts from the current RSS
 
 
-def _cap(cap_mib: int) -> None:
-    """This process's address space capped (RLIMIT_AS): an allocation past it fails with an error, not a kill."""
-    import resource
+CGROUP_V1, CGROUP_V2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
 
-    resource.setrlimit(resource.RLIMIT_AS, (cap_mib * MiB, cap_mib * MiB))
+
+def _cgroup_base() -> Path | None:
+    """Where a memory cgroup can be made (root, cgroup v1 or v2), else None."""
+    if os.geteuid() != 0:
+        return None
+    if (CGROUP_V1 / "memory.limit_in_bytes").exists():
+        return CGROUP_V1
+    return CGROUP_V2 if (CGROUP_V2 / "cgroup.controllers").exists() else None
+
+
+def _make_cgroups(prefix: str, cap_mib: int) -> list[Path]:
+    """One memory cgroup per rank, capped at `cap_mib` (no swap): past it the kernel's OOM killer ends the process."""
+    base = _cgroup_base()
+    assert base is not None
+    groups = [base / f"{prefix}-r{r}" for r in (0, 1)]
+    for group in groups:
+        group.mkdir()
+        if base == CGROUP_V1:
+            (group / "memory.limit_in_bytes").write_text(str(cap_mib * MiB))
+        else:
+            (group / "memory.max").write_text(str(cap_mib * MiB))
+            (group / "memory.swap.max").write_text("0")
+    return groups
+
+
+def _cgroup_facts(group: Path) -> tuple[int, int]:
+    """What the cgroup saw: its peak usage (bytes) and how many processes its OOM killer ended."""
+    if (group / "memory.max_usage_in_bytes").exists():
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+        kills = (group / "memory.oom_control").read_text()
+    else:
+        peak = int((group / "memory.peak").read_text()) if (group / "memory.peak").exists() else 0
+        kills = (group / "memory.events").read_text()
+    killed = next((int(line.split()[1]) for line in kills.splitlines() if line.startswith("oom_kill ")), 0)
+    return peak, killed
 
 
 def _train(mode: str, name: str, steps: int, out: Path, precision: str) -> dict:
@@ -100,40 +132,32 @@ def _train(mode: str, name: str, steps: int, out: Path, precision: str) -> dict:
     return facts
 
 
-def worker(mode: str, methods: list[str], steps: int, out: Path, precision: str, cap_mib: int) -> None:
-    """One rank: each method trained in turn, its facts written to ``out/<method>-rank<r>.json`` (under a cap: a
-    failure's first line, and the exit status 3)."""
+def worker(mode: str, methods: list[str], steps: int, out: Path, precision: str, cgroup: str) -> None:
+    """One rank: each method trained in turn, its facts written to ``out/<method>-rank<r>.json``; with `cgroup`, this
+    process first joins the memory cgroup ``<cgroup>-r<rank>``."""
     import torch
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", 0))
-    if cap_mib:
-        _cap(cap_mib)
+    if cgroup:
+        Path(f"{cgroup}-r{rank}", "cgroup.procs").write_text(str(os.getpid()))
     for name in methods:
-        try:
-            facts = _train(mode, name, steps, out, precision)
-        except (MemoryError, RuntimeError) as e:
-            if not cap_mib:
-                raise
-            line = (str(e).strip() or type(e).__name__).splitlines()[0]
-            (out / f"{name}-rank{rank}.json").write_text(json.dumps({"error": f"{type(e).__name__}: {line}"}))
-            print(f"rank {rank}: {type(e).__name__}: {line}", file=sys.stderr)
-            os._exit(3)  # at once: the other rank sees the connection close and torchrun ends the job
+        facts = _train(mode, name, steps, out, precision)
         (out / f"{name}-rank{rank}.json").write_text(json.dumps(facts))
 
 
 def _launch(mode: str, methods: list[str], steps: int, out: Path, precision: str = "auto",
-            cap_mib: int = 0) -> tuple[dict[str, list[dict]], str]:
-    """``torchrun --nproc-per-node 2`` of `worker`: each method's per-rank facts, and the launch's stderr tail (under
-    a cap a failed launch is a result; otherwise it ends the bench)."""
+            cgroup: str = "") -> tuple[dict[str, list[dict]], str]:
+    """``torchrun --nproc-per-node 2`` of `worker`: each method's per-rank facts, and the launch's stderr (in
+    cgroups a failed launch is a result; otherwise it ends the bench)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", __file__,
            "--worker", mode, "--methods", ",".join(methods), "--steps", str(steps), "--out", str(out),
-           "--precision", precision, "--cap-mib", str(cap_mib)]
+           "--precision", precision, "--cgroup", cgroup]
     for stale in out.glob("*-rank*.json"):
         stale.unlink()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and not cap_mib:
+    if proc.returncode != 0 and not cgroup:
         raise SystemExit(f"{mode} launch failed:\n{proc.stderr[-3000:]}")
     facts = {m: [json.loads(f.read_text()) if (f := out / f"{m}-rank{r}.json").exists() else {"error": "no result"}
                  for r in (0, 1)] for m in methods}
@@ -224,44 +248,53 @@ def compare(rounds: int, steps: int, methods: list[str]) -> None:
     print("\n".join(body))
 
 
-CAP_MIB = 3400
-"""The address-space cap per process of ``--cap``: between the uncapped peaks of address space per rank measured
-(VmPeak, loading included): DDP 3.8 GiB, sharded 3.0 GiB."""
+CAP_MIB = 2750
+"""The memory cap per process of ``--cap``: between the cgroups' peaks per rank measured under a loose cap (8 GB; full
+fine-tuning, fp32, 2 steps): DDP 2961 and 3291 MiB, sharded 2461 and 2503 MiB."""
 CAP_STEPS = 2
 
 
-def _outcome(facts: dict) -> str:
-    if "error" in facts:
-        return f"failed: `{facts['error'][:150]}`"
-    return (f"trained {CAP_STEPS} steps; peak RSS {facts['peak'] / MiB:.0f} MiB, peak address space "
-            f"{facts['vm_peak'] / MiB:.0f} MiB")
+def _outcome(facts: dict, group: Path) -> str:
+    peak, killed = _cgroup_facts(group)
+    seen = f"the cgroup's peak {peak / MiB:.0f} MiB"
+    if "error" not in facts:
+        return f"trained {CAP_STEPS} steps ({seen}; peak RSS {facts['peak'] / MiB:.0f} MiB)"
+    if killed:
+        return f"**killed** by the kernel's OOM killer at the cap ({seen})"
+    return f"ended by torchrun when the other rank died ({seen})"
 
 
 def capped(cap_mib: int) -> None:
-    """Full fine-tuning in fp32 at 2 ranks, each process capped at `cap_mib` of address space: DDP (every rank holds
+    """Full fine-tuning in fp32 at 2 ranks, each process in a memory cgroup capped at `cap_mib`: DDP (every rank holds
     the whole weights, gradients and AdamW states) against ``sharding: full`` (each holds half); the section
     ``sharding-cap`` of BENCHMARKS.md."""
     from _common import machine, write_section
 
+    if _cgroup_base() is None:
+        raise SystemExit("bench/sharding.py --cap: needs root and a memory cgroup (/sys/fs/cgroup): skipped")
     t0 = time.perf_counter()
     rows = ["| mode | rank | outcome |", "|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         _write_rows(out / "rows.jsonl", 50)
         for mode in ("none", "full"):
-            facts, stderr = _launch(mode, ["full"], CAP_STEPS, out, precision="fp32", cap_mib=cap_mib)
-            rows += [f"| {mode} | {r} | {_outcome(f)} |" for r, f in enumerate(facts["full"])]
-            print(f"{mode}: {facts}\n{stderr[-1500:]}", file=sys.stderr)
+            groups = _make_cgroups(f"peftkit-bench-{os.getpid()}-{mode}", cap_mib)
+            try:
+                facts, stderr = _launch(mode, ["full"], CAP_STEPS, out, precision="fp32", cgroup=str(groups[0])[:-3])
+                rows += [f"| {mode} | {r} | {_outcome(f, groups[r])} |" for r, f in enumerate(facts["full"])]
+                print(f"{mode}: {facts}\n{stderr[-800:]}", file=sys.stderr)
+            finally:
+                for group in groups:
+                    group.rmdir()
     estimates = {m: estimate_peak("full", "fp32", m) for m in ("none", "full")}
     body = [f"## sharding-cap — `python bench/sharding.py --cap` ({machine()}, 2 ranks x 1 thread, gloo, "
             f"{time.perf_counter() - t0:.0f} s)", "",
             f"Full fine-tuning of {MODEL} in fp32 (weights, gradients and AdamW's two states: 4 x 0.54 GB), batch 1 x "
-            f"{SEQ} tokens, at 2 ranks, each process capped at {cap_mib} MiB of address space "
-            "(`resource.setrlimit(RLIMIT_AS)` in the worker: an allocation past it fails with an error instead of a "
-            "kill; a cgroup memory limit would cap the RSS instead, and needs root). The estimator's per-rank peaks: "
-            f"DDP {estimates['none']:.0f} MiB, sharded {estimates['full']:.0f} MiB (without the process's own "
-            "~350 MiB of RSS and its unused address space: thread stacks, glibc arenas, library mappings).", "",
-            *rows]
+            f"{SEQ} tokens, {CAP_STEPS} steps at 2 ranks, each process in its own memory cgroup capped at {cap_mib} "
+            "MiB (RSS and page cache, no swap; the worker joins it at its start, before loading). DDP's ranks hold "
+            "everything and are killed; sharded ranks hold half and train. The estimator's per-rank peaks: DDP "
+            f"{estimates['none']:.0f} MiB, sharded {estimates['full']:.0f} MiB (plus the process's own ~340 MiB).",
+            "", *rows]
     write_section("sharding-cap", "\n".join(body))
     print("\n".join(body))
 
@@ -281,16 +314,17 @@ def main() -> None:
     parser.add_argument("--methods", default="lora", help="comma-separated: lora, full (full fine-tuning: ~4 GB "
                         "and ~20 s per step per rank on a busy 2-core machine)")
     parser.add_argument("--cap", action="store_true", help="instead: full fine-tuning in fp32 under a per-process "
-                        "address-space cap that DDP does not fit and sharding does (section sharding-cap)")
-    parser.add_argument("--cap-mib", type=int, default=0, help=argparse.SUPPRESS)
+                        "memory cgroup cap (root) that DDP does not fit and sharding does (section sharding-cap)")
+    parser.add_argument("--cap-mib", type=int, default=CAP_MIB)
+    parser.add_argument("--cgroup", default="", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=MODES)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.methods.split(","), args.steps, args.out, args.precision, args.cap_mib)
+        worker(args.worker, args.methods.split(","), args.steps, args.out, args.precision, args.cgroup)
     elif args.cap:
-        capped(args.cap_mib or CAP_MIB)
+        capped(args.cap_mib)
     else:
         compare(args.rounds, args.steps, args.methods.split(","))
 
