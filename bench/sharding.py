@@ -1,15 +1,16 @@
-"""DDP vs sharded (FSDP2, ``sharding: full``) training at 2 processes on the bundled SmolLM2-135M: per-rank peak RSS
-and tokens/s side by side, with the estimator's per-rank peak beside the measured one.
+"""DDP vs sharded (FSDP2, ``sharding: full`` and ``grad_op``) training at 2 processes on the bundled SmolLM2-135M: per
+rank, the weights + trainable state, the peak RSS and tokens/s side by side, with the estimator's figures beside.
 
-Each round launches, in turn, ``torchrun --nproc-per-node 2`` once per mode (so load changes hit both alike); a
-launch trains LoRA (r=8, all linear layers; with ``--methods lora,full`` full fine-tuning after it) for a few steps,
-on generated instruction rows, ``precision: auto``, 1 torch thread per rank. Per rank and method: the peak RSS over
-the training (``VmHWM``, reset after the model is built, so that loading's transient copies do not count; the RSS
-then still holds the loaded weights, and with sharding whatever of the whole weights glibc kept after sharding) and
-the target tokens per second of the steps after the first (from ``metrics.jsonl``). The table gives the medians over
-the rounds and the ratios sharded / DDP.
+Each round launches ``torchrun --nproc-per-node 2`` once per mode, in turn (so load changes hit all alike); a launch
+trains LoRA (r=8, all linear layers; with ``--methods lora,full`` full fine-tuning after it) for a few steps on
+generated instruction rows, ``precision: auto``, 1 torch thread per rank. Per rank: the RSS before loading, once the
+trainer is built, the C heap in use (glibc ``mallinfo2``) before loading and after the first step, the peak RSS
+during training (``VmHWM``, reset once built), and the target tokens per second of the steps after the first.
 
-Run: ``python bench/sharding.py`` (about 5 minutes on 2 busy cores); ``--rounds``, ``--steps`` to change.
+``--cap``: full fine-tuning in fp32, each rank in a memory cgroup of ``--cap-mib`` (root): DDP is OOM-killed,
+sharded trains (section ``sharding-cap``).
+
+Run: ``python bench/sharding.py`` (1.5-5 minutes on 2 cores, by load); ``--rounds``, ``--steps`` to change.
 """
 
 from __future__ import annotations
