@@ -1,20 +1,22 @@
-"""DDP vs sharded (FSDP2, ``sharding: full``) training at 2 processes on the bundled SmolLM2-135M: per-rank peak RSS
-and tokens/s side by side, with the estimator's per-rank peak beside the measured one.
+"""DDP vs sharded (FSDP2, ``sharding: full`` and ``grad_op``) training at 2 processes on the bundled SmolLM2-135M: per
+rank, the weights + trainable state, the peak RSS and tokens/s side by side, with the estimator's figures beside.
 
-Each round launches, in turn, ``torchrun --nproc-per-node 2`` once per mode (so load changes hit both alike); a
-launch trains LoRA (r=8, all linear layers; with ``--methods lora,full`` full fine-tuning after it) for a few steps,
-on generated instruction rows, ``precision: auto``, 1 torch thread per rank. Per rank and method: the peak RSS over
-the training (``VmHWM``, reset after the model is built, so that loading's transient copies do not count; the RSS
-then still holds the loaded weights, and with sharding whatever of the whole weights glibc kept after sharding) and
-the target tokens per second of the steps after the first (from ``metrics.jsonl``). The table gives the medians over
-the rounds and the ratios sharded / DDP.
+Each round launches ``torchrun --nproc-per-node 2`` once per mode, in turn (so load changes hit all alike); a launch
+trains LoRA (r=8, all linear layers; with ``--methods lora,full`` full fine-tuning after it) for a few steps on
+generated instruction rows, ``precision: auto``, 1 torch thread per rank. Per rank: the RSS before loading, once the
+trainer is built, the C heap in use (glibc ``mallinfo2``) before loading and after the first step, the peak RSS
+during training (``VmHWM``, reset once built), and the target tokens per second of the steps after the first.
 
-Run: ``python bench/sharding.py`` (about 5 minutes on 2 busy cores); ``--rounds``, ``--steps`` to change.
+``--cap``: full fine-tuning in fp32, each rank in a memory cgroup of ``--cap-mib`` (root): DDP is OOM-killed,
+sharded trains (section ``sharding-cap``).
+
+Run: ``python bench/sharding.py`` (1.5-5 minutes on 2 cores, by load); ``--rounds``, ``--steps`` to change.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -27,11 +29,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODEL = "smollm2-135m-instruct"
-MODES = ("none", "full")
+MODES = ("none", "full", "grad_op")
 METHODS = {"lora": {"method": "lora", "method_config": {"r": 8, "target_modules": "all-linear"}, "lr": 2e-4},
            "full": {"method": "full", "method_config": {}, "lr": 1e-5}}
 SEQ = 128
 MiB = 2**20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
 
 
 def _write_rows(path: Path, n: int) -> None:
@@ -40,9 +47,18 @@ def _write_rows(path: Path, n: int) -> None:
     path.write_text("\n".join(json.dumps(r) for r in rows))
 
 
-def _hwm() -> int:
+def _status(key: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def _in_use() -> int:
+    """Bytes the C heap holds for live allocations (torch's CPU tensors come from it): glibc's ``mallinfo2``
+    (chunks in use plus mmap-ed ones). Unlike the RSS, freed memory glibc keeps for later is not counted."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 def _reset_hwm() -> None:
@@ -50,44 +66,107 @@ def _reset_hwm() -> None:
         f.write("5")  # Linux: the high-water mark restarts from the current RSS
 
 
-def worker(mode: str, methods: list[str], steps: int, out: Path) -> None:
-    """One rank: each method trained in turn, its peak RSS and tokens/s written to ``out/<method>-rank<r>.json``."""
-    import torch
+CGROUP_V1, CGROUP_V2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
 
+
+def _cgroup_base() -> Path | None:
+    """Where a memory cgroup can be made (root, cgroup v1 or v2), else None."""
+    if os.geteuid() != 0:
+        return None
+    if (CGROUP_V1 / "memory.limit_in_bytes").exists():
+        return CGROUP_V1
+    return CGROUP_V2 if (CGROUP_V2 / "cgroup.controllers").exists() else None
+
+
+def _make_cgroups(prefix: str, cap_mib: int) -> list[Path]:
+    """One memory cgroup per rank, capped at `cap_mib` (no swap): past it the kernel's OOM killer ends the process."""
+    base = _cgroup_base()
+    assert base is not None
+    groups = [base / f"{prefix}-r{r}" for r in (0, 1)]
+    for group in groups:
+        group.mkdir()
+        if base == CGROUP_V1:
+            (group / "memory.limit_in_bytes").write_text(str(cap_mib * MiB))
+        else:
+            (group / "memory.max").write_text(str(cap_mib * MiB))
+            (group / "memory.swap.max").write_text("0")
+    return groups
+
+
+def _cgroup_facts(group: Path) -> tuple[int, int]:
+    """What the cgroup saw: its peak usage (bytes) and how many processes its OOM killer ended."""
+    if (group / "memory.max_usage_in_bytes").exists():
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+        kills = (group / "memory.oom_control").read_text()
+    else:
+        peak = int((group / "memory.peak").read_text()) if (group / "memory.peak").exists() else 0
+        kills = (group / "memory.events").read_text()
+    killed = next((int(line.split()[1]) for line in kills.splitlines() if line.startswith("oom_kill ")), 0)
+    return peak, killed
+
+
+def _train(mode: str, name: str, steps: int, out: Path, precision: str) -> dict:
+    """One method trained by one rank; its memory facts at each stage (bytes) and its tokens/s."""
     from peftkit.train import TrainConfig, Trainer
+
+    rank = int(os.environ.get("RANK", 0))
+    cfg = TrainConfig.from_dict({
+        "model": MODEL, "data": str(out / "rows.jsonl"), "output_dir": str(out / f"{mode}-{name}"),
+        "precision": precision, "batch_size": 1, "max_length": SEQ, "packing": True, "max_steps": steps,
+        "warmup_ratio": 0.0, "progress": False, "sharding": mode, "dist_timeout": 120, **METHODS[name]})
+    facts = {"rss_before": _status("VmRSS"), "heap_before": _in_use()}
+    trainer = Trainer(cfg, overwrite=True)
+    facts.update(rss_built=_status("VmRSS"), heap_built=_in_use())
+
+    def after_first(event) -> None:  # optimizer states exist, gradients are freed, units are resharded
+        if event.step == 1:
+            facts.update(rss_step1=_status("VmRSS"), heap_step1=_in_use())
+
+    trainer.subscribe(after_first)
+    _reset_hwm()
+    result = trainer.run()
+    facts.update(peak=_status("VmHWM"), vm_peak=_status("VmPeak"), precision=result.precision)
+    lines = (out / f"{mode}-{name}" / "metrics.jsonl").read_text().splitlines() if rank == 0 else []
+    rates = [r["target_tokens_per_s"] for r in map(json.loads, lines) if r.get("step", 0) > 1
+             and "target_tokens_per_s" in r]
+    facts["tokens_per_s"] = statistics.median(rates) if rates else None
+    return facts
+
+
+def worker(mode: str, methods: list[str], steps: int, out: Path, precision: str, cgroup: str) -> None:
+    """One rank: each method trained in turn, its facts written to ``out/<method>-rank<r>.json``; with `cgroup`, this
+    process first joins the memory cgroup ``<cgroup>-r<rank>``."""
+    import torch
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", 0))
+    if cgroup:
+        Path(f"{cgroup}-r{rank}", "cgroup.procs").write_text(str(os.getpid()))
     for name in methods:
-        settings = METHODS[name]
-        cfg = TrainConfig.from_dict({
-            "model": MODEL, "data": str(out / "rows.jsonl"), "output_dir": str(out / f"{mode}-{name}"),
-            "precision": "auto", "batch_size": 1, "max_length": SEQ, "packing": True, "max_steps": steps,
-            "warmup_ratio": 0.0, "progress": False, "sharding": mode, **settings})
-        trainer = Trainer(cfg, overwrite=True)
-        _reset_hwm()
-        result = trainer.run()
-        peak = _hwm()
-        lines = (out / f"{mode}-{name}" / "metrics.jsonl").read_text().splitlines() if rank == 0 else []
-        rates = [r["target_tokens_per_s"] for r in map(json.loads, lines) if r.get("step", 0) > 1
-                 and "target_tokens_per_s" in r]
-        (out / f"{name}-rank{rank}.json").write_text(json.dumps({
-            "peak": peak, "tokens_per_s": statistics.median(rates) if rates else None,
-            "precision": result.precision}))
-        del trainer, result
+        facts = _train(mode, name, steps, out, precision)
+        (out / f"{name}-rank{rank}.json").write_text(json.dumps(facts))
 
 
-def _launch(mode: str, methods: list[str], steps: int, out: Path) -> dict[str, list[dict]]:
+def _launch(mode: str, methods: list[str], steps: int, out: Path, precision: str = "auto",
+            cgroup: str = "") -> tuple[dict[str, list[dict]], str]:
+    """``torchrun --nproc-per-node 2`` of `worker`: each method's per-rank facts, and the launch's stderr (in
+    cgroups a failed launch is a result; otherwise it ends the bench)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", __file__,
-           "--worker", mode, "--methods", ",".join(methods), "--steps", str(steps), "--out", str(out)]
+           "--worker", mode, "--methods", ",".join(methods), "--steps", str(steps), "--out", str(out),
+           "--precision", precision, "--cgroup", cgroup]
+    for stale in out.glob("*-rank*.json"):
+        stale.unlink()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not cgroup:
         raise SystemExit(f"{mode} launch failed:\n{proc.stderr[-3000:]}")
-    return {m: [json.loads((out / f"{m}-rank{r}.json").read_text()) for r in (0, 1)] for m in methods}
+    facts = {m: [json.loads(f.read_text()) if (f := out / f"{m}-rank{r}.json").exists() else {"error": "no result"}
+                 for r in (0, 1)] for m in methods}
+    return facts, proc.stderr
 
 
-def _estimates(precision: str, methods: list[str]) -> dict[tuple[str, str], float]:
+def _estimates(precision: str, methods: list[str]) -> dict[tuple[str, str], tuple[float, float]]:
+    """The estimator's per-rank (weights + trainable state, peak) in MiB, by (method, mode)."""
     from peftkit.memory import TrainSetup, estimate
 
     out = {}
@@ -96,20 +175,137 @@ def _estimates(precision: str, methods: list[str]) -> dict[tuple[str, str], floa
         for mode in MODES:
             setup = TrainSetup(method=name, method_args=settings["method_config"], precision=precision,
                                batch_size=1, seq_len=SEQ, world_size=2, sharding=mode)
-            out[(name, mode)] = estimate("smollm2-135m", setup).peak_bytes / MiB
+            bd = estimate("smollm2-135m", setup)
+            state = bd.weights_frozen + bd.quant_constants + bd.weights_trainable + bd.optimizer_device
+            out[(name, mode)] = (state / MiB, bd.peak_bytes / MiB)
     return out
 
 
-def _table(runs: dict[str, list[dict[str, list[dict]]]], estimates: dict[tuple[str, str], float]) -> list[str]:
-    rows = ["| method | DDP peak RSS / rank (MiB) | sharded peak RSS / rank | ratio | estimate DDP / sharded "
-            "(MiB, per rank) | DDP tokens/s | sharded tokens/s | ratio |", "|---|---|---|---|---|---|---|---|"]
-    for name in runs["none"][0]:
-        peak = {m: statistics.median(max(r["peak"] for r in run[name]) for run in runs[m]) / MiB for m in MODES}
-        rate = {m: statistics.median(run[name][0]["tokens_per_s"] for run in runs[m]) for m in MODES}
-        rows.append(f"| {name} | {peak['none']:.0f} | {peak['full']:.0f} | {peak['full'] / peak['none']:.2f} | "
-                    f"{estimates[(name, 'none')]:.0f} / {estimates[(name, 'full')]:.0f} | {rate['none']:.0f} | "
-                    f"{rate['full']:.0f} | {rate['full'] / rate['none']:.2f} |")
+def _median(runs: list[dict[str, list[dict]]], name: str, rank: int, fn) -> float:
+    return statistics.median(fn(run[name][rank]) for run in runs)
+
+
+def _memory_table(runs: dict[str, list[dict[str, list[dict]]]], estimates: dict, name: str) -> list[str]:
+    """Per rank and mode: the process before loading, weights + trainable state (RSS once built; C heap in use after
+    the first step), the estimate, the peak RSS during training; the state and peak as ratios to DDP's."""
+    rows = [f"| {name}: mode | rank | RSS before load | state: RSS once built | state: heap after step 1 | "
+            "ratio to DDP | estimate state | peak RSS in training | ratio to DDP | estimate peak + RSS before load |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for rank in (0, 1):
+        ddp_state = _median(runs["none"], name, rank, lambda f: f["heap_step1"] - f["heap_before"])
+        ddp_peak = _median(runs["none"], name, rank, lambda f: f["peak"])
+        for mode in MODES:
+            before = _median(runs[mode], name, rank, lambda f: f["rss_before"])
+            rss = _median(runs[mode], name, rank, lambda f: f["rss_built"] - f["rss_before"])
+            heap = _median(runs[mode], name, rank, lambda f: f["heap_step1"] - f["heap_before"])
+            peak = _median(runs[mode], name, rank, lambda f: f["peak"])
+            est_state, est_peak = estimates[(name, mode)]
+            rows.append(f"| {mode} | {rank} | {before / MiB:.0f} | {rss / MiB:.0f} | {heap / MiB:.0f} | "
+                        f"{heap / ddp_state:.2f} | {est_state:.0f} | {peak / MiB:.0f} | {peak / ddp_peak:.2f} | "
+                        f"{est_peak + before / MiB:.0f} |")
     return rows
+
+
+def _speed_table(runs: dict[str, list[dict[str, list[dict]]]], methods: list[str]) -> list[str]:
+    rows = ["| method | " + " | ".join(f"{m} tokens/s" for m in MODES) + " | " +
+            " | ".join(f"{m} / DDP" for m in MODES[1:]) + " |", "|---" * (1 + 2 * len(MODES) - 1) + "|"]
+    for name in methods:
+        rate = {m: _median(runs[m], name, 0, lambda f: f["tokens_per_s"]) for m in MODES}
+        rows.append(f"| {name} | " + " | ".join(f"{rate[m]:.0f}" for m in MODES) + " | " +
+                    " | ".join(f"{rate[m] / rate['none']:.2f}" for m in MODES[1:]) + " |")
+    return rows
+
+
+def compare(rounds: int, steps: int, methods: list[str]) -> None:
+    """DDP vs both sharding modes, alternating launches; the section ``sharding`` of BENCHMARKS.md."""
+    from _common import machine, write_section
+
+    t0, load = time.perf_counter(), os.getloadavg()[0]
+    runs: dict[str, list[dict[str, list[dict]]]] = {m: [] for m in MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        _write_rows(out / "rows.jsonl", 200)
+        for _ in range(rounds):
+            for mode in MODES:
+                runs[mode].append(_launch(mode, methods, steps, out)[0])
+    precision = runs["none"][0][methods[0]][0]["precision"]
+    estimates = _estimates(precision, methods)
+    body = [f"## sharding — `python bench/sharding.py --rounds {rounds} --steps {steps} --methods "
+            f"{','.join(methods)}` ({machine()}, 2 ranks x 1 thread, gloo, precision {precision}, "
+            f"{time.perf_counter() - t0:.0f} s, load average {load:.1f} at the start)", "",
+            f"DDP (`sharding: none`) vs FSDP2 (`sharding: full`, `grad_op`) on {MODEL}, batch 1 x {SEQ} tokens "
+            f"packed, {steps} steps per launch, medians over {rounds} alternating rounds, per rank. *State* is the "
+            "frozen weights + trainable weights + optimizer states a rank holds: its RSS once the trainer is built "
+            "minus its RSS before loading (no optimizer state yet; includes freed memory glibc kept), and the C heap "
+            "in use (glibc `mallinfo2`, where torch's CPU tensors live) after the first step minus before loading "
+            "(optimizer states included; gradients freed, units resharded). The peak RSS during training holds the "
+            "process (Python, torch, tokenizer), the state, the gathered units, activations and what glibc keeps of "
+            "freed activations. Estimates: `peftkit.memory.estimate(..., world_size=2, sharding=...)` (state: "
+            "frozen + trainable weights + optimizer states; peak plus the RSS before loading).", ""]
+    for name in methods:
+        body += [*_memory_table(runs, estimates, name), ""]
+    body += ["Target tokens per second of the steps after the first (rank 0):", "", *_speed_table(runs, methods)]
+    write_section("sharding", "\n".join(body))
+    print("\n".join(body))
+
+
+CAP_MIB = 2750
+"""The memory cap per process of ``--cap``: between the cgroups' peaks per rank measured under a loose cap (8 GB; full
+fine-tuning, fp32, 2 steps): DDP 2961 and 3291 MiB, sharded 2461 and 2503 MiB."""
+CAP_STEPS = 2
+
+
+def _outcome(facts: dict, group: Path) -> str:
+    peak, killed = _cgroup_facts(group)
+    seen = f"the cgroup's peak {peak / MiB:.0f} MiB"
+    if "error" not in facts:
+        return f"trained {CAP_STEPS} steps ({seen}; peak RSS {facts['peak'] / MiB:.0f} MiB)"
+    if killed:
+        return f"**killed** by the kernel's OOM killer at the cap ({seen})"
+    return f"ended by torchrun when the other rank died ({seen})"
+
+
+def capped(cap_mib: int) -> None:
+    """Full fine-tuning in fp32 at 2 ranks, each process in a memory cgroup capped at `cap_mib`: DDP (every rank holds
+    the whole weights, gradients and AdamW states) against ``sharding: full`` (each holds half); the section
+    ``sharding-cap`` of BENCHMARKS.md."""
+    from _common import machine, write_section
+
+    if _cgroup_base() is None:
+        raise SystemExit("bench/sharding.py --cap: needs root and a memory cgroup (/sys/fs/cgroup): skipped")
+    t0 = time.perf_counter()
+    rows = ["| mode | rank | outcome |", "|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        _write_rows(out / "rows.jsonl", 50)
+        for mode in ("none", "full"):
+            groups = _make_cgroups(f"peftkit-bench-{os.getpid()}-{mode}", cap_mib)
+            try:
+                facts, stderr = _launch(mode, ["full"], CAP_STEPS, out, precision="fp32", cgroup=str(groups[0])[:-3])
+                rows += [f"| {mode} | {r} | {_outcome(f, groups[r])} |" for r, f in enumerate(facts["full"])]
+                print(f"{mode}: {facts}\n{stderr[-800:]}", file=sys.stderr)
+            finally:
+                for group in groups:
+                    group.rmdir()
+    estimates = {m: estimate_peak("full", "fp32", m) for m in ("none", "full")}
+    body = [f"## sharding-cap — `python bench/sharding.py --cap` ({machine()}, 2 ranks x 1 thread, gloo, "
+            f"{time.perf_counter() - t0:.0f} s)", "",
+            f"Full fine-tuning of {MODEL} in fp32 (weights, gradients and AdamW's two states: 4 x 0.54 GB), batch 1 x "
+            f"{SEQ} tokens, {CAP_STEPS} steps at 2 ranks, each process in its own memory cgroup capped at {cap_mib} "
+            "MiB (RSS and page cache, no swap; the worker joins it at its start, before loading). DDP's ranks hold "
+            "everything and are killed; sharded ranks hold half and train. The estimator's per-rank peaks: DDP "
+            f"{estimates['none']:.0f} MiB, sharded {estimates['full']:.0f} MiB (plus the process's own ~340 MiB).",
+            "", *rows]
+    write_section("sharding-cap", "\n".join(body))
+    print("\n".join(body))
+
+
+def estimate_peak(method: str, precision: str, mode: str) -> float:
+    from peftkit.memory import TrainSetup, estimate
+
+    setup = TrainSetup(method=method, method_args=METHODS[method]["method_config"], precision=precision,
+                       batch_size=1, seq_len=SEQ, world_size=2, sharding=mode)
+    return estimate("smollm2-135m", setup).peak_bytes / MiB
 
 
 def main() -> None:
@@ -118,35 +314,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--methods", default="lora", help="comma-separated: lora, full (full fine-tuning: ~4 GB "
                         "and ~20 s per step per rank on a busy 2-core machine)")
+    parser.add_argument("--cap", action="store_true", help="instead: full fine-tuning in fp32 under a per-process "
+                        "memory cgroup cap (root) that DDP does not fit and sharding does (section sharding-cap)")
+    parser.add_argument("--cap-mib", type=int, default=CAP_MIB)
+    parser.add_argument("--cgroup", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=MODES)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.methods.split(","), args.steps, args.out)
-        return
-    from _common import machine, write_section
-
-    t0, load = time.perf_counter(), os.getloadavg()[0]
-    runs: dict[str, list[dict[str, list[dict]]]] = {m: [] for m in MODES}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        _write_rows(out / "rows.jsonl", 200)
-        for _ in range(args.rounds):
-            for mode in MODES:
-                runs[mode].append(_launch(mode, args.methods.split(","), args.steps, out))
-    precision = runs["none"][0]["lora"][0]["precision"]
-    elapsed = time.perf_counter() - t0
-    body = [f"## sharding — `python bench/sharding.py --rounds {args.rounds} --steps {args.steps} --methods "
-            f"{args.methods}` ({machine()}, "
-            f"2 ranks x 1 thread, gloo, precision {precision}, {elapsed:.0f} s, load average {load:.1f} at the start)",
-            "", f"DDP (`sharding: none`) vs FSDP2 (`sharding: full`) on {MODEL}, batch 1 x {SEQ} tokens packed, "
-            f"{args.steps} steps per run, medians over {args.rounds} alternating rounds; peak RSS is the larger rank's "
-            "(the loaded weights included), tokens/s are target tokens per second of the steps after the first. The "
-            "estimate is `peftkit.memory.estimate(..., world_size=2, sharding=...)`'s per-rank peak, without the "
-            "process's own RSS (Python, torch, tokenizer: about 500 MiB).", "",
-            *_table(runs, _estimates(precision, args.methods.split(",")))]
-    write_section("sharding", "\n".join(body))
-    print("\n".join(body))
+        worker(args.worker, args.methods.split(","), args.steps, args.out, args.precision, args.cgroup)
+    elif args.cap:
+        capped(args.cap_mib)
+    else:
+        compare(args.rounds, args.steps, args.methods.split(","))
 
 
 if __name__ == "__main__":

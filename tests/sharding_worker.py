@@ -2,14 +2,17 @@
 
 ``sharding_worker.py PLAN.json``: the plan is a list of jobs ``{"name", "config": {...TrainConfig keys},
 "until_step": int | null, "resume": bool}``; each trains into ``<output_dir>`` and writes
-``<output_dir>/rank<r>.json`` (the world, the per-step losses, the bytes of packed 4-bit weights held).
+``<output_dir>/rank<r>.json`` (the world, the per-step losses, the bytes of packed 4-bit weights held, the bytes of
+the model's original whole parameters still alive once the trainer is built).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -22,12 +25,19 @@ from peftkit.train import TrainConfig, Trainer  # noqa: E402
 
 def run(job: dict) -> None:
     cfg = TrainConfig.from_dict(job["config"])
-    trainer = Trainer(cfg, model=tiny_llama(), tokenizer=tiny_tokenizer(), resume=job.get("resume", False))
+    model = tiny_llama()
+    whole = [weakref.ref(p) for p in model.parameters()]
+    trainer = Trainer(cfg, model=model, tokenizer=tiny_tokenizer(), resume=job.get("resume", False))
+    del model
+    gc.collect()
+    alive = [r() for r in whole]
+    whole_bytes = sum(p.numel() * p.element_size() for p in alive if p is not None and not hasattr(p, "to_local"))
+    del alive
     trainer.run(until_step=job.get("until_step"))
     rank = int(os.environ.get("RANK", 0))
     Path(cfg.output_dir, f"rank{rank}.json").write_text(json.dumps({
         "world": trainer.world, "losses": [h["loss"] for h in trainer.history],
-        "sharded": trainer.sharded, "packed_bytes": packed_bytes(trainer.model),
+        "sharded": trainer.sharded, "packed_bytes": packed_bytes(trainer.model), "whole_bytes": whole_bytes,
     }))
 
 

@@ -92,6 +92,13 @@ def test_two_sharded_ranks_equal_one_process_of_the_same_global_batch(runs, meth
     _close(_adapter(sharded), _adapter(one), 1e-5)
 
 
+def test_sharding_lets_go_of_the_whole_weights(runs):
+    # the method's replaced modules (`InjectReport.originals`) held every adapted layer's whole weight on each rank
+    for name in ("fsdp-lora", "zero2-lora", "fsdp-full"):
+        assert [json.loads((runs / name / f"rank{r}.json").read_text())["whole_bytes"] for r in (0, 1)] == [0, 0]
+    assert json.loads((runs / "ddp-lora" / "rank0.json").read_text())["whole_bytes"] > 0  # DDP's model holds them
+
+
 def test_qlora_shards_its_packed_base_and_equals_one_process(runs):
     sharded, one = runs / "fsdp-qlora", runs / "one-qlora"
     held = [json.loads((sharded / f"rank{r}.json").read_text())["packed_bytes"] for r in (0, 1)]

@@ -100,6 +100,10 @@ class Trainer:
         self.sharded = cfg.sharding != "none"
         if self.sharded:  # after counting (FSDP replaces the parameters by shards), before the optimizer is built
             shard_model(self.model, cfg.sharding)
+            # the modules the method replaced (kept to undo it) hold the whole weights FSDP just split; a sharded
+            # model is not undone, so they go, and glibc hands their pages back (else each rank keeps them all)
+            self.report.originals.clear()
+            _trim_host_memory()
         self.objective = None if cfg.objective == "sft" else PreferenceObjective(cfg, self.model, self.report)
         data_cls = TrainData if self.objective is None else PreferenceData
         self.data = data_cls(cfg, self.tokenizer, self.model, self.world, self.rank, log=self.is_main)
