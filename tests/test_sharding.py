@@ -145,6 +145,8 @@ def test_sharding_refusals(tmp_path):
         Trainer(make_cfg(tmp_path, sharding="full", optimizer="adamw_8bit"))
     with pytest.raises(PeftkitError, match="ewc_lambda > 0 does not run with sharding"):
         Trainer(make_cfg(tmp_path, sharding="grad_op", ewc_lambda=1.0))
+    with pytest.raises(PeftkitError, match="objective: dpo does not run with sharding yet"):
+        Trainer(make_cfg(tmp_path, sharding="full", objective="dpo"))
 
 
 def test_a_world_change_keeps_the_global_batch_or_is_refused(tmp_path):
