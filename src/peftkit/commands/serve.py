@@ -149,7 +149,7 @@ def check_exposure(host: str, api_key: str | None, insecure_no_key: bool) -> Non
     """Refuse to listen beyond loopback without an API key, unless asked to (`--insecure-no-key`)."""
     from peftkit.errors import PeftkitError
 
-    if api_key or _is_loopback(host):
+    if api_key or is_loopback(host):
         return
     if not insecure_no_key:
         raise PeftkitError(f"--host {host} is not a loopback address and no API key is set, so anyone who can reach "
@@ -157,7 +157,7 @@ def check_exposure(host: str, api_key: str | None, insecure_no_key: bool) -> Non
     print(f"peftkit serve: warning: listening on {host} without an API key (--insecure-no-key)", file=sys.stderr)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -38,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
                           "pip install 'peftkit[serve]'") from None
     from urllib.parse import quote
 
-    from peftkit.commands.serve import _is_loopback, bind
+    from peftkit.commands.serve import bind, is_loopback
     from peftkit.errors import PeftkitError
 
-    if not args.token and not _is_loopback(args.host):
+    if not args.token and not is_loopback(args.host):
         raise PeftkitError(f"--host {args.host} is not a loopback address, so anyone who can reach it could train and "
                            "read files in the workspace: set --token TOKEN (or $PEFTKIT_STUDIO_TOKEN)")
     sock = bind(args.host, args.port)
