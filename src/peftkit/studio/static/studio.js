@@ -129,7 +129,7 @@ function planBody() {
 function qualityOf(method) {  // quality and forgetting from `peftkit compare` tables in the workspace
   for (const t of compareTables) {
     const row = t.rows.find((r) => r.method === method || r.label === method);
-    if (row) return [row.BLEU ?? row.bleu ?? "", row.forgetting ?? row.probe_drop ?? ""];
+    if (row) return [row.BLEU ?? row.bleu ?? "", row.probe_loss_increase ?? ""];
   }
   return ["", ""];
 }
