@@ -154,22 +154,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.against:
         return against(args)
+    if not args.no_check:
+        print("| precision | requests | equal | distinct concurrent answers |")
+        print("\n".join(check(args.precision)))
     precision = resolve_precision(args.precision)
     model, tok = load_model(BUNDLED_NAME, dtype=precision.weight_dtype)
     engine = Engine(model, tok, "base", max_batch=16)
     with tempfile.TemporaryDirectory() as tmp:
         engine.add_adapter("lora", read_lora(random_lora(model, Path(tmp) / "lora"), model))
     engine.start()
-    ids = prompt_ids(tok)
-    mixed = [(m, p) for p in ids for m in ("base", "lora")]
-    same = [("lora", ids[0])] * 8
+    mixed = [(m, p) for p in prompt_ids(tok) for m in ("base", "lora")]
     print(f"precision {precision.name}; threads {torch.get_num_threads()}")
-    for name, jobs in () if args.no_check else (("mixed", mixed), ("identical", same)):
-        alone, _ = run(engine, jobs, False, 48)
-        together, _ = run(engine, jobs, True, 48)
-        equal = sum(a == b for a, b in zip(alone, together, strict=True))
-        print(f"{name}: {equal}/{len(jobs)} equal concurrent vs one at a time;"
-              f" distinct concurrent answers {len({tuple(t) for t in together})}")
     jobs = [mixed[i % len(mixed)] for i in range(args.streams)]
     rates = []
     for _ in range(args.reps):
