@@ -17,7 +17,7 @@ from peftkit.core.disable import adapter_disabled
 from peftkit.data.preference import collate_pairs, read_pairs, row_to_pair, tokenize_pairs
 from peftkit.errors import PeftkitError
 from peftkit.train.config import TrainConfig
-from peftkit.train.preference import TargetLogProbs, sequence_logps
+from peftkit.train.preference import HeadLogProbs, TargetLogProbs, _plain_head, sequence_logps
 from peftkit.train.trainer import Trainer
 
 IDS = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -113,6 +113,57 @@ def test_target_log_probs_gradient_equals_autograd():
     (got * weights).sum().backward()
     torch.testing.assert_close(got, want.detach())
     torch.testing.assert_close(mine.grad, expected)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 37, 70])  # none, one, one chunk and a part, several chunks
+def test_head_log_probs_and_hidden_gradient_equal_autograd(rows):
+    g = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 24, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(50, 24, dtype=torch.float64, generator=g)
+    targets = torch.randint(0, 50, (rows,), generator=g)
+    weights = torch.randn(rows, dtype=torch.float64, generator=g)
+    want = torch.log_softmax(hidden @ weight.t(), -1).gather(1, targets[:, None])[:, 0]
+    (want * weights).sum().backward()
+    expected, hidden.grad = hidden.grad, None
+    got = HeadLogProbs.apply(hidden, weight, targets, False)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, want.detach())
+    torch.testing.assert_close(hidden.grad, expected)
+
+
+def test_head_log_probs_under_bf16_autocast_as_the_head_would():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 32, generator=g, requires_grad=True)
+    weight = torch.randn(64, 32, generator=g)
+    targets = torch.randint(0, 64, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.log_softmax(torch.nn.functional.linear(hidden, weight).float(), -1).gather(1, targets[:, None])
+        want[:, 0].sum().backward()
+        expected, hidden.grad = hidden.grad, None
+        got = HeadLogProbs.apply(hidden, weight, targets, False)
+    got.sum().backward()
+    assert got.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    torch.testing.assert_close(got, want[:, 0].detach(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(hidden.grad, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_sequence_log_probs_with_the_fused_head_equal_the_logits_path():
+    model = tiny_llama()
+    apply_method(model, "lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    assert _plain_head(model) is not None  # the adapted model's head is frozen: the fused path
+    pairs = tokenize_pairs(tiny_tokenizer(), [row_to_pair(r) for r in (STANDARD, CONVERSATIONAL)], 64)
+    batch = collate_pairs([p.row() for p in pairs], 0, packed=False)
+    fused, _ = sequence_logps(model, batch)
+    fused.sum().backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    model.get_output_embeddings().weight.requires_grad_(True)  # a training head: the logits path
+    assert _plain_head(model) is None
+    plain, _ = sequence_logps(model, batch)
+    plain.sum().backward()
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for n, grad in fused_grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[n].grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
 def perturbed(method, config, seed=1, quantize=False):

@@ -20,20 +20,29 @@ ORPO needs no reference: with mean log-probabilities ``a = log p / |y|`` and ``l
 (``beta`` is the paper's lambda, as TRL's ``ORPOConfig`` names it); rewards = beta a.
 
 Note:
-    The log-probabilities come from the target hidden states only (`peftkit.train.loss.target_hidden_states`),
+    The log-probabilities come from the target hidden states only (`peftkit.train.loss.target_hidden_states`).
+    With a plain frozen output head (every adapter method), `HeadLogProbs` runs the head and the log-softmax a chunk
+    of rows at a time and, while the chunk's softmax is at hand, also the gradient of each picked log-probability
+    with respect to its hidden state: nothing vocabulary-wide is kept for backward and the softmax is computed once
+    (on the bundled model, 4 pairs of the orders task: 50 MiB of fp32 logits no longer held from forward to
+    backward, at the same speed). Other heads go
     through `TargetLogProbs`, which never holds more than a chunk of vocabulary-wide rows in fp32.
 """
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftkit.core.matmul import frozen_product, onednn_linear_enabled
 from peftkit.data.sequences import IGNORE
 from peftkit.train.loss import head_logits, target_hidden_states
 
-__all__ = ["DPO_LOSS_TYPES", "OBJECTIVES", "TargetLogProbs", "dpo_loss", "orpo_loss", "sequence_logps"]
+__all__ = ["DPO_LOSS_TYPES", "OBJECTIVES", "HeadLogProbs", "TargetLogProbs", "dpo_loss", "orpo_loss",
+           "sequence_logps"]
 
 OBJECTIVES = ("sft", "dpo", "orpo")
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
@@ -72,15 +81,71 @@ class TargetLogProbs(torch.autograd.Function):
         return out, None
 
 
+class HeadLogProbs(torch.autograd.Function):
+    """``log_softmax(hidden W^T)[i, targets[i]]`` per row for a frozen, bias-free head weight W, in row chunks.
+
+    Note:
+        ``d picked_i / d hidden_i = (onehot(t_i) - softmax_i) W``: forward computes it from the chunk's softmax
+        and saves that (rows x hidden size) instead of the logits (rows x vocabulary); backward only scales it by
+        each row's incoming gradient. Under autocast the product runs in the autocast dtype, as the head would;
+        the log-softmax in fp32 (or wider).
+    """
+
+    CHUNK = 128  # rows: a 128 x vocabulary fp32 chunk (25 MiB at 49,152 words) keeps the head product efficient
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, onednn: bool) -> torch.Tensor:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        wide = torch.promote_types(dtype, torch.float32)
+        grad = ctx.needs_input_grad[0]
+        picked, slopes = [], []
+        with torch.autocast(device, enabled=False):
+            for c, t in zip(h.split(HeadLogProbs.CHUNK), targets.split(HeadLogProbs.CHUNK), strict=True):
+                logp = torch.log_softmax(frozen_product(c, w, None, onednn), -1, dtype=wide)
+                picked.append(logp.gather(1, t[:, None])[:, 0])
+                if grad:  # (softmax - onehot) W, negated below
+                    p = logp.exp_()
+                    p[torch.arange(len(t), device=p.device), t] -= 1.0
+                    slopes.append(p.to(dtype) @ w)
+        ctx.in_dtype = hidden.dtype
+        ctx.save_for_backward(torch.cat(slopes).neg_() if grad and slopes else None)
+        return torch.cat(picked) if picked else hidden.new_zeros(0, dtype=wide)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (slopes,) = ctx.saved_tensors
+        if slopes is None:
+            return None, None, None, None
+        return (slopes * grad[:, None].to(slopes.dtype)).to(ctx.in_dtype), None, None, None
+
+
+def _plain_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head where `HeadLogProbs` computes what the model would: a bias-free ``nn.Linear`` with a
+    frozen weight, its own forward, and no logit scaling in the config (`peftkit.train.loss.head_logits`)."""
+    head = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad or "forward" in head.__dict__:
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, k, None) for k in ("logit_scale", "logits_scaling", "final_logit_softcapping")):
+        return None
+    return head
+
+
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pair: the summed log-probabilities of the chosen and rejected answers (pairs x 2, fp32) and their token
     counts, from one forward of `batch` (`peftkit.data.preference.collate_pairs`)."""
     core = getattr(model, "module", model)
     inputs = {k: v for k, v in batch.items() if k != "sequence_ids"}
     hidden, targets = target_hidden_states(model, inputs)
-    logits = head_logits(core, hidden)
-    picked = TargetLogProbs.apply(logits if logits.dtype in (torch.bfloat16, torch.float16) else logits.float(),
-                                  targets)
+    if (head := _plain_head(core)) is not None:
+        onednn = onednn_linear_enabled(hidden, head.weight.dtype) and not torch.is_autocast_enabled(hidden.device.type)
+        picked = HeadLogProbs.apply(hidden, head.weight, targets, onednn)
+    else:
+        logits = head_logits(core, hidden)
+        low = logits.dtype in (torch.bfloat16, torch.float16)
+        picked = TargetLogProbs.apply(logits if low else logits.float(), targets)
     device = picked.device
     labels = batch["labels"][:, 1:].to(device)
     rows, cols = labels.ne(IGNORE).nonzero(as_tuple=True)

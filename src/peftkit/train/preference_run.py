@@ -122,13 +122,18 @@ class PreferenceObjective:
 
     def losses(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                               torch.Tensor]:
-        """Per-pair losses, rewards (pairs x 2), policy log-probabilities (pairs x 2) and answer token counts."""
-        policy, counts = sequence_logps(model, batch)
+        """Per-pair losses, rewards (pairs x 2), policy log-probabilities (pairs x 2) and answer token counts.
+
+        DPO's reference runs first: its forward's temporaries then come and go before the policy's activations are
+        held, instead of on top of them (the step's peak is the policy's graph alone).
+        """
         if not self.dpo:
+            policy, counts = sequence_logps(model, batch)
             losses, rewards = orpo_loss(policy, counts, self.cfg.beta)
             return losses, rewards, policy, counts
         with torch.no_grad(), adapter_disabled(self.model, self.report):
             reference, _ = sequence_logps(self.model, batch)
+        policy, counts = sequence_logps(model, batch)
         losses, rewards = dpo_loss(policy, reference, counts, self.cfg.beta, self.cfg.label_smoothing,
                                    self.cfg.loss_type)
         return losses, rewards, policy, counts
