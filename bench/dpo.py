@@ -1,22 +1,33 @@
-"""Benchmark: a DPO training step, peftkit vs TRL's DPOTrainer + peft, and what a short DPO run does on held-out pairs.
+"""Benchmark: a DPO training step, peftkit vs TRL's DPOTrainer + peft; and what a short DPO run does on held-out pairs.
 
-Pairs from the bundled orders task (`peftkit/data/tasks`): the prompt is the task's instruction and customer message,
-the chosen answer its correct JSON, the rejected one the same JSON broken one way (cut short, a key missing, a wrong
-quantity, single quotes, or a trailing comma; `broken`). The bundled SmolLM2-135M-Instruct, fp32, LoRA r=8 alpha=16
-no dropout on q,k,v,o,gate,up,down, DPO sigmoid beta 0.1, AdamW lr 5e-5, 4 pairs per step, max length 256, the same
-pairs in the same order on both sides (TRL gets them in peftkit's shuffled order, sequential sampler). peftkit packs
-each pair's prompt once with both answers attending to it and runs the reference with the adapter off; TRL pads
-chosen and rejected into 8 rows and runs them twice (policy, then the reference with the adapter off).
+Speed and memory (section "dpo"). Pairs from the bundled orders task (`peftkit/data/tasks`): the prompt is the
+task's instruction and customer message, the chosen answer its correct JSON, the rejected one the same JSON broken
+one way (cut short, a key missing, a wrong quantity, single quotes, or a trailing comma; `broken`). The bundled
+SmolLM2-135M-Instruct, LoRA r=8 alpha=16 no dropout on q,k,v,o,gate,up,down, DPO sigmoid beta 0.1, AdamW lr 5e-5,
+4 pairs per step, max length 256, the same pairs in the same order on both sides (TRL gets them in peftkit's shuffled
+order, sequential sampler). peftkit packs each pair's prompt once with both answers attending to it and runs the
+reference with the adapter off; TRL pads chosen and rejected into 8 rows and runs them twice (the reference with the
+adapter off). Configurations: fp32 on both sides, and, where this CPU computes bf16 natively, each library's bf16:
+peftkit's ``precision: auto`` (bf16 frozen weights + autocast) and TRL's ``bf16=True`` (autocast).
 
-Each run is a fresh subprocess (``--worker``), the two alternate, several repetitions (`train_throughput`'s workers:
-time from the start of the first step after the warmup to the start of the step after the window; peak memory =
-peak RSS during training minus the RSS after loading the model, and the whole process's peak). Then one peftkit DPO
-run of ``--accuracy-steps`` steps on 400 training pairs, scored on 100 held-out pairs (the task's test rows): the
-implicit reward accuracy (TRL's ``rewards/accuracies``) and how often the policy's own log-probability of the
-correct answer beats the broken one's, before and after. Writes section "dpo" of BENCHMARKS.md.
+Each run is a fresh subprocess (``--worker``), the configurations alternate, ``--repeats`` rounds, medians (and each
+round's ratio). Time: from the start of the first step after the warmup to the start of the step after the window
+(`train_throughput`'s workers). Memory: *peak growth* = the worker's peak RSS during training (VmHWM, reset after the
+model is loaded and its weights are resident) minus its RSS at that point; *process peak* = the whole worker's peak
+RSS. The weights are read once before the baseline because both libraries memory-map the fp32 checkpoint: untouched,
+its ~510 MiB would be paged in by the first forward and counted as training's growth.
 
-    python bench/dpo.py                  # ~6 minutes on an idle 2-core CPU
-    python bench/dpo.py --write-data recipes   # (re)write the shipped pair files beside the recipes
+Held-out reward accuracy (section "dpo-accuracy"): harder pairs from the same task (`subtle`): the rejected answer is
+the correct JSON with one field subtly wrong (the quantity off by one or two, another city, colour or name, the item
+in the plural), valid JSON like the chosen one. The base model scored on the task's 100 test rows, then one peftkit
+DPO run on pairs from the 600 training rows, scored again: how often the model finds the correct answer likelier
+than the wrong one (summed and per-token log-probability), and the implicit reward accuracy and margin (TRL's
+``rewards/accuracies``, ``rewards/margins``: 0 before training by definition, policy = reference).
+
+    flock /work/wt/bench.lock python bench/dpo.py          # both sections; ~20 minutes on an idle 2-core CPU
+    python bench/dpo.py --part speed --repeats 3
+    python bench/dpo.py --part accuracy --accuracy-steps 60
+    python bench/dpo.py --write-data recipes                # (re)write the shipped pair files beside the recipes
 """
 
 from __future__ import annotations
@@ -49,10 +60,11 @@ from train_throughput import (  # noqa: E402
 )
 
 warnings.filterwarnings("ignore")
-CONFIGS = ("peftkit", "trl")
+CONFIGS = ("peftkit", "trl", "peftkit-auto", "trl-bf16")
 TASKS = ROOT / "src" / "peftkit" / "data" / "tasks"
 PAIRS, MAX_LENGTH, LR, BETA = 4, 256, 5e-5, 0.1
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS}
+FIELDS = ("quantity", "city", "color", "item", "name")
 
 
 def broken(answer: str, how: int) -> str:
@@ -71,23 +83,63 @@ def broken(answer: str, how: int) -> str:
     return answer[:-1] + ", }"
 
 
-def pair_rows(split: str) -> list[dict]:
-    """Conversational pairs (prompt messages, chosen / rejected assistant messages) from the orders task."""
+def plural(item: str) -> str:
+    if item.endswith("f"):
+        return item[:-1] + "ves"
+    return item + ("es" if item.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def subtle(answer: str, field: str, pools: dict[str, list], rng: random.Random) -> str:
+    """`answer` (a JSON object) with `field` subtly wrong, still valid JSON in the same layout."""
+    data = json.loads(answer)
+    value = data[field]
+    if field == "quantity":
+        data[field] = value + rng.choice([1, 2]) if value <= 2 else value + rng.choice([-2, -1, 1, 2])
+    elif field == "item":
+        data[field] = plural(value)
+    else:
+        data[field] = rng.choice([v for v in pools[field] if v != value])
+    return json.dumps(data)
+
+
+def task_rows(split: str) -> list[dict]:
+    return [json.loads(line) for line in (TASKS / f"orders_{split}.jsonl").read_text().splitlines()]
+
+
+def pair_rows(split: str, kind: str = "broken") -> list[dict]:
+    """Conversational pairs (prompt messages, chosen / rejected assistant messages) from the orders task; the
+    rejected answer `broken` (kind "broken") or `subtle` (kind "subtle": the wrong field cycles over `FIELDS`)."""
     from peftkit.data.formats import INPUT_FORMAT
 
-    rows = [json.loads(line) for line in (TASKS / f"orders_{split}.jsonl").read_text().splitlines()]
+    rows = task_rows(split)
+    pools = {k: sorted({json.loads(r["output"])[k] for r in task_rows("train")}) for k in FIELDS}
+    rng = random.Random(f"{split}-{kind}")
+
+    def rejected(i: int, answer: str) -> str:
+        return broken(answer, i % 5) if kind == "broken" else subtle(answer, FIELDS[i % 5], pools, rng)
+
     return [{"prompt": [{"role": "user",
                          "content": INPUT_FORMAT.format(instruction=r["instruction"], input=r["input"])}],
              "chosen": [{"role": "assistant", "content": r["output"]}],
-             "rejected": [{"role": "assistant", "content": broken(r["output"], i % 5)}]} for i, r in enumerate(rows)]
+             "rejected": [{"role": "assistant", "content": rejected(i, r["output"])}]} for i, r in enumerate(rows)]
 
 
-def write_pairs(folder: Path) -> tuple[Path, Path]:
+def write_pairs(folder: Path, kind: str = "broken") -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "orders_dpo_train.jsonl", folder / "orders_dpo_test.jsonl"
+    stem = "orders_dpo" if kind == "broken" else f"orders_dpo_{kind}"
+    paths = folder / f"{stem}_train.jsonl", folder / f"{stem}_test.jsonl"
     for path, split in zip(paths, ("train", "test"), strict=True):
-        path.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(split)))
+        path.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(split, kind)))
     return paths
+
+
+def resident(model) -> None:
+    """Read every weight once: a memory-mapped checkpoint's pages become resident before the memory baseline."""
+    import torch
+
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            t.float().sum() if t.is_floating_point() else t.sum()
 
 
 def peftkit_order(n: int) -> list[int]:
@@ -99,19 +151,20 @@ def peftkit_order(n: int) -> list[int]:
     return [read[i] for i in micro]
 
 
-def worker_peftkit(data: str, warmup: int, steps: int, examples: int) -> dict:
+def worker_peftkit(data: str, warmup: int, steps: int, examples: int, precision: str) -> dict:
     import torch
 
     from peftkit.models import load_model
     from peftkit.train import TrainConfig, Trainer
 
     model, tokenizer = load_model(MODEL, dtype=torch.float32)
+    resident(model)
     after_load = rss_mib()
     reset_hwm()
     out = tempfile.mkdtemp(prefix="peftkit-dpo-")
     cfg = TrainConfig(model=MODEL, data=data, limit_examples=examples, max_length=MAX_LENGTH, lr=LR, beta=BETA,
                       objective="dpo", batch_size=PAIRS, max_steps=warmup + steps + 1, warmup_ratio=0.0,
-                      output_dir=out, progress=False, seed=0, method="lora", method_config=LORA, precision="fp32")
+                      output_dir=out, progress=False, seed=0, method="lora", method_config=LORA, precision=precision)
     trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
     before, clock, batches = snapshot(trainer.model), StepClock(warmup, steps), trainer.data.batches
 
@@ -131,7 +184,7 @@ def worker_peftkit(data: str, warmup: int, steps: int, examples: int) -> dict:
             "moved": moved(trainer.model, before)}
 
 
-def worker_trl(data: str, warmup: int, steps: int, examples: int) -> dict:
+def worker_trl(data: str, warmup: int, steps: int, examples: int, bf16: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -143,6 +196,7 @@ def worker_trl(data: str, warmup: int, steps: int, examples: int) -> dict:
     path = resolve_model_path(MODEL)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    resident(model)
     after_load = rss_mib()
     reset_hwm()
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()][:examples]
@@ -160,7 +214,7 @@ def worker_trl(data: str, warmup: int, steps: int, examples: int) -> dict:
     args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-dpo-"), per_device_train_batch_size=PAIRS,
                      learning_rate=LR, beta=BETA, max_length=MAX_LENGTH, lr_scheduler_type="cosine", warmup_steps=0,
                      max_steps=warmup + steps + 1, logging_steps=1, save_strategy="no", report_to="none",
-                     use_cpu=True, bf16=False, train_sampling_strategy="sequential", dataloader_num_workers=0,
+                     use_cpu=True, bf16=bf16, train_sampling_strategy="sequential", dataloader_num_workers=0,
                      disable_tqdm=True, seed=0)
     trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
                          peft_config=LoraConfig(**LORA, task_type="CAUSAL_LM"), callbacks=[Clock()])
@@ -173,78 +227,144 @@ def worker_trl(data: str, warmup: int, steps: int, examples: int) -> dict:
             "moved": moved(trainer.model, before)}
 
 
-def policy_prefers_chosen(trainer) -> tuple[float, float]:
-    """Share of held-out pairs whose correct answer the model itself finds likelier than the broken one: by summed
-    log-probability, and by mean log-probability per token."""
+WORKERS = {"peftkit": lambda *a: worker_peftkit(*a, "fp32"), "trl": lambda *a: worker_trl(*a, False),
+           "peftkit-auto": lambda *a: worker_peftkit(*a, "auto"), "trl-bf16": lambda *a: worker_trl(*a, True)}
+
+
+def speed(args) -> str:
+    """The speed and memory runs, alternating in fresh processes; the section's text."""
+    from peftkit.hardware import native_bf16
+
+    configs = [c for c in CONFIGS if native_bf16("cpu")[0] or c in ("peftkit", "trl")]
+    t0, load_start = time.perf_counter(), os.getloadavg()
+    train, _ = write_pairs(Path(tempfile.mkdtemp(prefix="dpo-pairs-")))
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    loads = []
+    for rep in range(args.repeats):
+        for config in configs:
+            loads.append(os.getloadavg()[0])
+            r = run_worker(config, args, __file__, extra=("--data", str(train)))
+            r["pairs_s"], r["growth"] = r["positions"] / r["seconds"], r["peak"] - r["rss_after_load"]
+            runs[config].append(r)
+            print(f"rep {rep} {config:12s} {r['pairs_s']:.3f} pairs/s  peak +{r['growth']:.0f} MiB (process "
+                  f"{r['process_peak']:.0f} MiB)  first loss {r['first_loss']}  moved {r['moved']}  load "
+                  f"{loads[-1]:.1f}", flush=True)
+    return speed_report(args, runs, time.perf_counter() - t0, load_start, loads)
+
+
+def speed_report(args, runs: dict[str, list[dict]], elapsed: float, load_start, loads: list[float]) -> str:
+    import torch
+
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in ("pairs_s", "growth", "process_peak")}
+           for c, rs in runs.items()}
+    def each(c: str, key: str, form: str) -> str:
+        return ", ".join(format(r[key], form) for r in runs[c])
+
+    rows = [f"| {c} | {m['pairs_s']:.3f} | {PAIRS / m['pairs_s']:.2f} | {each(c, 'pairs_s', '.3f')} | "
+            f"{m['growth']:.0f} | {each(c, 'growth', '.0f')} | {m['process_peak']:.0f} | "
+            f"{runs[c][0]['first_loss']:.6f} | {runs[c][0]['moved']} |" for c, m in med.items()]
+    lines = []
+    for ours, theirs in (("peftkit", "trl"), ("peftkit-auto", "trl-bf16")):
+        if ours not in med:
+            continue
+        a, b = runs[ours], runs[theirs]
+        speedups = [x["pairs_s"] / y["pairs_s"] for x, y in zip(a, b, strict=True)]
+        memory = [x["growth"] / y["growth"] for x, y in zip(a, b, strict=True)]
+        lines.append(f"**{ours} vs {theirs}**: **{med[ours]['pairs_s'] / med[theirs]['pairs_s']:.2f}x** TRL's pairs/s "
+                     f"(per round {', '.join(f'{x:.2f}' for x in speedups)}; target >= 2x) at **"
+                     f"{med[ours]['growth'] / med[theirs]['growth']:.2f}x** its peak memory growth (per round "
+                     f"{', '.join(f'{x:.2f}' for x in memory)}; target <= 0.6x); "
+                     f"{med[ours]['process_peak'] / med[theirs]['process_peak']:.2f}x its whole-process peak.")
+    return "\n".join([
+        f"## dpo — `python bench/dpo.py --part speed --repeats {args.repeats} --warmup {args.warmup} --steps "
+        f"{args.steps} --threads {args.threads}` ({machine()}, {elapsed:.0f} s; load average {load_start[0]:.1f} "
+        f"at the start, {min(loads):.1f}-{max(loads):.1f} at the runs' starts, {os.getloadavg()[0]:.1f} at the end)",
+        "",
+        f"torch CPU capability `{torch.backends.cpu.get_cpu_capability()}`. DPO sigmoid beta {BETA} on the bundled "
+        f"{MODEL}, LoRA r=8 alpha=16 on all linear layers, {PAIRS} pairs per step (orders task: correct JSON chosen, "
+        f"broken JSON rejected; the same pairs in the same order on both sides), {args.warmup} warm-up + "
+        f"{args.steps} timed steps per run, {args.threads} torch thread(s) per run, the configurations alternating "
+        f"in fresh processes, {args.repeats} rounds, medians. TRL {_version('trl')}, peft {_version('peft')}. "
+        "*peak growth* = peak RSS during training minus the RSS once the fp32 model is loaded and its weights "
+        "resident (the checkpoint is memory-mapped by both: read once before the baseline); *process peak* = the "
+        "whole worker's peak RSS. `-auto` / `-bf16`: peftkit's `precision: auto` (here bf16 frozen weights + "
+        "autocast) and TRL's `bf16=True` (autocast over fp32 weights).",
+        "",
+        "| configuration | pairs/s | s/step | pairs/s per round | peak growth (MiB) | per round | process peak (MiB) "
+        "| first loss | tensors moved |",
+        "|---|---:|---:|---|---:|---|---:|---:|---:|",
+        *rows,
+        "",
+        *lines,
+    ])
+
+
+def preference_scores(trainer) -> dict[str, float]:
+    """On the run's held-out pairs: how often the model finds the chosen answer likelier than the rejected one (by
+    summed log-probability, and per token), and the implicit reward accuracy and margin (`evaluate`)."""
     import torch
 
     from peftkit.data.preference import collate_pairs
 
-    data, model = trainer.data, trainer.model.eval()
+    data, model, objective = trainer.data, trainer.model, trainer.objective
     rows, summed, mean = data.eval_rows(), 0, 0
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         for i in range(0, len(rows), 8):
-            _, _, policy, counts = trainer.objective.losses(model, collate_pairs(rows[i:i + 8], data.pad_id,
-                                                                                 data.packing))
+            _, _, policy, counts = objective.losses(model, collate_pairs(rows[i:i + 8], data.pad_id, data.packing))
             summed += int((policy[:, 0] > policy[:, 1]).sum())
             mean += int((policy[:, 0] / counts[:, 0] > policy[:, 1] / counts[:, 1]).sum())
-    model.train()
-    return summed / len(rows), mean / len(rows)
+    model.train(was_training)
+    scores = objective.evaluate(model, rows, data.pad_id, data.packing, 8)
+    return {"summed": summed / len(rows), "per_token": mean / len(rows), "accuracy": scores["eval_rewards/accuracies"],
+            "margin": scores["eval_rewards/margins"], "loss": scores["eval_loss"]}
 
 
-def accuracy_run(train: Path, test: Path, steps: int, n_eval: int) -> dict:
-    """A short peftkit DPO run; scores on the first `n_eval` held-out pairs before and after."""
-    from peftkit.train import TrainConfig, Trainer
-
-    held_out = test.with_name(f"held_out_{n_eval}.jsonl")
-    held_out.write_text("".join(test.read_text().splitlines(keepends=True)[:n_eval]))
-    cfg = TrainConfig(model=MODEL, data=str(train), eval_data=str(held_out), limit_examples=400, max_length=MAX_LENGTH,
-                      lr=2e-4, beta=BETA, objective="dpo", batch_size=PAIRS, max_steps=steps, warmup_ratio=0.1,
-                      output_dir=tempfile.mkdtemp(prefix="peftkit-dpo-acc-"), progress=False, seed=0,
-                      method="lora", method_config=LORA, precision="fp32")
-    trainer = Trainer(cfg)
-    before = policy_prefers_chosen(trainer)
-    t0 = time.perf_counter()
-    result = trainer.run()
-    after = policy_prefers_chosen(trainer)
-    return {"before": before, "after": after, "final": result.final_scores, "seconds": time.perf_counter() - t0,
-            "pairs": len(trainer.data.eval_rows())}
-
-
-def report(args, s: dict, acc: dict, elapsed: float) -> str:
+def accuracy(args) -> str:
+    """A short peftkit DPO run on the subtle pairs, scored on the held-out pairs before and after."""
     import torch
 
-    from peftkit.hardware import native_bf16
+    from peftkit.train import TrainConfig, Trainer
 
-    pk, tr = s["peftkit"], s["trl"]
-    rows = [f"| {c} | {v['pairs_s']:.2f} | {v['step_s']:.2f} | {v['growth']:.0f} | {v['process']:.0f} | "
-            f"{v['first_loss']} | {v['moved']} |" for c, v in s.items()]
-    f = acc["final"]
+    torch.set_num_threads(args.threads)
+    t0, load_start = time.perf_counter(), os.getloadavg()
+    train, test = write_pairs(Path(tempfile.mkdtemp(prefix="dpo-subtle-")), "subtle")
+    cfg = TrainConfig(model=MODEL, data=str(train), eval_data=str(test), max_length=MAX_LENGTH, lr=args.accuracy_lr,
+                      beta=BETA, objective="dpo", batch_size=PAIRS, max_steps=args.accuracy_steps, warmup_ratio=0.1,
+                      output_dir=tempfile.mkdtemp(prefix="peftkit-dpo-acc-"), progress=False, seed=0,
+                      method="lora", method_config=LORA, precision=args.accuracy_precision)
+    trainer = Trainer(cfg)
+    before = preference_scores(trainer)
+    print("before", before, flush=True)
+    t1 = time.perf_counter()
+    trainer.run()
+    seconds = time.perf_counter() - t1
+    after = preference_scores(trainer)
+    print("after", after, flush=True)
+    n = len(trainer.data.eval_rows())
+    cell = "| {} | {summed:.2f} | {per_token:.2f} | {accuracy:.2f} | {margin:.3f} | {loss:.4f} |"
     return "\n".join([
-        f"## dpo — `python bench/dpo.py --repeats {args.repeats} --warmup {args.warmup} --steps {args.steps} "
-        f"--threads {args.threads} --accuracy-steps {args.accuracy_steps} --eval-pairs {args.eval_pairs}` "
-        f"({machine()}, {elapsed:.0f} s, load average {os.getloadavg()[0]:.1f} at the end)",
+        f"## dpo-accuracy — `python bench/dpo.py --part accuracy --accuracy-steps {args.accuracy_steps} "
+        f"--accuracy-lr {args.accuracy_lr} --accuracy-precision {args.accuracy_precision} --threads {args.threads}` "
+        f"({machine()}, {time.perf_counter() - t0:.0f} s; load average {load_start[0]:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end)",
         "",
-        f"torch CPU capability `{torch.backends.cpu.get_cpu_capability()}`, bf16 native: {native_bf16('cpu')[0]}. "
-        f"DPO sigmoid beta {BETA} on the bundled {MODEL}, fp32, LoRA r=8 alpha=16 on all linear layers, "
-        f"{PAIRS} pairs per step (orders task: correct JSON chosen, broken JSON rejected), {args.warmup} warm-up + "
-        f"{args.steps} timed steps per run, runs alternating in fresh processes, medians of {args.repeats}. "
-        f"TRL {_version('trl')}, peft {_version('peft')}.",
+        f"Subtle pairs from the orders task (`subtle`: the rejected answer is the correct JSON with one field wrong: "
+        f"quantity off by one or two, another city, colour or name, the item in the plural; both valid JSON). One "
+        f"peftkit DPO run on the bundled {MODEL}: LoRA r=8 alpha=16 on all linear layers, sigmoid beta {BETA}, "
+        f"lr {args.accuracy_lr} (10% warmup, cosine), {PAIRS} pairs per step, {args.accuracy_steps} steps "
+        f"({args.accuracy_steps * PAIRS} of the {len(trainer.data.rows)} training pairs, {seconds:.0f} s), "
+        f"precision {args.accuracy_precision}. Scored on the {n} held-out pairs (the task's test rows, never "
+        "trained on). *prefers chosen*: share of pairs whose correct answer the model finds likelier than the wrong "
+        "one; *reward accuracy* / *margin*: TRL's `rewards/accuracies` / `rewards/margins` (implicit rewards against "
+        "the reference = the model with its adapter off: 0 before training by definition).",
         "",
-        "| library | pairs/s | s/step | peak memory growth (MiB) | process peak RSS (MiB) | first loss "
-        "| tensors moved |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-        f"peftkit: {pk['pairs_s'] / tr['pairs_s']:.2f}x TRL's pairs/s at {pk['growth'] / tr['growth']:.2f}x its "
-        f"peak memory growth ({pk['process'] / tr['process']:.2f}x the process peak); targets >= 2x at <= 0.6x.",
-        "",
-        f"Held-out ({acc['pairs']} test pairs) after a {args.accuracy_steps}-step peftkit DPO run (lr 2e-4, "
-        f"{acc['seconds']:.0f} s): reward accuracy (rewards/accuracies) {f.get('eval_rewards/accuracies', 0):.2f}, "
-        f"margin {f.get('eval_rewards/margins', 0):.3f}; the policy finds the correct answer likelier than the broken "
-        f"one in {acc['before'][0]:.2f} -> {acc['after'][0]:.2f} of the pairs by summed log-probability, "
-        f"{acc['before'][1]:.2f} -> {acc['after'][1]:.2f} per token (before -> after; at the start the reward "
-        "accuracy is 0 by definition: policy = reference).",
+        "| model | prefers chosen (summed log-prob) | prefers chosen (per token) | reward accuracy | reward margin "
+        "| DPO loss |",
+        "|---|---:|---:|---:|---:|---:|",
+        cell.format("base (before)", **before),
+        cell.format(f"after {args.accuracy_steps} DPO steps", **after),
     ])
 
 
@@ -258,38 +378,26 @@ def _version(name: str) -> str:
 
 
 def main() -> None:
-    parser = worker_parser(__doc__, CONFIGS, repeats=2, steps=3, examples=200)
+    parser = worker_parser(__doc__, CONFIGS, repeats=3, steps=3, examples=200)
     parser.add_argument("--data", help="(worker) the training pairs")
-    parser.add_argument("--accuracy-steps", type=int, default=40)
-    parser.add_argument("--eval-pairs", type=int, default=100, help="held-out pairs scored (of the task's 100)")
+    parser.add_argument("--part", choices=("speed", "accuracy", "both"), default="both")
+    parser.add_argument("--accuracy-steps", type=int, default=60)
+    parser.add_argument("--accuracy-lr", type=float, default=2e-4)
+    parser.add_argument("--accuracy-precision", default="auto")
     parser.add_argument("--write-data", metavar="FOLDER", help="write the pair files to FOLDER and stop")
     args = parser.parse_args()
     if args.write_data:
-        print(*write_pairs(Path(args.write_data)))
+        for kind in ("broken", "subtle"):
+            print(*write_pairs(Path(args.write_data), kind))
         return
-    worker = worker_peftkit if args.worker == "peftkit" else worker_trl
-    if in_worker(args, lambda: worker(args.data, args.warmup, args.steps, args.examples)):
+    if in_worker(args, lambda: WORKERS[args.worker](args.data, args.warmup, args.steps, args.examples)):
         return
-    t0 = time.perf_counter()
-    train, test = write_pairs(Path(tempfile.mkdtemp(prefix="dpo-pairs-")))
-    runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
-    for rep in range(args.repeats):  # alternating, each run a fresh process reading the same pairs
-        for config in CONFIGS:
-            r = run_worker(config, args, __file__, extra=("--data", str(train)))
-            runs[config].append(r)
-            print(f"rep {rep} {config:8s} {r['positions'] / r['seconds']:.2f} pairs/s  peak "
-                  f"+{r['peak'] - r['rss_after_load']:.0f} MiB (process {r['process_peak']:.0f} MiB)  "
-                  f"first loss {r['first_loss']}  moved {r['moved']}", flush=True)
-    s = {c: {"pairs_s": statistics.median(r["positions"] / r["seconds"] for r in rs),
-             "step_s": statistics.median(r["seconds"] / args.steps for r in rs),
-             "growth": statistics.median(r["peak"] - r["rss_after_load"] for r in rs),
-             "process": statistics.median(r["process_peak"] for r in rs),
-             "first_loss": rs[0]["first_loss"], "moved": rs[0]["moved"]} for c, rs in runs.items()}
-    acc = accuracy_run(train, test, args.accuracy_steps, args.eval_pairs)
-    body = report(args, s, acc, time.perf_counter() - t0)
-    print(body)
-    if not args.no_write:
-        write_section("dpo", body)
+    for part, run in (("speed", speed), ("accuracy", accuracy)):
+        if args.part in (part, "both"):
+            body = run(args)
+            print(body, flush=True)
+            if not args.no_write:
+                write_section("dpo" if part == "speed" else "dpo-accuracy", body)
 
 
 if __name__ == "__main__":
