@@ -36,7 +36,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from peftkit.core.context import INPUT_FORMAT, Conversation  # what an adapter records of the prompt layout
 from peftkit.errors import PeftkitError
@@ -49,11 +49,13 @@ __all__ = [
     "ReadStats",
     "check_source",
     "iter_rows",
+    "parse_rows",
     "read_conversations",
     "read_rows",
     "row_to_conversation",
 ]
 
+T = TypeVar("T")
 _INSTRUCTION_KEYS = ("instruction",)
 _CONTEXT_KEYS = ("input", "context")
 _OUTPUT_KEYS = ("output", "response")
@@ -384,6 +386,37 @@ def _row_parts(row: Mapping[str, Any], field_map: Mapping[str, str]) -> tuple[Co
     return conv, instruction if context else None
 
 
+def parse_rows(source: str | Path | Any, parse: Callable[[Any], T], skip_bad_rows: bool = False,
+               stats: ReadStats | None = None, limit: int | None = None, what: str = "rows") -> list[T]:
+    """Each row of a data source (`iter_rows`) through `parse`, for `read_conversations` and the preference reader.
+
+    A row `parse` refuses (KeyError, TypeError or ValueError naming the key) is an error naming the source and the
+    row (a JSONL file's line), or, with `skip_bad_rows`, skipped and counted in `stats` (whose `where` names the kept
+    rows for later errors). With `limit`, reading stops after that many parsed rows.
+    """
+    stats = stats if stats is not None else ReadStats()
+    name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
+    stats.source = name
+    out: list[T] = []
+    lines: list[int] = []  # a JSONL file's rows are named by their line
+    for i, row in enumerate(iter_rows(source, stats.skip if skip_bad_rows else None, lines)):
+        stats.rows += 1
+        stats.unit, number = ("line", lines[i]) if lines else ("row", i + 1)
+        try:
+            out.append(parse(row))
+            stats.kept.append(number)
+        except (KeyError, TypeError, ValueError) as e:
+            reason = f"{name}: {stats.unit} {number}: {e.args[0] if e.args else e}"
+            if not skip_bad_rows:
+                raise PeftkitError(reason + " (set skip_bad_rows to skip such rows)") from None
+            stats.skip(reason, read=False)
+        if len(out) == limit:
+            break
+    if not out:
+        raise PeftkitError(f"{name}: no usable {what}")
+    return out
+
+
 def read_conversations(
     source: str | Path | Any,
     field_map: Mapping[str, str] | None = None,
@@ -395,34 +428,15 @@ def read_conversations(
 
     A bad row (missing or non-string field, malformed turn; in JSONL, a line that is not valid JSON) is an error
     naming the source and the row number (1-based; a bad JSONL line by its line number), or, with `skip_bad_rows`,
-    skipped and counted in `stats`. With `limit`, reading stops after that many conversations (the rest of the
-    source is never read). `stats` also gets the instruction and the system message that all usable rows share.
+    skipped and counted in `stats` (`parse_rows`). With `limit`, reading stops after that many conversations (the
+    rest of the source is never read). `stats` also gets the instruction and the system message that all usable rows
+    share.
     """
     stats = stats if stats is not None else ReadStats()
-    name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
-    stats.source = name
-    out: list[Conversation] = []
-    lines: list[int] = []  # a JSONL file's rows are named by their line
-    instructions: set[str | None] = set()
-    systems: set[str | None] = set()
-    for i, row in enumerate(iter_rows(source, stats.skip if skip_bad_rows else None, lines)):
-        stats.rows += 1
-        stats.unit, number = ("line", lines[i]) if lines else ("row", i + 1)
-        try:
-            conv, instruction = _row_parts(row, field_map or {})
-            out.append(conv)
-            instructions.add(instruction)
-            systems.add(conv[0]["content"] if conv[0]["role"] == "system" else None)
-            stats.kept.append(number)
-        except (KeyError, TypeError, ValueError) as e:
-            reason = f"{name}: {stats.unit} {number}: {e.args[0] if e.args else e}"
-            if not skip_bad_rows:
-                raise PeftkitError(reason + " (set skip_bad_rows to skip such rows)") from None
-            stats.skip(reason, read=False)
-        if len(out) == limit:
-            break
-    if not out:
-        raise PeftkitError(f"{name}: no usable rows")
+    parts = parse_rows(source, lambda row: _row_parts(row, field_map or {}), skip_bad_rows, stats, limit)
+    out = [conv for conv, _ in parts]
+    instructions = {instruction for _, instruction in parts}
+    systems = {conv[0]["content"] if conv[0]["role"] == "system" else None for conv in out}
     stats.instruction = instructions.pop() if len(instructions) == 1 else None
     stats.system = systems.pop() if len(systems) == 1 else None
     return out

@@ -26,7 +26,7 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from peftkit.data.formats import Conversation, ReadStats, iter_rows
+from peftkit.data.formats import Conversation, ReadStats, parse_rows
 from peftkit.data.sequences import IGNORE, Example, TokenizeStats, collate, conversation_tokens, resolve_template
 from peftkit.errors import PeftkitError
 
@@ -121,27 +121,7 @@ def read_pairs(source: str | Path | Any, skip_bad_rows: bool = False, stats: Rea
     A bad row is an error naming the source, the row (a JSONL file's line) and the key, or, with `skip_bad_rows`,
     skipped and counted in `stats` (whose `where` names the kept rows for later errors).
     """
-    stats = stats if stats is not None else ReadStats()
-    name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
-    stats.source = name
-    out: list[PreferenceRow] = []
-    lines: list[int] = []
-    for i, row in enumerate(iter_rows(source, stats.skip if skip_bad_rows else None, lines)):
-        stats.rows += 1
-        stats.unit, number = ("line", lines[i]) if lines else ("row", i + 1)
-        try:
-            out.append(row_to_pair(row))
-            stats.kept.append(number)
-        except (KeyError, TypeError, ValueError) as e:
-            reason = f"{name}: {stats.unit} {number}: {e.args[0] if e.args else e}"
-            if not skip_bad_rows:
-                raise PeftkitError(reason + " (set skip_bad_rows to skip such rows)") from None
-            stats.skip(reason, read=False)
-        if len(out) == limit:
-            break
-    if not out:
-        raise PeftkitError(f"{name}: no usable preference rows")
-    return out
+    return parse_rows(source, row_to_pair, skip_bad_rows, stats, limit, "preference rows")
 
 
 def _fit(example: Example, max_length: int) -> Example:
