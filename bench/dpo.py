@@ -300,25 +300,30 @@ def speed_report(args, runs: dict[str, list[dict]], elapsed: float, load_start, 
 
 
 def preference_scores(trainer) -> dict[str, float]:
-    """On the run's held-out pairs: how often the model finds the chosen answer likelier than the rejected one (by
-    summed log-probability, and per token), and the implicit reward accuracy and margin (`evaluate`)."""
+    """On the run's held-out pairs, in one pass (the policy and the reference once each): how often the model finds
+    the chosen answer likelier than the rejected one (by summed log-probability, and per token), the implicit reward
+    accuracy and margin, and the mean DPO loss (`PreferenceObjective.losses`, as its `evaluate` sums them)."""
     import torch
 
     from peftkit.data.preference import collate_pairs
 
     data, model, objective = trainer.data, trainer.model, trainer.objective
-    rows, summed, mean = data.eval_rows(), 0, 0
+    rows = data.eval_rows()
+    sums = dict.fromkeys(("summed", "per_token", "accuracy", "margin", "loss"), 0.0)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for i in range(0, len(rows), 8):
-            _, _, policy, counts = objective.losses(model, collate_pairs(rows[i:i + 8], data.pad_id, data.packing))
-            summed += int((policy[:, 0] > policy[:, 1]).sum())
-            mean += int((policy[:, 0] / counts[:, 0] > policy[:, 1] / counts[:, 1]).sum())
+            losses, rewards, policy, counts = objective.losses(model, collate_pairs(rows[i:i + 8], data.pad_id,
+                                                                                    data.packing))
+            mean = policy / counts
+            sums["summed"] += float((policy[:, 0] > policy[:, 1]).sum())
+            sums["per_token"] += float((mean[:, 0] > mean[:, 1]).sum())
+            sums["accuracy"] += float((rewards[:, 0] > rewards[:, 1]).sum())
+            sums["margin"] += float((rewards[:, 0] - rewards[:, 1]).sum())
+            sums["loss"] += float(losses.sum())
     model.train(was_training)
-    scores = objective.evaluate(model, rows, data.pad_id, data.packing, 8)
-    return {"summed": summed / len(rows), "per_token": mean / len(rows), "accuracy": scores["eval_rewards/accuracies"],
-            "margin": scores["eval_rewards/margins"], "loss": scores["eval_loss"]}
+    return {k: v / len(rows) for k, v in sums.items()}
 
 
 def accuracy(args) -> str:

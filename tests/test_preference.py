@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -277,3 +278,42 @@ def test_orpo_loss_is_nll_plus_the_odds_ratio_term():
     odds = a - torch.log(1 - torch.exp(a))
     assert float(losses[0]) == pytest.approx(float(-0.2 * F.logsigmoid(odds[0, 0] - odds[0, 1])), rel=1e-6)
     torch.testing.assert_close(rewards, 0.2 * a)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, objective):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_distributed import free_port
+
+    worker = Path(__file__).with_name("preference_ddp_worker.py")
+    data = write_pairs(tmp_path / "p.jsonl", n=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    runs = {}
+    for nproc, batch_size in ((2, 2), (1, 4)):
+        out = tmp_path / f"n{nproc}"
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        cmd = [sys.executable, *(launcher if nproc > 1 else []), str(worker), data, str(out), str(batch_size),
+               objective]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[nproc] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    (rank0, rank1), (single,) = runs[2], runs[1]
+    assert rank0["world"] == rank1["world"] == 2
+    # the pairs dealt without duplicates, together exactly what one process saw
+    assert not set(rank0["rows"]) & set(rank1["rows"])
+    assert sorted(rank0["rows"] + rank1["rows"]) == sorted(single["rows"])
+    # the same losses and TRL metrics (averaged over the step's pairs of both processes) and the same adapter
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected"]
+    assert len(rank0["metrics"]) == len(single["metrics"]) == 4
+    for ours, theirs in zip(rank0["metrics"], single["metrics"], strict=True):
+        assert [ours[k] for k in keys] == pytest.approx([theirs[k] for k in keys], rel=1e-4, abs=1e-5)
+    assert rank0["weights"] == rank1["weights"]
+    # Adam divides by the gradients' running magnitude: where a gradient is near zero, the processes' other summation
+    # order moves an update by a little of its size (lr 1e-2); a wrong scale across processes moves it by all of it
+    for name, values in single["weights"].items():
+        assert rank0["weights"][name] == pytest.approx(values, rel=1e-4, abs=2e-5), name
+    assert single["metrics"][-1]["loss"] < single["metrics"][0]["loss"]
