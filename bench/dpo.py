@@ -310,6 +310,7 @@ def preference_scores(trainer) -> dict[str, float]:
     data, model, objective = trainer.data, trainer.model, trainer.objective
     rows = data.eval_rows()
     sums = dict.fromkeys(("summed", "per_token", "accuracy", "margin", "loss"), 0.0)
+    prefers: list[bool] = []  # per pair, in the file's order: the correct answer likelier (summed log-probability)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -317,13 +318,14 @@ def preference_scores(trainer) -> dict[str, float]:
             losses, rewards, policy, counts = objective.losses(model, collate_pairs(rows[i:i + 8], data.pad_id,
                                                                                     data.packing))
             mean = policy / counts
+            prefers += (policy[:, 0] > policy[:, 1]).tolist()
             sums["summed"] += float((policy[:, 0] > policy[:, 1]).sum())
             sums["per_token"] += float((mean[:, 0] > mean[:, 1]).sum())
             sums["accuracy"] += float((rewards[:, 0] > rewards[:, 1]).sum())
             sums["margin"] += float((rewards[:, 0] - rewards[:, 1]).sum())
             sums["loss"] += float(losses.sum())
     model.train(was_training)
-    return {k: v / len(rows) for k, v in sums.items()}
+    return {**{k: v / len(rows) for k, v in sums.items()}, "prefers": prefers}
 
 
 def accuracy(args) -> str:
@@ -348,7 +350,14 @@ def accuracy(args) -> str:
     after = preference_scores(trainer)
     print("after", after, flush=True)
     n = len(trainer.data.eval_rows())
+    if n != len(task_rows("test")):
+        raise SystemExit(f"{n} held-out pairs of {len(task_rows('test'))}: some were dropped (raise max_length)")
     cell = "| {} | {summed:.2f} | {per_token:.2f} | {accuracy:.2f} | {margin:.3f} | {loss:.4f} |"
+
+    def by_field(scores: dict) -> str:  # pair j's wrong field is FIELDS[j % 5] (`pair_rows`)
+        return ", ".join(f"{f} {sum(scores['prefers'][j::5])}/{len(scores['prefers'][j::5])}"
+                         for j, f in enumerate(FIELDS))
+
     return "\n".join([
         f"## dpo-accuracy — `python bench/dpo.py --part accuracy --accuracy-steps {args.accuracy_steps} "
         f"--accuracy-lr {args.accuracy_lr} --accuracy-precision {args.accuracy_precision} --threads {args.threads}` "
@@ -370,6 +379,8 @@ def accuracy(args) -> str:
         "|---|---:|---:|---:|---:|---:|",
         cell.format("base (before)", **before),
         cell.format(f"after {args.accuracy_steps} DPO steps", **after),
+        "",
+        f"Prefers chosen, by the rejected answer's wrong field: before {by_field(before)}; after {by_field(after)}.",
     ])
 
 
