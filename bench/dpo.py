@@ -343,12 +343,12 @@ def accuracy(args) -> str:
                       method="lora", method_config=LORA, precision=args.accuracy_precision)
     trainer = Trainer(cfg)
     before = preference_scores(trainer)
-    print("before", before, flush=True)
+    print("before", {k: v for k, v in before.items() if k != "prefers"}, flush=True)
     t1 = time.perf_counter()
     trainer.run()
     seconds = time.perf_counter() - t1
     after = preference_scores(trainer)
-    print("after", after, flush=True)
+    print("after", {k: v for k, v in after.items() if k != "prefers"}, flush=True)
     n = len(trainer.data.eval_rows())
     if n != len(task_rows("test")):
         raise SystemExit(f"{n} held-out pairs of {len(task_rows('test'))}: some were dropped (raise max_length)")
