@@ -83,8 +83,7 @@ class DecodeBatch:
         """Feed every row its last token (`Generation.last`) and return the next-token logits (rows x vocabulary)."""
         rows = self.rows
         if self.fast is not None and isinstance(self._cache, FastCache):
-            self.lora.select([g.slot for g in rows], per_row=True)
-            logits = self.fast.step([g.last for g in rows], [g.pos for g in rows], self._cache)
+            logits = self.fast.step([g.last for g in rows], [g.pos for g in rows], [g.slot for g in rows], self._cache)
         else:
             logits = self._forward(rows)
         self.stats["steps"] += 1
