@@ -30,6 +30,7 @@ LIBRARY = Library("decode", SOURCE, FLAGS, {
     "linear_f32": "peftkit_decode_linear_f32: ptr i64 ptr ptr i64 i64 i64 i64 int -> int",
     "linear_bf16": "peftkit_decode_linear_bf16: ptr i64 ptr ptr i64 i64 i64 i64 int -> int",
     "attention": "peftkit_decode_attention: ptr ptr ptr ptr ptr ptr ptr i64 i64 i64 i64 i64 f32 int -> int",
+    "isa": "peftkit_decode_isa: -> str",
     "step": "peftkit_decode_step: ptr ptr i64 ptr ptr ptr ptr ptr ptr ptr ptr f32 f32 int -> int",
 }, "decode step")
 DTYPES = (torch.float32, torch.bfloat16)

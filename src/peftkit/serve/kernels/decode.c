@@ -130,6 +130,19 @@ static void bf_columns(const uint16_t *const *xs, int64_t m, const uint16_t *con
 #define NATIVE_BF16 0
 #endif
 
+/* The instruction set the products were built for (tests check that a build took the intended path). */
+const char *peftkit_decode_isa(void) {
+#if NATIVE_BF16
+    return "AVX512-BF16";
+#elif defined(__AVX512F__)
+    return "AVX-512";
+#elif defined(__AVX2__)
+    return "AVX2";
+#else
+    return "generic";
+#endif
+}
+
 /* Rows j0..j0+J-1 of y's columns (J = 1 or 2) for every row of x: `w` the J weight rows (fp32), `xs` the m input
  * rows (fp32); results go to res (m x J). */
 static void columns(const float *const *xs, int64_t m, const float *const *w, int J, int64_t k, float *res) {
