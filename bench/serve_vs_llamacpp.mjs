@@ -5,6 +5,8 @@
 // JOB.json: {"threads": T, "runs": [{"kind": "streams", "streams": N, "tokens": K, "prompt": [ids...]},
 //                                     {"kind": "ttft", "prompt": [ids...]}, ...]}
 // Every run is greedy (temperature 0) and never stops early (EOS ignored: the tokens are yielded as they come).
+// TTFT: the ~500-token prompt goes to llama.cpp in one batch (node-llama-cpp's default batch is
+// min(contextSize x sequences, 512) tokens); checked against evaluateWithoutGeneratingNewTokens, which takes as long.
 // Prints one JSON line: {"results": [{"wall_s": ..., "first_s": ..., "tokens": ...}, ...], "version": ...}.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";

@@ -4,10 +4,13 @@ forward pass (the fallback path) and to HF generate, in fp32 and bf16, with and 
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama, tiny_qwen2, tiny_tokenizer
 
+from peftkit.core.native import cpu_flags
 from peftkit.serve import native
 from peftkit.serve.batch import DecodeBatch
 from peftkit.serve.decoder import TextStream
@@ -161,3 +164,71 @@ def test_models_it_does_not_cover_use_the_forward_pass():
     model = tiny_gpt2()
     engine = Engine(model, tiny_tokenizer(), "base")
     assert engine.batch.fast is None
+
+
+def quantized(make, dtype: torch.dtype) -> torch.nn.Module:
+    from peftkit.quant.linear import quantize_model
+
+    model = make().to(dtype)
+    quantize_model(model, "nf4", block_size=32, compute_dtype=dtype)
+    return model
+
+
+def test_nf4_base_takes_the_fast_path_with_the_forward_pass_answers_in_fp32():
+    """NF4 codes and block scales read by the kernel give the same weights as the layer's dequantized copy."""
+    model = quantized(tiny_llama, torch.float32)
+    slots = [0, 1, 1, 0]
+    fast, batch = decode(model, True, PROMPTS, slots)
+    assert batch.fast is not None
+    assert fast == decode(model, False, PROMPTS, slots)[0]
+    for i, prompt in enumerate(PROMPTS):
+        assert decode(model, True, [prompt], [slots[i]])[0][0] == fast[i]
+
+
+def test_nf4_base_logits_match_the_forward_pass_in_bf16():
+    model = quantized(tiny_llama, torch.bfloat16)
+    slots = [0, 1, 1, 0]
+    tokens, _ = decode(model, False, PROMPTS, slots)
+    forced = [t[:-1] for t in tokens]
+    slow, _ = decode(model, False, PROMPTS, slots, forced=forced)
+    fast, batch = decode(model, True, PROMPTS, slots, forced=forced)
+    assert batch.fast is not None
+    assert (fast - slow).abs().max() <= 0.05 * slow.abs().max()
+    alone = decode(model, True, [PROMPTS[2]], [1], forced=[forced[2]])[0]
+    together = fast.view(-1, 128)
+    assert torch.equal(torch.cat([together[2:3], together[4 + 2::4]]).reshape(-1), alone)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(), lambda: quantized(tiny_llama, torch.float32)],
+                         ids=["dense", "nf4"])
+def test_generic_build_equals_this_cpus_build_in_fp32(make, tmp_path, monkeypatch):
+    """The kernel built without AVX-512 (as on an AVX2-only CPU) sums every element in the same order: fp32
+    logits bit for bit those of this CPU's build, for dense and NF4 weights."""
+    if "avx2" not in cpu_flags().split():
+        pytest.skip("the generic build is run here only on a CPU with AVX2")
+    model = make()
+    tokens, _ = decode(model, False, PROMPTS, [0, 1, 1, 0])
+    forced = [t[:-1] for t in tokens]
+    here, _ = decode(model, True, PROMPTS, [0, 1, 1, 0], forced=forced)
+    generic = native.LIBRARY.build(tmp_path, extra=("-mno-avx512f",))
+    assert generic.isa() == b"AVX2"
+    monkeypatch.setattr(native.LIBRARY, "_loaded", (generic, "built without AVX-512"))
+    there, batch = decode(model, True, PROMPTS, [0, 1, 1, 0], forced=forced)
+    assert batch.fast is not None
+    assert torch.equal(here, there)
+
+
+def test_generic_build_gives_the_forward_pass_answers_in_bf16(tmp_path, monkeypatch):
+    """Without AVX512-BF16 the bf16 weights are widened by a shift and summed by the fp32 tiles."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("-mno-avx512f is an x86 flag")
+    model = tiny_llama(seed=3).to(torch.bfloat16)
+    generic = native.LIBRARY.build(tmp_path, extra=("-mno-avx512f",))
+    assert generic.isa() in (b"AVX2", b"generic")
+    monkeypatch.setattr(native.LIBRARY, "_loaded", (generic, "built without AVX-512"))
+    prompt = PROMPTS[2]
+    ids = torch.tensor([prompt])
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert decode(model, True, [prompt], [0])[0][0] == ref

@@ -6,10 +6,10 @@ settings only, never on the rows it shares a step with, their lengths or when th
 * `prefill`: one request's prompt alone (batch of one, no padding; in chunks of `max_tokens` when it is longer), with
   its adapter and the positions 0, 1, ...; its keys and values then join the batch's `RowCache` as a row of their own.
 * `decode`: one new token for every row. For Llama-shaped models with the compiled kernels built here
-  (`peftkit.serve.fast`): the model's layers called directly, per-row kernels for the matmuls and the attention, each
-  row's keys in a cache preallocated for its prompt and new tokens. Otherwise one forward pass of the model: the rows
-  padded to a multiple of `ROW_BLOCK` (the matmuls then treat every row alike), each row with its own adapter
-  (`LoRABatch`, per row) and its own attention over its own keys (`rows_attention`).
+  (`peftkit.serve.fast`): one compiled call runs every layer and the head for all rows (per-row products, LoRA terms
+  and attention), each row's keys in a cache preallocated for its prompt and new tokens. Otherwise one forward pass
+  of the model: the rows padded to a multiple of `ROW_BLOCK` (the matmuls then treat every row alike), each row with
+  its own adapter (`LoRABatch`, per row) and its own attention over its own keys (`rows_attention`).
 """
 
 from __future__ import annotations
@@ -83,8 +83,7 @@ class DecodeBatch:
         """Feed every row its last token (`Generation.last`) and return the next-token logits (rows x vocabulary)."""
         rows = self.rows
         if self.fast is not None and isinstance(self._cache, FastCache):
-            self.lora.select([g.slot for g in rows], per_row=True)
-            logits = self.fast.step([g.last for g in rows], [g.pos for g in rows], self._cache)
+            logits = self.fast.step([g.last for g in rows], [g.pos for g in rows], [g.slot for g in rows], self._cache)
         else:
             logits = self._forward(rows)
         self.stats["steps"] += 1

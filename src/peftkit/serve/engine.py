@@ -17,8 +17,9 @@ Each iteration of the engine thread (`Engine._loop`):
 
 Decoding is batch-invariant (`peftkit.serve.rows`): a request gets the same tokens, bit for bit the same logits,
 whatever it shares the batch with and whenever it arrives, in every precision (tests/test_serve_invariance.py).
-For Llama-shaped models with the compiled kernels (`peftkit.serve.fast`) a decode step runs each row's products and
-attention over its own preallocated KV cache, one row per output in a fixed order; other models (and
+For Llama-shaped models with the compiled kernels (`peftkit.serve.fast`) a decode step is one compiled call (every
+layer, each row's LoRA terms, the head; fp32, bf16 or NF4 weights read in place), each row attending over its own
+preallocated KV cache, every output summed in a fixed order; other models (and
 ``PEFTKIT_NATIVE=0``) take the forward-pass path, which pads its rows to a multiple of 4 and attends row by row.
 Greedy answers also match `peftkit generate` (the test suite checks it), though not bit for bit in bf16: both paths
 sum in another order than a batch of one.

@@ -135,6 +135,7 @@ class LoRABatch:
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._rows: torch.Tensor | None = None
         self._uniform: int | None = 0
+        self.version = 0  # bumped by every add and remove (`adapters`)
 
     @property
     def names(self) -> list[str]:
@@ -166,6 +167,12 @@ class LoRABatch:
         slots = list(slots)
         self._uniform = slots[0] if len(set(slots)) == 1 and not (per_row and slots[0]) else None
         self._rows = torch.tensor(slots, dtype=torch.long)
+
+    def adapters(self, layer: str) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Each slot's (A, B, scale) of `layer` (empty when no adapter targets it); for callers that add the terms
+        themselves (`peftkit.serve.fast`). `version` changes whenever this may have changed."""
+        bank = self._banks.get(layer)
+        return {} if bank is None else dict(bank.single)
 
     def close(self) -> None:
         """Remove every hook: the model is the plain base model again."""
@@ -199,6 +206,7 @@ class LoRABatch:
         for layer in set(banks) - set(self._hooks):
             self._hooks[layer] = self._linears[layer].register_forward_hook(functools.partial(self._hook, layer))
         self._banks = banks
+        self.version += 1
 
     def _hook(self, layer: str, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
         if self._uniform == 0:

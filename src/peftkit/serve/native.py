@@ -2,7 +2,8 @@
 attention over its own KV cache, both batch-invariant by construction (one thread per output element, a summation
 order fixed by the row's own sizes).
 
-`linear` and `attention` check their operands (`peftkit.core.operands`) and call the kernel; `linear_reference` and
+`step` runs a whole decode step of a Llama-shaped model (`peftkit.serve.fast` writes its plan). `linear` and
+`attention` check their operands (`peftkit.core.operands`) and call the kernel; `linear_reference` and
 `attention_reference` are the PyTorch computations they stand for (tests compare the two). Without a compiler,
 off Linux, or with ``PEFTKIT_NATIVE=0``, `available()` is False and the server decodes through the model's own
 forward pass (`peftkit.serve.rows`).
@@ -21,7 +22,7 @@ from peftkit.core.native import threads as _threads
 from peftkit.core.operands import ROWS, Operand, buffer, check
 from peftkit.core.operands import size as _size
 
-__all__ = ["LIBRARY", "attention", "attention_reference", "available", "describe", "linear", "linear_reference"]
+__all__ = ["LIBRARY", "attention", "attention_reference", "available", "describe", "linear", "linear_reference", "step"]
 
 SOURCE = Path(__file__).with_name("kernels") / "decode.c"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
@@ -29,6 +30,8 @@ LIBRARY = Library("decode", SOURCE, FLAGS, {
     "linear_f32": "peftkit_decode_linear_f32: ptr i64 ptr ptr i64 i64 i64 i64 int -> int",
     "linear_bf16": "peftkit_decode_linear_bf16: ptr i64 ptr ptr i64 i64 i64 i64 int -> int",
     "attention": "peftkit_decode_attention: ptr ptr ptr ptr ptr ptr ptr i64 i64 i64 i64 i64 f32 int -> int",
+    "isa": "peftkit_decode_isa: -> str",
+    "step": "peftkit_decode_step: ptr ptr i64 ptr ptr ptr ptr ptr ptr ptr ptr f32 f32 int -> int",
 }, "decode step")
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -108,3 +111,32 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     weights = torch.softmax((keys @ q[:, :, None])[:, :, 0] * scale, dim=-1)
     return (weights[:, None, :] @ values)[:, 0]
+
+
+def step(plan: torch.Tensor, book: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+         rope: tuple[torch.Tensor, torch.Tensor], caches: tuple[torch.Tensor, torch.Tensor], lora: torch.Tensor,
+         logits: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
+    """One decode step of every row through the model `plan` describes (int64 words, `kernels/decode.c`, written by
+    `peftkit.serve.fast`): ids, positions, lora (each row's adapter table address or 0): rows, int64; rope: (cos,
+    sin), rows x head_dim fp32; caches: (addresses, capacities) as `attention` reads them; book: the 16 NF4 values.
+    Writes and returns `logits` (rows x vocabulary, fp32).
+
+    Note:
+        `plan` and the adapter tables hold raw addresses of tensors the caller keeps alive; shapes inside them were
+        checked when the plan was written. This checks the per-step operands.
+    """
+    rows = ids.shape[0] if ids.dim() == 1 else 0
+    dim = int(plan[4]) if plan.dim() == 1 and plan.numel() > 4 else 0
+    check("serve.native.step", Operand("plan", plan, (None,), torch.int64), Operand("book", book, (16,)),
+          Operand("ids", ids, (None,), torch.int64), Operand("positions", positions, (rows,), torch.int64),
+          Operand("cos", rope[0], (rows, dim)), Operand("sin", rope[1], (rows, dim)),
+          Operand("caches", caches[0], (rows,), torch.int64), Operand("capacities", caches[1], (rows,), torch.int64),
+          Operand("lora", lora, (rows,), torch.int64), Operand("logits", logits, (rows, int(plan[6]))))
+    if bool((positions >= caches[1]).any()) or bool((positions < 0).any()):
+        raise ValueError(f"serve.native.step: positions {positions.tolist()} in caches of {caches[1].tolist()}")
+    fn = present(kernel(), "serve.native.step")
+    code = fn.step(plan.data_ptr(), book.data_ptr(), rows, ids.data_ptr(), positions.data_ptr(), rope[0].data_ptr(),
+                   rope[1].data_ptr(), caches[0].data_ptr(), caches[1].data_ptr(), lora.data_ptr(), logits.data_ptr(),
+                   eps, scale, _threads())
+    LIBRARY.status(code, "a decode step")
+    return logits
