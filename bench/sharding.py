@@ -113,9 +113,11 @@ def _train(mode: str, name: str, steps: int, out: Path, precision: str) -> dict:
     """One method trained by one rank; its memory facts at each stage (bytes) and its tokens/s."""
     from peftkit.train import TrainConfig, Trainer
 
-    rank = int(os.environ.get("RANK", 0))
+    rank, model = int(os.environ.get("RANK", 0)), os.environ.get("PEFTKIT_BENCH_MODEL", MODEL)
+    # the Gemma GGUF carries no chat template peftkit's converter keeps: the rows are formatted as alpaca's
+    template = {} if model == MODEL else {"template": "alpaca"}
     cfg = TrainConfig.from_dict({
-        "model": os.environ.get("PEFTKIT_BENCH_MODEL", MODEL), "data": str(out / "rows.jsonl"),
+        **template, "model": model, "data": str(out / "rows.jsonl"),
         "output_dir": str(out / f"{mode}-{name}"),
         "precision": precision, "batch_size": 1, "max_length": SEQ, "packing": True, "max_steps": steps,
         "warmup_ratio": 0.0, "progress": False, "sharding": mode, "dist_timeout": 120, **METHODS[name]})
@@ -333,7 +335,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=MODES)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    os.environ["PEFTKIT_BENCH_MODEL"] = args.model  # the workers torchrun starts inherit it
+    if not args.worker:
+        os.environ["PEFTKIT_BENCH_MODEL"] = args.model  # the workers torchrun starts inherit it
     if args.worker:
         worker(args.worker, args.methods.split(","), args.steps, args.out, args.precision, args.cgroup)
     elif args.cap:
