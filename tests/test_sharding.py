@@ -1,9 +1,13 @@
 """Sharded training (FSDP2, gloo on CPU): equal to one process and to DDP, checkpoints that resume on another number
 of processes, the adapter as peft files, and what a sharded run refuses.
 
-Three launches serve every test of the module (startup dominates on a busy machine): one process (the references,
+Four launches serve every test of the module (startup dominates on a busy machine): one process (the references,
 a 1-rank sharded run cut at step 3), two processes under torchrun (sharded and DDP runs, the cut 1-rank run resumed
-on 2, a 2-rank run cut at step 3), one process again (the 2-rank run resumed on 1).
+on 2, 2-rank runs cut at step 3), three processes (sharded runs of a global batch of 6, the cut 2-rank run resumed on
+3, a 3-rank run cut at step 3), one process again (the 2- and 3-rank runs resumed on 1).
+
+Three ranks split nothing evenly here: LoRA's A (4 rows) is sharded 2, 2, 0 and the 32-row weights 11, 11, 10 (FSDP2
+pads the last shards), so these runs also check uneven and empty shards.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def runs(tmp_path_factory) -> Path:
     _launch(root, 1, [
         _job(root, "one-lora", data, 4), _job(root, "one-full", data, 4, **full_ft),
         _job(root, "cut1", data, 4, until=3, sharding="full"), _job(root, "one-qlora", data, 2, grad_accum=2, **qlora),
+        _job(root, "one-lora6", data, 6), _job(root, "one-qlora6", data, 2, grad_accum=3, **qlora),
     ])
     _launch(root, 2, [
         _job(root, "fsdp-lora", data, 2, sharding="full"), _job(root, "zero2-lora", data, 2, sharding="grad_op"),
@@ -63,8 +68,16 @@ def runs(tmp_path_factory) -> Path:
         _job(root, "cut1", data, 2, resume=True, sharding="full"),
         _job(root, "cut2", data, 2, until=3, sharding="full"),
         _job(root, "fsdp-qlora", data, 2, sharding="full", **qlora),
+        _job(root, "cut23", data, 3, until=3, sharding="full"),
     ])
-    _launch(root, 1, [_job(root, "cut2", data, 4, resume=True, sharding="full")])
+    _launch(root, 3, [
+        _job(root, "three-lora", data, 2, sharding="full"),
+        _job(root, "three-qlora", data, 2, sharding="full", **qlora),
+        _job(root, "cut23", data, 2, resume=True, sharding="full"),
+        _job(root, "cut3", data, 2, until=3, sharding="grad_op"),
+    ])
+    _launch(root, 1, [_job(root, "cut2", data, 4, resume=True, sharding="full"),
+                      _job(root, "cut3", data, 6, resume=True, sharding="grad_op")])
     return root
 
 
@@ -90,6 +103,24 @@ def test_two_sharded_ranks_equal_one_process_of_the_same_global_batch(runs, meth
     assert _losses(sharded) == pytest.approx(_losses(one), rel=1e-5)
     assert len(_losses(one)) == STEPS
     _close(_adapter(sharded), _adapter(one), 1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_three_sharded_ranks_equal_one_process_of_the_same_global_batch(runs, method):
+    # 3 ranks x 2 rows against one process of 6 rows (QLoRA: 3 micro-batches of 2, the ranks' bf16 shapes). The
+    # gradient sums run in another order (3 partial sums, then the reduce-scatter): equal within fp tolerance, not
+    # bitwise. The ranks' gradients are summed, not averaged: a loss scaled x3 for averaging rounds otherwise in
+    # bf16, and Adam's sign-like first steps made whole-step (2 x lr) differences of a third of the QLoRA adapter.
+    sharded, one, tol = runs / f"three-{method}", runs / f"one-{method}6", 1e-5
+    assert [json.loads((sharded / f"rank{r}.json").read_text())["world"] for r in range(3)] == [3, 3, 3]
+    assert _losses(sharded) == _losses(sharded, 1) == _losses(sharded, 2)
+    assert len(_losses(one)) == STEPS
+    assert _losses(sharded) == pytest.approx(_losses(one), rel=tol)
+    _close(_adapter(sharded), _adapter(one), tol)
+    if method == "qlora":
+        held = [json.loads((sharded / f"rank{r}.json").read_text())["packed_bytes"] for r in range(3)]
+        whole = json.loads((one / "rank0.json").read_text())["packed_bytes"]
+        assert sum(held) == whole and max(held) <= whole // 3 + 64  # each rank a third of the codes (+ padding)
 
 
 def test_sharding_lets_go_of_the_whole_weights(runs):
@@ -129,9 +160,11 @@ def test_checkpoints_hold_whole_tensors_and_no_pickle(runs):
     assert json.loads((ckpt / "trainer_state.json").read_text())["world"] == 2
 
 
-@pytest.mark.parametrize(("cut", "straight"), [("cut1", "one-lora"), ("cut2", "fsdp-lora")])
+@pytest.mark.parametrize(("cut", "straight"), [("cut1", "one-lora"), ("cut2", "fsdp-lora"), ("cut23", "one-lora6"),
+                                               ("cut3", "three-lora")])
 def test_a_sharded_run_resumes_on_another_number_of_processes(runs, cut, straight):
-    # cut1: 1 process to step 3, resumed on 2; cut2: 2 processes to step 3, resumed on 1 (batch_size x world = 4)
+    # cut1: 1 process to step 3, resumed on 2; cut2: 2 processes to step 3, resumed on 1 (batch_size x world = 4);
+    # cut23: 2 processes to step 3, resumed on 3; cut3 (grad_op): 3 processes to step 3, resumed on 1 (x world = 6)
     resumed = _losses(runs / cut)
     assert len(resumed) == STEPS
     assert resumed == pytest.approx(_losses(runs / straight), rel=1e-5)  # the sums run in another order: not bitwise

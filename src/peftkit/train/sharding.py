@@ -113,12 +113,24 @@ def shard_model(model: nn.Module, sharding: str) -> int:
     _quantized_as_parameters(model)
     reshard = sharding == "full"
     blocks = transformer_blocks(model)
-    for block in blocks:
-        fully_shard(block, reshard_after_forward=reshard)
+    units = [fully_shard(block, reshard_after_forward=reshard) for block in blocks]
     # the root's parameters (embeddings, final norm, head) stay gathered from the forward through the backward:
     # peftkit's loss applies the head to the hidden states after the model's forward (`peftkit.train.loss`)
-    fully_shard(model, reshard_after_forward=False)
-    return len(blocks) + 1
+    units.append(fully_shard(model, reshard_after_forward=False))
+    for unit in units:
+        _sum_gradients(unit)
+    return len(units)
+
+
+def _sum_gradients(unit: Any) -> None:
+    """The gradients of the ranks are summed, not averaged: each rank's loss is already its share of the global
+    mean (`peftkit.train.step.TrainStep`, ``loss_scale``).
+
+    Note: averaging needs the loss scaled by the world size first; x3 changes the mantissa of every
+    gradient that low precision (bf16 autocast) then rounds, so 3 ranks would round otherwise than one process and
+    Adam's sign-like first steps turn those roundings into whole-step differences (x2 is exact, x3 is not)."""
+    unit.set_gradient_divide_factor(1.0)
+    unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (no PREMUL_SUM, which gloo lacks), no division
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -89,6 +89,8 @@ class TrainStep:
                  objective: Any = None) -> None:
         self.cfg, self.accelerator, self.autocast, self.flops = cfg, accelerator, autocast, flops
         self.world = accelerator.num_processes
+        # DDP averages the ranks' gradients, so each rank's loss is scaled by the world; sharded runs sum them
+        self.loss_scale = self.world if cfg.sharding == "none" else 1
         # preference tuning (`peftkit.train.preference_run.PreferenceObjective`): its own losses over pairs
         self.objective = objective
 
@@ -135,8 +137,8 @@ class TrainStep:
             sync = contextlib.nullcontext() if last else acc.no_sync(state.model)
             with sync, self.autocast():
                 loss_sum, _ = sequence_loss(state.model, batch)
-                # sum over this micro-batch / targets in the whole step, x world: DDP averages over ranks
-                loss = loss_sum * (self.world / max(n_targets, 1))
+                # sum over this micro-batch / targets in the whole step (x world where DDP averages over ranks)
+                loss = loss_sum * (self.loss_scale / max(n_targets, 1))
                 if state.ewc is not None and last:  # once per step, on every rank (the DDP average keeps it whole)
                     penalty = state.ewc.penalty(state.trainable)
                     loss = loss + penalty
