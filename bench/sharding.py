@@ -207,9 +207,12 @@ def _memory_table(runs: dict[str, list[dict[str, list[dict]]]], estimates: dict,
             heap = _median(runs[mode], name, rank, lambda f: f["heap_step1"] - f["heap_before"])
             peak = _median(runs[mode], name, rank, lambda f: f["peak"])
             est_state, est_peak = estimates[(name, mode)]
+            known = est_state == est_state  # nan where the estimator does not know the model
+            est_state_cell = f"{est_state:.0f}" if known else "-"
+            est_peak_cell = f"{est_peak + before / MiB:.0f}" if known else "-"
             rows.append(f"| {mode} | {rank} | {before / MiB:.0f} | {rss / MiB:.0f} | {heap / MiB:.0f} | "
-                        f"{heap / ddp_state:.2f} | {est_state:.0f} | {peak / MiB:.0f} | {peak / ddp_peak:.2f} | "
-                        f"{est_peak + before / MiB:.0f} |")
+                        f"{heap / ddp_state:.2f} | {est_state_cell} | {peak / MiB:.0f} | {peak / ddp_peak:.2f} | "
+                        f"{est_peak_cell} |")
     return rows
 
 
