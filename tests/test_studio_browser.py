@@ -11,14 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 from studio_helpers import make_workspace
+
+from peftkit.train.checkpoint import LOCK
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "studio.png"
@@ -49,7 +53,7 @@ def studio_url(tmp_path):
     proc.wait(30)
 
 
-def test_a_new_user_plans_inspects_trains_watches_stops_resumes_chats_and_exports(studio_url):
+def test_a_new_user_plans_inspects_trains_watches_stops_resumes_chats_and_exports(studio_url, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -60,7 +64,7 @@ def test_a_new_user_plans_inspects_trains_watches_stops_resumes_chats_and_export
             page.goto(studio_url)
             _plan(page)
             _data(page)
-            _train_stop_resume(page)
+            _train_stop_resume(page, tmp_path / "ws" / "runs" / "first")
             page.screenshot(path=str(SCREENSHOT), full_page=False)
             _chat(page)
             _export(page)
@@ -91,7 +95,21 @@ def _data(page) -> None:
     assert page.locator("#data-rows .row").first.locator(".tok.loss").all_text_contents() == ["0", "0", "<|im_end|>"]
 
 
-def _train_stop_resume(page) -> None:
+def _freeze_after(folder: Path, steps: int) -> int:
+    """The run's pid, paused (SIGSTOP) as soon as its metrics log holds `steps` steps. Its clock then stands still
+    while the page catches up and the user clicks stop, so the stop lands mid-run however fast this machine trains
+    (24 tiny steps can end before a click does)."""
+    metrics, deadline = folder / "metrics.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline:
+        held = re.search(r"pid (\d+)", (folder / LOCK).read_text()) if (folder / LOCK).exists() else None
+        if held and metrics.exists() and metrics.read_text().count("\n") >= steps:
+            os.kill(int(held[1]), signal.SIGSTOP)
+            return int(held[1])
+        time.sleep(0.002)
+    raise AssertionError(f"{metrics} never reached {steps} steps")
+
+
+def _train_stop_resume(page, folder: Path) -> None:
     page.click("#tabs [data-page=train]")
     page.fill("#train-form [name=name]", "first")
     page.fill("#train-form [name=data]", "data/train.jsonl")
@@ -101,10 +119,16 @@ def _train_stop_resume(page) -> None:
     page.fill("#train-form [name=max_length]", "64")
     page.fill("#train-form [name=extra]", "precision=fp32 packing=false warmup_ratio=0")
     page.click("#train-form button[type=submit]")
-    page.wait_for_function("() => records.length >= 2")  # the chart got its first steps, streamed
-    blank = page.evaluate("() => document.createElement('canvas').toDataURL()")
-    assert page.evaluate("() => document.querySelector('#charts canvas').toDataURL()") != blank
-    page.click("#run-stop")
+    pid = _freeze_after(folder, 2)
+    try:
+        page.wait_for_function("() => records.length >= 2")  # the chart got its first steps, streamed
+        blank = page.evaluate("() => document.createElement('canvas').toDataURL()")
+        assert page.evaluate("() => document.querySelector('#charts canvas').toDataURL()") != blank
+        with page.expect_response(lambda r: r.url.endswith("/api/runs/stop")) as stop:
+            page.click("#run-stop")  # the SIGTERM waits, pending, until the run goes on
+        assert stop.value.ok, stop.value.text()
+    finally:
+        os.kill(pid, signal.SIGCONT)
     page.wait_for_function("() => document.querySelector('#run-status').textContent.startsWith('stopped')")
     stopped_at = page.evaluate("() => records.length")
     page.click("#run-resume")
