@@ -206,10 +206,9 @@ def _memory_table(runs: dict[str, list[dict[str, list[dict]]]], estimates: dict,
             rss = _median(runs[mode], name, rank, lambda f: f["rss_built"] - f["rss_before"])
             heap = _median(runs[mode], name, rank, lambda f: f["heap_step1"] - f["heap_before"])
             peak = _median(runs[mode], name, rank, lambda f: f["peak"])
-            est_state, est_peak = estimates[(name, mode)]
-            known = est_state == est_state  # nan where the estimator does not know the model
-            est_state_cell = f"{est_state:.0f}" if known else "-"
-            est_peak_cell = f"{est_peak + before / MiB:.0f}" if known else "-"
+            est = estimates.get((name, mode))  # none for a model the estimator does not know
+            est_state_cell = f"{est[0]:.0f}" if est else "-"
+            est_peak_cell = f"{est[1] + before / MiB:.0f}" if est else "-"
             rows.append(f"| {mode} | {rank} | {before / MiB:.0f} | {rss / MiB:.0f} | {heap / MiB:.0f} | "
                         f"{heap / ddp_state:.2f} | {est_state_cell} | {peak / MiB:.0f} | {peak / ddp_peak:.2f} | "
                         f"{est_peak_cell} |")
@@ -240,8 +239,7 @@ def compare(rounds: int, steps: int, methods: list[str]) -> None:
                 runs[mode].append(_launch(mode, methods, steps, out)[0])
     precision = runs["none"][0][methods[0]][0]["precision"]
     model = os.environ.get("PEFTKIT_BENCH_MODEL", MODEL)
-    estimates = _estimates(precision, methods) if model == MODEL else {
-        (n, m): (float("nan"), float("nan")) for n in methods for m in MODES}  # the estimator knows the bundled one
+    estimates = _estimates(precision, methods) if model == MODEL else {}  # the estimator knows the bundled one
     section = "sharding" if model == MODEL else "sharding-" + Path(model).stem
     flag = "" if model == MODEL else f" --model {Path(model).name}"
     body = [f"## {section} — `python bench/sharding.py --rounds {rounds} --steps {steps} --methods "

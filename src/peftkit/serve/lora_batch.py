@@ -227,17 +227,6 @@ class LoRABatch:
             return out.add_(F.linear(h, b).to(out.dtype))
         return self._gathered(layer, bank, x, out)
 
-    def add_rows(self, layer: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """``out += `` each row's adapter term of `layer` (x: rows x d_in, out: rows x d_out), per row as a decode
-        step computes it (`select(..., per_row=True)`); for callers that compute the base product themselves
-        (`peftkit.serve.fast`)."""
-        bank = self._banks.get(layer)
-        if bank is None or self._uniform == 0:
-            return
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(bank.a.dtype)
-        self._gathered(layer, bank, x[:, None], out[:, None])
-
     def _gathered(self, layer: str, bank: _Bank, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         rows = self._rows
         if rows is None or x.dim() != 3 or x.shape[0] != rows.numel():

@@ -408,7 +408,7 @@ static int matrix_sums(const matrix *w, inputs *in, const float *x, int64_t m, f
 
 /* One row's LoRA term added to its product: out += B (scale (A x)), with `table` the row's adapter for this
  * projection: A (r x k) and B transposed (r x n), both fp32 (exact copies of the adapter's values). Rounded as
- * `LoRABatch.add_rows` rounds in bf16: A x, its scaling, the term, the sum. */
+ * the forward path's per-row terms (`LoRABatch._gathered`) round in bf16: A x, its scaling, the term, the sum. */
 static void lora_add(const float *x, float *out, const int64_t *table, float scale, int64_t k, int64_t n,
                      int round, float *term) {
     const float *a = (const float *)(intptr_t)table[0], *bt = (const float *)(intptr_t)table[1];
