@@ -35,6 +35,34 @@ def test_bad_model_references(tmp_path, monkeypatch):
         models.load_model("peftkit-test/no-such-model")
 
 
+def _slow_convert(gguf, target):
+    """A stand-in for the GGUF conversion: slow enough for two processes to overlap; it counts its calls."""
+    import os
+    import time
+
+    with open(target.parent / "calls", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(0.5)
+    target.mkdir()
+    (target / "model.safetensors").write_text("converted")
+
+
+def test_processes_started_together_convert_a_gguf_once(tmp_path, monkeypatch):
+    """torchrun's ranks resolve the same GGUF file at once on a fresh machine: one converts, the others wait for it
+    (before, the second removed the folder the first was loading from)."""
+    import multiprocessing
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_convert_gguf", _slow_convert)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(3) as pool:
+        folders = pool.map(models.resolve_model_path, [gguf] * 3)
+    assert len(set(folders)) == 1
+    assert (tmp_path / "cache" / "calls").read_text().count("\n") == 1
+
+
 def test_local_folder_round_trip(tmp_path):
     from conftest import tiny_tokenizer
 

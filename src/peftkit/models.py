@@ -12,6 +12,7 @@ The cache lives in ``$PEFTKIT_CACHE`` (default ``~/.cache/peftkit``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -19,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -90,6 +92,21 @@ def _add_missing_template(gguf: Path, folder: Path) -> None:
         os.replace(tmp, folder / "chat_template.jinja")
 
 
+@contextlib.contextmanager
+def _cache_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<folder>.lock`` (`fcntl.flock`, freed by the kernel if the process dies): the
+    process that converts a GGUF file holds it; another one waits, then finds the finished folder."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file once into a safetensors model folder, written atomically."""
     from safetensors.torch import save_model
@@ -131,10 +148,11 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         if not path.is_file():
             raise PeftkitError(f"GGUF file not found: {path}")
         folder = _gguf_cache_folder(path)
-        if not (folder / "model.safetensors").is_file():
-            _convert_gguf(path, folder)
-        else:
-            _add_missing_template(path, folder)
+        with _cache_lock(folder):  # processes started together (torchrun's ranks) convert once, not side by side
+            if not (folder / "model.safetensors").is_file():
+                _convert_gguf(path, folder)
+            else:
+                _add_missing_template(path, folder)
         return str(folder)
     if path.is_dir():
         if not (path / "config.json").is_file():
