@@ -119,7 +119,22 @@ def shard_model(model: nn.Module, sharding: str) -> int:
     units.append(fully_shard(model, reshard_after_forward=False))
     for unit in units:
         _sum_gradients(unit)
+    _prefetch(units[:-1], asynchronous=next(model.parameters()).device.type == "cpu")
     return len(units)
+
+
+def _prefetch(blocks: list[Any], asynchronous: bool) -> None:
+    """Each block's all-gather starts as the one before it (forward) or after it (backward) begins computing, so the
+    transfer overlaps that block's work instead of running between blocks.
+
+    On CPU the collective itself must also run in the background (gloo's own thread): FSDP2 waits for a blocking
+    all-gather otherwise, since CPU has no side streams. Measured on 2 cores (SmolLM2-135M, LoRA, 128 tokens per
+    step): steps 10-15% shorter; at 2048 tokens per step the difference is within noise."""
+    for i, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(blocks[i + 1:i + 2])
+        block.set_modules_to_backward_prefetch(blocks[i - 1:i] if i else [])
+        if asynchronous and hasattr(block, "_set_unshard_async_op"):  # private in torch 2.13: absent later, skipped
+            block._set_unshard_async_op(True)
 
 
 def _sum_gradients(unit: Any) -> None:
