@@ -3,7 +3,7 @@
 ``sharding_worker.py PLAN.json``: the plan is a list of jobs ``{"name", "config": {...TrainConfig keys},
 "until_step": int | null, "resume": bool}``; each trains into ``<output_dir>`` and writes
 ``<output_dir>/rank<r>.json`` (the world, the per-step losses, the bytes of packed 4-bit weights held, the bytes of
-the model's original whole parameters still alive once the trainer is built).
+the model's original whole parameters still alive once the trainer is built, what the folder held before).
 """
 
 from __future__ import annotations
@@ -23,8 +23,29 @@ from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
 from peftkit.train import TrainConfig, Trainer  # noqa: E402
 
 
+def kill_while_saving(step: int) -> None:
+    """This process dies by SIGKILL halfway through writing ``checkpoint-<step>``'s weights (rank 0 writes them)."""
+    import signal
+
+    from peftkit.train import checkpoint
+
+    write = checkpoint.save_file
+
+    def torn(tensors: dict, path: str) -> None:
+        write(tensors, path)
+        if f"checkpoint-{step}" in path:
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.save_file = torn
+
+
 def run(job: dict) -> None:
     cfg = TrainConfig.from_dict(job["config"])
+    if job.get("kill_saving") and int(os.environ.get("RANK", 0)) == 0:
+        kill_while_saving(job["kill_saving"])
+    found = found_in(Path(cfg.output_dir))  # before the trainer clears stale temporary folders
     model = tiny_llama()
     whole = [weakref.ref(p) for p in model.parameters()]
     trainer = Trainer(cfg, model=model, tokenizer=tiny_tokenizer(), resume=job.get("resume", False))
@@ -38,7 +59,19 @@ def run(job: dict) -> None:
     Path(cfg.output_dir, f"rank{rank}.json").write_text(json.dumps({
         "world": trainer.world, "losses": [h["loss"] for h in trainer.history],
         "sharded": trainer.sharded, "packed_bytes": packed_bytes(trainer.model), "whole_bytes": whole_bytes,
+        "found": found,
     }))
+
+
+def found_in(folder: Path) -> dict:
+    """What a run folder held: the checkpoint ``latest`` names, the checkpoints, whether a temporary folder (a torn
+    write) remains."""
+    if not folder.is_dir():
+        return {}
+    latest = folder / "latest"
+    return {"latest": latest.read_text().strip() if latest.is_file() else None,
+            "checkpoints": sorted(p.name for p in folder.glob("checkpoint-*")),
+            "torn": any(".tmp-" in p.name for p in folder.iterdir())}
 
 
 def packed_bytes(model: torch.nn.Module) -> int:

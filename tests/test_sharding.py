@@ -33,14 +33,16 @@ STEPS = 4
 
 
 def _job(root: Path, name: str, data: str, batch_size: int, until: int | None = None, resume: bool = False,
-         **kw) -> dict:
+         kill_saving: int | None = None, **kw) -> dict:
     config = dict(data=data, output_dir=str(root / name), precision="fp32", batch_size=batch_size, lr=1e-2,
                   method="lora", method_config={"r": 4}, max_length=64, progress=False, packing=False,
                   warmup_ratio=0.0, max_steps=STEPS, save_every=1, seed=3)
-    return {"name": name, "config": {**config, **kw}, "until_step": until, "resume": resume}
+    return {"name": name, "config": {**config, **kw}, "until_step": until, "resume": resume,
+            "kill_saving": kill_saving}
 
 
-def _launch(root: Path, nproc: int, jobs: list[dict]) -> None:
+def _launch(root: Path, nproc: int, jobs: list[dict], killed: bool = False) -> None:
+    """Run `jobs` in `nproc` processes (torchrun past 1); `killed`: a rank is expected to die by SIGKILL."""
     plan = root / f"plan-{nproc}-{len(list(root.glob('plan-*')))}.json"
     plan.write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -48,7 +50,10 @@ def _launch(root: Path, nproc: int, jobs: list[dict]) -> None:
     if nproc > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if killed:
+        assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-4000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +80,13 @@ def runs(tmp_path_factory) -> Path:
         _job(root, "three-qlora", data, 2, sharding="full", **qlora),
         _job(root, "cut23", data, 2, resume=True, sharding="full"),
         _job(root, "cut3", data, 2, until=3, sharding="grad_op"),
+        _job(root, "cut32", data, 2, until=3, sharding="full"),
     ])
     _launch(root, 1, [_job(root, "cut2", data, 4, resume=True, sharding="full"),
                       _job(root, "cut3", data, 6, resume=True, sharding="grad_op")])
+    _launch(root, 2, [_job(root, "cut32", data, 3, resume=True, sharding="full"),
+                      _job(root, "killed", data, 3, kill_saving=3, sharding="full")], killed=True)
+    _launch(root, 3, [_job(root, "killed", data, 2, resume=True, sharding="full")])
     return root
 
 
@@ -161,14 +170,24 @@ def test_checkpoints_hold_whole_tensors_and_no_pickle(runs):
 
 
 @pytest.mark.parametrize(("cut", "straight"), [("cut1", "one-lora"), ("cut2", "fsdp-lora"), ("cut23", "one-lora6"),
-                                               ("cut3", "three-lora")])
+                                               ("cut3", "three-lora"), ("cut32", "one-lora6"), ("killed", "one-lora6")])
 def test_a_sharded_run_resumes_on_another_number_of_processes(runs, cut, straight):
     # cut1: 1 process to step 3, resumed on 2; cut2: 2 processes to step 3, resumed on 1 (batch_size x world = 4);
-    # cut23: 2 processes to step 3, resumed on 3; cut3 (grad_op): 3 processes to step 3, resumed on 1 (x world = 6)
+    # cut23: 2 processes to step 3, resumed on 3; cut3 (grad_op): 3 processes to step 3, resumed on 1 (x world = 6);
+    # cut32: 3 processes to step 3, resumed on 2; killed: 2 processes, rank 0 killed -9 halfway through writing
+    # checkpoint-3, resumed on 3 from checkpoint-2
     resumed = _losses(runs / cut)
     assert len(resumed) == STEPS
     assert resumed == pytest.approx(_losses(runs / straight), rel=1e-5)  # the sums run in another order: not bitwise
     _close(_adapter(runs / cut), _adapter(runs / straight), 1e-5)
+
+
+def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_whole(runs):
+    # read before the resume wrote checkpoint-3 and -4: the launch's own record of what it found
+    found = json.loads((runs / "killed" / "rank0.json").read_text())["found"]
+    assert found["latest"] == "checkpoint-2" and found["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
+    assert found["torn"]  # the half-written checkpoint-3 stayed a hidden temporary folder (removed at the resume)
+    assert not [p for p in (runs / "killed").iterdir() if ".tmp-" in p.name]
 
 
 def test_sharding_refusals(tmp_path):
