@@ -173,6 +173,7 @@ def _train(mode: str, name: str, steps: int, out: Path, precision: str, shape: s
             facts.update(rss_step1=_status("VmRSS"), heap_step1=_in_use(), tensors_step1=_tensor_bytes(trainer.model))
 
     trainer.subscribe(after_first)
+    facts["load_peak"] = _status("VmHWM")  # loading: every rank reads the whole model before it is sharded
     _reset_hwm()
     result = trainer.run()
     facts.update(peak=_status("VmHWM"), vm_peak=_status("VmPeak"), precision=result.precision)
@@ -241,8 +242,8 @@ def _memory_table(runs: dict[str, list[dict[str, list[dict]]]], estimates: dict,
     the first step less the tokenizer's; the tensors themselves), the estimate, the peak RSS during training; the
     state and peak as ratios to DDP's."""
     rows = [f"| {name}: mode | rank | RSS before load | state: RSS once built | state: heap after step 1 | "
-            "ratio to DDP | state: tensors | ratio to DDP | estimate state | peak RSS in training | ratio to DDP | "
-            "estimate peak + RSS before load |", "|---" * 12 + "|"]
+            "ratio to DDP | state: tensors | ratio to DDP | estimate state | peak RSS while loading | "
+            "peak RSS in training | ratio to DDP | estimate peak + RSS before load |", "|---" * 13 + "|"]
 
     def heap(f: dict) -> int:
         return f["heap_step1"] - f["heap_before"] - f["tokenizer_heap"]
@@ -257,12 +258,14 @@ def _memory_table(runs: dict[str, list[dict[str, list[dict]]]], estimates: dict,
             held = _median(runs[mode], name, rank, heap)
             tensors = _median(runs[mode], name, rank, lambda f: f["tensors_step1"])
             peak = _median(runs[mode], name, rank, lambda f: f["peak"])
+            load = _median(runs[mode], name, rank, lambda f: f["load_peak"])
             est = estimates.get((name, mode))  # none for a model the estimator does not know
             est_state_cell = f"{est[0]:.0f}" if est else "-"
             est_peak_cell = f"{est[1] + before / MiB:.0f}" if est else "-"
             rows.append(f"| {mode} | {rank} | {before / MiB:.0f} | {rss / MiB:.0f} | {held / MiB:.0f} | "
                         f"{held / ddp_heap:.2f} | {tensors / MiB:.0f} | {tensors / ddp_tensors:.2f} | "
-                        f"{est_state_cell} | {peak / MiB:.0f} | {peak / ddp_peak:.2f} | {est_peak_cell} |")
+                        f"{est_state_cell} | {load / MiB:.0f} | {peak / MiB:.0f} | {peak / ddp_peak:.2f} | "
+                        f"{est_peak_cell} |")
     return rows
 
 
@@ -307,10 +310,12 @@ def compare(rounds: int, steps: int, methods: list[str], shapes: list[str]) -> N
             "the C heap in use (glibc `mallinfo2`, where torch's CPU tensors live) after the first step minus before "
             "loading, less the tokenizer's heap (measured by loading it alone first; optimizer states included, "
             "gradients freed, units resharded); and the tensors themselves after the first step (each storage once: "
-            "the rank's parameter shards, buffers, optimizer states). The peak RSS during training holds the "
-            "process (Python, torch, tokenizer), the state, the gathered units, activations and what glibc keeps of "
-            "freed activations. Estimates: `peftkit.memory.estimate(..., world_size=2, sharding=...)` (state: "
-            "frozen + trainable weights + optimizer states; peak plus the RSS before loading).", ""]
+            "the rank's parameter shards, buffers, optimizer states). The peak RSS while loading is the process's "
+            "before training (each rank reads the whole model, then keeps its shards). The peak RSS during training "
+            "holds the process (Python, torch, tokenizer), the state, the gathered units, activations and what "
+            "glibc keeps of freed activations. Estimates: `peftkit.memory.estimate(..., world_size=2, "
+            "sharding=...)` (state: frozen + trainable weights + optimizer states; peak plus the RSS before "
+            "loading).", ""]
     for shape in shapes:
         # the estimator knows the bundled model only
         estimates = _estimates(precision, methods, shape) if model == MODEL else {}
