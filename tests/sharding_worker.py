@@ -54,13 +54,25 @@ def run(job: dict) -> None:
     alive = [r() for r in whole]
     whole_bytes = sum(p.numel() * p.element_size() for p in alive if p is not None and not hasattr(p, "to_local"))
     del alive
+    held: dict[str, int] = {}
+    trainer.subscribe(lambda event: held.setdefault("optimizer", optimizer_bytes()) if event.step == 1 else None)
     trainer.run(until_step=job.get("until_step"))
     rank = int(os.environ.get("RANK", 0))
     Path(cfg.output_dir, f"rank{rank}.json").write_text(json.dumps({
         "world": trainer.world, "losses": [h["loss"] for h in trainer.history],
         "sharded": trainer.sharded, "packed_bytes": packed_bytes(trainer.model), "whole_bytes": whole_bytes,
-        "found": found,
+        "found": found, "optimizer_bytes": held.get("optimizer", 0),
     }))
+
+
+def optimizer_bytes() -> int:
+    """Bytes of optimizer state this process holds (its shards' when sharded): the live optimizer's tensors, step
+    counters left out."""
+    optimizers = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
+    tensors = [t for o in optimizers for st in o.state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    # each storage once: Accelerate's optimizer wrapper (DDP runs) shows the same state as the optimizer it wraps
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in local}.values())
 
 
 def found_in(folder: Path) -> dict:

@@ -48,3 +48,11 @@ def test_bad_world_or_sharding_is_refused():
         TrainSetup(sharding="zero3")
     with pytest.raises(ValueError, match="world_size must be a positive integer"):
         TrainSetup(world_size=0)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_8bit_and_paged_optimizer_states_are_split_too(optimizer):
+    ddp = estimate(MODEL, TrainSetup(method="full", precision="bf16", optimizer=optimizer))
+    two = estimate(MODEL, replace(ddp.setup, world_size=2, sharding="full"))
+    assert ddp.optimizer_device + ddp.optimizer_host > 0
+    assert (two.optimizer_device, two.optimizer_host) == (ddp.optimizer_device // 2, ddp.optimizer_host // 2)

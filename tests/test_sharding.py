@@ -1,10 +1,12 @@
 """Sharded training (FSDP2, gloo on CPU): equal to one process and to DDP, checkpoints that resume on another number
 of processes, the adapter as peft files, and what a sharded run refuses.
 
-Four launches serve every test of the module (startup dominates on a busy machine): one process (the references,
-a 1-rank sharded run cut at step 3), two processes under torchrun (sharded and DDP runs, the cut 1-rank run resumed
-on 2, 2-rank runs cut at step 3), three processes (sharded runs of a global batch of 6, the cut 2-rank run resumed on
-3, a 3-rank run cut at step 3), one process again (the 2- and 3-rank runs resumed on 1).
+Six launches serve every test of the module (startup dominates on a busy machine): one process (the references,
+a 1-rank sharded run cut at step 3), two processes under torchrun (sharded and DDP runs, the 8-bit and paged
+optimizers, the cut 1-rank run resumed on 2, 2-rank runs cut at step 3), three processes (sharded runs of a global
+batch of 6, the cut 2-rank run resumed on 3, 3-rank runs cut at step 3), one process again (the 2- and 3-rank runs
+resumed on 1), two processes (a 3-rank run resumed on 2; a run whose rank 0 is killed -9 while saving), three
+processes (the killed run resumed).
 
 Three ranks split nothing evenly here: LoRA's A (4 rows) is sharded 2, 2, 0 and the 32-row weights 11, 11, 10 (FSDP2
 pads the last shards), so these runs also check uneven and empty shards.
@@ -62,10 +64,13 @@ def runs(tmp_path_factory) -> Path:
     data = write_data(root / "d.jsonl", n=40)
     full_ft = {"method": "full", "method_config": {}, "lr": 1e-3}
     qlora = {"quantize": "nf4", "precision": "bf16"}
+    eight = {**full_ft, "optimizer": "adamw_8bit"}  # the tiny Llama's embeddings and head (4096 each) get 8-bit state
+    paged8 = {**full_ft, "optimizer": "paged_adamw_8bit"}
     _launch(root, 1, [
         _job(root, "one-lora", data, 4), _job(root, "one-full", data, 4, **full_ft),
         _job(root, "cut1", data, 4, until=3, sharding="full"), _job(root, "one-qlora", data, 2, grad_accum=2, **qlora),
         _job(root, "one-lora6", data, 6), _job(root, "one-qlora6", data, 2, grad_accum=3, **qlora),
+        _job(root, "one-full8", data, 4, **eight),
     ])
     _launch(root, 2, [
         _job(root, "fsdp-lora", data, 2, sharding="full"), _job(root, "zero2-lora", data, 2, sharding="grad_op"),
@@ -74,6 +79,9 @@ def runs(tmp_path_factory) -> Path:
         _job(root, "cut2", data, 2, until=3, sharding="full"),
         _job(root, "fsdp-qlora", data, 2, sharding="full", **qlora),
         _job(root, "cut23", data, 3, until=3, sharding="full"),
+        _job(root, "fsdp-full8", data, 2, sharding="full", **eight),
+        _job(root, "fsdp-paged8", data, 2, sharding="full", **paged8),
+        _job(root, "cut2-8bit", data, 2, until=3, sharding="full", **eight),
     ])
     _launch(root, 3, [
         _job(root, "three-lora", data, 2, sharding="full"),
@@ -83,7 +91,8 @@ def runs(tmp_path_factory) -> Path:
         _job(root, "cut32", data, 2, until=3, sharding="full"),
     ])
     _launch(root, 1, [_job(root, "cut2", data, 4, resume=True, sharding="full"),
-                      _job(root, "cut3", data, 6, resume=True, sharding="grad_op")])
+                      _job(root, "cut3", data, 6, resume=True, sharding="grad_op"),
+                      _job(root, "cut2-8bit", data, 4, resume=True, sharding="full", **eight)])
     _launch(root, 2, [_job(root, "cut32", data, 3, resume=True, sharding="full"),
                       _job(root, "killed", data, 3, kill_saving=3, sharding="full")], killed=True)
     _launch(root, 3, [_job(root, "killed", data, 2, resume=True, sharding="full")])
@@ -190,11 +199,26 @@ def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_whole(runs):
     assert not [p for p in (runs / "killed").iterdir() if ".tmp-" in p.name]
 
 
+def test_8bit_and_paged_optimizers_shard_their_state_and_equal_one_process(runs):
+    # 2 ranks split the 128-row embeddings into 64 rows x 32 = 2048 elements: the 8-bit blocks (256) are the
+    # unsharded ones, so only the gradient sums' order differs from one process
+    sharded, one = runs / "fsdp-full8", runs / "one-full8"
+    assert _losses(sharded) == pytest.approx(_losses(one), rel=1e-5)
+    _close(_adapter(sharded), _adapter(one), 1e-5)
+    # paging moves the state's bytes, never changes them: bit for bit the unpaged 8-bit optimizer
+    assert _losses(runs / "fsdp-paged8") == _losses(sharded)
+    _close(_adapter(runs / "fsdp-paged8"), _adapter(sharded), 0.0)
+    held = [json.loads((sharded / f"rank{r}.json").read_text())["optimizer_bytes"] for r in (0, 1)]
+    whole = json.loads((one / "rank0.json").read_text())["optimizer_bytes"]
+    assert whole > 0 and held[0] == held[1] and sum(held) == whole  # each rank half
+    # 2 ranks to step 3, resumed on 1: the checkpoint holds 32-bit moments, quantized again on the whole blocks
+    assert _losses(runs / "cut2-8bit") == pytest.approx(_losses(one), rel=1e-5)
+    _close(_adapter(runs / "cut2-8bit"), _adapter(one), 1e-5)
+
+
 def test_sharding_refusals(tmp_path):
     with pytest.raises(PeftkitError, match="sharding: expected one of 'none', 'full', 'grad_op', got 'zero3'"):
         make_cfg(tmp_path, sharding="zero3")
-    with pytest.raises(PeftkitError, match="optimizer 'adamw_8bit' does not run with sharding: full"):
-        Trainer(make_cfg(tmp_path, sharding="full", optimizer="adamw_8bit"))
     with pytest.raises(PeftkitError, match="ewc_lambda > 0 does not run with sharding"):
         Trainer(make_cfg(tmp_path, sharding="grad_op", ewc_lambda=1.0))
     with pytest.raises(PeftkitError, match="objective: dpo does not run with sharding yet"):

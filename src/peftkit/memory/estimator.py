@@ -422,7 +422,8 @@ def _per_rank(bd: Breakdown, arch: Arch, setup: TrainSetup) -> None:
     """The memory of one process of `setup.world_size` under `setup.sharding` (FSDP2, `peftkit.train.sharding`).
 
     ``none`` (DDP): every process holds everything, the figures stay. ``full``: the stored weights (frozen, quantized
-    with their constants, trainable), the gradients and the optimizer states are split over the processes; on top, as
+    with their constants, trainable), the gradients and the optimizer states (a paged optimizer's host pages too) are
+    split over the processes; on top, as
     temporary weights, the gathered root unit (embeddings, final norm, head: kept from the forward through the
     backward) and two gathered blocks (the one computing and the one prefetched), and as gradients the unsharded
     gradients of the root and of one block before their reduce-scatter. ``grad_op``: the gathered weights of every
@@ -442,7 +443,8 @@ def _per_rank(bd: Breakdown, arch: Arch, setup: TrainSetup) -> None:
     stored = bd.weights_frozen + bd.quant_constants + bd.weights_trainable
     gathered = stored if setup.sharding == "grad_op" else int(stored * (root + 2 * block))
     unsharded_grads = int(bd.gradients * (root + block))
-    for name in ("weights_frozen", "quant_constants", "weights_trainable", "gradients", "optimizer_device"):
+    for name in ("weights_frozen", "quant_constants", "weights_trainable", "gradients", "optimizer_device",
+                 "optimizer_host"):
         setattr(bd, name, getattr(bd, name) // n)
     bd.temp_weights += gathered
     bd.gradients += unsharded_grads

@@ -24,6 +24,11 @@ Paged state: the state lives in host memory, in pages of a contiguous range of t
 ``page_budget_bytes`` and evicts the least recently used ones (see ``pager.py``). Paging moves bytes, never changes
 them, so a paged optimizer is bit-identical to the same optimizer unpaged.
 
+Sharded parameters (FSDP2's DTensors, `peftkit.train.sharding`) are updated through this rank's shard: the state
+is laid out over the shard, so each rank holds its part of it. Whether a parameter gets 8-bit state is decided by its
+whole size, as unsharded; the 256-element blocks run over the shard, so they are the unsharded blocks only where a
+shard starts at a multiple of 256 elements.
+
 Note:
     Besides the (budgeted) state, a step uses scratch buffers on the device of at most ~17 bytes per element of
     one batch (``_BATCH_ELEMS`` = 4M elements, ~70 MiB): the ``sqrt(v)`` denominator, and for 8-bit pages the
@@ -104,6 +109,15 @@ def adamw_foreach_(
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, neg_step_size)
+
+
+def _is_sharded(t: Tensor) -> bool:
+    return hasattr(t, "to_local")  # a DTensor (`torch.distributed.tensor`), without importing torch.distributed
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local part (detached: a plain tensor sharing its storage); any other tensor as it is."""
+    return t.detach().to_local() if _is_sharded(t) else t  # type: ignore[attr-defined]
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -296,6 +310,7 @@ class _AdamWBase(Optimizer):
         super().__init__(params, dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = int(min_8bit_size)
         self._pages: dict[Tensor, list[Page]] = {}
+        self._shards: dict[Tensor, Tensor] = {}  # a sharded parameter's local shard, the tensor its pages update
         self._books: dict[torch.device, tuple[DynamicCodebook, DynamicCodebook]] = {}
         self._scratch: dict[tuple[torch.device, str], Tensor] = {}
         self.pager: Pager | None = None
@@ -322,14 +337,15 @@ class _AdamWBase(Optimizer):
             return self._transfer.to_host(t, dtype)
         return t.detach().to(device=p.device, dtype=dtype, copy=True).contiguous()
 
-    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+    def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
+        p = self._target(param)
         if not p.is_contiguous():
             raise ValueError("peftkit AdamW variants need contiguous parameters")
         if self._paged and p.device != self._transfer.device:  # type: ignore[union-attr]
             raise ValueError(f"paged optimizer computes on {self._transfer.device} but a parameter is on {p.device}")  # type: ignore[union-attr]
         scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
-        if self._eight_bit and p.numel() >= self.min_8bit_size:
+        if self._eight_bit and param.numel() >= self.min_8bit_size:  # the whole parameter's size, sharded or not
             n_blocks = -(-p.numel() // BLOCK_SIZE)
             state["state1"] = self._alloc(p, p.shape, torch.uint8)
             state["state2"] = self._alloc(p, p.shape, torch.uint8)
@@ -338,15 +354,15 @@ class _AdamWBase(Optimizer):
         else:
             state["exp_avg"] = self._alloc(p, p.shape, _state_dtype(p))
             state["exp_avg_sq"] = self._alloc(p, p.shape, _state_dtype(p))
-        self._build_pages(p)
+        self._build_pages(param)
 
     def _build_pages(self, p: Tensor) -> None:
         """Cut the state of ``p`` into pages (for an unpaged optimizer: chunks that bound the scratch memory)."""
-        st = self.state[p]
+        st, local = self.state[p], self._shards.get(p, p)
         if "state1" in st:
-            pages = _eight_bit_pages(p, st, self._page_bytes)
+            pages = _eight_bit_pages(local, st, self._page_bytes)
         else:
-            pages = _full_pages(p, st, self._page_bytes if self._paged else None)
+            pages = _full_pages(local, st, self._page_bytes if self._paged else None)
         if not self._paged:
             for page in pages:
                 page.dev = [t.view(s) for t, s in zip(page.host, page.shapes, strict=True)]
@@ -391,15 +407,34 @@ class _AdamWBase(Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, state)
+                local = self._target(p)
+                if local is not p:
+                    local.grad = _local(p.grad)
                 with_grad.append(p)
             if not with_grad:
                 continue
             step_ts = [self.state[p]["step"] for p in with_grad]
             torch._foreach_add_(step_ts, 1.0)
-            steps = dict(zip(with_grad, torch.stack(step_ts).tolist(), strict=True))
+            steps = dict(zip((self._target(p) for p in with_grad), torch.stack(step_ts).tolist(), strict=True))
             pages = [page for p in with_grad for page in self._pages[p]]
             self._update(group, pages, steps)
+            for p in with_grad:
+                if self._target(p) is not p:
+                    self._target(p).grad = None  # the gradient stays the sharded parameter's alone
         return loss
+
+    def _target(self, p: Tensor) -> Tensor:
+        """The tensor `p`'s update runs on: `p`, or a sharded parameter's local shard (a plain tensor sharing its
+        storage; checked each time, so a parameter given new storage gets new pages)."""
+        if not _is_sharded(p):
+            return p
+        local = _local(p)
+        known = self._shards.get(p)
+        if known is None or known.data_ptr() != local.data_ptr() or known.shape != local.shape:
+            self._shards[p] = known = local
+            if p in self._pages:
+                self._build_pages(p)
+        return known
 
     def _batches(self, pages: list[Page]) -> list[list[Page]]:
         limit = self.pager.batch_bytes if self.pager is not None else None
@@ -525,8 +560,10 @@ class _AdamWBase(Optimizer):
             self.state[p] = self._loaded(pid, p, src)
             self._build_pages(p)
 
-    def _loaded(self, pid: int, p: Tensor, src: dict[str, Any]) -> dict[str, Any]:
-        """One parameter's saved state, checked and placed as this optimizer keeps it."""
+    def _loaded(self, pid: int, param: Tensor, src: dict[str, Any]) -> dict[str, Any]:
+        """One parameter's saved state, checked and placed as this optimizer keeps it (a sharded parameter's: the
+        state of its shard)."""
+        p = self._target(param)
         step = src["step"]
         new: dict[str, Any] = {
             "step": step.detach().to("cpu", copy=True) if torch.is_tensor(step) else torch.tensor(float(step))
@@ -543,9 +580,28 @@ class _AdamWBase(Optimizer):
                 torch.float32 if key.startswith("absmax") else _state_dtype(p)
             )
             new[key] = self._place(p, t.reshape(p.shape) if key.startswith(("state", "exp")) else t, dtype)
-        if keys is _KEYS_32 and self._eight_bit and p.numel() >= self.min_8bit_size:
+        if keys is _KEYS_32 and self._eight_bit and param.numel() >= self.min_8bit_size:
             new.update(self._quantized(p, new.pop("exp_avg"), new.pop("exp_avg_sq")))
         return new
+
+    def moments(self, p: Tensor) -> dict[str, Tensor]:
+        """`p`'s state as 32-bit AdamW keeps it: ``step``, ``exp_avg``, ``exp_avg_sq`` (8-bit state dequantized), over
+        this rank's shard when `p` is sharded, shaped like it; empty before `p`'s first step. `load_state_dict` takes
+        this form back (the 8-bit variants quantize it again)."""
+        from .dynamic8 import dequantize_blockwise_dynamic
+
+        if self.pager is not None:
+            self.pager.flush()
+        st = self.state.get(p)
+        if not st:
+            return {}
+        if "state1" not in st:
+            return {"step": st["step"], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+        shape = self._target(p).shape
+        signed, unsigned = self._codebooks(st["state1"].device)
+        return {"step": st["step"],
+                "exp_avg": dequantize_blockwise_dynamic(st["state1"], st["absmax1"], signed).view(shape),
+                "exp_avg_sq": dequantize_blockwise_dynamic(st["state2"], st["absmax2"], unsigned).view(shape)}
 
     def _quantized(self, p: Tensor, m: Tensor, v: Tensor) -> dict[str, Tensor]:
         from .dynamic8 import quantize_blockwise_dynamic

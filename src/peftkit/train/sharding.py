@@ -36,22 +36,13 @@ from peftkit.errors import PeftkitError
 from peftkit.quant import QuantLinear
 from peftkit.train.config import TrainConfig
 
-__all__ = ["SHARDED_OPTIMIZERS", "ShardedOptimizer", "all_finite", "check_sharding", "full_parameters", "global_norm",
+__all__ = ["ShardedOptimizer", "all_finite", "check_sharding", "full_parameters", "global_norm",
            "shard_model", "shard_targets", "transformer_blocks"]
-
-SHARDED_OPTIMIZERS = ("adamw",)
-"""Optimizers that run on sharded parameters: torch's AdamW computes on each rank's shard (DTensor). peftkit's 8-bit
-and paged AdamW keep their state in pages of the flattened whole parameter and cannot yet."""
-
 
 def check_sharding(cfg: TrainConfig) -> None:
     """Refuse (one line) what a sharded run cannot do yet; nothing for ``sharding: none``."""
     if cfg.sharding == "none":
         return
-    if cfg.optimizer not in SHARDED_OPTIMIZERS:
-        raise PeftkitError(f"optimizer {cfg.optimizer!r} does not run with sharding: {cfg.sharding} (its 8-bit/paged "
-                           "state is laid out over whole parameters, not shards): use optimizer: adamw, or "
-                           "sharding: none")
     if cfg.ewc_lambda > 0:
         raise PeftkitError("ewc_lambda > 0 does not run with sharding yet (the EWC anchor holds whole parameters): "
                            "set ewc_lambda: 0 or sharding: none")
@@ -174,6 +165,25 @@ def full_parameters(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
             module._parameters[name] = sharded
 
 
+def _whole(local: torch.Tensor, param: Any) -> torch.Tensor:
+    """A tensor laid out over `param`'s shard (this rank's part), whole: gathered from every rank."""
+    if not _is_dtensor(param):
+        return local.clone()
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                              stride=param.stride()).full_tensor()
+
+
+def _mine(whole: torch.Tensor, param: Any) -> torch.Tensor:
+    """This rank's part of `whole`, cut as `param` is (no communication)."""
+    if not _is_dtensor(param):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
 class _Shard:
     """A sharded parameter as a checkpoint loads it: ``copy_(whole)`` keeps this rank's part (no communication)."""
 
@@ -213,7 +223,9 @@ def global_norm(norm: torch.Tensor) -> torch.Tensor:
 class ShardedOptimizer:
     """The optimizer of a sharded model as a checkpoint sees it: its state as full tensors keyed by parameter name
     (`state_dict` is a collective: every rank calls it, rank 0 gets the state, the others an empty dict), loaded back
-    into each rank's shards (`load_state_dict`, every rank with the same full state)."""
+    into each rank's shards (`load_state_dict`, every rank with the same full state). Every optimizer computes on
+    the shards: torch's AdamW on the DTensors, peftkit's 8-bit and paged AdamW on each rank's local part, their
+    state laid out over it (`peftkit.optim.adamw`); the checkpoint holds theirs as 32-bit moments."""
 
     collective = True
 
@@ -232,10 +244,46 @@ class ShardedOptimizer:
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+        if hasattr(self.optimizer, "moments"):
+            return self._peftkit_state()
         return get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if hasattr(self.optimizer, "moments"):
+            self._load_peftkit_state(state)
+            return
         set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state,
                                  options=StateDictOptions(full_state_dict=True))
+
+    def _names(self) -> dict[int, str]:
+        return {id(p): name for name, p in self.model.named_parameters()}
+
+    def _peftkit_state(self) -> dict[str, Any]:
+        """peftkit's 8-bit / paged AdamW state as torch's AdamW keeps it, whole: each shard's moments (8-bit ones
+        dequantized) gathered, keyed by parameter name as `get_optimizer_state_dict` keys torch's (a collective)."""
+        names, state, groups = self._names(), {}, []
+        for group in self.optimizer.param_groups:
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": [names[id(p)] for p in group["params"]]})
+            for p in group["params"]:
+                moments = self.optimizer.moments(p)  # type: ignore[attr-defined]
+                if moments:
+                    state[names[id(p)]] = {k: _whole(v, p) if k != "step" else v.clone() for k, v in moments.items()}
+        return {"state": state, "param_groups": groups} if dist.get_rank() == 0 else {}
+
+    def _load_peftkit_state(self, state: dict[str, Any]) -> None:
+        """A whole state (`_peftkit_state`'s, or torch AdamW's from `get_optimizer_state_dict`) into each rank's
+        shards; the 8-bit variants quantize the moments again, over the shards' blocks."""
+        names = self._names()
+        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        params = {names[id(p)]: p for group in self.optimizer.param_groups for p in group["params"]}
+        index = {name: i for i, name in enumerate(order)}
+        local: dict[int, dict[str, Any]] = {}
+        for name, saved in state["state"].items():
+            if name not in index:
+                raise PeftkitError(f"optimizer state names {name!r}, which this run does not train")
+            local[index[name]] = {k: _mine(v, params[name]) if k != "step" else v for k, v in saved.items()}
+        groups = [{**saved, "params": [index[n] for n in saved["params"]]} for saved in state["param_groups"]]
+        self.optimizer.load_state_dict({"state": local, "param_groups": groups})
