@@ -27,7 +27,12 @@ The estimator takes the training's precision names: every row is estimated with 
 (full fine-tuning: every weight trains, fp32, autocast keeps a bf16 copy of every matmul weight for backward; LoRA /
 QLoRA: frozen weights in bf16, bf16 activations, the trainable weights fp32).
 
-Run: ``python bench/memory_validation.py`` (about 10 minutes on 2 CPU cores); ``--quick`` runs batch 2 only.
+``--ranks``: per-rank rows instead (section ``memory_validation-ranks``): LoRA and full fine-tuning trained by
+`Trainer` at 2 processes (``torchrun``, gloo) under ``sharding: none`` (DDP), ``full`` and ``grad_op``, each rank's
+measured peak against the estimator's per-process figure (``world_size=2, sharding=...``).
+
+Run: ``python bench/memory_validation.py`` (about 10 minutes on 2 CPU cores); ``--quick`` runs batch 2 only;
+``--ranks`` (about 4 minutes).
 """
 
 from __future__ import annotations
@@ -186,7 +191,8 @@ def setup_for(spec: dict):
 
 
 def run_config(spec: dict) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(CHILD_MMAP_THRESHOLD), TQDM_DISABLE="1",
+               TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
                           text=True, check=False)
     if proc.returncode != 0:
@@ -274,6 +280,47 @@ FINDINGS = """What the validation found in the estimator (`peftkit.memory`), and
 """
 
 
+CHILD_MMAP_THRESHOLD = 65536
+"""glibc's ``MALLOC_MMAP_THRESHOLD_`` for the measured processes (module docstring)."""
+RANK_SHAPE = "2x256"
+RANK_STEPS = 3
+
+
+def per_rank() -> str:
+    """Each rank's measured peak (peak RSS over the steps minus the RSS before loading) against the estimator's
+    ``peak_bytes`` for that process, for DDP and both sharding modes; uses `bench/sharding.py`'s launcher."""
+    import tempfile
+
+    from _common import machine
+    from sharding import MODES, _estimates, _launch, _write_rows
+
+    t0 = time.perf_counter()
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(CHILD_MMAP_THRESHOLD)  # the launched ranks inherit it (as the rows)
+    methods = ["lora", "full"]
+    rows = ["| method | sharding | rank | measured MiB | peak est. MiB | est/meas |", "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        _write_rows(out / "rows.jsonl", 200)
+        facts = {mode: _launch(mode, methods, RANK_STEPS, out, precision="bf16", shape=RANK_SHAPE)[0]
+                 for mode in MODES}
+    estimates = _estimates("bf16", methods, RANK_SHAPE)
+    for name in methods:
+        for mode in MODES:
+            for rank, f in enumerate(facts[mode][name]):
+                measured = (f["peak"] - f["rss_before"]) / MiB
+                est = estimates[(name, mode)][1]
+                rows.append(f"| {name} | {mode} | {rank} | {measured:.0f} | {est:.0f} | **{est / measured:.2f}** |")
+    return "\n".join([
+        f"## memory_validation-ranks — `python bench/memory_validation.py --ranks` ({machine()}; "
+        f"{time.perf_counter() - t0:.0f} s)", "",
+        f"`Trainer` at 2 processes (torchrun, gloo, 1 thread each) on smollm2-135m-instruct, LoRA r=8 on all linear "
+        f"layers and full fine-tuning, `precision: bf16`, steps of {RANK_SHAPE} tokens (packed instruction rows: the "
+        f"loss on the answers only), {RANK_STEPS} steps, AdamW; the ranks run with "
+        f"`MALLOC_MMAP_THRESHOLD_={CHILD_MMAP_THRESHOLD}` as the rows above. *measured* = the rank's peak RSS over "
+        "the steps minus its RSS before loading; *peak est.* = `estimate(..., world_size=2, sharding=...)"
+        ".peak_bytes` (its logits term assumes the loss on every token: an overestimate here).", "", *rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -282,9 +329,18 @@ def main() -> None:
     parser.add_argument("--batches", default="2,8")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md")
+    parser.add_argument("--ranks", action="store_true", help="per-rank rows at 2 processes (DDP and sharded)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.ranks:
+        body = per_rank()
+        print(body)
+        if not args.no_write:
+            from _common import write_section
+
+            write_section("memory_validation-ranks", body)
         return
     batches = [2] if args.quick else [int(b) for b in args.batches.split(",")]
     methods = args.only.split(",") if args.only else METHODS

@@ -34,13 +34,16 @@ def test_full_sharding_splits_the_state_and_adds_the_gathered_units(method):
     assert four.peak_bytes < two.peak_bytes < ddp.peak_bytes
 
 
-def test_grad_op_keeps_a_gathered_copy_and_ddp_or_one_process_change_nothing():
+def test_grad_op_keeps_a_gathered_copy_ddp_adds_its_buckets_one_process_changes_nothing():
     ddp = estimate(MODEL, TrainSetup(method="full", precision="bf16"))
     grad_op = estimate(MODEL, replace(ddp.setup, world_size=2, sharding="grad_op"))
     assert grad_op.temp_weights == ddp.temp_weights + ddp.weights_frozen + ddp.weights_trainable
     assert grad_op.optimizer_device == ddp.optimizer_device // 2
-    for same in (replace(ddp.setup, world_size=8), replace(ddp.setup, sharding="full")):
-        assert estimate(MODEL, same).components == ddp.components
+    assert estimate(MODEL, replace(ddp.setup, sharding="full")).components == ddp.components  # one process
+    eight = estimate(MODEL, replace(ddp.setup, world_size=8))  # DDP: everything, and its buckets of the gradients
+    assert eight.gradients == 2 * ddp.gradients
+    assert {k: v for k, v in eight.components.items() if k != "gradients"} == \
+        {k: v for k, v in ddp.components.items() if k != "gradients"}
 
 
 def test_bad_world_or_sharding_is_refused():
