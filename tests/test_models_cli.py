@@ -40,6 +40,7 @@ def _slow_convert(gguf, target):
     import os
     import time
 
+    target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / "calls", "a") as f:
         f.write(f"{os.getpid()}\n")
     time.sleep(0.5)

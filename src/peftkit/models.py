@@ -93,18 +93,18 @@ def _add_missing_template(gguf: Path, folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _cache_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<folder>.lock`` (`fcntl.flock`, freed by the kernel if the process dies): the
-    process that converts a GGUF file holds it; another one waits, then finds the finished folder."""
+def _conversion_lock(gguf: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the GGUF file itself (`fcntl.flock`, advisory, freed by the kernel if the process
+    dies; no file of its own is left): the process that converts it holds it, another one waits, then finds the
+    finished folder."""
     import fcntl
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(gguf, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -148,7 +148,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         if not path.is_file():
             raise PeftkitError(f"GGUF file not found: {path}")
         folder = _gguf_cache_folder(path)
-        with _cache_lock(folder):  # processes started together (torchrun's ranks) convert once, not side by side
+        with _conversion_lock(path):  # processes started together (torchrun's ranks) convert once, not side by side
             if not (folder / "model.safetensors").is_file():
                 _convert_gguf(path, folder)
             else:

@@ -287,8 +287,9 @@ def _grad_views(batch: list[Page]) -> list[tuple[Tensor, Tensor]]:
     return views
 
 
-class _AdamWBase(Optimizer):
-    """The engine shared by the 8-bit and paged AdamW variants (see the module docstring)."""
+class _AdamWEngine(Optimizer):
+    """The update engine shared by the 8-bit and paged AdamW variants (see the module docstring): state layout,
+    pages and the step; `_AdamWBase` adds persistence and figures."""
 
     _eight_bit = False
     _paged = False
@@ -536,6 +537,12 @@ class _AdamWBase(Optimizer):
                     off32 += n
             ops.add(pv, gv, m, v, d, steps[page.param])
         return ops
+
+
+
+class _AdamWBase(_AdamWEngine):
+    """The 8-bit and paged AdamW variants' state as checkpoints see it (torch's ``state_dict`` format, 32-bit moments
+    of a shard for sharded runs) and their memory figures."""
 
     # ------------------------------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

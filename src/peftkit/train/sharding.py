@@ -191,11 +191,8 @@ class _Shard:
         self.param = param
 
     def copy_(self, whole: torch.Tensor) -> None:
-        from torch.distributed.tensor import distribute_tensor
-
         p: Any = self.param
-        mine = distribute_tensor(whole.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-        p.to_local().copy_(mine.to_local())
+        p.to_local().copy_(_mine(whole.to(p.dtype), p))
 
 
 def shard_targets(params: dict[str, nn.Parameter]) -> dict[str, Any]:
