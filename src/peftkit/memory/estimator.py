@@ -422,12 +422,11 @@ def _per_rank(bd: Breakdown, arch: Arch, setup: TrainSetup) -> None:
     """The memory of one process of `setup.world_size` under `setup.sharding` (FSDP2, `peftkit.train.sharding`).
 
     ``none`` (DDP): every process holds everything, and DDP's gradient buckets (a second copy of the gradients).
-    ``full``: the stored weights (frozen, quantized
-    with their constants, trainable), the gradients and the optimizer states (a paged optimizer's host pages too) are
-    split over the processes; on top, as
-    temporary weights, the gathered root unit (embeddings, final norm, head: kept from the forward through the
-    backward) and two gathered blocks (the one computing and the one prefetched), and as gradients the unsharded
-    gradients of the root and of one block before their reduce-scatter. ``grad_op``: the gathered weights of every
+    ``full``: the stored weights (frozen, quantized with their constants, trainable), the gradients and the optimizer
+    states (a paged optimizer's host pages too) are split over the processes; on top, as temporary weights, the
+    gathered root unit (embeddings, final norm, head: kept from the forward through the backward) and two gathered
+    blocks (the one computing and the one prefetched), and as gradients the unsharded gradients of the root and of
+    one block before their reduce-scatter. ``grad_op``: the gathered weights of every
     block stay from the forward through the backward (a whole copy beside the shards). Activations, logits and the
     dequantized temporary are per process as without sharding.
 

@@ -399,7 +399,7 @@ class _AdamWEngine(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            with_grad = []
+            with_grad, targets = [], []  # the parameters, and the tensors their updates run on (`_target`)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -412,16 +412,17 @@ class _AdamWEngine(Optimizer):
                 if local is not p:
                     local.grad = _local(p.grad)
                 with_grad.append(p)
+                targets.append(local)
             if not with_grad:
                 continue
             step_ts = [self.state[p]["step"] for p in with_grad]
             torch._foreach_add_(step_ts, 1.0)
-            steps = dict(zip((self._target(p) for p in with_grad), torch.stack(step_ts).tolist(), strict=True))
+            steps = dict(zip(targets, torch.stack(step_ts).tolist(), strict=True))
             pages = [page for p in with_grad for page in self._pages[p]]
             self._update(group, pages, steps)
-            for p in with_grad:
-                if self._target(p) is not p:
-                    self._target(p).grad = None  # the gradient stays the sharded parameter's alone
+            for p, local in zip(with_grad, targets, strict=True):
+                if local is not p:
+                    local.grad = None  # the gradient stays the sharded parameter's alone
         return loss
 
     def _target(self, p: Tensor) -> Tensor:

@@ -274,9 +274,8 @@ class ShardedOptimizer:
         """A whole state (`_peftkit_state`'s, or torch AdamW's from `get_optimizer_state_dict`) into each rank's
         shards; the 8-bit variants quantize the moments again, over the shards' blocks."""
         names = self._names()
-        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
         params = {names[id(p)]: p for group in self.optimizer.param_groups for p in group["params"]}
-        index = {name: i for i, name in enumerate(order)}
+        index = {name: i for i, name in enumerate(params)}  # torch's ids: the parameters in group order
         local: dict[int, dict[str, Any]] = {}
         for name, saved in state["state"].items():
             if name not in index:
