@@ -119,8 +119,8 @@ def _prefetch(blocks: list[Any], asynchronous: bool) -> None:
     transfer overlaps that block's work instead of running between blocks.
 
     On CPU the collective itself must also run in the background (gloo's own thread): FSDP2 waits for a blocking
-    all-gather otherwise, since CPU has no side streams. Measured on 2 cores (SmolLM2-135M, LoRA, 128 tokens per
-    step): steps 10-15% shorter; at 2048 tokens per step the difference is within noise."""
+    all-gather otherwise, since CPU has no side streams. On 2 cores (`bench/sharding.py`, SmolLM2-135M, LoRA, steps of
+    1x128 tokens) the sharded / DDP tokens/s went from 0.46 to 0.54 (full) and 0.61 (grad_op)."""
     for i, block in enumerate(blocks):
         block.set_modules_to_forward_prefetch(blocks[i + 1:i + 2])
         block.set_modules_to_backward_prefetch(blocks[i - 1:i] if i else [])
