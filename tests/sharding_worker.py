@@ -46,9 +46,11 @@ def run(job: dict) -> None:
     if job.get("kill_saving") and int(os.environ.get("RANK", 0)) == 0:
         kill_while_saving(job["kill_saving"])
     found = found_in(Path(cfg.output_dir))  # before the trainer clears stale temporary folders
-    model = tiny_llama()
-    whole = [weakref.ref(p) for p in model.parameters()]
-    trainer = Trainer(cfg, model=model, tokenizer=tiny_tokenizer(), resume=job.get("resume", False))
+    first_load = len(LOADS)
+    model = None if job.get("from_folder") else tiny_llama()  # from_folder: the trainer loads ``model`` itself
+    whole = [weakref.ref(p) for p in model.parameters()] if model is not None else []
+    trainer = Trainer(cfg, model=model, tokenizer=None if model is None else tiny_tokenizer(),
+                      resume=job.get("resume", False))
     del model
     gc.collect()
     alive = [r() for r in whole]
@@ -61,8 +63,25 @@ def run(job: dict) -> None:
     Path(cfg.output_dir, f"rank{rank}.json").write_text(json.dumps({
         "world": trainer.world, "losses": [h["loss"] for h in trainer.history],
         "sharded": trainer.sharded, "packed_bytes": packed_bytes(trainer.model), "whole_bytes": whole_bytes,
-        "found": found, "optimizer_bytes": held.get("optimizer", 0),
+        "found": found, "optimizer_bytes": held.get("optimizer", 0), "loads": LOADS[first_load:],
+        "fingerprint": trainer.context.fingerprint,
     }))
+
+
+LOADS: list[bool] = []
+"""The `weights` argument of every `peftkit.models.load_model` call of this process (`record_loads`)."""
+
+
+def record_loads() -> None:
+    from peftkit import models
+
+    load = models.load_model
+
+    def recorded(*args, **kw):
+        LOADS.append(kw.get("weights", True))
+        return load(*args, **kw)
+
+    models.load_model = recorded
 
 
 def optimizer_bytes() -> int:
@@ -95,5 +114,6 @@ def packed_bytes(model: torch.nn.Module) -> int:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    record_loads()
     for job in json.loads(Path(sys.argv[1]).read_text()):
         run(job)

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 from test_distributed import free_port
 from test_train import make_cfg, write_data
+from transformers import LlamaForCausalLM
 
 from peftkit.errors import PeftkitError
 from peftkit.train import Trainer
@@ -35,12 +37,22 @@ STEPS = 4
 
 
 def _job(root: Path, name: str, data: str, batch_size: int, until: int | None = None, resume: bool = False,
-         kill_saving: int | None = None, **kw) -> dict:
+         kill_saving: int | None = None, from_folder: bool = False, **kw) -> dict:
     config = dict(data=data, output_dir=str(root / name), precision="fp32", batch_size=batch_size, lr=1e-2,
                   method="lora", method_config={"r": 4}, max_length=64, progress=False, packing=False,
                   warmup_ratio=0.0, max_steps=STEPS, save_every=1, seed=3)
     return {"name": name, "config": {**config, **kw}, "until_step": until, "resume": resume,
-            "kill_saving": kill_saving}
+            "kill_saving": kill_saving, "from_folder": from_folder}
+
+
+def _model_folder(folder: Path, tied: bool) -> str:
+    """The tiny Llama (its embeddings and head tied or not) and the tiny tokenizer, saved as a model folder."""
+    config = tiny_llama().config
+    config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
 
 
 def _launch(root: Path, nproc: int, jobs: list[dict], killed: bool = False) -> None:
@@ -66,11 +78,15 @@ def runs(tmp_path_factory) -> Path:
     qlora = {"quantize": "nf4", "precision": "bf16"}
     eight = {**full_ft, "optimizer": "adamw_8bit"}  # the tiny Llama's embeddings and head (4096 each) get 8-bit state
     paged8 = {**full_ft, "optimizer": "paged_adamw_8bit"}
+    untied, tied = _model_folder(root / "tiny", tied=False), _model_folder(root / "tied", tied=True)
+    lean = {"from_folder": True, "model": untied}  # the trainer loads the model itself: rank 0 alone reads it
     _launch(root, 1, [
+        _job(root, "one-tied", data, 4, from_folder=True, model=tied),
         _job(root, "one-lora", data, 4), _job(root, "one-full", data, 4, **full_ft),
         _job(root, "cut1", data, 4, until=3, sharding="full"), _job(root, "one-qlora", data, 2, grad_accum=2, **qlora),
         _job(root, "one-lora6", data, 6), _job(root, "one-qlora6", data, 2, grad_accum=3, **qlora),
         _job(root, "one-full8", data, 4, **eight),
+        _job(root, "one-qlora-folder", data, 2, grad_accum=2, from_folder=True, model=untied, **qlora),
     ])
     _launch(root, 2, [
         _job(root, "fsdp-lora", data, 2, sharding="full"), _job(root, "zero2-lora", data, 2, sharding="grad_op"),
@@ -82,6 +98,10 @@ def runs(tmp_path_factory) -> Path:
         _job(root, "fsdp-full8", data, 2, sharding="full", **eight),
         _job(root, "fsdp-paged8", data, 2, sharding="full", **paged8),
         _job(root, "cut2-8bit", data, 2, until=3, sharding="full", **eight),
+        _job(root, "lean-lora", data, 2, sharding="full", **lean),
+        _job(root, "lean-qlora", data, 2, sharding="full", **lean, **qlora),
+        _job(root, "lean-full", data, 2, sharding="full", **lean, **full_ft),
+        _job(root, "lean-tied", data, 2, sharding="grad_op", from_folder=True, model=tied),
     ])
     _launch(root, 3, [
         _job(root, "three-lora", data, 2, sharding="full"),
@@ -89,6 +109,7 @@ def runs(tmp_path_factory) -> Path:
         _job(root, "cut23", data, 2, resume=True, sharding="full"),
         _job(root, "cut3", data, 2, until=3, sharding="grad_op"),
         _job(root, "cut32", data, 2, until=3, sharding="full"),
+        _job(root, "lean-lora3", data, 2, sharding="full", **lean),
     ])
     _launch(root, 1, [_job(root, "cut2", data, 4, resume=True, sharding="full"),
                       _job(root, "cut3", data, 6, resume=True, sharding="grad_op"),
@@ -146,6 +167,46 @@ def test_sharding_lets_go_of_the_whole_weights(runs):
     for name in ("fsdp-lora", "zero2-lora", "fsdp-full"):
         assert [json.loads((runs / name / f"rank{r}.json").read_text())["whole_bytes"] for r in (0, 1)] == [0, 0]
     assert json.loads((runs / "ddp-lora" / "rank0.json").read_text())["whole_bytes"] > 0  # DDP's model holds them
+
+
+@pytest.mark.parametrize("lean, given, reference, tol", [
+    ("lean-lora", "fsdp-lora", "fsdp-lora", 0.0), ("lean-full", "fsdp-full", "fsdp-full", 0.0),
+    ("lean-lora3", "three-lora", "three-lora", 0.0),
+    # QLoRA against one process loading the folder too: a base given in fp32 is quantized from fp32, one loaded for
+    # bf16 training from bf16 (other codes); 2 micro-batches of 2 rows: the ranks' shapes, as for fsdp-qlora
+    ("lean-qlora", "fsdp-qlora", "one-qlora-folder", 1e-5)])
+def test_rank_0_alone_loads_the_model_and_the_others_receive_their_shards(runs, lean, given, reference, tol):
+    # the trainer loads the model folder itself: rank 0 reads it, the others build it empty and receive their
+    # shards; the run trains as the one given the same model in every process (bit for bit) or one process
+    world = json.loads((runs / given / "rank0.json").read_text())["world"]
+    facts = [json.loads((runs / lean / f"rank{r}.json").read_text()) for r in range(world)]
+    assert [f["loads"] for f in facts] == [[True]] + [[False]] * (world - 1)  # weights=False: nothing read
+    assert len(_losses(runs / lean)) == STEPS
+    assert _losses(runs / lean) == pytest.approx(_losses(runs / reference), rel=tol, abs=0)
+    _close(_adapter(runs / lean), _adapter(runs / reference), 10 * tol)
+    given_facts = [json.loads((runs / given / f"rank{r}.json").read_text()) for r in range(world)]
+    assert {f["fingerprint"] for f in facts} == {given_facts[0]["fingerprint"]} != {None}  # rank 0's, everywhere
+    assert [f["packed_bytes"] for f in facts] == [f["packed_bytes"] for f in given_facts]  # the same shards
+
+
+def test_a_tied_head_loaded_by_rank_0_alone_equals_one_process(runs):
+    lean, one = runs / "lean-tied", runs / "one-tied"
+    assert [json.loads((lean / f"rank{r}.json").read_text())["loads"] for r in (0, 1)] == [[True], [False]]
+    assert _losses(lean) == pytest.approx(_losses(one), rel=1e-5)
+    _close(_adapter(lean), _adapter(one), 1e-5)
+
+
+def test_a_model_built_without_weights_has_the_loaded_ones_layout(tmp_path):
+    from peftkit.models import load_model
+
+    folder = _model_folder(tmp_path / "tied", tied=True)
+    loaded, empty = load_model(folder)[0], load_model(folder, weights=False)[0]
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight  # tied, as loaded: one tensor to receive
+    assert all(p.is_meta for p in empty.parameters())
+    layout = [(n, t.shape, t.dtype) for n, t in [*loaded.named_parameters(), *loaded.named_buffers()]]
+    assert layout == [(n, t.shape, t.dtype) for n, t in [*empty.named_parameters(), *empty.named_buffers()]]
+    for name, buffer in empty.named_buffers():  # computed from the config, not received
+        torch.testing.assert_close(buffer, loaded.get_buffer(name), rtol=0, atol=0)
 
 
 def test_qlora_shards_its_packed_base_and_equals_one_process(runs):

@@ -214,6 +214,7 @@ def load_model(
     name_or_path: str | os.PathLike = BUNDLED_NAME,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    weights: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
@@ -222,6 +223,10 @@ def load_model(
             ``.gguf`` file, or ``"smollm2-135m-instruct"``.
         dtype: parameter dtype of the loaded model.
         device: where to put it.
+        weights: False: the modules without their weights: the parameters on the meta device (shapes and dtypes,
+            no memory, nothing read), the buffers computed (rotary frequencies); what the other ranks of a sharded
+            run build while the first one loads (`peftkit.train.sharding.shard_model`). A folder
+            `peftkit merge --requantize` wrote is loaded whole either way.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -237,6 +242,13 @@ def load_model(
         model.to(device).eval()
         return cast(PreTrainedModel, model), load_tokenizer(resolved)
     config = _from_hub(AutoConfig.from_pretrained, resolved)
+    if not weights:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        empty.tie_weights()  # tied inside the context, the head got a meta copy of its own (accelerate's patch)
+        return empty.eval(), load_tokenizer(resolved)
     model = _from_hub(AutoModelForCausalLM.from_pretrained, resolved, config=config, dtype=dtype)
     model.to(device).eval()
     return model, load_tokenizer(resolved)

@@ -76,8 +76,10 @@ def fingerprint(model: nn.Module) -> str | None:
 
     Note: values are hashed rounded to bf16, so a base loaded in fp32 and the same base loaded in bf16 agree.
     None for a model whose weights are already quantized (its full-precision weights are gone): a layer whose
-    ``weight`` holds integer codes (`peftkit.quant.QuantLinear`).
+    ``weight`` holds integer codes (`peftkit.quant.QuantLinear`), or one without values (on the meta device).
     """
+    if any(p.is_meta for p in model.parameters()):
+        return None
     if any(isinstance(w := getattr(m, "weight", None), torch.Tensor) and not w.is_floating_point()
            for m in model.modules()):
         return None

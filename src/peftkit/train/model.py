@@ -30,13 +30,16 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
 
 
 def prepare_model(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
-                  precision: Precision | None = None):
-    """Load (or take) the model, quantize it if asked, adapt it with the method, set dtypes."""
+                  precision: Precision | None = None, weights: bool = True):
+    """Load (or take) the model, quantize it if asked, adapt it with the method, set dtypes.
+
+    ``weights=False`` (a model loaded here): the same modules with nothing in them (the meta device; see
+    `peftkit.models.load_model`), for a rank that receives its shards from the first one."""
     precision = precision or resolve_precision(cfg.precision)
     if model is None:
         from peftkit.models import load_model
 
-        model, tokenizer = load_model(cfg.model, dtype=precision.weight_dtype)
+        model, tokenizer = load_model(cfg.model, dtype=precision.weight_dtype, weights=weights)
     quantization = None
     if cfg.quantize != "none":
         source = next((m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)), torch.float32)

@@ -36,8 +36,8 @@ from peftkit.errors import PeftkitError
 from peftkit.quant import QuantLinear
 from peftkit.train.config import TrainConfig
 
-__all__ = ["ShardedOptimizer", "all_finite", "check_sharding", "full_parameters", "global_norm",
-           "shard_model", "shard_targets", "transformer_blocks"]
+__all__ = ["ShardedOptimizer", "all_finite", "check_sharding", "first_rank_object", "full_parameters",
+           "global_norm", "shard_model", "shard_targets", "transformer_blocks"]
 
 def check_sharding(cfg: TrainConfig) -> None:
     """Refuse (one line) what a sharded run cannot do yet; nothing for ``sharding: none``."""
@@ -90,11 +90,16 @@ def _quantized_as_parameters(model: nn.Module) -> int:
     return len(layers)
 
 
-def shard_model(model: nn.Module, sharding: str) -> int:
+def shard_model(model: nn.Module, sharding: str, from_first_rank: bool = False) -> int:
     """Shard `model` in place with FSDP2 (one unit per transformer block, then the root); the number of units.
 
     Call it after the method adapted the model and the dtypes are set, before the optimizer is built (FSDP
     replaces the parameters by sharded ones).
+
+    ``from_first_rank``: only rank 0 holds values (its model was loaded, quantized and adapted as one process does
+    it); the other ranks built the same modules on the meta device (`peftkit.train.model.prepare_model`,
+    ``weights=False``) and receive their shards from it, one whole tensor at a time, so they never hold the whole
+    model (`_receive_from_first_rank`).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -102,6 +107,8 @@ def shard_model(model: nn.Module, sharding: str) -> int:
         raise PeftkitError(f"sharding: expected one of 'none', 'full', 'grad_op', got {sharding!r}")
     _ensure_process_group()
     _quantized_as_parameters(model)
+    # rank 0's whole tensors, kept until sent (FSDP keeps only rank 0's shard of each); the others' are meta
+    sources = _named_tensors(model) if from_first_rank else None
     reshard = sharding == "full"
     blocks = transformer_blocks(model)
     units = [fully_shard(block, reshard_after_forward=reshard) for block in blocks]
@@ -111,7 +118,63 @@ def shard_model(model: nn.Module, sharding: str) -> int:
     for unit in units:
         _sum_gradients(unit)
     _prefetch(units[:-1], asynchronous=next(model.parameters()).device.type == "cpu")
+    if sources is not None:
+        _receive_from_first_rank(model, sources)
     return len(units)
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model` by name (a tied one once)."""
+    return {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _receive_from_first_rank(model: nn.Module, sources: dict[str, torch.Tensor]) -> None:
+    """Give every rank rank 0's values: each tensor whole from rank 0 in turn, of which a rank keeps its shard (a
+    buffer: all of it). The other ranks' random number generator takes rank 0's state too: it is where theirs would
+    be had they drawn the method's initial values themselves.
+
+    Raises:
+        PeftkitError: the ranks built different models (names, shapes or dtypes), on every rank.
+    """
+    rank = dist.get_rank()
+    layout = [(n, tuple(t.shape), str(t.dtype)) for n, t in sources.items()]
+    first: list[Any] = [layout, torch.get_rng_state()]
+    dist.broadcast_object_list(first, src=0)
+    agreed: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(agreed, first[0] == layout)
+    if not all(agreed):
+        ranks = [r for r, same in enumerate(agreed) if not same]
+        raise PeftkitError(f"sharding: rank(s) {ranks} built a model different from rank 0's (names, shapes or "
+                           "dtypes of their tensors): every rank must load the same model with the same settings")
+    device = _mesh_device(model)
+    if rank != 0:
+        torch.set_rng_state(first[1])
+        model.to_empty(device=device)  # the meta tensors get memory: this rank's shards only
+    targets = _named_tensors(model)
+    with torch.no_grad():
+        for name, source in sources.items():
+            if rank == 0:
+                whole = source.to(device).contiguous()
+            else:
+                whole = torch.empty(source.shape, dtype=source.dtype, device=device)
+            dist.broadcast(whole.reshape(-1).view(torch.uint8), src=0)  # as bytes: any dtype, gloo or NCCL
+            target: Any = targets[name]
+            (target.to_local() if _is_dtensor(target) else target).copy_(_mine(whole, target))
+    sources.clear()  # rank 0's whole tensors go now
+
+
+def first_rank_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank (pickled between the processes of this run, never written)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _mesh_device(model: nn.Module) -> torch.device:
+    """Where FSDP keeps `model`'s shards: the device of its mesh (this process's GPU, or the CPU)."""
+    p: Any = next(model.parameters())
+    kind = p.device_mesh.device_type if _is_dtensor(p) else p.device.type
+    return torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
 
 
 def _prefetch(blocks: list[Any], asynchronous: bool) -> None:

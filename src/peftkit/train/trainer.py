@@ -49,7 +49,14 @@ from peftkit.train.model import count_parameters, prepare_model
 from peftkit.train.pipeline import TrainData, check_data, with_prompt
 from peftkit.train.preference_run import PreferenceData, PreferenceObjective
 from peftkit.train.resume import check_resumable, run_inputs
-from peftkit.train.sharding import ShardedOptimizer, check_sharding, full_parameters, shard_model, shard_targets
+from peftkit.train.sharding import (
+    ShardedOptimizer,
+    check_sharding,
+    first_rank_object,
+    full_parameters,
+    shard_model,
+    shard_targets,
+)
 from peftkit.train.step import RunState, TrainStep, make_optimizer, make_scheduler
 from peftkit.train.tracking import Tracking
 
@@ -94,12 +101,17 @@ class Trainer:
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.model, self.tokenizer, self.report = prepare_model(cfg, model, tokenizer, self.precision)
+        self.sharded = cfg.sharding != "none"
+        # a sharded run loads its model on rank 0 alone; the other ranks build it empty and receive their shards
+        lean = self.sharded and model is None and self.world > 1
+        self.model, self.tokenizer, self.report = prepare_model(cfg, model, tokenizer, self.precision,
+                                                                weights=not lean or self.rank == 0)
         self.params = count_parameters(self.model)
         self.flops = FlopCount.of(self.model)
-        self.sharded = cfg.sharding != "none"
         if self.sharded:  # after counting (FSDP replaces the parameters by shards), before the optimizer is built
-            shard_model(self.model, cfg.sharding)
+            shard_model(self.model, cfg.sharding, from_first_rank=lean)
+            if lean:  # the base's fingerprint, read from rank 0's weights
+                self.model.peftkit_context = first_rank_object(self.model.peftkit_context)
             # the modules the method replaced (kept to undo it) hold the whole weights FSDP just split; a sharded
             # model is not undone, so they go, and glibc hands their pages back (else each rank keeps them all)
             self.report.originals.clear()
