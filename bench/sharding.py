@@ -173,7 +173,7 @@ def _train(mode: str, name: str, steps: int, out: Path, precision: str, shape: s
             facts.update(rss_step1=_status("VmRSS"), heap_step1=_in_use(), tensors_step1=_tensor_bytes(trainer.model))
 
     trainer.subscribe(after_first)
-    facts["load_peak"] = _status("VmHWM")  # loading: every rank reads the whole model before it is sharded
+    facts["load_peak"] = _status("VmHWM")  # loading: rank 0 reads the whole model, the others receive their shards
     _reset_hwm()
     result = trainer.run()
     facts.update(peak=_status("VmHWM"), vm_peak=_status("VmPeak"), precision=result.precision)
@@ -311,7 +311,8 @@ def compare(rounds: int, steps: int, methods: list[str], shapes: list[str]) -> N
             "loading, less the tokenizer's heap (measured by loading it alone first; optimizer states included, "
             "gradients freed, units resharded); and the tensors themselves after the first step (each storage once: "
             "the rank's parameter shards, buffers, optimizer states). The peak RSS while loading is the process's "
-            "before training (each rank reads the whole model, then keeps its shards). The peak RSS during training "
+            "before training (DDP: each rank reads the whole model; sharded: rank 0 reads it, the other rank "
+            "receives its shards). The peak RSS during training "
             "holds the process (Python, torch, tokenizer), the state, the gathered units, activations and what "
             "glibc keeps of freed activations. Estimates: `peftkit.memory.estimate(..., world_size=2, "
             "sharding=...)` (state: frozen + trainable weights + optimizer states; peak plus the RSS before "

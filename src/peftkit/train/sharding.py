@@ -13,6 +13,11 @@ bytes: the all-gather of a unit with several dtypes runs on uint8). No mixed-pre
 (peftkit's autocast is its own), so nothing ever casts the packed codes, and only one linear is dequantized at a time,
 as without sharding.
 
+A model the trainer loads itself is read by rank 0 alone (loaded, quantized and adapted as one process does it);
+the other ranks build the same modules on the meta device and receive their shards from it (`shard_model`,
+``from_first_rank``), so no rank but the first ever holds the whole model. A model given to the trainer is sharded
+from each rank's own copy.
+
 Without a distributed launch a sharded run is a 1-rank group (gloo in this process): the same code and the same
 checkpoints, so a run can continue on another number of processes (`peftkit.train.resume.check_resumable`).
 
