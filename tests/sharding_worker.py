@@ -1,8 +1,9 @@
 """Run by tests/test_sharding.py (under torchrun, or alone as one process): train the tiny Llama as a plan says.
 
 ``sharding_worker.py PLAN.json``: the plan is a list of jobs ``{"name", "config": {...TrainConfig keys},
-"until_step": int | null, "resume": bool, "from_folder": bool, "on_rank": {"<rank>": {...keys of that rank}}}``
-(``from_folder``: the trainer loads ``config["model"]`` itself); each trains into ``<output_dir>`` and writes
+"until_step": int | null, "resume": bool, "from_folder": bool, "on_rank": {"<rank>": {...keys of that rank}},
+"slow_load": seconds}`` (``from_folder``: the trainer loads ``config["model"]`` itself; ``slow_load``: each load of
+weights takes that much longer); each trains into ``<output_dir>`` and writes
 ``<output_dir>/rank<r>.json`` (the world, the per-step losses, the bytes of packed 4-bit weights held, the bytes of
 the model's original whole parameters still alive once the trainer is built, what the folder held before).
 """
@@ -13,6 +14,7 @@ import gc
 import json
 import os
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def run(job: dict) -> None:
     cfg = TrainConfig.from_dict({**job["config"], **job.get("on_rank", {}).get(str(rank), {})})
     if job.get("kill_saving") and rank == 0:
         kill_while_saving(job["kill_saving"])
+    os.environ["SLOW_LOAD"] = str(job.get("slow_load", 0))
     found = found_in(Path(cfg.output_dir))  # before the trainer clears stale temporary folders
     first_load = len(LOADS)
     model = None if job.get("from_folder") else tiny_llama()  # from_folder: the trainer loads ``model`` itself
@@ -80,6 +83,8 @@ def record_loads() -> None:
 
     def recorded(*args, **kw):
         LOADS.append(kw.get("weights", True))
+        if kw.get("weights", True):
+            time.sleep(float(os.environ.get("SLOW_LOAD", "0")))  # a large model's reading, for the others to wait
         return load(*args, **kw)
 
     models.load_model = recorded

@@ -196,16 +196,20 @@ def test_a_tied_head_loaded_by_rank_0_alone_equals_one_process(runs):
     _close(_adapter(lean), _adapter(one), 1e-5)
 
 
-def test_ranks_that_build_different_models_all_stop_with_one_message(tmp_path):
-    # rank 1's recipe adapts with rank 8, rank 0's with 4: the shards rank 0 sends would not fit; every rank says so
-    data = write_data(tmp_path / "d.jsonl", n=8)
-    job = _job(tmp_path, "differ", data, 2, sharding="full", from_folder=True,
-               model=_model_folder(tmp_path / "tiny", tied=False))
-    job["on_rank"] = {"1": {"method_config": {"r": 8}}}
+def test_the_others_wait_for_a_slow_load_and_stop_with_rank_0_on_a_different_model(tmp_path):
+    data, model = write_data(tmp_path / "d.jsonl", n=8), _model_folder(tmp_path / "tiny", tied=False)
+    # rank 0 loads for 10 s, longer than the run's collectives wait (dist_timeout: 4 s, set by this first job)
+    slow = _job(tmp_path, "slow", data, 2, sharding="full", from_folder=True, model=model, dist_timeout=4,
+                max_steps=1) | {"slow_load": 10}
+    # then rank 1's recipe adapts with rank 8, rank 0's with 4: the shards rank 0 sends would not fit
+    differ = _job(tmp_path, "differ", data, 2, sharding="full", from_folder=True, model=model) | {
+        "on_rank": {"1": {"method_config": {"r": 8}}}}
     with pytest.raises(AssertionError) as failed:
-        _launch(tmp_path, 2, [job])
-    message = "rank(s) [1] built a model different from rank 0's"
-    assert "[rank0]" in str(failed.value) and "[rank1]" in str(failed.value) and message in str(failed.value)
+        _launch(tmp_path, 2, [slow, differ])
+    assert _losses(tmp_path / "slow") == _losses(tmp_path / "slow", 1) and len(_losses(tmp_path / "slow")) == 1
+    said = str(failed.value)
+    for rank in (0, 1):  # every rank says so, none waits for a broadcast that does not fit
+        assert f"[rank{rank}]: peftkit.errors.PeftkitError: sharding: rank(s) [1] built a model different" in said
     assert not (tmp_path / "differ" / "adapter").exists()
 
 

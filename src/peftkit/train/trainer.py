@@ -54,6 +54,7 @@ from peftkit.train.sharding import (
     check_sharding,
     first_rank_object,
     full_parameters,
+    prepared_on_first_rank,
     shard_model,
     shard_targets,
 )
@@ -104,8 +105,11 @@ class Trainer:
         self.sharded = cfg.sharding != "none"
         # a sharded run loads its model on rank 0 alone; the other ranks build it empty and receive their shards
         lean = self.sharded and model is None and self.world > 1
-        self.model, self.tokenizer, self.report = prepare_model(cfg, model, tokenizer, self.precision,
-                                                                weights=not lean or self.rank == 0)
+        if lean:
+            self.model, self.tokenizer, self.report = prepared_on_first_rank(
+                lambda weights: prepare_model(cfg, precision=self.precision, weights=weights))
+        else:
+            self.model, self.tokenizer, self.report = prepare_model(cfg, model, tokenizer, self.precision)
         self.params = count_parameters(self.model)
         self.flops = FlopCount.of(self.model)
         if self.sharded:  # after counting (FSDP replaces the parameters by shards), before the optimizer is built
