@@ -75,8 +75,11 @@ def _gguf_cache_folder(gguf: Path) -> Path:
     memo = cache_dir() / "gguf-hashes" / seen
     digest = memo.read_text().strip() if memo.is_file() else ""
     if len(digest) != 16 or any(c not in "0123456789abcdef" for c in digest):  # absent, or not one of ours
+        content = hashlib.sha256()
         with open(gguf, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+            while block := f.read(1 << 24):
+                content.update(block)
+        digest = content.hexdigest()[:16]
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".{seen}.{os.getpid()}.tmp")
         tmp.write_text(digest)
