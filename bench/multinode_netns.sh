@@ -2,9 +2,10 @@
 # Multi-node sharded training on one machine: two "hosts" as network namespaces joined by a veth pair
 # (10.77.0.1 <-> 10.77.0.2), each running `torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d
 # --rdzv-endpoint 10.77.0.1:29400` of a 4-step `sharding: full` LoRA run of the tests' tiny Llama (batch 2 per
-# rank), gloo told to use the veth (GLOO_SOCKET_IFNAME). Checks that the per-step losses equal a 1-process run of
-# the same global batch (4 rows) and that the traffic went over the veth pair. Needs root and iproute2 (`ip`):
-# without them it says so in one line and exits 0.
+# rank; loaded from a folder by rank 0, whose shards the other node's rank receives), gloo told to use the veth
+# (GLOO_SOCKET_IFNAME). Checks that the per-step losses equal a 1-process run of the same global batch (4 rows), that
+# the traffic went over the veth pair, and that rank 1 never read the model. Needs root and iproute2 (`ip`): without
+# them it says so in one line and exits 0.
 #
 # Run: bench/multinode_netns.sh   (PYTHON=/path/to/python to pick the interpreter; about a minute)
 set -euo pipefail
@@ -35,7 +36,12 @@ data = write_data(tmp / "d.jsonl", n=40)
 base = dict(data=data, precision="fp32", lr=1e-2, method="lora", method_config={"r": 4}, max_length=64,
             progress=False, packing=False, warmup_ratio=0.0, max_steps=4, seed=3)
 plan = lambda name, **kw: [{"name": name, "config": {**base, "output_dir": str(tmp / name), **kw}}]
-(tmp / "multi.json").write_text(json.dumps(plan("multi", batch_size=2, sharding="full")))
+from conftest import tiny_llama, tiny_tokenizer
+tiny_llama().save_pretrained(tmp / "tiny")  # the multi-node run loads it: rank 0 reads it, rank 1 receives shards
+tiny_tokenizer().save_pretrained(tmp / "tiny")
+multi = plan("multi", batch_size=2, sharding="full", model=str(tmp / "tiny"))
+multi[0]["from_folder"] = True
+(tmp / "multi.json").write_text(json.dumps(multi))
 (tmp / "one.json").write_text(json.dumps(plan("one", batch_size=4)))
 PY
 
@@ -67,7 +73,10 @@ print(f"2 nodes x 1 process (sharding: full, world {ranks[0]['world']}): losses 
 print(f"1 process, same global batch:                  losses {one}")
 print(f"node B sent {sent / 2**20:.2f} MiB over its veth")
 same = len(multi) == len(one) == 4 and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(multi, one))
-if not (same and ranks[1]["losses"] == multi and ranks[0]["world"] == 2 and sent > 100_000):
-    sys.exit("multinode_netns.sh: FAILED: the two-node run differs from one process or did not use the veth")
+print(f"model weights read by rank 0: {ranks[0]['loads']}, by rank 1: {ranks[1]['loads']} (its shards received)")
+if not (same and ranks[1]["losses"] == multi and ranks[0]["world"] == 2 and sent > 100_000
+        and [r["loads"] for r in ranks] == [[True], [False]]):
+    sys.exit("multinode_netns.sh: FAILED: the two-node run differs from one process, did not use the veth, or "
+             "its second node read the model")
 print("multinode_netns.sh: OK: equal within rel 1e-5")
 PY
