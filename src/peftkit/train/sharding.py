@@ -104,8 +104,8 @@ def shard_model(model: nn.Module, sharding: str, from_first_rank: bool = False) 
 
     ``from_first_rank``: only rank 0 holds values (its model was loaded, quantized and adapted as one process does
     it); the other ranks built the same modules on the meta device (`peftkit.train.model.prepare_model`,
-    ``weights=False``) and receive their shards from it, one whole tensor at a time, so they never hold the whole
-    model (`_receive_from_first_rank`).
+    ``weights=False``) and receive their shards from it, one tensor at a time (each rank its own rows), so they
+    never hold the whole model (`_receive_from_first_rank`).
     """
     from torch.distributed.fsdp import fully_shard
 
