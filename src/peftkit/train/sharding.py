@@ -113,19 +113,29 @@ def shard_model(model: nn.Module, sharding: str, from_first_rank: bool = False) 
         raise PeftkitError(f"sharding: expected one of 'none', 'full', 'grad_op', got {sharding!r}")
     _ensure_process_group()
     _quantized_as_parameters(model)
-    # rank 0's whole tensors, kept until sent (FSDP keeps only rank 0's shard of each); the others' are meta
+    # rank 0's whole tensors, each kept until sent (FSDP keeps only rank 0's shard of it); the others' are meta
     sources = _named_tensors(model) if from_first_rank else None
+    if sources is not None:
+        rng_state = _agree_on_layout(sources)
+        if dist.get_rank() != 0:
+            torch.set_rng_state(rng_state)
     reshard = sharding == "full"
     blocks = transformer_blocks(model)
-    units = [fully_shard(block, reshard_after_forward=reshard) for block in blocks]
+    names = {id(m): name for name, m in model.named_modules()}
+    units = []
+    for block in blocks:
+        units.append(fully_shard(block, reshard_after_forward=reshard))
+        if sources is not None:  # block by block: rank 0 never holds the whole model and all its shards at once
+            _receive_from_first_rank(block, sources, names[id(block)] + ".")
     # the root's parameters (embeddings, final norm, head) stay gathered from the forward through the backward:
     # peftkit's loss applies the head to the hidden states after the model's forward (`peftkit.train.loss`)
     units.append(fully_shard(model, reshard_after_forward=False))
+    if sources is not None:
+        in_blocks = {id(m) for block in blocks for m in block.modules()}
+        _receive_from_first_rank(model, sources, "", [m for m in model.modules() if id(m) not in in_blocks])
     for unit in units:
         _sum_gradients(unit)
     _prefetch(units[:-1], asynchronous=next(model.parameters()).device.type == "cpu")
-    if sources is not None:
-        _receive_from_first_rank(model, sources)
     return len(units)
 
 
@@ -134,23 +144,20 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
-def _receive_from_first_rank(model: nn.Module, sources: dict[str, torch.Tensor]) -> None:
-    """Give every rank rank 0's values, one tensor at a time: a sharded parameter's shards scattered (each rank
-    receives its own only), a buffer broadcast whole. The other ranks' random number generator takes rank 0's state
-    too: it is where theirs would be had they drawn the method's initial values themselves.
-
-    Raises:
-        PeftkitError: the ranks built different models (names, shapes or dtypes), on every rank.
-    """
+def _receive_from_first_rank(unit: nn.Module, sources: dict[str, torch.Tensor], prefix: str,
+                             own: list[nn.Module] | None = None) -> None:
+    """Give every rank rank 0's values of a unit FSDP just sharded, one tensor at a time: a sharded parameter's
+    shards scattered (each rank receives its own only), a buffer broadcast whole. The tensors are found in
+    `sources` (model-level names, taken out once sent) under `prefix`; `own`: the modules whose tensors are the
+    unit's (the root: all but the blocks'), else all of `unit`'s."""
     rank = dist.get_rank()
-    rng_state = _agree_on_layout(sources)
-    device = _mesh_device(model)
-    if rank != 0:
-        torch.set_rng_state(rng_state)
-        model.to_empty(device=device)  # the meta tensors get memory: this rank's shards only
-    targets = _named_tensors(model)
+    if rank != 0:  # the meta tensors get memory: this rank's shards only
+        for module in own if own is not None else [unit]:
+            module.to_empty(device=_mesh_device(unit), recurse=own is None)
+    device = _mesh_device(unit)
+    targets = {prefix + n: t for n, t in _named_tensors(unit).items()}
     with torch.no_grad():
-        for name in list(sources):
+        for name in [n for n in sources if n in targets]:
             source = sources.pop(name)  # rank 0 lets go of each whole tensor once it is sent
             target: Any = targets[name]
             if _is_dtensor(target) and _by_rows(target):
@@ -165,7 +172,8 @@ def _receive_from_first_rank(model: nn.Module, sources: dict[str, torch.Tensor])
 
 
 def _agree_on_layout(sources: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Check that every rank built rank 0's tensors (names, shapes, dtypes); rank 0's random number generator state.
+    """Check that every rank built rank 0's tensors (names, shapes, dtypes); rank 0's random number generator state
+    (where the others' would be had they drawn the method's initial values themselves).
 
     Raises:
         PeftkitError: on every rank, when one differs.
