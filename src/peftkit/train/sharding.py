@@ -133,6 +133,9 @@ def shard_model(model: nn.Module, sharding: str, from_first_rank: bool = False) 
     if sources is not None:
         in_blocks = {id(m) for block in blocks for m in block.modules()}
         _receive_from_first_rank(model, sources, "", [m for m in model.modules() if id(m) not in in_blocks])
+        if sources:  # never expected: a tensor no unit holds would keep the garbage `to_empty` left on the others
+            raise PeftkitError(f"sharding: {len(sources)} tensor(s) of the model were not sent from rank 0, "
+                               f"e.g. {next(iter(sources))!r}")
     for unit in units:
         _sum_gradients(unit)
     _prefetch(units[:-1], asynchronous=next(model.parameters()).device.type == "cpu")
@@ -150,11 +153,10 @@ def _receive_from_first_rank(unit: nn.Module, sources: dict[str, torch.Tensor], 
     shards scattered (each rank receives its own only), a buffer broadcast whole. The tensors are found in
     `sources` (model-level names, taken out once sent) under `prefix`; `own`: the modules whose tensors are the
     unit's (the root: all but the blocks'), else all of `unit`'s."""
-    rank = dist.get_rank()
+    rank, device = dist.get_rank(), _mesh_device(unit)
     if rank != 0:  # the meta tensors get memory: this rank's shards only
         for module in own if own is not None else [unit]:
-            module.to_empty(device=_mesh_device(unit), recurse=own is None)
-    device = _mesh_device(unit)
+            module.to_empty(device=device, recurse=own is None)
     targets = {prefix + n: t for n, t in _named_tensors(unit).items()}
     with torch.no_grad():
         for name in [n for n in sources if n in targets]:
